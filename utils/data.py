@@ -1,0 +1,170 @@
+"""Corpora, byte-level tokenization and batches. Nothing is downloaded.
+
+The built-in corpus is the source text of a fixed list of Python standard-library modules, which
+every Python ships. Its text differs slightly between Python versions, so `TextCorpus.fingerprint`
+(a SHA-256 of the bytes) is recorded with results: two runs are comparable when fingerprints match.
+
+Tokens are bytes (vocabulary 256), so any text file works and nothing needs training.
+The train/validation split is deterministic: the first 90% of each document trains, the rest
+validates. Batches are drawn with an explicit torch.Generator, so a seed fixes the data order.
+"""
+
+import hashlib
+import os
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+BYTE_VOCAB_SIZE = 256
+
+STDLIB_MODULES = (
+    "argparse", "calendar", "contextlib", "csv", "dataclasses", "difflib", "enum", "fractions",
+    "functools", "heapq", "json/decoder", "json/encoder", "pprint", "random", "shlex", "statistics",
+    "string", "textwrap",
+)
+# Four modules of distinct style: the classification task is "which module is this snippet from?"
+CLASSIFICATION_MODULES = ("argparse", "calendar", "fractions", "textwrap")
+
+
+def encode(text: str) -> torch.Tensor:
+    return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
+
+
+def decode(tokens) -> str:
+    return bytes(int(t) for t in tokens).decode("utf-8", errors="replace")
+
+
+def _stdlib_text(module: str) -> str:
+    path = Path(sysconfig.get_paths()["stdlib"]) / f"{module}.py"
+    return path.read_text(encoding="utf-8")
+
+
+@dataclass
+class TextCorpus:
+    """Token streams for training and validation, and where they came from."""
+
+    train: torch.Tensor
+    val: torch.Tensor
+    source: str
+    fingerprint: str
+
+    @property
+    def vocab_size(self) -> int:
+        return BYTE_VOCAB_SIZE
+
+    @property
+    def train_tokens(self) -> int:
+        return len(self.train)
+
+    def check_fits(self, seq_len: int, model_vocab_size=None):
+        """Raise a clear error when a split is too short for seq_len or tokens exceed the model's vocabulary."""
+        for name, split in (("train", self.train), ("validation", self.val)):
+            if len(split) < seq_len + 2:
+                raise ValueError(f"{name} split of corpus {self.source!r} has {len(split)} tokens; "
+                                 f"expected at least seq_len + 2 = {seq_len + 2}. Use a longer text or a shorter seq_len")
+        if model_vocab_size is not None:
+            top = int(max(self.train.max(), self.val.max()))
+            if top >= model_vocab_size:
+                raise ValueError(f"corpus {self.source!r} has token id {top} but the model's vocabulary is "
+                                 f"{model_vocab_size}; expected a model with vocab_size >= {self.vocab_size} (byte tokens)")
+
+    def get_batch(self, split: str, batch_size: int, seq_len: int, generator: torch.Generator):
+        """Random next-token windows: x = tokens[i:i+T], y = tokens[i+1:i+T+1]."""
+        data = self.train if split == "train" else self.val
+        starts = torch.randint(len(data) - seq_len - 1, (batch_size,), generator=generator)
+        idx = starts[:, None] + torch.arange(seq_len)
+        return data[idx], data[idx + 1]
+
+    def eval_batches(self, n_batches: int, batch_size: int, seq_len: int):
+        """Fixed, evenly spaced validation windows: the same batches at every evaluation."""
+        starts = torch.linspace(0, len(self.val) - seq_len - 1, n_batches * batch_size).long()
+        idx = starts[:, None] + torch.arange(seq_len)
+        for b in range(n_batches):
+            rows = idx[b * batch_size:(b + 1) * batch_size]
+            yield self.val[rows], self.val[rows + 1]
+
+
+def _split(texts, source: str, val_fraction: float) -> TextCorpus:
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be between 0 and 1; got {val_fraction}")
+    train, val, digest = [], [], hashlib.sha256()
+    for text in texts:
+        tokens = encode(text)
+        digest.update(text.encode("utf-8"))
+        cut = int(len(tokens) * (1 - val_fraction))
+        train.append(tokens[:cut])
+        val.append(tokens[cut:])
+    train, val = torch.cat(train), torch.cat(val)
+    if len(train) == 0 or len(val) == 0:
+        raise ValueError(f"corpus {source!r} is empty or too short to split ({len(train)} train, {len(val)} validation tokens)")
+    return TextCorpus(train, val, source, digest.hexdigest()[:16])
+
+
+def load_corpus(path=None, val_fraction: float = 0.1) -> TextCorpus:
+    """The built-in standard-library corpus, or the UTF-8 text file at `path`."""
+    if path is None:
+        return _split([_stdlib_text(m) for m in STDLIB_MODULES], "python-stdlib", val_fraction)
+    path = Path(os.fspath(path))
+    if not path.is_file():
+        raise FileNotFoundError(f"corpus file {str(path)!r} does not exist; expected a UTF-8 text file, or None for the built-in corpus")
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise ValueError(f"corpus file {str(path)!r} is empty; expected a UTF-8 text file with some text")
+    return _split([text], str(path), val_fraction)
+
+
+@dataclass
+class ClassificationSet:
+    """Labelled byte windows: the label is the index of the document a window came from."""
+
+    documents: list  # (train tokens, val tokens) per class
+    class_names: tuple
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def train_tokens(self) -> int:
+        return sum(len(train) for train, _ in self.documents)
+
+    def get_batch(self, split: str, batch_size: int, seq_len: int, generator: torch.Generator):
+        labels = torch.randint(self.num_classes, (batch_size,), generator=generator)
+        xs = []
+        for label in labels:
+            data = self.documents[label][0 if split == "train" else 1]
+            i = int(torch.randint(len(data) - seq_len, (1,), generator=generator))
+            xs.append(data[i:i + seq_len])
+        return torch.stack(xs), labels
+
+    def eval_batches(self, n_batches: int, batch_size: int, seq_len: int):
+        """Fixed validation batches, classes in turn, windows evenly spaced in each document."""
+        n = n_batches * batch_size
+        labels = torch.arange(n) % self.num_classes
+        xs = []
+        for j, label in enumerate(labels):
+            data = self.documents[label][1]
+            i = (j // self.num_classes) * 97 % (len(data) - seq_len)  # 97: a stride that spreads windows
+            xs.append(data[i:i + seq_len])
+        x = torch.stack(xs)
+        for b in range(n_batches):
+            yield x[b * batch_size:(b + 1) * batch_size], labels[b * batch_size:(b + 1) * batch_size]
+
+    def check_fits(self, seq_len: int, model_vocab_size=None):
+        for name, (train, val) in zip(self.class_names, self.documents):
+            if min(len(train), len(val)) <= seq_len:
+                raise ValueError(f"class {name!r} has {len(train)} train / {len(val)} validation tokens; "
+                                 f"expected more than seq_len={seq_len} in each")
+        if model_vocab_size is not None and model_vocab_size < BYTE_VOCAB_SIZE:
+            raise ValueError(f"model vocabulary {model_vocab_size} is smaller than the byte vocabulary {BYTE_VOCAB_SIZE}")
+
+
+def load_classification_set(modules=CLASSIFICATION_MODULES, val_fraction: float = 0.2) -> ClassificationSet:
+    documents = []
+    for module in modules:
+        tokens = encode(_stdlib_text(module))
+        cut = int(len(tokens) * (1 - val_fraction))
+        documents.append((tokens[:cut], tokens[cut:]))
+    return ClassificationSet(documents, tuple(modules))

@@ -1,0 +1,187 @@
+"""Mixed precision: one resolver for what precision a run gets and why, and the torch.amp pieces.
+
+The rules (a person reads the reason; nothing falls back silently):
+  CUDA sm_80+ (A100, H100, L4, RTX 30xx+)  bf16 autocast, no GradScaler (bf16 has fp32's range)
+  CUDA before sm_80 (T4, V100)             fp16 autocast + GradScaler. A T4 reports bf16 as
+                                            "supported" but only emulates it, slower than fp32.
+  CPU with native bf16 (AVX512-BF16/AMX)   bf16 autocast
+  anything else                            fp32
+
+Only torch.amp APIs are used (torch.autocast, torch.amp.GradScaler); torch.cuda.amp is deprecated.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+PRECISIONS = ("32", "16-mixed", "bf16-mixed")
+_ALIASES = {
+    "auto": "auto",
+    "32": "32", "32-true": "32", "fp32": "32", "float32": "32",
+    "16": "16-mixed", "16-mixed": "16-mixed", "fp16": "16-mixed", "float16": "16-mixed",
+    "bf16": "bf16-mixed", "bf16-mixed": "bf16-mixed", "bfloat16": "bf16-mixed",
+}
+_DTYPES = {"32": None, "16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
+_LEGACY = {"32": "32", "16-mixed": "16", "bf16-mixed": "bf16"}
+
+
+def resolve_device(device=None) -> torch.device:
+    """None or 'auto' -> CUDA when available, else CPU; anything else as torch.device understands it."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def synchronize(device: torch.device):
+    """Wait for queued kernels, so a timer measures work done rather than work launched."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU computes bf16 in hardware (x86 avx512_bf16 or amx_bf16 flags, read from
+    /proc/cpuinfo). Elsewhere bf16 autocast is emulated and usually slower than fp32."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        return False
+    flags = cpuinfo.read_text(errors="ignore")
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@dataclass(frozen=True)
+class PrecisionPlan:
+    """What a run will do: effective precision, autocast dtype, whether a GradScaler runs, and why."""
+
+    requested: str
+    precision: str  # one of PRECISIONS
+    device_type: str
+    reason: str
+
+    @property
+    def autocast_dtype(self):
+        return _DTYPES[self.precision]
+
+    @property
+    def enabled(self) -> bool:
+        return self.precision != "32"
+
+    @property
+    def use_scaler(self) -> bool:
+        # fp16's narrow range (max 65504, min normal 6e-5) underflows small gradients: scale the loss.
+        return self.precision == "16-mixed"
+
+    def autocast(self):
+        """The autocast context for this plan; a no-op when the plan is fp32."""
+        dtype = self.autocast_dtype or torch.get_autocast_dtype(self.device_type)
+        return torch.autocast(device_type=self.device_type, dtype=dtype, enabled=self.enabled)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """A GradScaler that is live for fp16 and a pass-through otherwise, so one loop serves all."""
+        return torch.amp.GradScaler(self.device_type, enabled=self.use_scaler)
+
+    def to_dict(self) -> dict:
+        return {"requested": self.requested, "precision": self.precision, "device_type": self.device_type,
+                "autocast_dtype": str(self.autocast_dtype).replace("torch.", "") if self.enabled else "float32",
+                "grad_scaler": self.use_scaler, "reason": self.reason}
+
+
+def _normalize(requested) -> str:
+    key = str(requested).strip().lower()
+    if key not in _ALIASES:
+        raise ValueError(f"unknown precision {requested!r}; expected one of 'auto', '32', '16-mixed', 'bf16-mixed' "
+                         f"(aliases: {', '.join(sorted(_ALIASES))})")
+    return _ALIASES[key]
+
+
+def _best_mixed(device: torch.device):
+    """The mixed precision this device runs fastest, or None, and why."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        name = torch.cuda.get_device_name(device)
+        if major >= 8:
+            return "bf16-mixed", f"{name} (sm_{major}{minor}) has native bf16: bf16 autocast, no GradScaler needed"
+        return "16-mixed", (f"{name} (sm_{major}{minor}) predates sm_80: fp16 autocast with GradScaler "
+                            "(bf16 is only emulated there, slower than fp32)")
+    if device.type == "cpu":
+        if cpu_has_native_bf16():
+            return "bf16-mixed", "CPU has native bf16 (AVX512-BF16/AMX): bf16 autocast"
+        return None, "CPU lacks native bf16 (no avx512_bf16/amx_bf16): autocast would be emulated and slower, so fp32"
+    return None, f"no mixed-precision rule for device type {device.type!r}, so fp32"
+
+
+def resolve_precision(requested="auto", device=None, use_amp=None) -> PrecisionPlan:
+    """Turn a request plus a device into a PrecisionPlan with a human reason.
+
+    requested: 'auto' (the best for the device), '32', '16-mixed' or 'bf16-mixed' (honoured as
+    asked, with a warning in the reason where the device only emulates it).
+    use_amp: the seed's flag. False forces fp32; True means 'auto' but never plain fp32 by request.
+    """
+    device = resolve_device(device)
+    want = _normalize(requested)
+    if use_amp is False:
+        return PrecisionPlan(str(requested), "32", device.type, "use_amp=False: fp32")
+    if use_amp is True and want == "32":
+        want = "auto"
+    if want == "32":
+        return PrecisionPlan(str(requested), "32", device.type, "fp32 requested")
+    best, why = _best_mixed(device)
+    if want == "auto":
+        return PrecisionPlan(str(requested), best or "32", device.type, ("use_amp=True: " if use_amp else "auto: ") + why)
+    if want == best:
+        return PrecisionPlan(str(requested), want, device.type, f"{want} requested; {why}")
+    if device.type == "cpu" and want == "16-mixed":
+        reason = "16-mixed forced on CPU: fp16 autocast + GradScaler('cpu') runs slowly but exercises the fp16 path a T4 takes"
+    else:
+        reason = f"{want} requested and honoured, but {why}"
+    return PrecisionPlan(str(requested), want, device.type, reason)
+
+
+def compute_effective_precision(requested_precision: str, use_amp, cuda_available: bool, use_gpu: bool) -> str:
+    """The seed's API: the effective precision as '32', '16' or 'bf16'.
+
+    use_amp=None keeps the requested precision; True picks the best mixed precision for the device
+    (fp16 on CUDA before sm_80, bf16 on sm_80+ and on CPUs with native bf16); False gives '32'.
+    The device is CUDA only when it is both available and wanted."""
+    device = "cuda" if cuda_available and use_gpu else "cpu"
+    return _LEGACY[resolve_precision(requested_precision, device, use_amp).precision]
+
+
+def amp_summary(history) -> dict:
+    """AMP statistics over a run's per-step history (a DataFrame with loss_scale and skipped)."""
+    if len(history) == 0:
+        return {"steps": 0, "skipped_steps": 0, "nonfinite_grad_steps": 0, "final_loss_scale": None, "min_loss_scale": None}
+    return {"steps": int(len(history)), "skipped_steps": int(history["skipped"].sum()),
+            "nonfinite_grad_steps": int(history["nonfinite_grads"].sum()),
+            "final_loss_scale": float(history["loss_scale"].iloc[-1]), "min_loss_scale": float(history["loss_scale"].min())}
+
+
+class AmpWandbCallback:
+    """Logs amp/enabled, amp/precision, amp/loss_scale and amp/skipped_steps after every optimizer
+    step, through the fine-tuning loop's callback hook.
+
+    `log` is any callable(dict, step=int). By default it is wandb.log when wandb is installed and a
+    run is active; otherwise the callback does nothing, so notebooks can always pass it."""
+
+    def __init__(self, plan: PrecisionPlan, log=None):
+        self.plan = plan
+        self.skipped_steps = 0
+        self._log = log
+
+    def _logger(self):
+        if self._log is not None:
+            return self._log
+        try:
+            import wandb  # optional dependency: only needed when a user tracks runs in W&B
+        except ImportError:
+            return None
+        return wandb.log if wandb.run is not None else None
+
+    def on_step_end(self, record: dict):
+        self.skipped_steps += int(record["skipped"])
+        log = self._logger()
+        if log is None:
+            return
+        log({"amp/enabled": int(self.plan.enabled), "amp/precision": self.plan.precision,
+             "amp/loss_scale": float(record["loss_scale"]), "amp/skipped_steps": self.skipped_steps},
+            step=int(record["step"]))
