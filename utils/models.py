@@ -72,16 +72,21 @@ class SelfAttention(nn.Module):
         if key_padding_mask is not None:  # (B, T) True = real token
             pad = key_padding_mask.bool()[:, None, None, :]
             mask = pad if mask is None else mask & pad
-        if self.record_attention:
+        # The fused CPU kernel's bf16 backward is ~3x slower than explicit matmul + softmax
+        # (torch 2.13, 16x4x128x64: 16 ms vs 6 ms), so bf16 on CPU takes the explicit path too.
+        if self.record_attention or (x.device.type == "cpu" and q.dtype == torch.bfloat16):
             att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))
             if mask is not None:
                 att = att.masked_fill(~mask, float("-inf"))
             att = att.softmax(dim=-1)
-            self.last_attention = att.detach()
-            y = att @ v
+            if self.record_attention:
+                self.last_attention = att.detach()
+            y = F.dropout(att, self.dropout, self.training) @ v
         else:
-            drop = self.dropout if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
+            # is_causal (rather than an explicit mask) lets the fused kernel skip masked blocks.
+            is_causal = self.causal and key_padding_mask is None
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if is_causal else mask, is_causal=is_causal,
+                                               dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
 

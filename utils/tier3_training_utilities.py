@@ -34,17 +34,20 @@ class FineTuneResult:
     model: nn.Module = field(repr=False)
     config: dict = field(default_factory=dict)
 
+    def _eval(self, column: str, row: int) -> float:
+        return float(self.eval_history[column].iloc[row]) if len(self.eval_history) else float("nan")  # NaN: no evaluation ran
+
     @property
     def initial_eval_loss(self) -> float:
-        return float(self.eval_history["eval_loss"].iloc[0])
+        return self._eval("eval_loss", 0)
 
     @property
     def final_eval_loss(self) -> float:
-        return float(self.eval_history["eval_loss"].iloc[-1])
+        return self._eval("eval_loss", -1)
 
     @property
     def final_perplexity(self) -> float:
-        return float(self.eval_history["perplexity"].iloc[-1])
+        return self._eval("perplexity", -1)
 
     @property
     def effective_precision(self) -> str:
@@ -145,6 +148,8 @@ def test_fine_tuning(model, *, data=None, precision="auto", use_amp=None, steps:
                         ("grad_accum_steps", grad_accum_steps), ("eval_interval", eval_interval)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer; got {value!r}")
+    if not isinstance(eval_batches, int) or eval_batches < 0:
+        raise ValueError(f"eval_batches must be a non-negative integer (0 turns evaluation off); got {eval_batches!r}")
     device = resolve_device(device)
     plan = plan or resolve_precision(precision, device, use_amp)
     torch.manual_seed(seed)  # dropout masks, if the model has any
@@ -165,11 +170,13 @@ def test_fine_tuning(model, *, data=None, precision="auto", use_amp=None, steps:
     generator = torch.Generator().manual_seed(seed)
     tokens_per_micro = batch_size * seq_len
 
-    def run_eval(step):
+    def run_eval(step):  # eval_batches=0 turns evaluation off (the benchmark times steps alone)
+        if eval_batches == 0:
+            return []
         loss = evaluate(model, data, plan, device, batch_size, seq_len, eval_batches)
-        return {"step": step, "eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+        return [{"step": step, "eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}]
 
-    evals = [run_eval(0)]
+    evals = run_eval(0)
     records = []
     micro_done = 0
     bar = tqdm(total=total_steps, desc=f"fine-tune [{plan.precision}]", disable=not progress, leave=False)
@@ -207,14 +214,15 @@ def test_fine_tuning(model, *, data=None, precision="auto", use_amp=None, steps:
             if hasattr(cb, "on_step_end"):
                 cb.on_step_end(record)
         if step % eval_interval == 0 or step == total_steps:
-            evals.append(run_eval(step))
+            evals += run_eval(step)
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
     bar.close()
     config = {"steps": total_steps, "micro_batches": micro_total, "batch_size": batch_size, "seq_len": seq_len,
               "lr": lr, "grad_accum_steps": grad_accum_steps, "seed": seed, "device": str(device),
               "corpus": getattr(data, "source", "classification"), "corpus_fingerprint": getattr(data, "fingerprint", None)}
-    return FineTuneResult(pd.DataFrame(records), pd.DataFrame(evals), plan, model, config)
+    eval_history = pd.DataFrame(evals, columns=["step", "eval_loss", "perplexity"])
+    return FineTuneResult(pd.DataFrame(records), eval_history, plan, model, config)
 
 
 test_fine_tuning.__test__ = False  # a library function, not a pytest test
