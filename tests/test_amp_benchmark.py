@@ -7,9 +7,9 @@ import torch.nn as nn
 
 from utils.models import build_model
 from utils.plotting import plot_loss_curves, plot_loss_scale, plot_memory, plot_speedup_sweep, plot_throughput
-from utils.training.amp_benchmark import (AmpBenchmarkResult, bootstrap_ratio, matmul_params, saved_activation_bytes,
-                                          test_amp_speedup_benchmark, training_flops_per_token)
-from utils.training.amp_utils import resolve_precision
+from utils.training.amp_benchmark import (AmpBenchmarkResult, bootstrap_ratio, matmul_params, test_amp_speedup_benchmark,
+                                          training_flops_per_token)
+from utils.training.amp_utils import resolve_precision, saved_activation_bytes
 
 matplotlib.use("Agg")
 

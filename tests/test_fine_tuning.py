@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from utils.data import load_corpus
-from utils.models import build_model
-from utils.tier3_training_utilities import _training_step, compute_loss, test_fine_tuning, warmup_cosine
+from utils.models import build_model, compute_loss
+from utils.tier3_training_utilities import _training_step, test_fine_tuning, warmup_cosine
 from utils.training.amp_utils import AmpWandbCallback, resolve_precision
 
 FAST = dict(steps=6, batch_size=4, seq_len=16, eval_interval=3, eval_batches=2, progress=False)

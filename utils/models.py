@@ -10,6 +10,7 @@ into an nn.Module. `get_logits(output)` finds the logits in whatever a model ret
 
 import importlib
 import importlib.util
+import inspect
 import math
 import sys
 from dataclasses import dataclass, replace
@@ -18,6 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from utils.data import load_classification_set, load_corpus
 
 
 class ModelLoadError(ValueError):
@@ -243,6 +246,17 @@ def get_logits(output) -> torch.Tensor:
                     "a tuple/list holding a (batch, ...) tensor, a dict with 'logits', or an object with .logits")
 
 
+def forward(model: nn.Module, input_ids: torch.Tensor, attention_mask=None) -> torch.Tensor:
+    """The model's logits; the padding mask is passed only to models whose forward takes one."""
+    if attention_mask is not None and "attention_mask" in inspect.signature(model.forward).parameters:
+        return get_logits(model(input_ids, attention_mask=attention_mask))
+    return get_logits(model(input_ids))
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def model_task(model: nn.Module, logits: torch.Tensor) -> str:
     """'causal-lm' for (B, T, vocab) logits, 'classification' for (B, classes); a model's own
     `task` attribute wins."""
@@ -278,3 +292,26 @@ def model_max_len(model: nn.Module, default: int = 64) -> int:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def compute_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy for a causal LM (every position predicts the next token) or a classifier.
+    The loss is taken in fp32 even under autocast: a bf16 log-softmax over the vocabulary loses digits."""
+    logits = get_logits(model(x)).float()
+    if model_task(model, logits) == "causal-lm":
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+    return F.cross_entropy(logits, y)
+
+
+def load_task_data(model: nn.Module, data, seq_len: int):
+    """The built-in data for the model's task, unless the caller brought some (a corpus or a path)."""
+    if data is None:
+        task = getattr(model, "task", None)
+        if task is None:  # a user model: one tiny forward tells an LM from a classifier by its logits' shape
+            with torch.no_grad():
+                task = model_task(model, get_logits(model(torch.zeros(1, 2, dtype=torch.long, device=model_device(model)))))
+        data = load_corpus() if task == "causal-lm" else load_classification_set()
+    elif isinstance(data, str) or hasattr(data, "__fspath__"):
+        data = load_corpus(data)
+    data.check_fits(seq_len, model_vocab_size(model))
+    return data

@@ -118,3 +118,134 @@ def plot_speedup_sweep(sweep: pd.DataFrame, path=None):
     ax.set_title("Where AMP starts to pay")
     ax.legend()
     return save_figure(fig, path)
+
+
+# --- Tier 1: validation ---------------------------------------------------------------------------
+
+def _status_colors(statuses):
+    return [{"ok": "tab:blue"}.get(s, "tab:red") for s in statuses]
+
+
+def plot_gradient_norms(grads: pd.DataFrame, path=None):
+    """Gradient norm per parameter on a log scale; red bars are flagged (unused, NaN, vanishing, exploding).
+    Unused parameters have no gradient and are drawn at the axis floor."""
+    norms = grads["grad_norm"].fillna(0).replace([np.inf, -np.inf], 0)
+    floor = max(norms[norms > 0].min() / 10, 1e-12) if (norms > 0).any() else 1e-12
+    fig, ax = plt.subplots(figsize=(8, max(3, 0.18 * len(grads))))
+    ax.barh(grads["parameter"], norms.clip(lower=floor), color=_status_colors(grads["status"]))
+    ax.set_xscale("log")
+    ax.invert_yaxis()
+    ax.set_xlabel("gradient L2 norm (log scale)")
+    ax.set_title("Gradient flow per parameter (red: flagged)")
+    ax.tick_params(axis="y", labelsize=7)
+    return save_figure(fig, path)
+
+
+def plot_init_std(init: pd.DataFrame, path=None):
+    """Standard deviation of every parameter at initialization (log scale); red: flagged."""
+    std = init["std"].clip(lower=1e-12)
+    fig, ax = plt.subplots(figsize=(8, max(3, 0.18 * len(init))))
+    ax.barh(init["parameter"], std, color=_status_colors(init["status"]))
+    ax.set_xscale("log")
+    ax.invert_yaxis()
+    ax.set_xlabel("std at initialization (log scale)")
+    ax.set_title("Initialization per parameter (red: flagged)")
+    ax.tick_params(axis="y", labelsize=7)
+    return save_figure(fig, path)
+
+
+def plot_memory_vs_batch(memory: pd.DataFrame, path=None):
+    """Training-step memory per batch size: CUDA peak, or activations saved for backward on CPU."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(memory["batch_size"], memory["bytes"] / 2**20, marker="o")
+    ax.set_xlabel("batch size")
+    measure = memory["measure"].iloc[0] if len(memory) else "bytes"
+    ax.set_ylabel(f"MiB ({measure.replace('_', ' ')})")
+    ax.set_title("Memory vs batch size")
+    return save_figure(fig, path)
+
+
+def plot_latency(latency: pd.DataFrame, stats: dict, path=None):
+    """Histogram of inference latencies with p50/p95/p99 marked."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.hist(latency["latency_ms"], bins=20, color="tab:blue", alpha=0.7)
+    for q, style in (("p50", "-"), ("p95", "--"), ("p99", ":")):
+        ax.axvline(stats[f"{q}_ms"], color="black", linestyle=style, label=f"{q} {stats[f'{q}_ms']:.2f} ms")
+    ax.set_xlabel("latency per forward (ms)")
+    ax.set_ylabel("count")
+    ax.set_title("Inference latency")
+    ax.legend()
+    return save_figure(fig, path)
+
+
+# --- Tier 2: analysis -----------------------------------------------------------------------------
+
+def plot_attention_maps(maps: dict, max_layers: int = 4, path=None):
+    """Attention weights (batch mean) for each head of the first layers: rows are queries, columns keys."""
+    layers = list(maps)[:max_layers]
+    heads = max(maps[name].shape[0] for name in layers)
+    fig, axes = plt.subplots(len(layers), heads, figsize=(2.2 * heads, 2.2 * len(layers)), squeeze=False)
+    for i, name in enumerate(layers):
+        for h in range(heads):
+            ax = axes[i][h]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if h < maps[name].shape[0]:
+                ax.imshow(maps[name][h].numpy(), cmap="viridis", vmin=0)
+                ax.set_title(f"{name}\nhead {h}", fontsize=7)
+            else:
+                ax.axis("off")
+    fig.suptitle("Attention maps (query rows x key columns)")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_attention_entropy(attention: pd.DataFrame, path=None):
+    """Normalized entropy per head (1 = uniform over allowed keys, 0 = a single key) and the peak weight."""
+    labels = [f"{layer}\nh{head}" for layer, head in zip(attention["layer"], attention["head"])]
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(labels)), 4))
+    x = np.arange(len(labels))
+    ax.bar(x - 0.2, attention["normalized_entropy"], width=0.4, label="normalized entropy")
+    ax.bar(x + 0.2, attention["max_weight"], width=0.4, label="mean max weight", color="tab:orange")
+    ax.set_xticks(x, labels, fontsize=6, rotation=90)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("fraction")
+    ax.set_title("Attention entropy and peak weight per head")
+    ax.legend()
+    return save_figure(fig, path)
+
+
+def plot_robustness(robustness: pd.DataFrame, path=None):
+    """Prediction agreement and KL divergence against perturbation strength, per perturbation."""
+    fig, (ax, kl_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    for kind, group in robustness.groupby("perturbation"):
+        ax.plot(group["strength"], 100 * group["agreement"], marker="o", label=kind)
+        kl_ax.plot(group["strength"], group["kl"], marker="o", label=kind)
+    ax.set_xlabel("perturbation strength")
+    ax.set_ylabel("agreement with clean predictions (%)")
+    ax.set_title("Robustness: agreement")
+    ax.legend()
+    kl_ax.set_xlabel("perturbation strength")
+    kl_ax.set_ylabel("KL(clean || perturbed) (nats)")
+    kl_ax.set_title("Robustness: divergence")
+    return save_figure(fig, path)
+
+
+def plot_amp_layer_error(amp: pd.DataFrame, tolerance: float, path=None):
+    """Relative error of each layer's output under fp16 and bf16 autocast against fp32, in forward
+    order; the dashed line is the drift tolerance, red names mark activations beyond fp16's range."""
+    fig, ax = plt.subplots(figsize=(max(7, 0.25 * len(amp)), 4.5))
+    x = np.arange(len(amp))
+    for p, name in (("16-mixed", "fp16"), ("bf16-mixed", "bf16")):
+        err = amp[f"rel_error_{p}"].replace([np.inf], np.nan).clip(lower=1e-8)
+        ax.plot(x, err, marker=".", color=PRECISION_COLORS[p], label=name)
+    ax.axhline(tolerance, color="gray", linestyle="--", label=f"tolerance {tolerance:.0%}")
+    ax.set_yscale("log")
+    ax.set_xticks(x, amp["layer"], rotation=90, fontsize=6)
+    for tick, over in zip(ax.get_xticklabels(), amp["beyond_fp16_range"]):
+        if over:
+            tick.set_color("tab:red")
+    ax.set_ylabel("relative error vs fp32 (log)")
+    ax.set_title("AMP readiness: per-layer error under autocast")
+    ax.legend()
+    return save_figure(fig, path)

@@ -16,11 +16,9 @@ from dataclasses import dataclass, field
 import pandas as pd
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from utils.data import load_classification_set, load_corpus
-from utils.models import get_logits, load_model, model_task, model_vocab_size
+from utils.models import compute_loss, load_model, load_task_data
 from utils.training.amp_utils import PrecisionPlan, amp_summary, resolve_device, resolve_precision, synchronize
 
 
@@ -86,15 +84,6 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.1):
     return factor
 
 
-def compute_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy for a causal LM (every position predicts the next token) or a classifier.
-    The loss is taken in fp32 even under autocast: a bf16 log-softmax over the vocabulary loses digits."""
-    logits = get_logits(model(x)).float()
-    if model_task(model, logits) == "causal-lm":
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
-    return F.cross_entropy(logits, y)
-
-
 def _training_step(model: nn.Module, batch, plan: PrecisionPlan, scaler: torch.amp.GradScaler, window: int) -> float:
     """Forward and loss under autocast, then the scaled backward. The loss is divided by the
     accumulation window so the summed gradients are a mean. Returns the unscaled, undivided loss."""
@@ -116,20 +105,6 @@ def evaluate(model: nn.Module, data, plan: PrecisionPlan, device, batch_size: in
             losses.append(compute_loss(model, x.to(device), y.to(device)).item())
     model.train(was_training)
     return sum(losses) / len(losses)
-
-
-def _load_data(model: nn.Module, data, seq_len: int):
-    """The built-in data for the model's task, unless the caller brought some (a corpus or a path)."""
-    if data is None:
-        task = getattr(model, "task", None)
-        if task is None:  # a user model: one tiny forward tells an LM from a classifier by its logits' shape
-            with torch.no_grad():
-                task = model_task(model, get_logits(model(torch.zeros(1, 2, dtype=torch.long, device=next(model.parameters()).device))))
-        data = load_corpus() if task == "causal-lm" else load_classification_set()
-    elif isinstance(data, str) or hasattr(data, "__fspath__"):
-        data = load_corpus(data)
-    data.check_fits(seq_len, model_vocab_size(model))
-    return data
 
 
 def test_fine_tuning(model, *, data=None, precision="auto", use_amp=None, steps: int = 200, epochs=None,
@@ -154,7 +129,7 @@ def test_fine_tuning(model, *, data=None, precision="auto", use_amp=None, steps:
     plan = plan or resolve_precision(precision, device, use_amp)
     torch.manual_seed(seed)  # dropout masks, if the model has any
     model = load_model(model).to(device).train()
-    data = _load_data(model, data, seq_len)
+    data = load_task_data(model, data, seq_len)
 
     # Micro-batches to run, and optimizer steps as windows of grad_accum_steps (the last may be partial).
     if epochs is not None:

@@ -14,6 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn as nn
+
+from utils.models import compute_loss
 
 PRECISIONS = ("32", "16-mixed", "bf16-mixed")
 _ALIASES = {
@@ -145,6 +148,25 @@ def compute_effective_precision(requested_precision: str, use_amp, cuda_availabl
     The device is CUDA only when it is both available and wanted."""
     device = "cuda" if cuda_available and use_gpu else "cpu"
     return _LEGACY[resolve_precision(requested_precision, device, use_amp).precision]
+
+
+def saved_activation_bytes(model: nn.Module, plan: PrecisionPlan, batch) -> int:
+    """Bytes of tensors autograd saves for backward in one forward + loss (counted once per storage;
+    parameters excluded, they are memory either way). Meaningful on a CPU, where no allocator peak exists."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    x, y = batch
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), plan.autocast():
+        loss = compute_loss(model, x, y)
+    del loss
+    return sum(seen.values())
 
 
 def amp_summary(history) -> dict:

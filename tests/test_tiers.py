@@ -1,0 +1,164 @@
+"""Tier 1 and Tier 2: every check passes on healthy models and fails on the fault planted for it."""
+
+import matplotlib
+import pytest
+import torch
+import torch.nn as nn
+
+from tests.user_models import DetachedLayer, EmitsNaN, IgnoresSequenceLength, OverflowsFp16, zero_initialized
+from utils import plotting
+from utils.models import build_model
+from utils.tier1_critical_validation import check_memory, run_tier1
+from utils.tier2_advanced_analysis import analyze_amp_readiness, analyze_attention, run_tier2, sample_batch
+
+matplotlib.use("Agg")
+
+
+def statuses(result):
+    return {v.check: v.status for v in result.verdicts}
+
+
+@pytest.mark.parametrize("name", ["gpt-tiny", "encoder-tiny"])
+def test_reference_models_pass_tier1_and_tier2(name):
+    t1 = run_tier1(name)
+    assert "fail" not in statuses(t1).values(), t1.verdict_table().to_string()
+    assert list(statuses(t1)) == ["shapes", "gradient_flow", "numerics", "initialization", "memory", "latency"]
+    t2 = run_tier2(name)
+    assert "fail" not in statuses(t2).values(), t2.verdict_table().to_string()
+    assert t2.checks["amp_readiness"].extra["fp16_safe"] and t2.checks["amp_readiness"].extra["bf16_safe"]
+
+
+@pytest.mark.parametrize("spec", ["tests.user_models:make_hf_style", "tests.user_models:make_tuple_lm"])
+def test_user_output_forms_work_in_every_check(spec):
+    for result in (run_tier1(spec), run_tier2(spec)):
+        assert "fail" not in statuses(result).values(), result.verdict_table().to_string()
+    assert len(run_tier2(spec).checks["attention"].data) == 4  # found the wrapped model's heads
+
+
+def test_detached_layer_fails_gradient_flow_naming_it():
+    r = run_tier1(DetachedLayer())
+    v = r.checks["gradient_flow"].verdict
+    assert v.status == "fail" and "unused_head.weight" in v.reason and "unused_head.bias" in v.reason
+    assert statuses(r)["shapes"] == "pass"
+
+
+def test_nan_model_fails_numerics_and_gradients():
+    r = run_tier1(EmitsNaN())
+    assert statuses(r)["numerics"] == "fail" and "NaN" in r.checks["numerics"].verdict.reason
+    assert statuses(r)["gradient_flow"] == "fail"
+
+
+def test_zero_initialized_weight_fails_initialization_naming_it():
+    r = run_tier1(zero_initialized())
+    v = r.checks["initialization"].verdict
+    assert v.status == "fail" and "blocks.0.mlp.0.weight" in v.reason
+
+
+def test_output_ignoring_sequence_length_fails_shapes():
+    r = run_tier1(IgnoresSequenceLength())
+    v = r.checks["shapes"].verdict
+    assert v.status == "fail" and "sequence length 1" in v.reason and "got (2, 8, 256), expected (2, 1, 256)" in v.reason
+    # the loss cannot be formed either: that check's crash is its own fail verdict, the other checks still ran
+    crashed = r.checks["gradient_flow"].verdict
+    assert crashed.status == "fail" and crashed.reason.startswith("the check crashed: ValueError")
+    assert statuses(r)["initialization"] == "pass"
+
+
+def test_amp_readiness_names_the_layer_that_overflows_fp16():
+    model = OverflowsFp16()
+    r = analyze_amp_readiness(model, sample_batch(model))
+    assert r.extra["first_fp16_overflow_layer"] == "inner.blocks.1.mlp.0"
+    assert not r.extra["fp16_safe"] and r.extra["bf16_safe"]
+    assert r.verdict.status == "warn" and "only bf16 is safe" in r.verdict.reason
+    assert "fp16: overflows at inner.blocks.1.mlp.0" in r.verdict.reason
+    layer = r.data.set_index("layer").loc["inner.blocks.1.mlp.0"]
+    assert layer["beyond_fp16_range"] and layer["fp32_max_abs"] > 65504
+
+
+def test_amp_readiness_fails_when_neither_precision_is_safe():
+    model = build_model("gpt-tiny")
+    model.blocks[0].mlp[0].register_forward_hook(lambda m, i, o: o * 1e6)
+    # bf16 keeps ~3 significant digits: a 100-fold tighter tolerance than its rounding makes it "drift" too
+    r = analyze_amp_readiness(model, sample_batch(model), tolerance=1e-5)
+    assert r.verdict.status == "fail" and r.extra["first_drift_layer"] is not None
+
+
+def test_attention_on_nn_multihead_attention_and_on_models_without_attention():
+    class MHAModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(256, 32)
+            self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), 2)
+            self.head = nn.Linear(32, 256)
+
+        def forward(self, x):
+            return self.head(self.enc(self.emb(x)))
+
+    x = torch.randint(0, 256, (2, 12))
+    r = analyze_attention(MHAModel(), x)
+    assert r.verdict.status == "pass" and len(r.data) == 8
+    assert r.arrays["maps"]["enc.layers.0.self_attn"].shape == (4, 12, 12)
+    mlp = nn.Sequential(nn.Embedding(256, 16), nn.Linear(16, 256))
+    r = analyze_attention(mlp, x)
+    assert r.verdict.status == "warn" and "no attention weights found" in r.verdict.reason
+
+
+def test_collapsed_heads_are_flagged():
+    model = build_model("gpt-tiny")
+    with torch.no_grad():  # huge query/key weights: softmax saturates onto one key per query
+        for block in model.blocks:
+            block.attn.qkv.weight[:128].mul_(500)
+    r = analyze_attention(model, torch.randint(0, 256, (2, 32)))
+    assert r.data["collapsed"].all() and r.verdict.status == "warn"
+
+
+def test_robustness_degrades_with_strength():
+    r = run_tier2("gpt-tiny").checks["robustness"]
+    subs = r.data[r.data["perturbation"] == "token substitution"].sort_values("strength")
+    assert subs["agreement"].iloc[0] > subs["agreement"].iloc[-1]
+    assert (r.data["kl"] >= 0).all()
+
+
+def test_memory_stops_cleanly_at_out_of_memory(monkeypatch):
+    from utils import tier1_critical_validation as t1
+
+    real = t1.saved_activation_bytes
+
+    def fake(model, plan, batch):
+        if batch[0].shape[0] >= 8:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(model, plan, batch)
+
+    monkeypatch.setattr(t1, "saved_activation_bytes", fake)
+    r = check_memory(build_model("gpt-tiny"), batch_sizes=(1, 2, 4, 8, 16))
+    assert list(r.data["batch_size"]) == [1, 2, 4]
+    assert r.extra == {"largest_batch": 4, "oom_at": 8}
+    assert r.verdict.status == "warn" and "largest batch that fit: 4" in r.verdict.reason
+
+
+def test_tier_results_serialize():
+    import json
+    for r in (run_tier1("gpt-tiny"), run_tier2("gpt-tiny")):
+        d = json.loads(json.dumps(r.to_dict()))
+        assert d["status"] in ("pass", "warn") and len(d["verdicts"]) == len(r.verdicts)
+
+
+def test_tier_charts(tmp_path):
+    t1, t2 = run_tier1("gpt-tiny"), run_tier2("gpt-tiny")
+    figs = {
+        "grads": plotting.plot_gradient_norms(t1.checks["gradient_flow"].data, path=tmp_path / "grads.png"),
+        "init": plotting.plot_init_std(t1.checks["initialization"].data, path=tmp_path / "init.png"),
+        "memory": plotting.plot_memory_vs_batch(t1.checks["memory"].data, path=tmp_path / "memory.png"),
+        "latency": plotting.plot_latency(t1.checks["latency"].data, t1.checks["latency"].extra, path=tmp_path / "latency.png"),
+        "maps": plotting.plot_attention_maps(t2.checks["attention"].arrays["maps"], path=tmp_path / "maps.png"),
+        "entropy": plotting.plot_attention_entropy(t2.checks["attention"].data, path=tmp_path / "entropy.png"),
+        "robust": plotting.plot_robustness(t2.checks["robustness"].data, path=tmp_path / "robust.png"),
+        "amp": plotting.plot_amp_layer_error(t2.checks["amp_readiness"].data, 0.05, path=tmp_path / "amp.png"),
+    }
+    assert figs["grads"].axes[0].get_xscale() == "log"
+    assert figs["memory"].axes[0].get_xlabel() == "batch size"
+    assert len(figs["maps"].axes) == 4  # 2 layers x 2 heads
+    assert [t.get_text() for t in figs["amp"].axes[0].get_legend().get_texts()] == ["fp16", "bf16", "tolerance 5%"]
+    assert figs["robust"].axes[0].get_ylabel().startswith("agreement")
+    for name in figs:
+        assert (tmp_path / f"{name}.png").stat().st_size > 1000

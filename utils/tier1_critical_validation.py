@@ -1,0 +1,296 @@
+"""Tier 1: does the model work at all?
+
+Six checks, each returning its data (a DataFrame) and a Verdict (pass / warn / fail) whose reason
+names the input, parameter or batch size at fault and what to try:
+  shapes            edge-case inputs: batch 1, sequence 1, the maximum length, padding, mixed content
+  gradient_flow     one backward on real data: unused, NaN, vanishing and exploding gradients
+  numerics          NaN/Inf and output statistics over many inputs
+  initialization    per-parameter mean/std: all-zero, tiny or huge weights
+  memory            footprint per batch size, stopping cleanly at out-of-memory
+  latency           inference p50/p95/p99 and throughput
+`run_tier1` runs them all and returns one table of verdicts.
+"""
+
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn as nn
+
+from utils.models import (compute_loss, forward, load_model, load_task_data, model_device, model_max_len, model_task,
+                          model_vocab_size)
+from utils.training.amp_utils import resolve_device, resolve_precision, saved_activation_bytes, synchronize
+from utils.verdicts import CheckResult, TierResult, Verdict, run_check
+
+
+def _random_tokens(vocab: int, batch: int, seq: int, generator, device) -> torch.Tensor:
+    return torch.randint(vocab, (batch, seq), generator=generator).to(device)
+
+
+def check_shapes(model: nn.Module, seed: int = 0) -> CheckResult:
+    """Output shapes over edge cases, against the shape a reference input implies: (B, T, vocab) for
+    a causal LM, (B, classes) for a classifier."""
+    device, vocab, max_len = model_device(model), model_vocab_size(model) or 256, model_max_len(model)
+    g = torch.Generator().manual_seed(seed)
+    ref_len = min(8, max_len)
+    model.eval()
+    with torch.no_grad():
+        ref = forward(model, _random_tokens(vocab, 2, ref_len, g, device))
+    task, width = model_task(model, ref), ref.shape[-1]
+
+    def expected(b, t):
+        return (b, t, width) if task == "causal-lm" else (b, width)
+
+    padded_mask = torch.ones(2, min(16, max_len), dtype=torch.long, device=device)
+    padded_mask[1, padded_mask.shape[1] // 2:] = 0  # second row: half padding
+    mixed = torch.stack([torch.zeros(min(16, max_len), dtype=torch.long),                # all token 0
+                         torch.full((min(16, max_len),), vocab - 1, dtype=torch.long),   # the largest token id
+                         torch.randint(vocab, (min(16, max_len),), generator=g)]).to(device)
+    cases = [("batch 1", _random_tokens(vocab, 1, ref_len, g, device), None),
+             ("sequence length 1", _random_tokens(vocab, 2, 1, g, device), None),
+             (f"maximum length {max_len}", _random_tokens(vocab, 2, max_len, g, device), None),
+             ("padding mask", _random_tokens(vocab, 2, padded_mask.shape[1], g, device), padded_mask),
+             ("mixed content (zeros, max id, random)", mixed, None)]
+    rows = []
+    for name, x, mask in cases:
+        want = expected(*x.shape)
+        try:
+            with torch.no_grad():
+                out = forward(model, x, mask)
+            got, error = tuple(out.shape), ""
+        except Exception as e:  # a crash on an edge case is the finding, not a reason to stop
+            got, error = None, f"{type(e).__name__}: {e}"
+        rows.append({"case": name, "input_shape": tuple(x.shape), "expected_shape": want, "output_shape": got,
+                     "ok": got == want, "error": error})
+    df = pd.DataFrame(rows)
+    bad = df[~df["ok"]]
+    if len(bad):
+        first = bad.iloc[0]
+        detail = first["error"] or f"got {first['output_shape']}, expected {first['expected_shape']}"
+        verdict = Verdict("shapes", "fail", f"{len(bad)} of {len(df)} edge cases failed; first: {first['case']} "
+                          f"(input {first['input_shape']}): {detail}. Check that the output follows the input's "
+                          "batch and sequence length (no fixed sizes in reshapes or position tables).")
+    else:
+        verdict = Verdict("shapes", "pass", f"all {len(df)} edge cases give {task} shapes (last dim {width}), "
+                          f"including sequence length 1 and the maximum {max_len}.")
+    return CheckResult(verdict, df, {"task": task, "output_width": width})
+
+
+def check_gradient_flow(model: nn.Module, data=None, batch_size: int = 4, seq_len: int = 32, seed: int = 0,
+                        vanishing: float = 1e-8, exploding: float = 1e3) -> CheckResult:
+    """One forward + backward on real data; every trainable parameter's gradient norm, classified."""
+    device = model_device(model)
+    seq_len = min(seq_len, model_max_len(model))
+    data = load_task_data(model, data, seq_len)
+    x, y = data.get_batch("train", batch_size, seq_len, torch.Generator().manual_seed(seed))
+    model.train()
+    model.zero_grad(set_to_none=True)
+    loss = compute_loss(model, x.to(device), y.to(device))
+    loss.backward()
+    loss = loss.detach()
+    rows = []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.grad is None:
+            norm, status = float("nan"), "unused"
+        else:
+            norm = float(p.grad.norm())
+            status = ("nan" if not np.isfinite(norm) else "vanishing" if norm < vanishing
+                      else "exploding" if norm > exploding else "ok")
+        rows.append({"parameter": name, "shape": tuple(p.shape), "grad_norm": norm, "status": status})
+    model.zero_grad(set_to_none=True)
+    df = pd.DataFrame(rows)
+
+    def names(status):
+        listed = list(df[df["status"] == status]["parameter"])
+        return ", ".join(listed[:5]) + (f" (+{len(listed) - 5} more)" if len(listed) > 5 else "")
+
+    counts = df["status"].value_counts()
+    if counts.get("nan", 0):
+        verdict = Verdict("gradient_flow", "fail", f"NaN/Inf gradients in {counts['nan']} parameter(s): {names('nan')}. "
+                          f"Loss was {float(loss):.4g}; look for log(0), division by zero or overflow in the forward.")
+    elif counts.get("unused", 0):
+        verdict = Verdict("gradient_flow", "fail", f"{counts['unused']} parameter(s) get no gradient: {names('unused')}. "
+                          "They are not used in the forward or are cut off by .detach()/no_grad; remove them or "
+                          "reconnect them (DDP will also refuse them without find_unused_parameters).")
+    elif counts.get("vanishing", 0) or counts.get("exploding", 0):
+        parts = [f"{counts.get(s, 0)} {s} ({names(s)})" for s in ("vanishing", "exploding") if counts.get(s, 0)]
+        verdict = Verdict("gradient_flow", "warn", "gradient norms out of range: " + "; ".join(parts) +
+                          f" (bounds {vanishing:g}..{exploding:g}). Check initialization scale, normalization and the learning rate.")
+    else:
+        verdict = Verdict("gradient_flow", "pass", f"all {len(df)} parameters receive finite gradients "
+                          f"(norms {df['grad_norm'].min():.2g}..{df['grad_norm'].max():.2g}); loss {float(loss):.3f}.")
+    return CheckResult(verdict, df, {"loss": float(loss)})
+
+
+def check_numerics(model: nn.Module, n_batches: int = 8, batch_size: int = 4, seq_len: int = 32, seed: int = 0,
+                   large: float = 1e4) -> CheckResult:
+    """NaN/Inf and statistics of the outputs over random, repeated-token and extreme-id inputs."""
+    device, vocab = model_device(model), model_vocab_size(model) or 256
+    seq_len = min(seq_len, model_max_len(model))
+    g = torch.Generator().manual_seed(seed)
+    model.eval()
+    rows = []
+    for i in range(n_batches):
+        kind = ("random", "repeated token", "extreme ids")[i % 3]
+        if kind == "random":
+            x = _random_tokens(vocab, batch_size, seq_len, g, device)
+        elif kind == "repeated token":
+            x = torch.full((batch_size, seq_len), int(torch.randint(vocab, (1,), generator=g)), device=device)
+        else:
+            x = torch.randint(2, (batch_size, seq_len), generator=g).to(device) * (vocab - 1)  # ids 0 and vocab-1
+        with torch.no_grad():
+            out = forward(model, x).float()
+        finite = torch.isfinite(out)
+        vals = out[finite]
+        rows.append({"batch": i, "input": kind, "nan": int(torch.isnan(out).sum()), "inf": int(torch.isinf(out).sum()),
+                     "mean": float(vals.mean()) if vals.numel() else float("nan"),
+                     "std": float(vals.std()) if vals.numel() > 1 else float("nan"),
+                     "max_abs": float(vals.abs().max()) if vals.numel() else float("nan")})
+    df = pd.DataFrame(rows)
+    bad = df[(df["nan"] > 0) | (df["inf"] > 0)]
+    if len(bad):
+        first = bad.iloc[0]
+        verdict = Verdict("numerics", "fail", f"non-finite outputs in {len(bad)} of {len(df)} batches "
+                          f"(first: batch {first['batch']}, {first['input']} input: {first['nan']} NaN, {first['inf']} Inf). "
+                          "Look for log/sqrt of non-positive values, division by zero or masked softmax rows with no allowed key.")
+    elif df["max_abs"].max() > large:
+        verdict = Verdict("numerics", "warn", f"outputs reach {df['max_abs'].max():.3g} (> {large:g}): finite, but "
+                          "large logits saturate softmax and overflow fp16 (max 65504). Check the output scale.")
+    elif (df["std"] < 1e-6).any():
+        verdict = Verdict("numerics", "warn", "outputs are constant across positions and classes (std < 1e-6): "
+                          "the model ignores its input, often zero-initialized output layers.")
+    else:
+        verdict = Verdict("numerics", "pass", f"{len(df)} batches, all outputs finite (|max| {df['max_abs'].max():.3g}, "
+                          f"std {df['std'].min():.3g}..{df['std'].max():.3g}).")
+    return CheckResult(verdict, df)
+
+
+def check_initialization(model: nn.Module, tiny: float = 1e-4, huge: float = 1.0) -> CheckResult:
+    """Per-parameter mean and std. Matrices that are all zero (units never differentiate), or whose
+    std is tiny or huge, are flagged; 1-D tensors (biases, norm gains) are expected to be constant."""
+    rows = []
+    for name, p in model.named_parameters():
+        t = p.detach().float()
+        std = float(t.std()) if t.numel() > 1 else 0.0
+        status = "ok"
+        if p.dim() >= 2:
+            status = "all_zero" if not t.any() else "tiny_std" if std < tiny else "huge_std" if std > huge else "ok"
+        rows.append({"parameter": name, "shape": tuple(p.shape), "mean": float(t.mean()), "std": std, "status": status})
+    df = pd.DataFrame(rows)
+    zero, odd = df[df["status"] == "all_zero"], df[df["status"].isin(["tiny_std", "huge_std"])]
+    if len(zero):
+        verdict = Verdict("initialization", "fail", f"{len(zero)} weight matrix(es) are all zero: "
+                          f"{', '.join(zero['parameter'][:5])}. Every unit then gets the same gradient and they never "
+                          "differentiate; initialize with nn.init.normal_(std=0.02) or xavier/kaiming.")
+    elif len(odd):
+        first = odd.iloc[0]
+        verdict = Verdict("initialization", "warn", f"{len(odd)} weight matrix(es) with unusual std (bounds {tiny:g}..{huge:g}); "
+                          f"first: {first['parameter']} std={first['std']:.3g}. Check the init scale against its fan-in.")
+    else:
+        mats = df[df["shape"].map(len) >= 2]
+        verdict = Verdict("initialization", "pass", f"{len(mats)} weight matrices with std {mats['std'].min():.3g}.."
+                          f"{mats['std'].max():.3g}; no all-zero weights.")
+    return CheckResult(verdict, df)
+
+
+def _is_oom(error: Exception) -> bool:
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def check_memory(model: nn.Module, batch_sizes=(1, 2, 4, 8, 16), seq_len: int = 32, precision: str = "32",
+                 seed: int = 0) -> CheckResult:
+    """Training-step memory per batch size: the CUDA allocator's peak, or on a CPU the bytes of
+    activations saved for backward. Stops at the first out-of-memory and reports the largest batch that fit."""
+    device, vocab = model_device(model), model_vocab_size(model) or 256
+    seq_len = min(seq_len, model_max_len(model))
+    plan = resolve_precision(precision, device)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    with torch.no_grad():
+        task = model_task(model, forward(model, _random_tokens(vocab, 1, 2, g, device)))
+    rows, oom_at = [], None
+    for bs in batch_sizes:
+        x = _random_tokens(vocab, bs, seq_len, g, device)
+        y = x if task == "causal-lm" else torch.zeros(bs, dtype=torch.long, device=device)
+        try:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+                with plan.autocast():
+                    loss = compute_loss(model, x, y)
+                loss.backward()
+                synchronize(device)
+                measured, kind = torch.cuda.max_memory_allocated(device), "cuda_peak_allocated"
+            else:
+                measured, kind = saved_activation_bytes(model, plan, (x, y)), "saved_activations"
+        except Exception as e:
+            if not _is_oom(e):
+                raise
+            oom_at = bs
+            break
+        finally:
+            model.zero_grad(set_to_none=True)
+        rows.append({"batch_size": bs, "seq_len": seq_len, "bytes": measured, "measure": kind})
+    df = pd.DataFrame(rows, columns=["batch_size", "seq_len", "bytes", "measure"])
+    if df.empty:
+        verdict = Verdict("memory", "fail", f"out of memory already at batch {batch_sizes[0]} x {seq_len} tokens: "
+                          "use a smaller model, shorter sequences, AMP, or activation checkpointing.")
+    elif oom_at is not None:
+        verdict = Verdict("memory", "warn", f"out of memory at batch {oom_at}; largest batch that fit: "
+                          f"{int(df['batch_size'].iloc[-1])} ({df['bytes'].iloc[-1] / 2**20:.1f} MiB). Use gradient accumulation "
+                          "to reach larger effective batches.")
+    else:
+        per_sample = (df["bytes"].iloc[-1] - df["bytes"].iloc[0]) / max(1, df["batch_size"].iloc[-1] - df["batch_size"].iloc[0])
+        verdict = Verdict("memory", "pass", f"batch sizes {list(df['batch_size'])} all fit; {df['measure'].iloc[0]} grow by "
+                          f"{per_sample / 2**20:.2f} MiB per sample at {seq_len} tokens (largest: {df['bytes'].iloc[-1] / 2**20:.1f} MiB).")
+    return CheckResult(verdict, df, {"largest_batch": int(df["batch_size"].iloc[-1]) if len(df) else 0, "oom_at": oom_at})
+
+
+def check_latency(model: nn.Module, batch_size: int = 1, seq_len: int = 32, warmup: int = 3, iters: int = 30,
+                  seed: int = 0, jitter: float = 3.0) -> CheckResult:
+    """Inference latency after warm-up, synchronized: p50/p95/p99 and tokens/s."""
+    device, vocab = model_device(model), model_vocab_size(model) or 256
+    seq_len = min(seq_len, model_max_len(model))
+    x = _random_tokens(vocab, batch_size, seq_len, torch.Generator().manual_seed(seed), device)
+    model.eval()
+    times = []
+    with torch.no_grad():
+        for i in range(warmup + iters):
+            synchronize(device)
+            t0 = time.perf_counter()
+            forward(model, x)
+            synchronize(device)
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+    ms = np.array(times) * 1000
+    df = pd.DataFrame({"iteration": range(iters), "latency_ms": ms})
+    p50, p95, p99 = np.percentile(ms, [50, 95, 99])
+    stats = {"p50_ms": p50, "p95_ms": p95, "p99_ms": p99, "tokens_per_s": batch_size * seq_len / (p50 / 1000)}
+    shape = f"batch {batch_size} x {seq_len} tokens on {device.type}"
+    if p99 > jitter * p50:
+        verdict = Verdict("latency", "warn", f"p50 {p50:.2f} ms but p99 {p99:.2f} ms ({shape}): tail latency over {jitter:g}x "
+                          "the median; look for data-dependent work, allocator churn or a busy machine.")
+    else:
+        verdict = Verdict("latency", "pass", f"p50 {p50:.2f} ms, p95 {p95:.2f} ms, p99 {p99:.2f} ms ({shape}); "
+                          f"{stats['tokens_per_s']:.0f} tokens/s.")
+    return CheckResult(verdict, df, stats)
+
+
+def run_tier1(model, *, device=None, data=None, seq_len: int = 32, batch_sizes=(1, 2, 4, 8, 16), seed: int = 0,
+              latency_iters: int = 30) -> TierResult:
+    """All Tier 1 checks on `model` (an nn.Module or a load_model spec)."""
+    torch.manual_seed(seed)
+    model = load_model(model).to(resolve_device(device))
+    was_training = model.training
+    checks = {"shapes": lambda: check_shapes(model, seed),
+              "gradient_flow": lambda: check_gradient_flow(model, data, seq_len=seq_len, seed=seed),
+              "numerics": lambda: check_numerics(model, seq_len=seq_len, seed=seed),
+              "initialization": lambda: check_initialization(model),
+              "memory": lambda: check_memory(model, batch_sizes, seq_len, seed=seed),
+              "latency": lambda: check_latency(model, seq_len=seq_len, iters=latency_iters, seed=seed)}
+    checks = {name: run_check(name, check) for name, check in checks.items()}
+    model.train(was_training)
+    return TierResult(checks)

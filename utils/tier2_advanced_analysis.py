@@ -1,0 +1,245 @@
+"""Tier 2: how does the model behave?
+
+  attention       per layer and head: entropy, max weight, collapsed heads (our models and nn.MultiheadAttention)
+  robustness      prediction agreement, KL divergence and flip rate under embedding noise and token substitution
+  amp_readiness   the forward in fp32 and under autocast side by side, layer by layer: where does it first
+                  drift, which activations leave fp16's range, and is fp16, bf16 or neither safe?
+`run_tier2` runs them all and returns one table of verdicts.
+"""
+
+import math
+
+import pandas as pd
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from utils.models import (SelfAttention, forward, get_logits, load_model, load_task_data, model_device, model_max_len,
+                          model_vocab_size)
+from utils.training.amp_utils import PrecisionPlan, resolve_device, resolve_precision
+from utils.verdicts import CheckResult, TierResult, Verdict, run_check
+
+FP16_MAX = 65504.0
+
+
+def sample_batch(model: nn.Module, data=None, batch_size: int = 4, seq_len: int = 32, seed: int = 0):
+    """Real inputs for the model's task: validation windows of the built-in (or given) data."""
+    seq_len = min(seq_len, model_max_len(model))
+    data = load_task_data(model, data, seq_len)
+    x, _ = next(iter(data.eval_batches(1, batch_size, seq_len)))
+    return x.to(model_device(model))
+
+
+def capture_attention(model: nn.Module, x: torch.Tensor) -> dict:
+    """Attention weights per layer, {module name: (batch, heads, query, key)}.
+
+    Our SelfAttention records them on request; nn.MultiheadAttention is asked for per-head weights
+    through a forward pre-hook. Grad stays enabled so PyTorch's fused inference path, which skips
+    the module call, is not taken."""
+    weights, handles = {}, []
+    ours = [(n, m) for n, m in model.named_modules() if isinstance(m, SelfAttention)]
+    for _, m in ours:
+        m.record_attention = True
+    for name, m in model.named_modules():
+        if isinstance(m, nn.MultiheadAttention):
+            def pre(module, args, kwargs):
+                return args, {**kwargs, "need_weights": True, "average_attn_weights": False}
+
+            def post(module, args, kwargs, output, name=name):
+                if output[1] is not None:
+                    weights[name] = output[1].detach()
+            handles += [m.register_forward_pre_hook(pre, with_kwargs=True), m.register_forward_hook(post, with_kwargs=True)]
+    was_training = model.training
+    model.eval()
+    try:
+        forward(model, x)
+        for name, m in ours:
+            weights[name] = m.last_attention.float()
+    finally:
+        for _, m in ours:
+            m.record_attention, m.last_attention = False, None
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return weights
+
+
+def analyze_attention(model: nn.Module, x: torch.Tensor, collapse_max_weight: float = 0.9) -> CheckResult:
+    """Entropy and peak weight of every head. A head is collapsed when, on average, one key takes
+    more than `collapse_max_weight` of its attention: it passes on a single token's value."""
+    weights = capture_attention(model, x)
+    if not weights:
+        verdict = Verdict("attention", "warn", "no attention weights found: the model has neither utils.models."
+                          "SelfAttention nor nn.MultiheadAttention modules. To analyze a custom attention, store its "
+                          "softmax output as `last_attention` (batch, heads, query, key) and set `record_attention`.")
+        return CheckResult(verdict, pd.DataFrame(columns=["layer", "head", "entropy", "normalized_entropy", "max_weight", "collapsed"]))
+    rows, maps = [], {}
+    for layer, w in weights.items():  # (B, H, Tq, Tk)
+        allowed = (w > 0).sum(-1).clamp(min=2).float()  # keys each query may see (causal rows see fewer)
+        entropy = -(w * w.clamp(min=1e-12).log()).sum(-1)
+        norm_entropy = (entropy / allowed.log()).mean(dim=(0, 2))
+        max_weight = w.max(-1).values.mean(dim=(0, 2))
+        maps[layer] = w.mean(0).cpu()
+        for h in range(w.shape[1]):
+            rows.append({"layer": layer, "head": h, "entropy": float(entropy[:, h].mean()),
+                         "normalized_entropy": float(norm_entropy[h]), "max_weight": float(max_weight[h]),
+                         "collapsed": bool(max_weight[h] > collapse_max_weight)})
+    df = pd.DataFrame(rows)
+    collapsed = df[df["collapsed"]]
+    summary = f"{len(df)} heads in {len(weights)} layers; normalized entropy {df['normalized_entropy'].min():.2f}..{df['normalized_entropy'].max():.2f}"
+    if len(collapsed) > len(df) / 2:
+        verdict = Verdict("attention", "warn", f"{len(collapsed)} of {len(df)} heads are collapsed (one key takes "
+                          f">{collapse_max_weight:.0%} of the weight), e.g. {collapsed.iloc[0]['layer']} head "
+                          f"{collapsed.iloc[0]['head']}; {summary}. Check attention logit scale (1/sqrt(d_head)) and learning rate.")
+    else:
+        verdict = Verdict("attention", "pass", f"{summary}; {len(collapsed)} collapsed.")
+    return CheckResult(verdict, df, arrays={"maps": maps})
+
+
+def _first_embedding(model: nn.Module):
+    return next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+
+
+def analyze_robustness(model: nn.Module, x: torch.Tensor, strengths=(0.01, 0.05, 0.1, 0.2), seed: int = 0,
+                       min_agreement: float = 0.9) -> CheckResult:
+    """Predictions under two perturbations at several strengths:
+    embedding noise (Gaussian, std = strength x the embedding output's std) and token substitution
+    (a `strength` fraction of tokens replaced at random). Agreement is argmax equality with the clean
+    prediction; flip rate is 1 - agreement; KL is KL(clean || perturbed) per prediction."""
+    device, vocab = model_device(model), model_vocab_size(model) or 256
+    g = torch.Generator().manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        clean = forward(model, x).float()
+    clean_logp = clean.log_softmax(-1)
+    embedding = _first_embedding(model)
+    rows = []
+
+    def compare(kind, strength, logits):
+        logp = logits.float().log_softmax(-1)
+        agreement = float((logp.argmax(-1) == clean_logp.argmax(-1)).float().mean())
+        kl = float(F.kl_div(logp, clean_logp, log_target=True, reduction="none").sum(-1).mean())
+        rows.append({"perturbation": kind, "strength": strength, "agreement": agreement, "flip_rate": 1 - agreement, "kl": kl})
+
+    for strength in strengths:
+        if embedding is not None:
+            def add_noise(module, args, output, strength=strength):
+                noise = torch.randn(output.shape, generator=g).to(output.device, output.dtype)
+                return output + noise * strength * output.std()
+            handle = embedding.register_forward_hook(add_noise)
+            with torch.no_grad():
+                compare("embedding noise", strength, forward(model, x))
+            handle.remove()
+        swap = torch.rand(x.shape, generator=g).to(device) < strength
+        substituted = torch.where(swap, torch.randint(vocab, x.shape, generator=g).to(device), x)
+        with torch.no_grad():
+            compare("token substitution", strength, forward(model, substituted))
+    model.train(was_training)
+    df = pd.DataFrame(rows)
+    weakest = df[df["strength"] == min(strengths)]
+    fragile = weakest[weakest["agreement"] < min_agreement]
+    note = "" if embedding is not None else " (no nn.Embedding found: embedding noise skipped)"
+    if len(fragile):
+        r = fragile.iloc[0]
+        verdict = Verdict("robustness", "warn", f"fragile: {r['perturbation']} at strength {r['strength']:g} already flips "
+                          f"{r['flip_rate']:.0%} of predictions (KL {r['kl']:.3g}).{note} Consider regularization "
+                          "(dropout, label smoothing) or noise augmentation.")
+    else:
+        strongest = df[df["strength"] == max(strengths)]
+        verdict = Verdict("robustness", "pass", "agreement at strength " + f"{min(strengths):g}: "
+                          + ", ".join(f"{r.perturbation} {r.agreement:.0%}" for r in weakest.itertuples())
+                          + f"; at {max(strengths):g}: " + ", ".join(f"{r.perturbation} {r.agreement:.0%}" for r in strongest.itertuples())
+                          + "." + note)
+    return CheckResult(verdict, df)
+
+
+def _layer_outputs(model: nn.Module, x: torch.Tensor, plan: PrecisionPlan) -> dict:
+    """Each leaf module's first floating output under `plan`, in execution order, as fp32 copies."""
+    outputs, handles = {}, []
+    for name, m in model.named_modules():
+        if name and not list(m.children()):
+            def hook(module, args, output, name=name):
+                t = output if isinstance(output, torch.Tensor) else next(
+                    (o for o in (output if isinstance(output, (tuple, list)) else ()) if isinstance(o, torch.Tensor)), None)
+                if t is not None and t.is_floating_point() and name not in outputs:
+                    outputs[name] = t.detach().float()
+            handles.append(m.register_forward_hook(hook))
+    try:
+        with torch.no_grad(), plan.autocast():
+            outputs["<output>"] = get_logits(model(x)).detach().float()
+    finally:
+        for h in handles:
+            h.remove()
+    return outputs
+
+
+def analyze_amp_readiness(model: nn.Module, x: torch.Tensor, precision="auto", tolerance: float = 0.05) -> CheckResult:
+    """Forward in fp32 and under autocast (fp16 and bf16), layer by layer.
+
+    Per layer: relative error ||amp - fp32|| / ||fp32|| and the fp32 activation max. A layer drifts
+    when its error passes `tolerance`; an activation beyond 65504 overflows fp16. The table holds the
+    resolved precision's errors; both dtypes decide the verdict on which is safe."""
+    device = model_device(model)
+    resolved = resolve_precision(precision, device)
+    was_training = model.training
+    model.eval()
+    ref = _layer_outputs(model, x, resolve_precision("32", device))
+    runs = {p: _layer_outputs(model, x, resolve_precision(p, device)) for p in ("16-mixed", "bf16-mixed")}
+    model.train(was_training)
+    rows = []
+    for name, r in ref.items():
+        row = {"layer": name, "fp32_max_abs": float(r.abs().max()) if r.numel() else 0.0}
+        for p, outs in runs.items():
+            o = outs.get(name)
+            err = float("nan") if o is None or o.shape != r.shape else float((o - r).norm() / r.norm().clamp(min=1e-12))
+            row[f"rel_error_{p}"] = err if math.isfinite(err) else float("inf")
+            row[f"nonfinite_{p}"] = bool(o is not None and not torch.isfinite(o).all())
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    df["beyond_fp16_range"] = df["fp32_max_abs"] > FP16_MAX
+    table_precision = resolved.precision if resolved.enabled else ("bf16-mixed" if device.type == "cpu" else "16-mixed")
+    df["rel_error"] = df[f"rel_error_{table_precision}"]
+    df["drifts"] = df["rel_error"] > tolerance
+
+    def first(mask):
+        hit = df[mask & (df["layer"] != "<output>")]
+        return hit.iloc[0]["layer"] if len(hit) else None
+
+    safe, why = {}, {}
+    for p in ("16-mixed", "bf16-mixed"):
+        out_err = float(df[df["layer"] == "<output>"][f"rel_error_{p}"].iloc[0])
+        overflow = first(df["beyond_fp16_range"] | df[f"nonfinite_{p}"]) if p == "16-mixed" else first(df[f"nonfinite_{p}"])
+        drift = first(df[f"rel_error_{p}"] > tolerance)
+        safe[p] = overflow is None and out_err <= tolerance
+        why[p] = (f"overflows at {overflow}" if overflow else f"output error {out_err:.2%}" +
+                  (f", first drifting layer {drift}" if drift else ""))
+    label = {"16-mixed": "fp16", "bf16-mixed": "bf16"}
+    ok = [label[p] for p in safe if safe[p]]
+    findings = "; ".join(f"{label[p]}: {why[p]}" for p in why)
+    drift_first = first(df["drifts"])
+    extra = {"resolved_precision": resolved.precision, "table_precision": table_precision, "tolerance": tolerance,
+             "first_drift_layer": drift_first, "first_fp16_overflow_layer": first(df["beyond_fp16_range"] | df["nonfinite_16-mixed"]),
+             "fp16_safe": safe["16-mixed"], "bf16_safe": safe["bf16-mixed"]}
+    if not ok:
+        verdict = Verdict("amp_readiness", "fail", f"neither fp16 nor bf16 is safe (tolerance {tolerance:.0%}): {findings}. "
+                          "Keep the named layer in fp32 (autocast(enabled=False) around it) or rescale its activations.")
+    elif len(ok) == 1:
+        verdict = Verdict("amp_readiness", "warn", f"only {ok[0]} is safe (tolerance {tolerance:.0%}): {findings}. "
+                          f"Use {'bf16-mixed' if ok[0] == 'bf16' else '16-mixed'}.")
+    else:
+        verdict = Verdict("amp_readiness", "pass", f"fp16 and bf16 both safe (tolerance {tolerance:.0%}): {findings}; "
+                          f"max activation {df['fp32_max_abs'].max():.3g} (fp16 limit 65504).")
+    return CheckResult(verdict, df, extra)
+
+
+def run_tier2(model, *, device=None, data=None, batch_size: int = 4, seq_len: int = 32, precision="auto", seed: int = 0,
+              strengths=(0.01, 0.05, 0.1, 0.2), amp_tolerance: float = 0.05) -> TierResult:
+    """All Tier 2 analyses on `model` (an nn.Module or a load_model spec), on real inputs."""
+    torch.manual_seed(seed)
+    model = load_model(model).to(resolve_device(device))
+    x = sample_batch(model, data, batch_size, seq_len, seed)
+    checks = {"attention": lambda: analyze_attention(model, x),
+              "robustness": lambda: analyze_robustness(model, x, strengths, seed),
+              "amp_readiness": lambda: analyze_amp_readiness(model, x, precision, amp_tolerance)}
+    return TierResult({name: run_check(name, check) for name, check in checks.items()})
