@@ -6,8 +6,10 @@ import tempfile
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+from matplotlib.colors import ListedColormap
 import numpy as np
 import pandas as pd
+from IPython.display import display
 
 PRECISION_COLORS = {"32": "tab:blue", "16-mixed": "tab:red", "bf16-mixed": "tab:orange"}
 STATUS_COLORS = {"pass": "tab:green", "warn": "tab:orange", "fail": "tab:red"}
@@ -24,6 +26,13 @@ def save_figure(fig, path):
     fig.savefig(tmp, dpi=100, bbox_inches="tight")
     os.replace(tmp, path)
     return fig
+
+
+def show(fig):
+    """Display a figure exactly once in a notebook, then close it: left open, inline backends may
+    draw it again at the end of the cell, and it keeps its memory."""
+    display(fig)
+    plt.close(fig)
 
 
 def _label(precision: str) -> str:
@@ -248,4 +257,29 @@ def plot_amp_layer_error(amp: pd.DataFrame, tolerance: float, path=None):
     ax.set_ylabel("relative error vs fp32 (log)")
     ax.set_title("AMP readiness: per-layer error under autocast")
     ax.legend()
+    return save_figure(fig, path)
+
+
+# --- Batch runs -----------------------------------------------------------------------------------
+
+def plot_verdict_grid(summary: pd.DataFrame, path=None):
+    """One row per run, one column per check: green pass, orange warn, red fail, black a crashed run."""
+    checks = [c for c in summary.columns if c.startswith("verdict.")]
+    codes = {"pass": 0, "warn": 1, "fail": 2, "crashed": 3}
+    grid = np.full((len(summary), max(1, len(checks))), np.nan)
+    for i in range(len(summary)):
+        crashed = summary.iloc[i]["run_status"] != "ok"
+        for j, check in enumerate(checks):
+            status = summary.iloc[i][check]
+            if crashed:
+                grid[i, j] = codes["crashed"]
+            elif isinstance(status, str):
+                grid[i, j] = codes[status]
+    cmap = ListedColormap([STATUS_COLORS["pass"], STATUS_COLORS["warn"], STATUS_COLORS["fail"], "black"])
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(checks) + 3), max(2.5, 0.45 * len(summary) + 1.5)))
+    ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0, vmax=3, aspect="auto")
+    ax.set_xticks(range(len(checks)), [c.removeprefix("verdict.") for c in checks] or ["(no checks)"], rotation=45, ha="right")
+    ax.set_yticks(range(len(summary)), [f"{r} ({s})" if s != "ok" else r for r, s in zip(summary["run_id"], summary["run_status"])])
+    ax.set_title("Verdicts per run: green pass, orange warn, red fail, black crashed; blank: not run in that tier")
+    ax.title.set_fontsize(9)
     return save_figure(fig, path)

@@ -14,11 +14,8 @@ Run it: python -m utils.training.amp_benchmark --json
 import argparse
 import copy
 import json
-import math
-import os
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,15 +24,16 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn as nn
-from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from utils.data import load_corpus
 from utils.models import compute_loss, load_model
 from utils.tier3_training_utilities import test_fine_tuning
 from utils.training.amp_utils import PrecisionPlan, resolve_device, resolve_precision, saved_activation_bytes, synchronize
+from utils.results import json_safe, read_json, write_json_atomic
 from utils.verdicts import Verdict, verdict_table
 
-GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm")
+GEMM_OPS = ("mm", "addmm", "bmm", "baddbmm", "addbmm")
 
 
 def measure_matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 0.5) -> float:
@@ -81,24 +79,38 @@ def state_bytes(model: nn.Module) -> dict:
     return {"parameter_bytes": param, "optimizer_state_bytes": 2 * sum(p.numel() * 4 for p in model.parameters())}
 
 
+class _OpTimer(TorchDispatchMode):
+    """Times every aten op run under it (synchronized on CUDA), and the GEMMs among them. Unlike
+    torch.profiler it prints nothing, so notebook outputs stay clean."""
+
+    def __init__(self, device: torch.device):
+        super().__init__()
+        self.device, self.total, self.gemm = device, 0.0, 0.0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        synchronize(self.device)
+        t0 = time.perf_counter()
+        out = func(*args, **(kwargs or {}))
+        synchronize(self.device)
+        dt = time.perf_counter() - t0
+        self.total += dt
+        if func.overloadpacket.__name__ in GEMM_OPS:
+            self.gemm += dt
+        return out
+
+
 def matmul_time_fraction(model: nn.Module, plan: PrecisionPlan, batch) -> float:
-    """Share of one fp32 forward+backward's op time spent in GEMMs, from the profiler. By Amdahl's
-    law only this share speeds up under autocast."""
+    """Share of one forward+backward's op time spent in GEMMs. By Amdahl's law only this share
+    speeds up under autocast."""
     x, y = batch
-    device = x.device
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    compute_loss(model, x, y).backward()  # warm-up outside the profile
-    with profile(activities=activities) as prof:
+    compute_loss(model, x, y).backward()  # warm-up, untimed
+    timer = _OpTimer(x.device)
+    with timer:
         with plan.autocast():
             loss = compute_loss(model, x, y)
         loss.backward()
-        synchronize(device)
     model.zero_grad(set_to_none=True)
-    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    events = prof.key_averages()
-    total = sum(getattr(e, attr) for e in events)
-    gemm = sum(getattr(e, attr) for e in events if e.key in GEMM_OPS)
-    return gemm / total if total else float("nan")
+    return timer.gemm / timer.total if timer.total else float("nan")
 
 
 def minimal_loop_step_times(model: nn.Module, plan: PrecisionPlan, data, steps: int, batch_size: int, seq_len: int,
@@ -137,19 +149,8 @@ def _smooth(series: pd.Series, window: int = 10) -> pd.Series:
     return series.rolling(min(window, len(series)), min_periods=1).median()
 
 
-def _json_safe(value):
-    """NaN and infinities become None, so the JSON is standard (no NaN/Infinity literals)."""
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def _records(df: pd.DataFrame) -> list:
-    return _json_safe(df.astype(object).to_dict("records"))
+    return json_safe(df.astype(object).to_dict("records"))
 
 
 @dataclass
@@ -164,22 +165,15 @@ class AmpBenchmarkResult:
         return verdict_table(self.verdicts)
 
     def to_dict(self) -> dict:
-        return {"summary": _json_safe(self.summary), "verdicts": self.verdict_table().to_dict("records"),
+        return {"summary": json_safe(self.summary), "verdicts": self.verdict_table().to_dict("records"),
                 "trials": _records(self.trials), "parity": _records(self.parity), "sweep": _records(self.sweep)}
 
     def save(self, path) -> Path:
-        """Write JSON atomically: a temp file in the same folder, then a rename."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.to_dict(), f, indent=2, allow_nan=False)
-        os.replace(tmp, path)
-        return path
+        return write_json_atomic(path, self.to_dict())
 
     @classmethod
     def load(cls, path) -> "AmpBenchmarkResult":
-        d = json.loads(Path(path).read_text())
+        d = read_json(path)
         return cls(pd.DataFrame(d["trials"]), pd.DataFrame(d["parity"]), d["summary"],
                    [Verdict(**v) for v in d["verdicts"]], pd.DataFrame(d["sweep"]))
 
