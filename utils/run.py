@@ -8,6 +8,7 @@
 Everything lands in runs/<name>/: one folder per run (the executed notebook, results.json, charts),
 summary.csv with a row per run, and summary.png, a grid of every verdict.
 
+-p values are Python literals where they are one (3, 1e-3, [1, 2]), else text (gpt-small).
 A grid file is YAML: each key a notebook parameter, each list an axis of the cross product:
     model: [gpt-tiny, gpt-small]
     precision: [bf16-mixed, 16-mixed]
@@ -23,6 +24,7 @@ check fails; a failing verdict and a crash are separate columns in the summary.
 """
 
 import argparse
+import ast
 import itertools
 import re
 import sys
@@ -52,14 +54,25 @@ def known_parameters(tier: int) -> dict:
     return {name: p["default"] for name, p in params.items()}
 
 
+def coerce(value):
+    """A Python literal where the text is one (3, 1e-3, [1, 2], {'a': 1}, None, True), else the text itself.
+    YAML alone would read 1e-3 as a string."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+        return value.strip()
+
+
 def parse_assignments(pairs) -> dict:
-    """-p name=value pairs; values are YAML (3 -> int, 1e-3 -> float, [1, 2] -> list, text -> str)."""
+    """-p name=value pairs, values coerced as Python literals where they are one."""
     params = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
         if not sep or not name.strip():
             raise UsageError(f"parameter {pair!r} is not name=value")
-        params[name.strip()] = yaml.safe_load(value) if value.strip() else ""
+        params[name.strip()] = coerce(value)
     return params
 
 
@@ -67,7 +80,7 @@ def expand_grid(grid: dict) -> list:
     """Cross product of the grid's list values; scalars are shared. {} gives one empty run."""
     if not isinstance(grid, dict):
         raise UsageError(f"a grid must be a mapping of parameter names to values; got {type(grid).__name__}")
-    axes = {k: v if isinstance(v, list) else [v] for k, v in grid.items()}
+    axes = {k: [coerce(x) for x in v] if isinstance(v, list) else [coerce(v)] for k, v in grid.items()}
     for name, values in axes.items():
         if not values:
             raise UsageError(f"grid parameter {name!r} has an empty list; give at least one value")
