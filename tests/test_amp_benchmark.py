@@ -3,8 +3,8 @@ import time
 import matplotlib
 import pytest
 import torch
-import torch.nn as nn
 
+from tests.user_models import OverflowsFp16, TinyGPTWrapper
 from utils.models import build_model
 from utils.plotting import plot_loss_curves, plot_loss_scale, plot_memory, plot_speedup_sweep, plot_throughput
 from utils.training.amp_benchmark import (AmpBenchmarkResult, bootstrap_ratio, matmul_params, test_amp_speedup_benchmark,
@@ -16,36 +16,18 @@ matplotlib.use("Agg")
 TINY = dict(batch_size=4, seq_len=32, trials=2, warmup_steps=1, timed_steps=2, parity_steps=12, device="cpu")
 
 
-class SlowStart(nn.Module):
+class SlowStart(TinyGPTWrapper):
     """The tiny GPT, but each copy's first `slow_calls` forwards sleep: what warm-up exclusion must hide."""
-
-    task = "causal-lm"
 
     def __init__(self, slow_calls):
         super().__init__()
-        torch.manual_seed(0)
-        self.inner, self.calls, self.slow_calls = build_model("gpt-tiny"), 0, slow_calls
+        self.calls, self.slow_calls = 0, slow_calls
 
-    def forward(self, x, attention_mask=None):
+    def forward(self, input_ids):
         self.calls += 1
         if self.calls <= self.slow_calls:
             time.sleep(0.2)
-        return self.inner(x)
-
-
-class Fp16Overflow(nn.Module):
-    """Activations scaled by 1e6 in one known layer: finite in fp32 and bf16, inf in fp16 (max 65504)."""
-
-    task = "causal-lm"
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.inner = build_model("gpt-tiny")
-        self.inner.blocks[0].mlp[0].register_forward_hook(lambda m, i, o: o * 1e6)
-
-    def forward(self, x, attention_mask=None):
-        return self.inner(x)
+        return self.inner(input_ids)
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +71,7 @@ def test_healthy_model_is_safe_and_summary_is_complete(tiny_result):
 
 
 def test_fp16_overflow_flips_the_safe_verdict():
-    r = test_amp_speedup_benchmark(Fp16Overflow(), precision="16-mixed", **TINY)
+    r = test_amp_speedup_benchmark(OverflowsFp16(), precision="16-mixed", **TINY)
     safe = {v.check: v for v in r.verdicts}["amp_safe"]
     assert safe.status == "fail"
     assert "skipped for overflow" in safe.reason and "fp16's range" in safe.reason

@@ -1,4 +1,5 @@
-"""User-style models for tests: Hugging Face style outputs, tuples, and planted faults."""
+"""User-style models for tests: Hugging Face style outputs, tuples, and planted faults.
+Each wraps the tiny GPT with seeded weights and changes one thing about it."""
 
 from dataclasses import dataclass
 
@@ -16,36 +17,44 @@ class CausalLMOutput:
     loss: torch.Tensor = None
 
 
-class HFStyleLM(nn.Module):
-    """Wraps the tiny GPT and returns an object with .logits, as Hugging Face models do."""
+class TinyGPTWrapper(nn.Module):
+    """A user's model around the tiny GPT (seed 0): subclasses change the forward or the weights."""
+
+    task = "causal-lm"
 
     def __init__(self):
         super().__init__()
+        torch.manual_seed(0)
         self.inner = build_model("gpt-tiny")
+
+    def forward(self, input_ids):
+        return self.inner(input_ids)
+
+
+class HFStyleLM(TinyGPTWrapper):
+    """Returns an object with .logits, as Hugging Face models do; takes an attention mask like them."""
+
+    task = None  # found from the output's shape, as for any user model
 
     def forward(self, input_ids, attention_mask=None):
         return CausalLMOutput(logits=self.inner(input_ids, attention_mask))
 
 
-class TupleLM(nn.Module):
+class TupleLM(TinyGPTWrapper):
     """Returns (logits, loss) like many research codebases."""
 
-    def __init__(self):
-        super().__init__()
-        self.inner = build_model("gpt-tiny")
+    task = None
 
-    def forward(self, input_ids, attention_mask=None):
-        logits = self.inner(input_ids, attention_mask)
+    def forward(self, input_ids):
+        logits = self.inner(input_ids)
         return logits, logits.float().logsumexp(-1).mean()
 
 
 def make_hf_style():
-    torch.manual_seed(0)
     return HFStyleLM()
 
 
 def make_tuple_lm():
-    torch.manual_seed(0)
     return TupleLM()
 
 
@@ -57,68 +66,39 @@ def make_failing():
     raise RuntimeError("weights file missing")
 
 
-# --- planted faults: each must make exactly the check it targets fail -------------------------------
+# --- planted faults: each must make the check it targets fail -------------------------------------
 
-class DetachedLayer(nn.Module):
+class DetachedLayer(TinyGPTWrapper):
     """An extra projection that the forward never uses: its parameters get no gradient."""
 
-    task = "causal-lm"
-
     def __init__(self):
         super().__init__()
-        torch.manual_seed(0)
-        self.inner = build_model("gpt-tiny")
         self.unused_head = nn.Linear(64, 256)
 
-    def forward(self, input_ids):
-        return self.inner(input_ids)
 
-
-class EmitsNaN(nn.Module):
+class EmitsNaN(TinyGPTWrapper):
     """log of a negative number in the forward: every logit is NaN."""
-
-    task = "causal-lm"
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.inner = build_model("gpt-tiny")
 
     def forward(self, input_ids):
         return self.inner(input_ids) + torch.log(torch.tensor(-1.0))
 
 
 def zero_initialized():
-    torch.manual_seed(0)
-    model = build_model("gpt-tiny")
+    model = TinyGPTWrapper().inner
     nn.init.zeros_(model.blocks[0].mlp[0].weight)
     return model
 
 
-class IgnoresSequenceLength(nn.Module):
+class IgnoresSequenceLength(TinyGPTWrapper):
     """Always returns 8 positions, whatever the input length (a hard-coded reshape)."""
-
-    task = "causal-lm"
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.inner = build_model("gpt-tiny")
 
     def forward(self, input_ids):
         return self.inner(input_ids)[:, -1:, :].repeat(1, 8, 1)
 
 
-class OverflowsFp16(nn.Module):
+class OverflowsFp16(TinyGPTWrapper):
     """Activations of blocks.1.mlp.0 scaled by 1e6: fine in fp32 and bf16, inf in fp16 (max 65504)."""
-
-    task = "causal-lm"
 
     def __init__(self):
         super().__init__()
-        torch.manual_seed(0)
-        self.inner = build_model("gpt-tiny")
         self.inner.blocks[1].mlp[0].register_forward_hook(lambda m, i, o: o * 1e6)
-
-    def forward(self, input_ids):
-        return self.inner(input_ids)

@@ -131,8 +131,16 @@ def plot_speedup_sweep(sweep: pd.DataFrame, path=None):
 
 # --- Tier 1: validation ---------------------------------------------------------------------------
 
-def _status_colors(statuses):
-    return [{"ok": "tab:blue"}.get(s, "tab:red") for s in statuses]
+def _per_parameter_bars(names, values, statuses, xlabel: str, title: str, path):
+    """One horizontal bar per parameter on a log axis; flagged ones (status other than 'ok') in red."""
+    fig, ax = plt.subplots(figsize=(8, max(3, 0.18 * len(names))))
+    ax.barh(names, values, color=["tab:blue" if s == "ok" else "tab:red" for s in statuses])
+    ax.set_xscale("log")
+    ax.invert_yaxis()
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    ax.tick_params(axis="y", labelsize=7)
+    return save_figure(fig, path)
 
 
 def plot_gradient_norms(grads: pd.DataFrame, path=None):
@@ -140,27 +148,14 @@ def plot_gradient_norms(grads: pd.DataFrame, path=None):
     Unused parameters have no gradient and are drawn at the axis floor."""
     norms = grads["grad_norm"].fillna(0).replace([np.inf, -np.inf], 0)
     floor = max(norms[norms > 0].min() / 10, 1e-12) if (norms > 0).any() else 1e-12
-    fig, ax = plt.subplots(figsize=(8, max(3, 0.18 * len(grads))))
-    ax.barh(grads["parameter"], norms.clip(lower=floor), color=_status_colors(grads["status"]))
-    ax.set_xscale("log")
-    ax.invert_yaxis()
-    ax.set_xlabel("gradient L2 norm (log scale)")
-    ax.set_title("Gradient flow per parameter (red: flagged)")
-    ax.tick_params(axis="y", labelsize=7)
-    return save_figure(fig, path)
+    return _per_parameter_bars(grads["parameter"], norms.clip(lower=floor), grads["status"],
+                               "gradient L2 norm (log scale)", "Gradient flow per parameter (red: flagged)", path)
 
 
 def plot_init_std(init: pd.DataFrame, path=None):
     """Standard deviation of every parameter at initialization (log scale); red: flagged."""
-    std = init["std"].clip(lower=1e-12)
-    fig, ax = plt.subplots(figsize=(8, max(3, 0.18 * len(init))))
-    ax.barh(init["parameter"], std, color=_status_colors(init["status"]))
-    ax.set_xscale("log")
-    ax.invert_yaxis()
-    ax.set_xlabel("std at initialization (log scale)")
-    ax.set_title("Initialization per parameter (red: flagged)")
-    ax.tick_params(axis="y", labelsize=7)
-    return save_figure(fig, path)
+    return _per_parameter_bars(init["parameter"], init["std"].clip(lower=1e-12), init["status"],
+                               "std at initialization (log scale)", "Initialization per parameter (red: flagged)", path)
 
 
 def plot_memory_vs_batch(memory: pd.DataFrame, path=None):
@@ -278,6 +273,10 @@ def plot_verdict_grid(summary: pd.DataFrame, path=None):
     cmap = ListedColormap([STATUS_COLORS["pass"], STATUS_COLORS["warn"], STATUS_COLORS["fail"], "black"])
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(checks) + 3), max(2.5, 0.45 * len(summary) + 1.5)))
     ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0, vmax=3, aspect="auto")
+    names = {code: status for status, code in codes.items()}
+    for (i, j), code in np.ndenumerate(grid):
+        if code == code:  # not NaN: this run has this check
+            ax.text(j, i, names[int(code)], ha="center", va="center", color="white", fontsize=8)
     ax.set_xticks(range(len(checks)), [c.removeprefix("verdict.") for c in checks] or ["(no checks)"], rotation=45, ha="right")
     ax.set_yticks(range(len(summary)), [f"{r} ({s})" if s != "ok" else r for r, s in zip(summary["run_id"], summary["run_status"])])
     ax.set_title("Verdicts per run: green pass, orange warn, red fail, black crashed; blank: not run in that tier")
