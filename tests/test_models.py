@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from utils.models import (GPT, REGISTRY, EncoderClassifier, ModelLoadError, build_model, count_parameters,
-                          get_logits, load_model, model_task, model_vocab_size)
+                          get_logits, load_model, model_max_len, model_task, model_vocab_size)
 from tests.user_models import CausalLMOutput
 
 
@@ -119,3 +119,15 @@ def test_task_and_vocab_are_read_from_the_model():
         model_task(torch.nn.Identity(), torch.zeros(3))
     assert model_vocab_size(gpt) == 256
     assert model_vocab_size(torch.nn.Sequential(torch.nn.Embedding(100, 4))) == 100
+
+
+def test_max_len_from_config_or_position_embedding():
+    assert model_max_len(build_model("gpt-tiny", max_len=48)) == 48
+
+    class UserModel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tokens, self.pos_embedding = torch.nn.Embedding(256, 8), torch.nn.Embedding(32, 8)
+
+    assert model_max_len(UserModel()) == 32
+    assert model_max_len(torch.nn.Linear(2, 2), default=64) == 64

@@ -65,19 +65,24 @@ class SelfAttention(nn.Module):
         self.record_attention = False
         self.last_attention = None
 
+    def _mask(self, T: int, key_padding_mask, device):
+        """Boolean (.., T, T) mask, True where a query may attend a key; None when all may."""
+        mask = torch.ones(T, T, dtype=torch.bool, device=device).tril() if self.causal else None
+        if key_padding_mask is not None:  # (B, T), true for real tokens
+            pad = key_padding_mask.bool()[:, None, None, :]
+            mask = pad if mask is None else mask & pad
+        return mask
+
     def forward(self, x, key_padding_mask=None):
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        mask = None  # boolean, True = may attend
-        if self.causal:
-            mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-        if key_padding_mask is not None:  # (B, T) True = real token
-            pad = key_padding_mask.bool()[:, None, None, :]
-            mask = pad if mask is None else mask & pad
         # The fused CPU kernel's bf16 backward is ~3x slower than explicit matmul + softmax
         # (torch 2.13, 16x4x128x64: 16 ms vs 6 ms), so bf16 on CPU takes the explicit path too.
-        if self.record_attention or (x.device.type == "cpu" and q.dtype == torch.bfloat16):
+        explicit = self.record_attention or (x.device.type == "cpu" and q.dtype == torch.bfloat16)
+        is_causal = self.causal and key_padding_mask is None
+        mask = self._mask(T, key_padding_mask, x.device) if explicit or not is_causal else None
+        if explicit:
             att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))
             if mask is not None:
                 att = att.masked_fill(~mask, float("-inf"))
@@ -87,7 +92,6 @@ class SelfAttention(nn.Module):
             y = F.dropout(att, self.dropout, self.training) @ v
         else:
             # is_causal (rather than an explicit mask) lets the fused kernel skip masked blocks.
-            is_causal = self.causal and key_padding_mask is None
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if is_causal else mask, is_causal=is_causal,
                                                dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).contiguous().view(B, T, C))
@@ -283,10 +287,15 @@ def model_vocab_size(model: nn.Module):
 
 
 def model_max_len(model: nn.Module, default: int = 64) -> int:
+    """The longest input the model takes: from its config (our max_len, Hugging Face's
+    max_position_embeddings / n_positions), else a position embedding's size, else `default`."""
     cfg = getattr(model, "config", None)
     for attr in ("max_len", "max_position_embeddings", "n_positions"):
         if isinstance(getattr(cfg, attr, None), int):
             return getattr(cfg, attr)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding) and "pos" in name.rsplit(".", 1)[-1].lower():
+            return module.num_embeddings
     return default
 
 

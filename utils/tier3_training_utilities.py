@@ -57,12 +57,12 @@ class FineTuneResult:
 
     def summary(self) -> dict:
         """JSON-ready figures for reports and the batch runner."""
-        timed = self.history["step_time_s"].iloc[min(2, len(self.history) - 1):]  # first steps warm up
+        timed = self.history.iloc[min(2, len(self.history) - 1):]  # the first steps warm up
         return {"precision": self.plan.to_dict(), **self.config,
                 "initial_eval_loss": self.initial_eval_loss, "final_eval_loss": self.final_eval_loss,
                 "final_perplexity": self.final_perplexity,
-                "median_step_time_s": float(timed.median()),
-                "median_tokens_per_s": float(self.history["tokens_per_s"].iloc[len(self.history) - len(timed):].median()),
+                "median_step_time_s": float(timed["step_time_s"].median()),
+                "median_tokens_per_s": float(timed["tokens_per_s"].median()),
                 **amp_summary(self.history)}
 
 
