@@ -99,16 +99,17 @@ class _OpTimer(TorchDispatchMode):
         return out
 
 
-def matmul_time_fraction(model: nn.Module, plan: PrecisionPlan, batch) -> float:
-    """Share of one forward+backward's op time spent in GEMMs. By Amdahl's law only this share
-    speeds up under autocast."""
+def matmul_time_fraction(model: nn.Module, plan: PrecisionPlan, batch, repeats: int = 3) -> float:
+    """Share of forward+backward op time spent in GEMMs, over `repeats` passes. By Amdahl's law
+    only this share speeds up under autocast."""
     x, y = batch
     compute_loss(model, x, y).backward()  # warm-up, untimed
     timer = _OpTimer(x.device)
     with timer:
-        with plan.autocast():
-            loss = compute_loss(model, x, y)
-        loss.backward()
+        for _ in range(repeats):
+            with plan.autocast():
+                loss = compute_loss(model, x, y)
+            loss.backward()
     model.zero_grad(set_to_none=True)
     return timer.gemm / timer.total if timer.total else float("nan")
 
@@ -180,11 +181,13 @@ class AmpBenchmarkResult:
 
 def _speed_trials(model0, plans, data, device, batch_size, seq_len, trials, warmup_steps, timed_steps, lr, seed,
                   minimal_loop):
-    """Interleaved timing: in each trial every (loop, precision) runs once, in the same order,
-    from the same initial weights. Returns one row per run with the median of its timed steps."""
+    """Interleaved timing: in each trial every (loop, precision) runs once from the same initial
+    weights, precisions alternating fp32, AMP. The two loops swap places every trial so neither
+    always runs first. Returns one row per run with the median of its timed steps."""
     rows = []
     for trial in range(trials):
-        for loop in (("ours", "minimal") if minimal_loop else ("ours",)):
+        loops = ("ours", "minimal") if minimal_loop else ("ours",)
+        for loop in loops if trial % 2 == 0 else loops[::-1]:
             for plan in plans:
                 model = copy.deepcopy(model0)
                 if device.type == "cuda":
