@@ -2,6 +2,7 @@
 parameters, and guarded by nbval (a changed verdict fails it, a rerun with other timings does not)."""
 
 import importlib.util
+import os
 import shutil
 import subprocess
 import sys
@@ -82,7 +83,7 @@ def test_notebook_runs_under_papermill_with_parameters(name, tmp_path):
 
 
 def run_nbval(notebook: Path, cwd: Path):
-    env = {**__import__("os").environ, "SUITE_ROOT": str(ROOT)}
+    env = {**os.environ, "SUITE_ROOT": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "pytest", str(notebook), "--nbval", "--nbval-current-env",
                            "--nbval-sanitize-with", str(ROOT / "tests" / "nbval_sanitize.cfg"), "-p", "no:cacheprovider", "-q"],
                           cwd=cwd, env=env, capture_output=True, text=True)

@@ -1,5 +1,7 @@
 """Tier 1 and Tier 2: every check passes on healthy models and fails on the fault planted for it."""
 
+import json
+
 import matplotlib
 import pytest
 import torch
@@ -7,6 +9,7 @@ import torch.nn as nn
 
 from tests.user_models import DetachedLayer, EmitsNaN, IgnoresSequenceLength, OverflowsFp16, zero_initialized
 from utils import plotting
+from utils import tier1_critical_validation as t1
 from utils.models import build_model
 from utils.tier1_critical_validation import check_memory, run_tier1
 from utils.tier2_advanced_analysis import analyze_amp_readiness, analyze_attention, run_tier2, sample_batch
@@ -120,8 +123,6 @@ def test_robustness_degrades_with_strength():
 
 
 def test_memory_stops_cleanly_at_out_of_memory(monkeypatch):
-    from utils import tier1_critical_validation as t1
-
     real = t1.saved_activation_bytes
 
     def fake(model, plan, batch):
@@ -137,7 +138,6 @@ def test_memory_stops_cleanly_at_out_of_memory(monkeypatch):
 
 
 def test_tier_results_serialize():
-    import json
     for r in (run_tier1("gpt-tiny"), run_tier2("gpt-tiny")):
         d = json.loads(json.dumps(r.to_dict()))
         assert d["status"] in ("pass", "warn") and len(d["verdicts"]) == len(r.verdicts)
@@ -162,3 +162,22 @@ def test_tier_charts(tmp_path):
     assert figs["robust"].axes[0].get_ylabel().startswith("agreement")
     for name in figs:
         assert (tmp_path / f"{name}.png").stat().st_size > 1000
+
+
+def test_a_users_attention_with_a_record_flag_is_analyzed():
+    class MyAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.record_attention, self.last_attention = nn.Linear(16, 16), False, None
+
+        def forward(self, x):
+            att = (self.q(x) @ x.transpose(1, 2)).softmax(-1)[:, None]  # (batch, 1 head, query, key)
+            if self.record_attention:
+                self.last_attention = att.detach()
+            return att[:, 0] @ x
+
+    model = nn.Sequential(nn.Embedding(256, 16), MyAttention(), nn.Linear(16, 256))
+    r = analyze_attention(model, torch.randint(0, 256, (2, 10)))
+    assert r.verdict.status in ("pass", "warn") and list(r.data["layer"]) == ["1"]
+    assert r.arrays["maps"]["1"].shape == (1, 10, 10)
+    assert model[1].record_attention is False and model[1].last_attention is None  # restored after capture

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils.models import (SelfAttention, forward, get_logits, load_model, load_task_data, model_device, model_max_len,
+from utils.models import (forward, get_logits, load_model, load_task_data, model_device, model_max_len,
                           model_vocab_size)
 from utils.training.amp_utils import PrecisionPlan, resolve_device, resolve_precision
 from utils.verdicts import CheckResult, TierResult, Verdict, run_check
@@ -33,11 +33,12 @@ def sample_batch(model: nn.Module, data=None, batch_size: int = 4, seq_len: int 
 def capture_attention(model: nn.Module, x: torch.Tensor) -> dict:
     """Attention weights per layer, {module name: (batch, heads, query, key)}.
 
-    Our SelfAttention records them on request; nn.MultiheadAttention is asked for per-head weights
-    through a forward pre-hook. Grad stays enabled so PyTorch's fused inference path, which skips
-    the module call, is not taken."""
+    Any module with a `record_attention` flag (our SelfAttention, or a user's attention written the
+    same way) records them in `last_attention` on request; nn.MultiheadAttention is asked for per-head
+    weights through a forward pre-hook. Grad stays enabled so PyTorch's fused inference path, which
+    skips the module call, is not taken."""
     weights, handles = {}, []
-    ours = [(n, m) for n, m in model.named_modules() if isinstance(m, SelfAttention)]
+    ours = [(n, m) for n, m in model.named_modules() if hasattr(m, "record_attention")]
     for _, m in ours:
         m.record_attention = True
     for name, m in model.named_modules():
@@ -69,9 +70,10 @@ def analyze_attention(model: nn.Module, x: torch.Tensor, collapse_max_weight: fl
     more than `collapse_max_weight` of its attention: it passes on a single token's value."""
     weights = capture_attention(model, x)
     if not weights:
-        verdict = Verdict("attention", "warn", "no attention weights found: the model has neither utils.models."
-                          "SelfAttention nor nn.MultiheadAttention modules. To analyze a custom attention, store its "
-                          "softmax output as `last_attention` (batch, heads, query, key) and set `record_attention`.")
+        verdict = Verdict("attention", "warn", "no attention weights found: the model has no nn.MultiheadAttention "
+                          "and no module with a `record_attention` flag. To analyze a custom attention, give it "
+                          "`record_attention = False` and, when the flag is set, store its softmax output as "
+                          "`last_attention` (batch, heads, query, key).")
         return CheckResult(verdict, pd.DataFrame(columns=["layer", "head", "entropy", "normalized_entropy", "max_weight", "collapsed"]))
     rows, maps = [], {}
     for layer, w in weights.items():  # (B, H, Tq, Tk)
