@@ -1,3 +1,4 @@
+import json
 import time
 
 import matplotlib
@@ -7,7 +8,7 @@ import torch
 from tests.user_models import OverflowsFp16, TinyGPTWrapper
 from utils.models import build_model
 from utils.plotting import plot_loss_curves, plot_loss_scale, plot_memory, plot_speedup_sweep, plot_throughput
-from utils.training.amp_benchmark import (AmpBenchmarkResult, bootstrap_ratio, matmul_params, test_amp_speedup_benchmark,
+from utils.training.amp_benchmark import (AmpBenchmarkResult, bootstrap_ratio, main, matmul_params, test_amp_speedup_benchmark,
                                           training_flops_per_token)
 from utils.training.amp_utils import resolve_precision, saved_activation_bytes
 
@@ -122,3 +123,24 @@ def test_charts_render_with_expected_axes(tiny_result, tmp_path):
     assert fig.axes[0].get_xlabel() == "batch size"
     for name in ("loss", "throughput", "memory", "scale", "sweep"):
         assert (tmp_path / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("kwargs, message", [({"trials": 0}, "trials must be an integer >= 1; got 0"),
+                                             ({"timed_steps": 2.5}, "timed_steps must be an integer >= 1; got 2.5"),
+                                             ({"parity_tolerance": 5}, "parity_tolerance must be a fraction")])
+def test_bad_arguments_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        test_amp_speedup_benchmark("gpt-tiny", **{**TINY, **kwargs})
+
+
+def test_benchmark_command_prints_the_figures_as_json(tmp_path, capsys):
+    code = main(["--model", "gpt-tiny", "--device", "cpu", "--batch-size", "4", "--seq-len", "32", "--trials", "2",
+                 "--parity-steps", "4", "--sweep", "2", "--json", "--out", str(tmp_path / "bench.json")])
+    printed = json.loads(capsys.readouterr().out)
+    s = printed["summary"]
+    for key in ("speedup", "matmul_ratio", "mfu", "amdahl_speedup_bound", "loop_efficiency", "minimal_loop_tokens_per_s"):
+        assert key in s, key
+    assert set(s["mfu"]) == {"32", "bf16-mixed"} and s["wall_time_s"] > 0
+    assert [v["check"] for v in printed["verdicts"]] == ["amp_safe", "amp_worth_it"]
+    assert code == (1 if any(v["status"] == "fail" for v in printed["verdicts"]) else 0)
+    assert AmpBenchmarkResult.load(tmp_path / "bench.json").summary["trials"] == 2

@@ -262,6 +262,13 @@ def test_amp_speedup_benchmark(model="gpt-small", *, precision="auto", device=No
     batch_sizes: if given, also measure the speedup at each (fewer trials) to show where AMP pays.
     minimal_loop: also time a bare hand-written loop, to measure the engine's overhead.
     """
+    for name, value, least in (("batch_size", batch_size, 1), ("seq_len", seq_len, 1), ("trials", trials, 1),
+                               ("warmup_steps", warmup_steps, 0), ("timed_steps", timed_steps, 1),
+                               ("parity_steps", parity_steps, 1)):
+        if not isinstance(value, int) or value < least:
+            raise ValueError(f"{name} must be an integer >= {least}; got {value!r}")
+    if not 0 < parity_tolerance < 1:
+        raise ValueError(f"parity_tolerance must be a fraction between 0 and 1 (0.05 = 5%); got {parity_tolerance!r}")
     device = resolve_device(device)
     amp_plan = resolve_precision(precision, device)
     if not amp_plan.enabled:
@@ -309,6 +316,7 @@ def test_amp_speedup_benchmark(model="gpt-small", *, precision="auto", device=No
         "tokens_per_s": tokens,
         "matmul_peak_flops": peaks, "matmul_ratio": matmul_ratio,
         "gemm_time_fraction_fp32": gemm_fraction, "amdahl_speedup_bound": amdahl,
+        "speedup_of_amdahl_bound": speedup / amdahl,
         "flops_per_token": flops_per_token,
         "mfu": {p: tokens[p] * flops_per_token / peaks[p] for p in peaks},
         "memory": {**state_bytes(model0), "activation_bytes": act,
@@ -373,7 +381,8 @@ def main(argv=None):
         s = result.summary
         print(f"{s['model']} on {s['device']}, batch {s['batch_size']} x {s['seq_len']}: {s['amp_precision']} vs fp32")
         print(f"  speedup {s['speedup']['median']:.2f}x (95% CI {s['speedup']['ci_low']:.2f}-{s['speedup']['ci_high']:.2f}); "
-              f"matmul ratio {s['matmul_ratio']:.2f}x; Amdahl bound {s['amdahl_speedup_bound']:.2f}x")
+              f"matmul ratio {s['matmul_ratio']:.2f}x; Amdahl bound {s['amdahl_speedup_bound']:.2f}x "
+              f"({s['speedup_of_amdahl_bound']:.0%} of it reached)")
         for v in result.verdicts:
             print(f"  [{v.status}] {v.check}: {v.reason}")
     return 0 if all(v.status != "fail" for v in result.verdicts) else 1
