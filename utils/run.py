@@ -139,9 +139,10 @@ def run_all(runs, out_dir: Path, resume: bool = False, progress: bool = False, l
     rows = []
     for i, (run_id, tier, params) in enumerate(runs, 1):
         done = out_dir / run_id / "run.json"
-        if resume and done.exists() and read_json(done).get("run_status") == "ok":
+        previous = read_json(done) if resume and done.exists() else {}
+        if previous.get("run_status") == "ok":
             log(f"[{i}/{len(runs)}] {run_id}: complete, skipped (--resume)")
-            rows.append(read_json(done))
+            rows.append(previous)
             continue
         log(f"[{i}/{len(runs)}] {run_id} ...")
         row = execute(run_id, tier, params, out_dir, progress)

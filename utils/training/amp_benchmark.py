@@ -207,6 +207,12 @@ def _speed_trials(model0, plans, data, device, batch_size, seq_len, trials, warm
     return pd.DataFrame(rows)
 
 
+def _median_tokens_per_s(trials: pd.DataFrame, loop: str = "ours") -> dict:
+    """Median tokens/s of one loop's trials, per precision."""
+    rows = trials[trials["loop"] == loop]
+    return {p: float(g.median()) for p, g in rows.groupby("precision", sort=False)["tokens_per_s"]}
+
+
 def _speedup(trials: pd.DataFrame, amp_precision: str, loop: str = "ours"):
     ours = trials[trials["loop"] == loop]
     fp32 = ours[ours["precision"] == "32"]["step_time_s"]
@@ -305,7 +311,7 @@ def test_amp_speedup_benchmark(model="gpt-small", *, precision="auto", device=No
     amdahl = 1 / ((1 - gemm_fraction) + gemm_fraction / matmul_ratio)
     flops_per_token = training_flops_per_token(model0, seq_len)
     ours = trials_df[trials_df["loop"] == "ours"]
-    tokens = {p: float(ours[ours["precision"] == p]["tokens_per_s"].median()) for p in peaks}
+    tokens = _median_tokens_per_s(trials_df)
 
     summary = {
         "model": model if isinstance(model, str) else type(model).__name__,
@@ -334,9 +340,7 @@ def test_amp_speedup_benchmark(model="gpt-small", *, precision="auto", device=No
                    "final_loss_scale": float(amp.history["loss_scale"].iloc[-1])},
     }
     if minimal_loop:
-        minimal = trials_df[trials_df["loop"] == "minimal"]
-        summary["minimal_loop_tokens_per_s"] = {p: float(minimal[minimal["precision"] == p]["tokens_per_s"].median())
-                                                for p in peaks}
+        summary["minimal_loop_tokens_per_s"] = _median_tokens_per_s(trials_df, "minimal")
         summary["loop_efficiency"] = {p: tokens[p] / summary["minimal_loop_tokens_per_s"][p] for p in peaks}
 
     sweep = []
@@ -345,7 +349,7 @@ def test_amp_speedup_benchmark(model="gpt-small", *, precision="auto", device=No
                           lr, seed, False)
         s, (lo, hi) = _speedup(t, amp_plan.precision)
         sweep.append({"batch_size": bs, "speedup": s, "ci_low": lo, "ci_high": hi,
-                      **{f"tokens_per_s_{p}": float(t[t["precision"] == p]["tokens_per_s"].median()) for p in peaks}})
+                      **{f"tokens_per_s_{p}": v for p, v in _median_tokens_per_s(t).items()}})
     return AmpBenchmarkResult(trials_df, parity, summary, _verdicts(summary), pd.DataFrame(sweep))
 
 
