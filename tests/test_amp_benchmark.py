@@ -2,19 +2,20 @@ import json
 import time
 
 import matplotlib
+import pandas as pd
 import pytest
 import torch
 
 from tests.user_models import OverflowsFp16, TinyGPTWrapper
 from utils.models import build_model
 from utils.plotting import plot_loss_curves, plot_loss_scale, plot_memory, plot_speedup_sweep, plot_throughput
-from utils.training.amp_benchmark import (AmpBenchmarkResult, bootstrap_ratio, main, matmul_params, test_amp_speedup_benchmark,
-                                          training_flops_per_token)
+from utils.training.amp_benchmark import bootstrap_ratio, main, matmul_params, test_amp_speedup_benchmark, training_flops_per_token
 from utils.training.amp_utils import resolve_precision, saved_activation_bytes
+from utils.verdicts import TierResult
 
 matplotlib.use("Agg")
 
-TINY = dict(batch_size=4, seq_len=32, trials=2, warmup_steps=1, timed_steps=2, parity_steps=12, device="cpu")
+TINY = dict(batch_size=4, seq_len=32, trials=3, warmup_steps=1, timed_steps=2, steps=12, device="cpu")
 
 
 class SlowStart(TinyGPTWrapper):
@@ -27,66 +28,85 @@ class SlowStart(TinyGPTWrapper):
     def forward(self, input_ids):
         self.calls += 1
         if self.calls <= self.slow_calls:
-            time.sleep(0.2)
+            time.sleep(0.5)
         return self.inner(input_ids)
 
 
 @pytest.fixture(scope="module")
 def tiny_result():
-    return test_amp_speedup_benchmark("gpt-tiny", precision="bf16-mixed", minimal_loop=True, batch_sizes=(2, 4), **TINY)
+    return test_amp_speedup_benchmark("gpt-tiny", precision="bf16-mixed", minimal_loop=True, sweep_batch_sizes=[2, 4], **TINY)
+
+
+def parts(result):
+    """The benchmark's tables and figures: per-step parity, per-trial timing, and their summaries."""
+    safe, worth = result.checks["amp_safe"], result.checks["amp_worth_it"]
+    return safe.data, worth.data, safe.extra, worth.extra
 
 
 def test_trials_are_interleaved(tiny_result):
-    ours = tiny_result.trials[tiny_result.trials["loop"] == "ours"]
-    assert list(ours["precision"]) == ["32", "bf16-mixed", "32", "bf16-mixed"]
-    assert list(tiny_result.trials["trial"]) == [0, 0, 0, 0, 1, 1, 1, 1]
-    assert list(tiny_result.trials["loop"]) == ["ours"] * 2 + ["minimal"] * 4 + ["ours"] * 2  # loops swap places
+    trials = parts(tiny_result)[1]
+    ours = trials[trials["loop"] == "ours"]
+    assert list(ours["precision"]) == ["32", "bf16-mixed"] * 3
+    assert list(trials["trial"]) == [0] * 4 + [1] * 4 + [2] * 4
+    assert list(trials["loop"]) == ["ours"] * 2 + ["minimal"] * 4 + ["ours"] * 4 + ["minimal"] * 2  # loops swap places
 
 
 def test_warmup_steps_are_excluded_from_timing():
     slow = SlowStart(slow_calls=2)
-    r = test_amp_speedup_benchmark(slow, **{**TINY, "warmup_steps": 2, "parity_steps": 2})
-    assert (r.trials["step_time_s"] < 0.15).all()
+    r = test_amp_speedup_benchmark(slow, **{**TINY, "trials": 1, "warmup_steps": 2, "steps": 2})
+    assert (parts(r)[1]["step_time_s"] < 0.5).all()  # a tiny step takes milliseconds; a slow one sleeps 0.5 s
     assert slow.calls == 0  # the benchmark trained copies; the user's model was not touched
-    r = test_amp_speedup_benchmark(SlowStart(slow_calls=2), **{**TINY, "warmup_steps": 0, "timed_steps": 3, "parity_steps": 2})
-    assert (r.trials["step_time_s"] > 0.15).all()  # without exclusion the slow start shows: the check can fail
+    r = test_amp_speedup_benchmark(SlowStart(slow_calls=2), **{**TINY, "trials": 1, "warmup_steps": 0, "timed_steps": 3, "steps": 2})
+    assert (parts(r)[1]["step_time_s"] >= 0.5).all()  # without exclusion the slow start shows: the check can fail
 
 
 def test_both_precisions_start_from_identical_weights(tiny_result):
-    first = tiny_result.parity.iloc[0]
+    first = parts(tiny_result)[0].iloc[0]
     # Same weights, same first batch: the step-1 losses differ only by bf16 rounding.
     assert first["loss_fp32"] == pytest.approx(first["loss_amp"], rel=0.01)
     assert first["loss_fp32"] == pytest.approx(5.55, abs=0.3)  # ~ln(256): an untrained byte model
 
 
 def test_healthy_model_is_safe_and_summary_is_complete(tiny_result):
-    s = tiny_result.summary
+    _, _, parity, s = parts(tiny_result)
     verdicts = {v.check: v for v in tiny_result.verdicts}
     assert verdicts["amp_safe"].status == "pass", verdicts["amp_safe"].reason
-    assert verdicts["amp_worth_it"].status in ("pass", "warn", "fail")
-    assert s["amp_precision"] == "bf16-mixed" and s["parity"]["skipped_steps"] == 0
+    assert verdicts["amp_worth_it"].timing and not verdicts["amp_safe"].timing
+    assert tiny_result.status == "pass"  # decided by amp_safe alone: the speed verdict is a timing one
+    assert s["amp_precision"] == "bf16-mixed" and parity["skipped_steps"] == 0
     assert s["memory"]["activation_bytes"]["bf16-mixed"] < s["memory"]["activation_bytes"]["32"]
     assert s["matmul_ratio"] > 0 and 0 < s["gemm_time_fraction_fp32"] < 1
     assert 0 < s["mfu"]["32"] < 1 and set(s["loop_efficiency"]) == {"32", "bf16-mixed"}
-    assert list(tiny_result.sweep["batch_size"]) == [2, 4]
+    assert [row["batch_size"] for row in s["sweep"]] == [2, 4]
+    assert s["speedup"]["ci_low"] <= s["speedup"]["median"] <= s["speedup"]["ci_high"]
+    assert tiny_result.record["precision"] == "bf16-mixed" and tiny_result.record["device"] == "cpu"
+    assert tiny_result.figures["skipped_steps"] == 0 and tiny_result.figures["amp_precision"] == "bf16-mixed"
+
+
+def test_fewer_than_three_trials_give_no_interval_and_no_speed_verdict():
+    r = test_amp_speedup_benchmark("gpt-tiny", precision="bf16-mixed", **{**TINY, "trials": 2, "steps": 2})
+    worth = r.checks["amp_worth_it"]
+    assert worth.extra["speedup"]["ci_low"] is None and worth.extra["speedup"]["ci_high"] is None
+    assert worth.verdict.status == "warn" and "no interval with fewer than 3 trials" in worth.verdict.reason
 
 
 def test_fp16_overflow_flips_the_safe_verdict():
-    r = test_amp_speedup_benchmark(OverflowsFp16(), precision="16-mixed", **TINY)
+    r = test_amp_speedup_benchmark(OverflowsFp16(), precision="16-mixed", **{**TINY, "trials": 1})
     safe = {v.check: v for v in r.verdicts}["amp_safe"]
-    assert safe.status == "fail"
+    assert safe.status == "fail" and r.status == "fail"
     assert "skipped for overflow" in safe.reason and "fp16's range" in safe.reason
-    assert r.summary["parity"]["skipped_steps"] == 12
-    assert r.parity["loss_scale"].iloc[-1] < r.parity["loss_scale"].iloc[0]
+    table, _, parity, _ = parts(r)
+    assert parity["skipped_steps"] == 12
+    assert table["loss_scale"].iloc[-1] < table["loss_scale"].iloc[0]
 
 
 def test_json_round_trip(tiny_result, tmp_path):
     path = tiny_result.save(tmp_path / "bench.json")
-    loaded = AmpBenchmarkResult.load(path)
-    assert loaded.summary == tiny_result.summary
-    assert loaded.verdicts == tiny_result.verdicts
-    assert loaded.trials.equals(tiny_result.trials.reset_index(drop=True))
-    assert list(loaded.parity.columns) == list(tiny_result.parity.columns)
+    loaded = TierResult.load(path)
+    assert loaded.to_dict() == json.loads(path.read_text())
+    assert loaded.verdicts == tiny_result.verdicts and loaded.parameters == tiny_result.parameters
+    assert loaded.checks["amp_worth_it"].data["step_time_s"].tolist() == parts(tiny_result)[1]["step_time_s"].tolist()
+    assert list(loaded.checks["amp_safe"].data.columns) == list(parts(tiny_result)[0].columns)
     assert not list(tmp_path.glob("*.tmp"))  # the temp file was renamed, not left behind
 
 
@@ -109,38 +129,46 @@ def test_bootstrap_ratio_brackets_the_truth():
 
 
 def test_charts_render_with_expected_axes(tiny_result, tmp_path):
-    s = tiny_result.summary
-    fig = plot_loss_curves(tiny_result.parity, s["amp_precision"], s["parity"]["tolerance"], path=tmp_path / "loss.png")
+    parity_table, trials, parity, s = parts(tiny_result)
+    fig = plot_loss_curves(parity_table, s["amp_precision"], parity["tolerance"], path=tmp_path / "loss.png")
     assert fig.axes[0].get_ylabel().startswith("training loss") and fig.axes[1].get_xlabel() == "optimizer step"
     assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["fp32", "bf16-mixed"]
-    fig = plot_throughput(tiny_result.trials, path=tmp_path / "throughput.png")
+    fig = plot_throughput(trials, path=tmp_path / "throughput.png")
     assert "tokens / s" in fig.axes[0].get_ylabel() and len(fig.axes[0].patches) == 4
     fig = plot_memory(s["memory"], path=tmp_path / "memory.png")
     assert fig.axes[0].get_ylabel() == "MiB"
-    fig = plot_loss_scale(tiny_result.parity, path=tmp_path / "scale.png")
+    fig = plot_loss_scale(parity_table, path=tmp_path / "scale.png")
     assert fig.axes[0].get_yscale() == "log"
-    fig = plot_speedup_sweep(tiny_result.sweep, path=tmp_path / "sweep.png")
+    fig = plot_speedup_sweep(pd.DataFrame(s["sweep"]), path=tmp_path / "sweep.png")
     assert fig.axes[0].get_xlabel() == "batch size"
     for name in ("loss", "throughput", "memory", "scale", "sweep"):
         assert (tmp_path / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("kwargs, message", [({"trials": 0}, "trials must be an integer >= 1; got 0"),
-                                             ({"timed_steps": 2.5}, "timed_steps must be an integer >= 1; got 2.5"),
-                                             ({"parity_tolerance": 5}, "parity_tolerance must be a fraction")])
+@pytest.mark.parametrize("kwargs, message", [({"trials": 0}, "'trials' expects an integer >= 1; got 0"),
+                                             ({"timed_steps": 2.5}, "'timed_steps' expects an integer >= 1; got 2.5"),
+                                             ({"parity_tolerance": 5}, "'parity_tolerance' expects a number from 1e-06 to 1"),
+                                             ({"batch_sizes": [2]}, "unknown parameter 'batch_sizes' for tier 3")])
 def test_bad_arguments_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         test_amp_speedup_benchmark("gpt-tiny", **{**TINY, **kwargs})
 
 
 def test_benchmark_command_prints_the_figures_as_json(tmp_path, capsys):
-    code = main(["--model", "gpt-tiny", "--device", "cpu", "--batch-size", "4", "--seq-len", "32", "--trials", "2",
-                 "--parity-steps", "4", "--sweep", "2", "--json", "--out", str(tmp_path / "bench.json")])
+    code = main(["--model", "gpt-tiny", "--device", "cpu", "--batch-size", "4", "--seq-len", "32", "--trials", "1",
+                 "--steps", "4", "--sweep-batch-sizes", "[2]", "--minimal-loop", "True", "--json",
+                 "--out", str(tmp_path / "bench.json")])
     printed = json.loads(capsys.readouterr().out)
-    s = printed["summary"]
+    s = printed["extra"]["amp_worth_it"]
     for key in ("speedup", "matmul_ratio", "mfu", "amdahl_speedup_bound", "loop_efficiency", "minimal_loop_tokens_per_s"):
         assert key in s, key
-    assert set(s["mfu"]) == {"32", "bf16-mixed"} and s["wall_time_s"] > 0
+    assert set(s["mfu"]) == {"32", "bf16-mixed"} and printed["figures"]["wall_time_s"] > 0
     assert [v["check"] for v in printed["verdicts"]] == ["amp_safe", "amp_worth_it"]
-    assert code == (1 if any(v["status"] == "fail" for v in printed["verdicts"]) else 0)
-    assert AmpBenchmarkResult.load(tmp_path / "bench.json").summary["trials"] == 2
+    assert code == (1 if printed["status"] == "fail" else 0)
+    assert TierResult.load(tmp_path / "bench.json").parameters["trials"] == 1
+
+
+def test_benchmark_command_refuses_a_bad_value_by_name(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--steps", "ten"])
+    assert exit_.value.code == 2 and "parameter 'steps' expects an integer >= 1; got 'ten' (str)" in capsys.readouterr().err

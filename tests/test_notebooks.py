@@ -1,8 +1,10 @@
 """The notebooks: valid, built by notebooks/build.py (never hand-edited), executable by papermill with
 parameters, and guarded by nbval (a changed verdict fails it, a rerun with other timings does not)."""
 
+import ast
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,18 +12,27 @@ from pathlib import Path
 import nbformat
 import papermill
 import pytest
+import torch
 
+from utils.params import TIER_PARAMS, check_params, defaults
 from utils.results import read_json
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 NAMES = ["tier1_validation.ipynb", "tier2_analysis.ipynb", "tier3_training.ipynb"]
+TIER_NOTEBOOKS = list(enumerate(NAMES, 1))
 SMALL = {
     "tier1_validation.ipynb": {"seq_len": 16, "batch_sizes": [1, 2], "latency_iters": 5},
     "tier2_analysis.ipynb": {"batch_size": 2, "seq_len": 16, "strengths": [0.05, 0.2]},
     "tier3_training.ipynb": {"model": "gpt-tiny", "steps": 6, "batch_size": 4, "seq_len": 32, "trials": 1,
                              "warmup_steps": 1, "timed_steps": 2, "sweep_batch_sizes": [2]},
 }
+EXPECTED = {1: dict.fromkeys(["shapes", "gradient_flow", "numerics", "initialization", "memory"], "pass"),
+            2: dict.fromkeys(["attention", "robustness", "amp_readiness"], "pass"),
+            3: {"amp_safe": "pass"}}
+CHARTS = {1: {"gradient_norms.png", "init_std.png", "memory_vs_batch.png", "latency.png"},
+          2: {"attention_maps.png", "attention_entropy.png", "robustness.png", "amp_layer_error.png"},
+          3: {"loss_curves.png", "loss_scale.png", "throughput.png", "memory.png", "speedup_sweep.png"}}
 
 
 def load_builder():
@@ -55,55 +66,94 @@ def test_committed_notebook_matches_its_builder_and_carries_outputs(name):
     assert not [o for c in code for o in c.outputs if o.output_type == "error"]
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_papermill_reads_every_parameter(name):
-    """papermill skips parameter lines it cannot parse; every knob the builder declares must be seen."""
+@pytest.mark.parametrize("tier, name", TIER_NOTEBOOKS)
+def test_parameters_cell_is_the_tiers_spec(tier, name):
+    """papermill skips parameter lines it cannot parse: every knob of the spec must be seen, with the spec's default."""
     found = papermill.inspect_notebook(str(NOTEBOOKS / name))
-    declared = load_builder().NOTEBOOKS[name]()[2].source.splitlines()[1:]
-    assert list(found) == [line.split("=")[0].strip() for line in declared]
+    assert {k: ast.literal_eval(v["default"]) for k, v in found.items()} == defaults(tier)
+    assert list(found) == [p.name for p in TIER_PARAMS[tier]]
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_notebook_runs_under_papermill_with_parameters(name, tmp_path):
+@pytest.mark.parametrize("tier, name", TIER_NOTEBOOKS)
+def test_notebook_runs_under_papermill_with_parameters(tier, name, tmp_path):
     out = tmp_path / name
     papermill.execute_notebook(str(NOTEBOOKS / name), str(out), parameters={**SMALL[name], "output_dir": str(tmp_path)},
                                cwd=str(NOTEBOOKS), progress_bar=False, kernel_name="python3")
     results = read_json(tmp_path / "results.json")
-    verdicts = {v["check"]: v["status"] for v in results["verdicts"]}
-    if name == "tier3_training.ipynb":
-        # the tiny model is too small for bf16 to pay (a timing verdict), but its training must be safe
-        assert verdicts["amp_safe"] == "pass" and verdicts["amp_worth_it"] in ("pass", "warn", "fail")
-    else:
-        assert results["status"] in ("pass", "warn") and verdicts
-    assert results["parameters"] == {**{k: v for k, v in results["parameters"].items() if k not in SMALL[name]}, **SMALL[name]}
-    assert len(list(tmp_path.glob("*.png"))) >= 3
-    if name == "tier3_training.ipynb":
-        assert (tmp_path / "speedup_sweep.png").exists() and results["figures"]["amp_precision"] == "bf16-mixed"
+    non_timing = {v["check"]: v["status"] for v in results["verdicts"] if not v["timing"]}
+    assert non_timing == EXPECTED[tier] and results["status"] == "pass"
+    assert results["parameters"] == check_params(tier, {**SMALL[name], "output_dir": str(tmp_path)})
+    assert results["record"]["device"] in ("cpu", "cuda:0") and results["record"]["torch"] == torch.__version__
+    charts = {p.name for p in tmp_path.glob("*.png")}
+    assert charts == CHARTS[tier], charts
+    executed = nbformat.read(out, as_version=4)
+    printed = "".join(o.get("text", "") for c in executed.cells if c.cell_type == "code" for o in c.outputs)
+    assert f"Tier {tier}: pass" in printed and "Traceback" not in printed
 
 
-def run_nbval(notebook: Path, cwd: Path):
-    env = {**os.environ, "SUITE_ROOT": str(ROOT)}
+def run_nbval(notebook: Path, cwd: Path, root: Path = ROOT, **env):
+    env = {**os.environ, "SUITE_ROOT": str(root), **env}
     return subprocess.run([sys.executable, "-m", "pytest", str(notebook), "--nbval", "--nbval-current-env",
                            "--nbval-sanitize-with", str(ROOT / "tests" / "nbval_sanitize.cfg"), "-p", "no:cacheprovider", "-q"],
                           cwd=cwd, env=env, capture_output=True, text=True)
 
 
-def test_nbval_catches_a_flipped_verdict_but_not_new_timings(tmp_path):
-    copy = tmp_path / "tier1_validation.ipynb"
+def planted(tmp_path, name, old, new):
+    """A copy of a committed notebook with one line of its source changed, as a regression would."""
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    cell = next(c for c in nb.cells if old in c.source)
+    cell.source = cell.source.replace(old, new)
+    nbformat.write(nb, tmp_path / name)
+    return tmp_path / name
+
+
+def test_nbval_ignores_new_timings_but_not_a_flipped_timing_free_verdict(tmp_path):
     nb = nbformat.read(NOTEBOOKS / "tier1_validation.ipynb", as_version=4)
-    # Pretend the committed run hit a slow moment: its latency verdict, and so the tier status, said warn.
+    # Pretend the committed run hit a slow moment: its latency verdict said warn. A rerun must still pass.
     summary = nb.cells[-1].outputs[0]
     assert "[pass] (timing) latency" in summary.text and "Tier 1: pass" in summary.text
-    summary.text = summary.text.replace("[pass] (timing) latency", "[warn] (timing) latency").replace("Tier 1: pass", "Tier 1: warn")
-    nbformat.write(nb, copy)
-    rerun = run_nbval(copy, tmp_path)  # a rerun: timings and the timing verdict differ, nothing else does
+    summary.text = summary.text.replace("[pass] (timing) latency", "[warn] (timing) latency")
+    nbformat.write(nb, tmp_path / "tier1_validation.ipynb")
+    rerun = run_nbval(tmp_path / "tier1_validation.ipynb", tmp_path)
     assert rerun.returncode == 0, rerun.stdout[-3000:]
+    # The same edit to a timing-free verdict is a regression.
+    summary.text = summary.text.replace("[pass] numerics", "[warn] numerics")
+    nbformat.write(nb, tmp_path / "tier1_validation.ipynb")
+    assert run_nbval(tmp_path / "tier1_validation.ipynb", tmp_path).returncode != 0
 
-    nb = nbformat.read(copy, as_version=4)
-    nb.cells[2].source = nb.cells[2].source.replace("model = 'gpt-tiny'", "model = 'tests.user_models:zero_initialized'")
-    assert "zero_initialized" in nb.cells[2].source
-    nbformat.write(nb, copy)
-    flipped = run_nbval(copy, tmp_path)  # the committed outputs say initialization: pass
-    assert flipped.returncode != 0
-    assert "are all zero: blocks.0.mlp.0.weight" in flipped.stdout  # the initialization verdict's new reason
-    assert "::Cell 10 - " in flipped.stdout  # the verdict summary cell
+
+@pytest.mark.parametrize("old, new, failing", [
+    # a planted zero-initialized default model: initialization flips to fail
+    ("model = 'gpt-tiny'", "model = 'tests.user_models:zero_initialized'", ('present(result, "initialization", charts)',)),
+    # a planted layer cut off from the graph: gradient flow flips to fail
+    ("model = 'gpt-tiny'", "model = 'tests.user_models:DetachedLayer'", ('present(result, "gradient_flow", charts)',)),
+    # a planted exception in the library call the notebook makes
+    ("model_kwargs = {}", "model_kwargs = {'no_such_field': 1}", ("ModelLoadError", "unknown config field")),
+])
+def test_nbval_catches_a_real_regression(tmp_path, old, new, failing):
+    result = run_nbval(planted(tmp_path, "tier1_validation.ipynb", old, new), tmp_path)
+    assert result.returncode != 0
+    for text in failing:  # the cell that shows the regression is among nbval's failures
+        assert text in result.stdout, result.stdout[-3000:]
+
+
+def lookalike_root(tmp_path) -> Path:
+    """A copy of utils/ whose built-in corpus reads other text, as another Python's standard library would."""
+    root = tmp_path / "other_python"
+    shutil.copytree(ROOT / "utils", root / "utils", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "tests", root / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+    with open(root / "utils" / "data.py", "a") as f:
+        f.write("\n\n_this_python = _stdlib_text\n\n\ndef _stdlib_text(module):  # another Python: same modules, other text\n"
+                "    return _this_python(module).replace('def ', 'def  ').replace('return', 'return  ')\n")
+    return root
+
+
+@pytest.mark.slow
+def test_nbval_passes_on_a_machine_that_looks_like_another(tmp_path):
+    """Committed outputs from this machine, rerun as on another: older CPU kernels (AVX2 in ATen and oneDNN,
+    so no native bf16 and 'auto' picks fp32), one thread, and a Python whose built-in corpus differs."""
+    env = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "OMP_NUM_THREADS": "1"}
+    root = lookalike_root(tmp_path)
+    for name in ("tier1_validation.ipynb", "tier2_analysis.ipynb"):
+        result = run_nbval(NOTEBOOKS / name, tmp_path, root, **env)
+        assert result.returncode == 0, result.stdout[-3000:]

@@ -8,15 +8,16 @@
 Everything lands in runs/<name>/: one folder per run (the executed notebook, results.json, charts),
 summary.csv with a row per run, and summary.png, a grid of every verdict.
 
--p values are Python literals where they are one (3, 1e-3, [1, 2]), else text (gpt-small).
+-p values are Python literals where they are one (3, 1e-3, [1, 2]), else text (gpt-small); each is
+checked against the tier's parameter spec (utils/params.py, listed below) before anything runs.
 A grid file is YAML: each key a notebook parameter, each list an axis of the cross product:
     model: [gpt-tiny, gpt-small]
     precision: [bf16-mixed, 16-mixed]
     batch_size: [8, 16]
     lr: 0.001            # a scalar is the same for every run
 To pass a list-valued parameter (batch_sizes, strengths) as one value, nest it: [[1, 2, 4]].
-Parameters that a tier's notebook does not have are not passed to it; a name no selected tier knows
-is rejected before anything runs.
+Parameters that a tier does not have are not passed to it; a name no selected tier knows, or a value
+of the wrong type, is rejected before anything runs.
 
 Exit code: 0 when every notebook ran, 1 when any crashed (its executed notebook keeps the error cell,
 its summary row names the exception), 2 for bad arguments. --fail-on-verdict also exits 1 when a
@@ -24,7 +25,6 @@ check fails; a failing verdict and a crash are separate columns in the summary.
 """
 
 import argparse
-import ast
 import itertools
 import re
 import sys
@@ -36,6 +36,7 @@ import pandas as pd
 import papermill
 import yaml
 
+from utils.params import TIER_PARAMS, ParamError, check_params, coerce, spec
 from utils.plotting import plot_verdict_grid
 from utils.results import read_json, write_json_atomic
 
@@ -46,23 +47,6 @@ TIERS = {1: "tier1_validation.ipynb", 2: "tier2_analysis.ipynb", 3: "tier3_train
 
 class UsageError(ValueError):
     """Bad arguments: reported before any notebook runs."""
-
-
-def known_parameters(tier: int) -> dict:
-    """The notebook's parameters cell, as papermill reads it: {name: default source text}."""
-    params = papermill.inspect_notebook(str(NOTEBOOK_DIR / TIERS[tier]))
-    return {name: p["default"] for name, p in params.items()}
-
-
-def coerce(value):
-    """A Python literal where the text is one (3, 1e-3, [1, 2], {'a': 1}, None, True), else the text itself.
-    YAML alone would read 1e-3 as a string."""
-    if not isinstance(value, str):
-        return value
-    try:
-        return ast.literal_eval(value.strip())
-    except (ValueError, SyntaxError):
-        return value.strip()
 
 
 def parse_assignments(pairs) -> dict:
@@ -94,7 +78,7 @@ def _slug(value) -> str:
 
 def plan_runs(tiers, params: dict, grid: dict) -> list:
     """One (run_id, tier, parameters) per tier and grid point, unknown names rejected up front."""
-    known = {tier: known_parameters(tier) for tier in tiers}
+    known = {tier: spec(tier) for tier in tiers}
     everything = set().union(*known.values())
     for name in [*params, *grid]:
         if name == "output_dir":
@@ -105,6 +89,10 @@ def plan_runs(tiers, params: dict, grid: dict) -> list:
     for point in expand_grid(grid):
         for tier in tiers:
             chosen = {k: v for k, v in {**params, **point}.items() if k in known[tier]}
+            try:
+                check_params(tier, chosen)
+            except ParamError as e:
+                raise UsageError(str(e)) from None
             suffix = "_".join(f"{k}-{_slug(v)}" for k, v in point.items() if k in known[tier])
             run_id = f"tier{tier}" + (f"_{suffix}" if suffix else "")
             if run_id not in {r[0] for r in runs}:  # a grid axis another tier ignores would repeat it
@@ -158,8 +146,17 @@ def run_all(runs, out_dir: Path, resume: bool = False, progress: bool = False, l
     return summary
 
 
+def parameters_help() -> str:
+    """Every tier's parameters for --help, from the same spec as the notebooks and the README."""
+    lines = []
+    for tier, params in TIER_PARAMS.items():
+        lines.append(f"tier {tier} parameters ({TIERS[tier]}):")
+        lines += [f"  {p.name} = {p.default!r}: {p.help} ({p.expected()})" for p in params]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m utils.run", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m utils.run", description=__doc__, epilog=parameters_help(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiers", type=int, nargs="+", choices=sorted(TIERS), default=sorted(TIERS), help="tiers to run")
     parser.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE", help="notebook parameter")

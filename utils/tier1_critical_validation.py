@@ -18,9 +18,10 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from utils.models import (compute_loss, forward, load_model, load_task_data, model_device, model_max_len, model_task,
+from utils.models import (compute_loss, count_parameters, forward, load_task_data, model_device, model_max_len, model_task,
                           model_vocab_size)
-from utils.training.amp_utils import resolve_device, resolve_precision, saved_activation_bytes, synchronize
+from utils.params import prepare
+from utils.training.amp_utils import PrecisionPlan, saved_activation_bytes, synchronize
 from utils.verdicts import CheckResult, TierResult, Verdict, run_check
 
 
@@ -200,13 +201,12 @@ def _is_oom(error: Exception) -> bool:
     return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
-def check_memory(model: nn.Module, batch_sizes=(1, 2, 4, 8, 16), seq_len: int = 32, precision: str = "32",
+def check_memory(model: nn.Module, plan: PrecisionPlan, batch_sizes=(1, 2, 4, 8, 16), seq_len: int = 32,
                  seed: int = 0) -> CheckResult:
     """Training-step memory per batch size: the CUDA allocator's peak, or on a CPU the bytes of
     activations saved for backward. Stops at the first out-of-memory and reports the largest batch that fit."""
     device, vocab = model_device(model), model_vocab_size(model) or 256
     seq_len = min(seq_len, model_max_len(model))
-    plan = resolve_precision(precision, device)
     g = torch.Generator().manual_seed(seed)
     model.train()
     with torch.no_grad():
@@ -273,26 +273,26 @@ def check_latency(model: nn.Module, batch_size: int = 1, seq_len: int = 32, warm
     stats = {"p50_ms": p50, "p95_ms": p95, "p99_ms": p99, "tokens_per_s": batch_size * seq_len / (p50 / 1000)}
     shape = f"batch {batch_size} x {seq_len} tokens on {device.type}"
     if p99 > jitter * p50 and p99 - p50 > jitter_floor_ms:
-        verdict = Verdict("latency", "warn", f"p50 {p50:.2f} ms but p99 {p99:.2f} ms ({shape}): tail latency over {jitter:g}x "
+        verdict = Verdict("latency", "warn", timing=True, reason=f"p50 {p50:.2f} ms but p99 {p99:.2f} ms ({shape}): tail latency over {jitter:g}x "
                           "the median; look for data-dependent work, allocator churn or a busy machine.")
     else:
-        verdict = Verdict("latency", "pass", f"p50 {p50:.2f} ms, p95 {p95:.2f} ms, p99 {p99:.2f} ms ({shape}); "
+        verdict = Verdict("latency", "pass", timing=True, reason=f"p50 {p50:.2f} ms, p95 {p95:.2f} ms, p99 {p99:.2f} ms ({shape}); "
                           f"{stats['tokens_per_s']:.0f} tokens/s.")
     return CheckResult(verdict, df, stats)
 
 
-def run_tier1(model, *, device=None, data=None, seq_len: int = 32, batch_sizes=(1, 2, 4, 8, 16), seed: int = 0,
-              latency_iters: int = 30) -> TierResult:
-    """All Tier 1 checks on `model` (an nn.Module or a load_model spec)."""
-    torch.manual_seed(seed)
-    model = load_model(model).to(resolve_device(device))
+def run_tier1(model=None, /, *, data=None, **params) -> TierResult:
+    """All Tier 1 checks on `model` (an nn.Module or a load_model spec; default: the `model` parameter).
+    params: the tier's parameters (utils.params); checks run in fp32 on the one resolved device."""
+    p, model, device, plan, record = prepare(1, model, params)
+    seq_len, seed = p["seq_len"], p["seed"]
     was_training = model.training
     checks = {"shapes": lambda: check_shapes(model, seed),
               "gradient_flow": lambda: check_gradient_flow(model, data, seq_len=seq_len, seed=seed),
               "numerics": lambda: check_numerics(model, seq_len=seq_len, seed=seed),
               "initialization": lambda: check_initialization(model),
-              "memory": lambda: check_memory(model, batch_sizes, seq_len, seed=seed),
-              "latency": lambda: check_latency(model, seq_len=seq_len, iters=latency_iters, seed=seed)}
+              "memory": lambda: check_memory(model, plan, p["batch_sizes"], seq_len, seed=seed),
+              "latency": lambda: check_latency(model, seq_len=seq_len, iters=p["latency_iters"], seed=seed)}
     checks = {name: run_check(name, check) for name, check in checks.items()}
     model.train(was_training)
-    return TierResult(checks)
+    return TierResult(1, checks, p, record, {"parameters": count_parameters(model)})

@@ -14,9 +14,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils.models import (forward, get_logits, load_model, load_task_data, model_device, model_max_len,
-                          model_vocab_size)
-from utils.training.amp_utils import PrecisionPlan, resolve_device, resolve_precision
+from utils.models import count_parameters, forward, get_logits, load_task_data, model_device, model_max_len, model_vocab_size
+from utils.params import prepare
+from utils.training.amp_utils import PrecisionPlan, resolve_precision
 from utils.verdicts import CheckResult, TierResult, Verdict, run_check
 
 FP16_MAX = 65504.0
@@ -176,14 +176,13 @@ def _layer_outputs(model: nn.Module, x: torch.Tensor, plan: PrecisionPlan) -> di
     return outputs
 
 
-def analyze_amp_readiness(model: nn.Module, x: torch.Tensor, precision="auto", tolerance: float = 0.05) -> CheckResult:
+def analyze_amp_readiness(model: nn.Module, x: torch.Tensor, plan: PrecisionPlan, tolerance: float = 0.05) -> CheckResult:
     """Forward in fp32 and under autocast (fp16 and bf16), layer by layer.
 
     Per layer: relative error ||amp - fp32|| / ||fp32|| and the fp32 activation max. A layer drifts
     when its error passes `tolerance`; an activation beyond 65504 overflows fp16. The table holds the
-    resolved precision's errors; both dtypes decide the verdict on which is safe."""
+    errors of `plan`'s precision (a mixed one); both dtypes decide the verdict on which is safe."""
     device = model_device(model)
-    resolved = resolve_precision(precision, device)
     was_training = model.training
     model.eval()
     ref = _layer_outputs(model, x, resolve_precision("32", device))
@@ -200,8 +199,7 @@ def analyze_amp_readiness(model: nn.Module, x: torch.Tensor, precision="auto", t
         rows.append(row)
     df = pd.DataFrame(rows)
     df["beyond_fp16_range"] = df["fp32_max_abs"] > FP16_MAX
-    table_precision = resolved.precision if resolved.enabled else ("bf16-mixed" if device.type == "cpu" else "16-mixed")
-    df["rel_error"] = df[f"rel_error_{table_precision}"]
+    df["rel_error"] = df[f"rel_error_{plan.precision}"]
     df["drifts"] = df["rel_error"] > tolerance
 
     def first(mask):
@@ -220,7 +218,7 @@ def analyze_amp_readiness(model: nn.Module, x: torch.Tensor, precision="auto", t
     ok = [label[p] for p in safe if safe[p]]
     findings = "; ".join(f"{label[p]}: {why[p]}" for p in why)
     drift_first = first(df["drifts"])
-    extra = {"resolved_precision": resolved.precision, "table_precision": table_precision, "tolerance": tolerance,
+    extra = {"table_precision": plan.precision, "tolerance": tolerance,
              "first_drift_layer": drift_first, "first_fp16_overflow_layer": first(df["beyond_fp16_range"] | df["nonfinite_16-mixed"]),
              "fp16_safe": safe["16-mixed"], "bf16_safe": safe["bf16-mixed"]}
     if not ok:
@@ -235,13 +233,13 @@ def analyze_amp_readiness(model: nn.Module, x: torch.Tensor, precision="auto", t
     return CheckResult(verdict, df, extra)
 
 
-def run_tier2(model, *, device=None, data=None, batch_size: int = 4, seq_len: int = 32, precision="auto", seed: int = 0,
-              strengths=(0.01, 0.05, 0.1, 0.2), amp_tolerance: float = 0.05) -> TierResult:
-    """All Tier 2 analyses on `model` (an nn.Module or a load_model spec), on real inputs."""
-    torch.manual_seed(seed)
-    model = load_model(model).to(resolve_device(device))
-    x = sample_batch(model, data, batch_size, seq_len, seed)
+def run_tier2(model=None, /, *, data=None, **params) -> TierResult:
+    """All Tier 2 analyses on `model` (an nn.Module or a load_model spec; default: the `model` parameter),
+    on real inputs. params: the tier's parameters (utils.params)."""
+    p, model, device, plan, record = prepare(2, model, params)
+    x = sample_batch(model, data, p["batch_size"], p["seq_len"], p["seed"])
     checks = {"attention": lambda: analyze_attention(model, x),
-              "robustness": lambda: analyze_robustness(model, x, strengths, seed),
-              "amp_readiness": lambda: analyze_amp_readiness(model, x, precision, amp_tolerance)}
-    return TierResult({name: run_check(name, check) for name, check in checks.items()})
+              "robustness": lambda: analyze_robustness(model, x, p["strengths"], p["seed"]),
+              "amp_readiness": lambda: analyze_amp_readiness(model, x, plan, p["amp_tolerance"])}
+    checks = {name: run_check(name, check) for name, check in checks.items()}
+    return TierResult(2, checks, p, record, {"parameters": count_parameters(model)})

@@ -1,10 +1,17 @@
-"""Verdicts: every check in every tier ends in pass / warn / fail with a reason a person can act on."""
+"""Verdicts: every check in every tier ends in pass / warn / fail with a reason a person can act on.
+
+A verdict that rests on a timing (latency, speedup) is marked `timing`: it can flip on a busy
+machine, so a tier's status, and everything that gates on it, is decided by the other verdicts.
+"""
 
 from dataclasses import asdict, dataclass, field
 
 import pandas as pd
 
+from utils.results import read_json, write_json_atomic
+
 STATUSES = ("pass", "warn", "fail")
+CRASHED = "the check crashed: "
 
 
 @dataclass(frozen=True)
@@ -12,6 +19,7 @@ class Verdict:
     check: str
     status: str
     reason: str
+    timing: bool = False
 
     def __post_init__(self):
         if self.status not in STATUSES:
@@ -19,13 +27,13 @@ class Verdict:
 
 
 def verdict_table(verdicts) -> pd.DataFrame:
-    """One row per verdict, columns check / status / reason."""
-    return pd.DataFrame([asdict(v) for v in verdicts], columns=["check", "status", "reason"])
+    """One row per verdict, columns check / status / reason / timing."""
+    return pd.DataFrame([asdict(v) for v in verdicts], columns=["check", "status", "reason", "timing"])
 
 
 def worst_status(verdicts) -> str:
-    """'fail' if any failed, else 'warn' if any warned, else 'pass'."""
-    statuses = {v.status for v in verdicts}
+    """'fail' if any non-timing verdict failed, else 'warn' if any warned, else 'pass'."""
+    statuses = {v.status for v in verdicts if not v.timing}
     return next((s for s in ("fail", "warn") if s in statuses), "pass")
 
 
@@ -38,12 +46,21 @@ class CheckResult:
     extra: dict = field(default_factory=dict)
     arrays: dict = field(default_factory=dict)
 
+    @property
+    def crashed(self) -> bool:
+        return self.verdict.reason.startswith(CRASHED)
+
 
 @dataclass
 class TierResult:
-    """A tier's verdicts and the data behind each check."""
+    """A tier's verdicts, the data behind each check, and what the run was: the one result layout
+    that results.json, the notebooks, the batch runner and the tests all read."""
 
-    checks: dict  # check name -> CheckResult
+    tier: int
+    checks: dict                                  # check name -> CheckResult
+    parameters: dict = field(default_factory=dict)
+    record: dict = field(default_factory=dict)    # device, precision, versions: see amp_utils.run_record
+    figures: dict = field(default_factory=dict)   # headline numbers, one summary column each
 
     @property
     def verdicts(self) -> list:
@@ -57,8 +74,20 @@ class TierResult:
         return worst_status(self.verdicts)
 
     def to_dict(self) -> dict:
-        return {"status": self.status, "verdicts": self.verdict_table().to_dict("records"),
-                "extra": {name: c.extra for name, c in self.checks.items()}}
+        return {"tier": self.tier, "status": self.status, "parameters": self.parameters, "record": self.record,
+                "verdicts": self.verdict_table().to_dict("records"), "figures": self.figures,
+                "extra": {name: c.extra for name, c in self.checks.items()},
+                "tables": {name: c.data.to_dict("list") for name, c in self.checks.items()}}
+
+    def save(self, path):
+        return write_json_atomic(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path) -> "TierResult":
+        d = read_json(path)
+        checks = {v["check"]: CheckResult(Verdict(**v), pd.DataFrame(d["tables"][v["check"]]), d["extra"][v["check"]])
+                  for v in d["verdicts"]}
+        return cls(d["tier"], checks, d["parameters"], d["record"], d["figures"])
 
 
 def run_check(name: str, check) -> CheckResult:
@@ -66,4 +95,4 @@ def run_check(name: str, check) -> CheckResult:
     try:
         return check()
     except Exception as e:
-        return CheckResult(Verdict(name, "fail", f"the check crashed: {type(e).__name__}: {e}"), pd.DataFrame())
+        return CheckResult(Verdict(name, "fail", f"{CRASHED}{type(e).__name__}: {e}"), pd.DataFrame())

@@ -8,7 +8,7 @@ for backward. Parity: both precisions train the same steps; the AMP loss curve i
 fp32's. Context: tokens/s and model-FLOPs utilization against matmul peaks measured here, and an
 Amdahl bound on the speedup (only matmuls get faster).
 
-Run it: python -m utils.training.amp_benchmark --json
+Run it: python -m utils.training.amp_benchmark --json   (options: tier 3's parameters, see --help)
 """
 
 import argparse
@@ -17,8 +17,6 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -27,21 +25,33 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from utils.data import load_corpus
-from utils.models import compute_loss, load_model
+from utils.models import compute_loss, count_parameters
+from utils.params import TIER_PARAMS, ParamError, coerce, prepare
 from utils.tier3_training_utilities import test_fine_tuning
-from utils.training.amp_utils import PrecisionPlan, resolve_device, resolve_precision, saved_activation_bytes, synchronize
-from utils.results import json_safe, read_json, write_json_atomic
-from utils.verdicts import Verdict, verdict_table
+from utils.training.amp_utils import PrecisionPlan, resolve_precision, saved_activation_bytes, synchronize
+from utils.verdicts import CheckResult, TierResult, Verdict
 
 GEMM_OPS = ("mm", "addmm", "bmm", "baddbmm", "addbmm")
 
 
 def measure_matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 0.5) -> float:
-    """FLOP/s of a large square matmul in `dtype` on `device`: the practical ceiling for this run."""
-    n = 8192 if device.type == "cuda" else 2048
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    for _ in range(2):
+    """FLOP/s of a large square matmul in `dtype` on `device`: the practical ceiling for this run.
+    A dtype the device only emulates (fp16 on most CPUs: ~2 GFLOP/s) gets a smaller problem, so the
+    measurement stays within about `seconds` instead of taking minutes."""
+    def matmul_time(n):
+        a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+        a @ b  # warm-up
+        synchronize(device)
+        t0 = time.perf_counter()
         a @ b
+        synchronize(device)
+        return time.perf_counter() - t0
+
+    n, probe = (8192 if device.type == "cuda" else 2048), 512
+    if matmul_time(probe) * (n / probe) ** 3 > seconds / 4:
+        n = probe
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    a @ b
     synchronize(device)
     count, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
@@ -150,36 +160,7 @@ def _smooth(series: pd.Series, window: int = 10) -> pd.Series:
     return series.rolling(min(window, len(series)), min_periods=1).median()
 
 
-def _records(df: pd.DataFrame) -> list:
-    return json_safe(df.astype(object).to_dict("records"))
-
-
-@dataclass
-class AmpBenchmarkResult:
-    trials: pd.DataFrame   # one row per timed trial: trial, loop, precision, step times, tokens/s, CUDA peak
-    parity: pd.DataFrame   # per step: fp32 and AMP loss, smoothed relative gap, AMP loss scale and skips
-    summary: dict          # the figures, JSON-ready
-    verdicts: list         # Verdicts: amp_safe, amp_worth_it
-    sweep: pd.DataFrame = field(default_factory=pd.DataFrame)  # batch-size sweep: speedup per batch size
-
-    def verdict_table(self) -> pd.DataFrame:
-        return verdict_table(self.verdicts)
-
-    def to_dict(self) -> dict:
-        return {"summary": json_safe(self.summary), "verdicts": self.verdict_table().to_dict("records"),
-                "trials": _records(self.trials), "parity": _records(self.parity), "sweep": _records(self.sweep)}
-
-    def save(self, path) -> Path:
-        return write_json_atomic(path, self.to_dict())
-
-    @classmethod
-    def load(cls, path) -> "AmpBenchmarkResult":
-        d = read_json(path)
-        return cls(pd.DataFrame(d["trials"]), pd.DataFrame(d["parity"]), d["summary"],
-                   [Verdict(**v) for v in d["verdicts"]], pd.DataFrame(d["sweep"]))
-
-
-def _speed_trials(model0, plans, data, device, batch_size, seq_len, trials, warmup_steps, timed_steps, lr, seed,
+def _speed_trials(model0, plans, data, device, batch_size, seq_len, trials, *, warmup_steps, timed_steps, lr, seed,
                   minimal_loop):
     """Interleaved timing: in each trial every (loop, precision) runs once from the same initial
     weights, precisions alternating fp32, AMP. The two loops swap places every trial so neither
@@ -213,15 +194,19 @@ def _median_tokens_per_s(trials: pd.DataFrame, loop: str = "ours") -> dict:
     return {p: float(g.median()) for p, g in rows.groupby("precision", sort=False)["tokens_per_s"]}
 
 
-def _speedup(trials: pd.DataFrame, amp_precision: str, loop: str = "ours"):
+MIN_TRIALS_FOR_INTERVAL = 3  # fewer trials give a bootstrap interval of (almost) zero width: no interval at all
+
+
+def _speedup(trials: pd.DataFrame, amp_precision: str, loop: str = "ours") -> dict:
+    """Median speedup and its 95% bootstrap interval (None below MIN_TRIALS_FOR_INTERVAL trials)."""
     ours = trials[trials["loop"] == loop]
     fp32 = ours[ours["precision"] == "32"]["step_time_s"]
     amp = ours[ours["precision"] == amp_precision]["step_time_s"]
-    return float(fp32.median() / amp.median()), bootstrap_ratio(fp32, amp)
+    low, high = bootstrap_ratio(fp32, amp) if len(fp32) >= MIN_TRIALS_FOR_INTERVAL else (None, None)
+    return {"median": float(fp32.median() / amp.median()), "ci_low": low, "ci_high": high}
 
 
-def _verdicts(summary: dict) -> list:
-    p = summary["parity"]
+def _verdicts(p: dict, speed: dict, precision: str) -> tuple:
     tol, skip_frac = p["tolerance"], p["skipped_fraction"]
     problems = []
     if not p["finite"]:
@@ -235,74 +220,71 @@ def _verdicts(summary: dict) -> list:
         problems.append(f"{p['skipped_steps']} of {p['steps']} steps were skipped for overflow "
                         f"({skip_frac:.0%} > {p['max_skipped_fraction']:.0%}): look for activations beyond fp16's range "
                         "(Tier 2 AMP readiness) or use bf16")
-    precision = summary["amp_precision"]
     if problems:
         safe = Verdict("amp_safe", "fail", f"{precision} is not safe for this model: " + "; ".join(problems) + ".")
     else:
         safe = Verdict("amp_safe", "pass", f"{precision} tracks fp32 within {tol:.0%} (max gap of 10-step rolling medians "
                        f"{p['max_relative_gap']:.2%}, final eval gap {p['final_eval_relative_gap']:.2%}), "
                        f"{p['skipped_steps']} skipped step(s).")
-    s = summary["speedup"]
-    act = summary["memory"]["activation_saving"]
+    s = speed["speedup"]
+    act = speed["memory"]["activation_saving"]
     memory = f"activations saved for backward shrink by {act:.0%}" if act > 0 else "no activation memory saved"
-    if s["ci_low"] > 1:
-        worth = Verdict("amp_worth_it", "pass", f"{s['median']:.2f}x faster (95% CI {s['ci_low']:.2f}-{s['ci_high']:.2f}) "
-                        f"at batch {summary['batch_size']} x {summary['seq_len']} tokens; {memory}.")
+    if s["ci_low"] is None:
+        worth = Verdict("amp_worth_it", "warn", timing=True, reason=f"{s['median']:.2f}x from {speed['trials']} trial(s): "
+                        f"no interval with fewer than {MIN_TRIALS_FOR_INTERVAL} trials, so no verdict on speed; {memory}.")
+    elif s["ci_low"] > 1:
+        worth = Verdict("amp_worth_it", "pass", timing=True, reason=f"{s['median']:.2f}x faster (95% CI {s['ci_low']:.2f}-{s['ci_high']:.2f}) "
+                        f"at batch {speed['batch_size']} x {speed['seq_len']} tokens; {memory}.")
     elif s["ci_high"] < 1:
-        worth = Verdict("amp_worth_it", "fail", f"{s['median']:.2f}x: slower than fp32 at batch {summary['batch_size']} "
+        worth = Verdict("amp_worth_it", "fail", timing=True, reason=f"{s['median']:.2f}x: slower than fp32 at batch {speed['batch_size']} "
                         f"(95% CI {s['ci_low']:.2f}-{s['ci_high']:.2f}); {memory}. Small batches leave the matmuls too "
                         "small to gain: try a larger batch (see the batch-size sweep).")
     else:
-        worth = Verdict("amp_worth_it", "warn", f"no clear speedup: {s['median']:.2f}x (95% CI {s['ci_low']:.2f}-"
+        worth = Verdict("amp_worth_it", "warn", timing=True, reason=f"no clear speedup: {s['median']:.2f}x (95% CI {s['ci_low']:.2f}-"
                         f"{s['ci_high']:.2f}); {memory}. Worth it only for the memory, or with a larger batch.")
-    return [safe, worth]
+    return safe, worth
 
 
-def test_amp_speedup_benchmark(model="gpt-small", *, precision="auto", device=None, batch_size: int = 16,
-                               seq_len: int = 128, trials: int = 5, warmup_steps: int = 3, timed_steps: int = 5,
-                               parity_steps: int = 60, parity_tolerance: float = 0.05, max_skipped_fraction: float = 0.05,
-                               lr: float = 1e-3, seed: int = 0, batch_sizes=(), minimal_loop: bool = False,
-                               data=None, progress: bool = False) -> AmpBenchmarkResult:
-    """Benchmark fp32 against the AMP precision `precision` resolves to, on `model` (module or spec).
-
-    batch_sizes: if given, also measure the speedup at each (fewer trials) to show where AMP pays.
-    minimal_loop: also time a bare hand-written loop, to measure the engine's overhead.
-    """
-    for name, value, least in (("batch_size", batch_size, 1), ("seq_len", seq_len, 1), ("trials", trials, 1),
-                               ("warmup_steps", warmup_steps, 0), ("timed_steps", timed_steps, 1),
-                               ("parity_steps", parity_steps, 1)):
-        if not isinstance(value, int) or value < least:
-            raise ValueError(f"{name} must be an integer >= {least}; got {value!r}")
-    if not 0 < parity_tolerance < 1:
-        raise ValueError(f"parity_tolerance must be a fraction between 0 and 1 (0.05 = 5%); got {parity_tolerance!r}")
-    device = resolve_device(device)
-    amp_plan = resolve_precision(precision, device)
-    if not amp_plan.enabled:
-        amp_plan = resolve_precision("bf16-mixed" if device.type == "cpu" else "16-mixed", device)
+def test_amp_speedup_benchmark(model=None, /, *, data=None, progress: bool = False, **params) -> TierResult:
+    """Tier 3: benchmark fp32 against the AMP precision `precision` resolves to, on `model` (module
+    or spec; default: the `model` parameter). params: tier 3's parameters (utils.params), e.g.
+    steps, batch_size, trials, sweep_batch_sizes (also measure the speedup at each batch size, with
+    fewer trials, to show where AMP pays), minimal_loop (also time a bare hand-written loop)."""
+    p, model0, device, amp_plan, record = prepare(3, model, params)
     fp32_plan = resolve_precision("32", device)
     plans = (fp32_plan, amp_plan)
-    torch.manual_seed(seed)
-    model0 = load_model(model).to(device)
+    batch_size, seq_len, seed, lr = p["batch_size"], p["seq_len"], p["seed"], p["lr"]
+    timing = dict(warmup_steps=p["warmup_steps"], timed_steps=p["timed_steps"], lr=lr, seed=seed)
     data = data if data is not None else load_corpus()
 
-    trials_df = _speed_trials(model0, plans, data, device, batch_size, seq_len, trials, warmup_steps, timed_steps,
-                              lr, seed, minimal_loop)
-    speedup, (ci_low, ci_high) = _speedup(trials_df, amp_plan.precision)
+    trials_df = _speed_trials(model0, plans, data, device, batch_size, seq_len, p["trials"], minimal_loop=p["minimal_loop"],
+                              **timing)
 
     # Memory, on one fixed batch from the same initial weights.
     batch = tuple(t.to(device) for t in data.get_batch("train", batch_size, seq_len, torch.Generator().manual_seed(seed)))
     act = {plan.precision: saved_activation_bytes(copy.deepcopy(model0), plan, batch) for plan in plans}
 
     # Loss parity: same weights, data, seed and schedule; only precision differs.
-    runs = {plan.precision: test_fine_tuning(copy.deepcopy(model0), data=data, plan=plan, steps=parity_steps,
+    steps = p["steps"]
+    runs = {plan.precision: test_fine_tuning(copy.deepcopy(model0), data=data, plan=plan, steps=steps,
                                              batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed, device=device,
-                                             eval_interval=parity_steps, eval_batches=4, progress=progress)
+                                             eval_interval=steps, eval_batches=4, progress=progress)
             for plan in plans}
     ref, amp = runs["32"], runs[amp_plan.precision]
     gap = (_smooth(amp.history["loss"]) - _smooth(ref.history["loss"])).abs() / _smooth(ref.history["loss"])
-    parity = pd.DataFrame({"step": ref.history["step"], "loss_fp32": ref.history["loss"], "loss_amp": amp.history["loss"],
-                           "relative_gap": gap, "loss_scale": amp.history["loss_scale"], "skipped": amp.history["skipped"]})
+    parity_df = pd.DataFrame({"step": ref.history["step"], "loss_fp32": ref.history["loss"], "loss_amp": amp.history["loss"],
+                              "relative_gap": gap, "loss_scale": amp.history["loss_scale"], "skipped": amp.history["skipped"]})
     judged = gap.fillna(float("inf"))  # a NaN loss is an infinite gap
+    parity = {"amp_precision": amp_plan.precision, "steps": steps, "tolerance": p["parity_tolerance"],
+              "max_skipped_fraction": p["max_skipped_fraction"],
+              "max_relative_gap": float(judged.max()), "max_gap_step": int(parity_df["step"][judged.idxmax()]),
+              "final_relative_gap": float(gap.iloc[-1]),
+              "final_eval_loss": {prec: r.final_eval_loss for prec, r in runs.items()},
+              "final_eval_relative_gap": abs(amp.final_eval_loss - ref.final_eval_loss) / ref.final_eval_loss,
+              "finite": bool(np.isfinite(amp.history["loss"]).all()),
+              "skipped_steps": int(amp.history["skipped"].sum()),
+              "skipped_fraction": float(amp.history["skipped"].mean()),
+              "final_loss_scale": float(amp.history["loss_scale"].iloc[-1])}
 
     # Throughput context: model FLOPs against matmul peaks measured now, and Amdahl's bound.
     peaks = {plan.precision: measure_matmul_peak(device, plan.autocast_dtype or torch.float32) for plan in plans}
@@ -312,84 +294,75 @@ def test_amp_speedup_benchmark(model="gpt-small", *, precision="auto", device=No
     flops_per_token = training_flops_per_token(model0, seq_len)
     ours = trials_df[trials_df["loop"] == "ours"]
     tokens = _median_tokens_per_s(trials_df)
-
-    summary = {
-        "model": model if isinstance(model, str) else type(model).__name__,
-        "device": str(device), "amp_precision": amp_plan.precision, "precision_reason": amp_plan.reason,
-        "batch_size": batch_size, "seq_len": seq_len, "trials": trials, "warmup_steps": warmup_steps,
-        "timed_steps": timed_steps, "parameters": sum(p.numel() for p in model0.parameters()),
-        "speedup": {"median": speedup, "ci_low": ci_low, "ci_high": ci_high},
-        "tokens_per_s": tokens,
-        "matmul_peak_flops": peaks, "matmul_ratio": matmul_ratio,
-        "gemm_time_fraction_fp32": gemm_fraction, "amdahl_speedup_bound": amdahl,
-        "speedup_of_amdahl_bound": speedup / amdahl,
-        "flops_per_token": flops_per_token,
-        "mfu": {p: tokens[p] * flops_per_token / peaks[p] for p in peaks},
-        "memory": {**state_bytes(model0), "activation_bytes": act,
-                   "activation_saving": 1 - act[amp_plan.precision] / act["32"],
-                   "cuda_peak_bytes": {p: (int(ours[ours["precision"] == p]["cuda_peak_bytes"].max())
-                                           if device.type == "cuda" else None) for p in peaks}},
-        "parity": {"steps": parity_steps, "tolerance": parity_tolerance, "max_skipped_fraction": max_skipped_fraction,
-                   "max_relative_gap": float(judged.max()), "max_gap_step": int(parity["step"][judged.idxmax()]),
-                   "final_relative_gap": float(gap.iloc[-1]),
-                   "final_eval_loss": {p: r.final_eval_loss for p, r in runs.items()},
-                   "final_eval_relative_gap": abs(amp.final_eval_loss - ref.final_eval_loss) / ref.final_eval_loss,
-                   "finite": bool(np.isfinite(amp.history["loss"]).all()),
-                   "skipped_steps": int(amp.history["skipped"].sum()),
-                   "skipped_fraction": float(amp.history["skipped"].mean()),
-                   "final_loss_scale": float(amp.history["loss_scale"].iloc[-1])},
-    }
-    if minimal_loop:
-        summary["minimal_loop_tokens_per_s"] = _median_tokens_per_s(trials_df, "minimal")
-        summary["loop_efficiency"] = {p: tokens[p] / summary["minimal_loop_tokens_per_s"][p] for p in peaks}
-
+    speedup = _speedup(trials_df, amp_plan.precision)
+    speed = {"amp_precision": amp_plan.precision, "batch_size": batch_size, "seq_len": seq_len, "trials": p["trials"],
+             "speedup": speedup, "tokens_per_s": tokens,
+             "matmul_peak_flops": peaks, "matmul_ratio": matmul_ratio,
+             "gemm_time_fraction_fp32": gemm_fraction, "amdahl_speedup_bound": amdahl,
+             "speedup_of_amdahl_bound": speedup["median"] / amdahl,
+             "flops_per_token": flops_per_token,
+             "mfu": {prec: tokens[prec] * flops_per_token / peaks[prec] for prec in peaks},
+             "memory": {**state_bytes(model0), "activation_bytes": act,
+                        "activation_saving": 1 - act[amp_plan.precision] / act["32"],
+                        "cuda_peak_bytes": {prec: (int(ours[ours["precision"] == prec]["cuda_peak_bytes"].max())
+                                                   if device.type == "cuda" else None) for prec in peaks}}}
+    if p["minimal_loop"]:
+        speed["minimal_loop_tokens_per_s"] = _median_tokens_per_s(trials_df, "minimal")
+        speed["loop_efficiency"] = {prec: tokens[prec] / speed["minimal_loop_tokens_per_s"][prec] for prec in peaks}
     sweep = []
-    for bs in batch_sizes:
-        t = _speed_trials(model0, plans, data, device, bs, seq_len, max(3, trials // 2), warmup_steps, timed_steps,
-                          lr, seed, False)
-        s, (lo, hi) = _speedup(t, amp_plan.precision)
-        sweep.append({"batch_size": bs, "speedup": s, "ci_low": lo, "ci_high": hi,
-                      **{f"tokens_per_s_{p}": v for p, v in _median_tokens_per_s(t).items()}})
-    return AmpBenchmarkResult(trials_df, parity, summary, _verdicts(summary), pd.DataFrame(sweep))
+    for bs in p["sweep_batch_sizes"]:
+        t = _speed_trials(model0, plans, data, device, bs, seq_len, max(MIN_TRIALS_FOR_INTERVAL, p["trials"] // 2),
+                          minimal_loop=False, **timing)
+        s = _speedup(t, amp_plan.precision)
+        sweep.append({"batch_size": bs, "speedup": s["median"], "ci_low": s["ci_low"], "ci_high": s["ci_high"],
+                      **{f"tokens_per_s_{prec}": v for prec, v in _median_tokens_per_s(t).items()}})
+    speed["sweep"] = sweep
+
+    safe, worth = _verdicts(parity, speed, amp_plan.precision)
+    checks = {"amp_safe": CheckResult(safe, parity_df, parity), "amp_worth_it": CheckResult(worth, trials_df, speed)}
+    figures = {"parameters": count_parameters(model0), "amp_precision": amp_plan.precision, "speedup": speedup["median"],
+               "speedup_ci_low": speedup["ci_low"], "speedup_ci_high": speedup["ci_high"],
+               "tokens_per_s_fp32": tokens["32"], "tokens_per_s_amp": tokens[amp_plan.precision],
+               "activation_saving": speed["memory"]["activation_saving"], "matmul_ratio": matmul_ratio,
+               "amdahl_speedup_bound": amdahl, "mfu_fp32": speed["mfu"]["32"], "mfu_amp": speed["mfu"][amp_plan.precision],
+               "final_eval_loss_fp32": ref.final_eval_loss, "final_eval_loss_amp": amp.final_eval_loss,
+               "skipped_steps": parity["skipped_steps"]}
+    return TierResult(3, checks, p, record, figures)
 
 
 test_amp_speedup_benchmark.__test__ = False  # a library function, not a pytest test
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="fp32 vs AMP benchmark: speedup, memory, loss parity, MFU.")
-    parser.add_argument("--model", default="gpt-small", help="registry name or factory spec (default gpt-small)")
-    parser.add_argument("--precision", default="auto", help="AMP precision to compare with fp32 (default: auto)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA if available)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--trials", type=int, default=5)
-    parser.add_argument("--parity-steps", type=int, default=60)
-    parser.add_argument("--sweep", default="", help="comma-separated batch sizes for the speedup sweep, e.g. 4,8,16")
-    parser.add_argument("--no-minimal-loop", action="store_true", help="skip timing the bare hand-written loop")
-    parser.add_argument("--out", default=None, help="also write the full result (trials, parity, sweep) as JSON here")
-    parser.add_argument("--json", action="store_true", help="print the summary as JSON (default: a short text report)")
+    parser = argparse.ArgumentParser(description="Tier 3 from the command line: fp32 vs AMP speedup, memory, loss "
+                                     "parity, MFU. Every option is a tier 3 parameter (see README: Parameters).")
+    cli_params = [p for p in TIER_PARAMS[3] if p.name != "output_dir"]
+    for p in cli_params:
+        parser.add_argument("--" + p.name.replace("_", "-"), type=coerce, default=p.default,
+                            help=f"{p.help} (default: {p.default!r})")
+    parser.add_argument("--out", default=None, help="also write the full result (results.json layout) here")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON (default: a short text report)")
     args = parser.parse_args(argv)
-    sweep = tuple(int(b) for b in args.sweep.split(",") if b.strip())
     t0 = time.perf_counter()
-    result = test_amp_speedup_benchmark(args.model, precision=args.precision, device=args.device, batch_size=args.batch_size,
-                                        seq_len=args.seq_len, trials=args.trials, parity_steps=args.parity_steps,
-                                        batch_sizes=sweep, minimal_loop=not args.no_minimal_loop)
-    result.summary["wall_time_s"] = time.perf_counter() - t0
+    try:
+        result = test_amp_speedup_benchmark(**{p.name: getattr(args, p.name) for p in cli_params})
+    except ParamError as e:
+        parser.error(str(e))
+    result.figures["wall_time_s"] = time.perf_counter() - t0
     if args.out:
         result.save(args.out)
     if args.json:
-        print(json.dumps({"summary": result.summary, "verdicts": result.verdict_table().to_dict("records"),
-                          "sweep": result.sweep.to_dict("records")}, indent=2, default=float))
+        d = result.to_dict()
+        print(json.dumps({k: d[k] for k in ("status", "record", "figures", "verdicts", "extra")}, indent=2, default=float))
     else:
-        s = result.summary
-        print(f"{s['model']} on {s['device']}, batch {s['batch_size']} x {s['seq_len']}: {s['amp_precision']} vs fp32")
-        print(f"  speedup {s['speedup']['median']:.2f}x (95% CI {s['speedup']['ci_low']:.2f}-{s['speedup']['ci_high']:.2f}); "
-              f"matmul ratio {s['matmul_ratio']:.2f}x; Amdahl bound {s['amdahl_speedup_bound']:.2f}x "
-              f"({s['speedup_of_amdahl_bound']:.0%} of it reached)")
+        speed = result.checks["amp_worth_it"].extra
+        print(f"{args.model} on {result.record['device']}, batch {args.batch_size} x {args.seq_len}: "
+              f"{speed['amp_precision']} vs fp32")
+        print(f"  speedup {speed['speedup']['median']:.2f}x; matmul ratio {speed['matmul_ratio']:.2f}x; "
+              f"Amdahl bound {speed['amdahl_speedup_bound']:.2f}x ({speed['speedup_of_amdahl_bound']:.0%} of it reached)")
         for v in result.verdicts:
             print(f"  [{v.status}] {v.check}: {v.reason}")
-    return 0 if all(v.status != "fail" for v in result.verdicts) else 1
+    return 0 if result.status != "fail" else 1
 
 
 if __name__ == "__main__":

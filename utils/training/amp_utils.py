@@ -10,6 +10,8 @@ The rules (a person reads the reason; nothing falls back silently):
 Only torch.amp APIs are used (torch.autocast, torch.amp.GradScaler); torch.cuda.amp is deprecated.
 """
 
+import os
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +21,7 @@ import torch.nn as nn
 from utils.models import compute_loss
 
 PRECISIONS = ("32", "16-mixed", "bf16-mixed")
+PRECISION_CHOICES = ("auto", *PRECISIONS)
 _ALIASES = {
     "auto": "auto",
     "32": "32", "32-true": "32", "fp32": "32", "float32": "32",
@@ -42,14 +45,24 @@ def synchronize(device: torch.device):
         torch.cuda.synchronize(device)
 
 
+# oneDNN (which runs CPU matmuls) uses bf16 instructions only at these ISA levels or above;
+# ONEDNN_MAX_CPU_ISA set to a lower one makes it emulate bf16, as on a CPU without them.
+_ONEDNN_BELOW_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+
+
 def cpu_has_native_bf16() -> bool:
     """True when the CPU computes bf16 in hardware (x86 avx512_bf16 or amx_bf16 flags, read from
-    /proc/cpuinfo). Elsewhere bf16 autocast is emulated and usually slower than fp32."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if not cpuinfo.exists():
+    /proc/cpuinfo) and ONEDNN_MAX_CPU_ISA does not cap oneDNN below them. Elsewhere bf16 autocast is
+    emulated and usually slower than fp32."""
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in _ONEDNN_BELOW_BF16:
         return False
-    flags = cpuinfo.read_text(errors="ignore")
+    flags = _cpuinfo()
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _cpuinfo() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    return cpuinfo.read_text(errors="ignore") if cpuinfo.exists() else ""
 
 
 @dataclass(frozen=True)
@@ -138,6 +151,34 @@ def resolve_precision(requested="auto", device=None, use_amp=None) -> PrecisionP
     else:
         reason = f"{want} requested and honoured, but {why}"
     return PrecisionPlan(str(requested), want, device.type, reason)
+
+
+def comparison_plan(requested, device: torch.device) -> PrecisionPlan:
+    """The mixed precision to compare with fp32: the resolved one, or where 'auto' resolves to fp32
+    (a CPU without native bf16), the one this device type would use, with the reason saying so."""
+    plan = resolve_precision(requested, device)
+    if plan.enabled:
+        return plan
+    fallback = "bf16-mixed" if device.type == "cpu" else "16-mixed"
+    return PrecisionPlan(plan.requested, fallback, device.type,
+                         f"{plan.reason}; compared with {fallback} anyway, to show what AMP would do here")
+
+
+def run_record(device: torch.device, plan: PrecisionPlan) -> dict:
+    """What a run ran on, recorded once with its results: device, capability, precision, autocast
+    dtype, GradScaler, the TF32 setting of the fp32 baseline, and the software versions."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        name, capability = torch.cuda.get_device_name(device), f"sm_{major}{minor}"
+        tf32 = bool(torch.backends.cuda.matmul.allow_tf32)
+    else:
+        name = next((line.split(":", 1)[1].strip() for line in _cpuinfo().splitlines() if line.startswith("model name")),
+                    platform.processor() or platform.machine())
+        capability = f"{torch.backends.cpu.get_cpu_capability()}, native bf16: {cpu_has_native_bf16()}"
+        tf32 = None  # TF32 exists on CUDA only
+    return {"device": str(device), "device_name": name, "capability": capability, **plan.to_dict(),
+            "tf32": tf32, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version()}
 
 
 def compute_effective_precision(requested_precision: str, use_amp, cuda_available: bool, use_gpu: bool) -> str:

@@ -1,0 +1,171 @@
+"""Each tier's parameters: the one place a name, type, default and help text is written.
+
+The notebooks' parameters cells, the batch runner's checks, the benchmark's command line and the
+README's table are all generated from TIER_PARAMS, and a test fails when any of them drifts.
+Parameters are data (JSON values), never code: a value of another type is refused, naming the
+parameter, the type it expects and what it got, before any work starts.
+"""
+
+import ast
+import math
+from dataclasses import dataclass
+
+import torch
+
+from utils.models import load_model
+from utils.training.amp_utils import PRECISION_CHOICES, PrecisionPlan, comparison_plan, resolve_device, run_record
+
+
+class ParamError(ValueError):
+    """A parameter name or value that no tier accepts."""
+
+
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list", dict: "a mapping"}
+_ITEM_NAMES = {int: "integers", float: "numbers", str: "strings"}
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    type: type         # int, float, str, bool, list or dict
+    default: object
+    help: str
+    item: type = None  # a list's element type
+    low: float = None  # smallest allowed number (for a list: of each element)
+    high: float = None  # largest allowed number
+    choices: tuple = ()
+
+    def expected(self) -> str:
+        what = f"a list of {_ITEM_NAMES[self.item]}" if self.type is list else _TYPE_NAMES[self.type]
+        if self.choices:
+            what += " in " + ", ".join(map(repr, self.choices))
+        if self.low is not None and self.high is not None:
+            what += f" from {self.low:g} to {self.high:g}"
+        elif self.low is not None:
+            what += f" >= {self.low:g}"
+        return what
+
+    def _number_ok(self, value, kind) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else kind):
+            return False
+        return (math.isfinite(value) and (self.low is None or value >= self.low)
+                and (self.high is None or value <= self.high))
+
+    def check(self, value):
+        """The value if it fits this parameter (ints are accepted as floats), else a ParamError."""
+        if self.type in (int, float):
+            ok = self._number_ok(value, self.type)
+        elif self.type is list:
+            ok = isinstance(value, list) and all(self._number_ok(v, self.item) if self.item in (int, float)
+                                                 else isinstance(v, self.item) for v in value)
+        else:
+            ok = isinstance(value, self.type) and (not self.choices or value in self.choices)
+        if not ok:
+            raise ParamError(f"parameter {self.name!r} expects {self.expected()}; got {value!r} ({type(value).__name__})")
+        return float(value) if self.type is float else value
+
+
+def _common(model: str):
+    return (Param("model", str, model, "registry name, 'package.module:factory' or 'path/to/file.py:factory'"),
+            Param("model_kwargs", dict, {}, "keyword arguments for the model factory (registry: config overrides)"),
+            Param("device", str, "auto", "'auto' (CUDA if available), 'cpu', 'cuda' or 'cuda:N'"))
+
+
+_TAIL = (Param("seed", int, 0, "seeds weights, data order and probes", low=0),
+         Param("output_dir", str, "", "where results.json and charts go (empty: runs/interactive/tier<N>)"))
+
+TIER_PARAMS = {
+    1: (*_common("gpt-tiny"),
+        Param("seq_len", int, 32, "tokens per sequence for the checks (capped at the model's maximum)", low=1),
+        Param("batch_sizes", list, [1, 2, 4, 8, 16], "batch sizes the memory check tries, smallest first", item=int, low=1),
+        Param("latency_iters", int, 30, "timed forwards for the latency percentiles", low=1),
+        *_TAIL),
+    2: (*_common("gpt-tiny"),
+        Param("precision", str, "auto", "the mixed precision whose per-layer errors AMP readiness tabulates ('auto': "
+              "the best for the device)", choices=PRECISION_CHOICES),
+        Param("batch_size", int, 4, "sequences analyzed", low=1),
+        Param("seq_len", int, 32, "tokens per sequence (capped at the model's maximum)", low=1),
+        Param("strengths", list, [0.01, 0.05, 0.1, 0.2], "perturbation strengths for the robustness curves",
+              item=float, low=0, high=1),
+        Param("amp_tolerance", float, 0.05, "relative error beyond which a layer counts as drifting under autocast",
+              low=1e-6, high=1),
+        *_TAIL),
+    3: (*_common("gpt-small"),
+        Param("precision", str, "auto", "the AMP precision compared with fp32 ('auto': the best for the device)",
+              choices=PRECISION_CHOICES),
+        Param("steps", int, 60, "optimizer steps of each fine-tuning run (fp32 and AMP)", low=1),
+        Param("batch_size", int, 16, "sequences per step", low=1),
+        Param("seq_len", int, 128, "tokens per sequence", low=1),
+        Param("lr", float, 1e-3, "peak learning rate (warm-up, then cosine decay)", low=1e-12, high=10),
+        Param("trials", int, 3, "interleaved speed trials per precision", low=1),
+        Param("warmup_steps", int, 3, "steps per trial excluded from timing", low=0),
+        Param("timed_steps", int, 5, "timed steps per trial", low=1),
+        Param("parity_tolerance", float, 0.05, "largest relative loss gap for 'AMP is safe'", low=1e-6, high=1),
+        Param("max_skipped_fraction", float, 0.05, "largest share of steps the GradScaler may skip for 'AMP is safe'",
+              low=0, high=1),
+        Param("sweep_batch_sizes", list, [], "batch sizes for the speedup sweep, e.g. [4, 8, 32] (empty: no sweep)",
+              item=int, low=1),
+        Param("minimal_loop", bool, False, "also time a bare hand-written loop, to measure the engine's overhead"),
+        *_TAIL),
+}
+
+
+def spec(tier: int) -> dict:
+    """{name: Param} for a tier."""
+    if tier not in TIER_PARAMS:
+        raise ParamError(f"unknown tier {tier!r}; expected one of {sorted(TIER_PARAMS)}")
+    return {p.name: p for p in TIER_PARAMS[tier]}
+
+
+def defaults(tier: int) -> dict:
+    return {name: p.default for name, p in spec(tier).items()}
+
+
+def check_params(tier: int, params: dict) -> dict:
+    """The tier's defaults updated with `params`, every name and value checked."""
+    known = spec(tier)
+    for name in params:
+        if name not in known:
+            raise ParamError(f"unknown parameter {name!r} for tier {tier}; known parameters: {sorted(known)}")
+    return {**defaults(tier), **{name: known[name].check(value) for name, value in params.items()}}
+
+
+def prepare(tier: int, model, params: dict):
+    """Everything a tier resolves once, before any check runs: checked parameters, the device, the
+    precision plan, the model on that device, and the record of what ran. `model` (an nn.Module or
+    a spec) overrides the `model` parameter; `device` may also be a torch.device."""
+    if isinstance(params.get("device"), torch.device):
+        params = {**params, "device": str(params["device"])}
+    p = check_params(tier, params)
+    device = resolve_device(p["device"])
+    plan = (comparison_plan(p["precision"], device) if "precision" in p
+            else PrecisionPlan("32", "32", device.type, f"tier {tier} runs its checks in fp32"))
+    torch.manual_seed(p["seed"])  # the model's initial weights are part of the run: same seed, same weights
+    model = load_model(p["model"] if model is None else model, **p["model_kwargs"]).to(device)
+    return p, model, device, plan, run_record(device, plan)
+
+
+def coerce(text):
+    """A command-line value as data: a Python/JSON literal where the text is one (3, 1e-3, [1, 2],
+    {'a': 1}, True, None), else the text itself. Tuples, sets and bytes are not data here: the
+    parameter checks refuse them by type."""
+    if not isinstance(text, str):
+        return text
+    try:
+        return ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return text.strip()
+
+
+def markdown_table() -> str:
+    """The README's parameter table: one row per parameter, the tiers that take it and their defaults."""
+    rows, seen = ["| parameter | tiers | default | meaning |", "| --- | --- | --- | --- |"], {}
+    for tier, params in TIER_PARAMS.items():
+        for p in params:
+            seen.setdefault(p.name, []).append((tier, p))
+    for name, uses in seen.items():
+        shown = {repr(p.default) for _, p in uses}
+        default = " / ".join(f"{repr(p.default)} (tier {t})" for t, p in uses) if len(shown) > 1 else shown.pop()
+        rows.append(f"| `{name}` | {', '.join(str(t) for t, _ in uses)} | `{default}` | {uses[-1][1].help}; "
+                    f"{uses[-1][1].expected()} |")
+    return "\n".join(rows)
