@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from utils.training import amp_utils
-from utils.training.amp_utils import AmpWandbCallback, amp_summary, compute_effective_precision, resolve_precision
+from utils.training.amp_utils import AmpWandbCallback, amp_summary, resolve_precision
 
 
 @pytest.fixture
@@ -73,21 +73,6 @@ def test_use_amp_flag(cpu_bf16, gpu):
     assert plan.precision == "32" and plan.reason.startswith("use_amp=True: CPU lacks native bf16")
 
 
-def test_seed_compute_effective_precision(gpu, cpu_bf16):
-    gpu(7, 5, "Tesla T4")
-    cpu_bf16(False)
-    assert compute_effective_precision("32", None, True, True) == "32"
-    assert compute_effective_precision("16", None, False, False) == "16"
-    assert compute_effective_precision("32", True, True, True) == "16"
-    assert compute_effective_precision("32", True, True, False) == "32"  # GPU present but not wanted, CPU has no bf16
-    assert compute_effective_precision("32", True, False, True) == "32"
-    assert compute_effective_precision("16", False, True, True) == "32"
-    gpu(9, 0, "NVIDIA H100")
-    assert compute_effective_precision("32", True, True, True) == "bf16"
-    cpu_bf16(True)
-    assert compute_effective_precision("32", True, False, False) == "bf16"
-
-
 def test_fp32_plan_makes_autocast_and_scaler_no_ops():
     plan = resolve_precision("32", "cpu")
     with plan.autocast():
@@ -118,7 +103,7 @@ def _records():
 
 def test_wandb_callback_logs_through_the_hook():
     logged = []
-    cb = AmpWandbCallback(resolve_precision("16-mixed", "cpu"), log=lambda data, step: logged.append((step, data)))
+    cb = AmpWandbCallback.from_plan(resolve_precision("16-mixed", "cpu"), log=lambda data, step: logged.append((step, data)))
     for r in _records():
         cb.on_step_end(r)
     assert [s for s, _ in logged] == [1, 2, 3]
@@ -128,7 +113,7 @@ def test_wandb_callback_logs_through_the_hook():
 def test_wandb_callback_is_silent_without_a_run():
     wandb = pytest.importorskip("wandb")
     assert wandb.run is None
-    cb = AmpWandbCallback(resolve_precision("32", "cpu"))
+    cb = AmpWandbCallback.from_plan(resolve_precision("32", "cpu"))
     cb.on_step_end(_records()[1])  # must not raise, must not start a run
     assert cb.skipped_steps == 1 and wandb.run is None
 
@@ -138,7 +123,7 @@ def test_wandb_callback_logs_to_a_real_offline_run(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     run = wandb.init(mode="offline", dir=str(tmp_path), project="amp-test")
     try:
-        cb = AmpWandbCallback(resolve_precision("16-mixed", "cpu"))
+        cb = AmpWandbCallback.from_plan(resolve_precision("16-mixed", "cpu"))
         for r in _records():
             cb.on_step_end(r)
         wandb.log({}, commit=True)  # W&B commits a step's row when the next step (or finish) arrives

@@ -164,8 +164,14 @@ def markdown_table() -> str:
         for p in params:
             seen.setdefault(p.name, []).append((tier, p))
     for name, uses in seen.items():
-        shown = {repr(p.default) for _, p in uses}
-        default = " / ".join(f"{repr(p.default)} (tier {t})" for t, p in uses) if len(shown) > 1 else shown.pop()
-        rows.append(f"| `{name}` | {', '.join(str(t) for t, _ in uses)} | `{default}` | {uses[-1][1].help}; "
+        by_default = {}
+        for tier, p in uses:
+            by_default.setdefault(repr(p.default), []).append(str(tier))
+        default = "; ".join(f"`{d}`" + (f" (tier {', '.join(t)})" if len(by_default) > 1 else "") for d, t in by_default.items())
+        rows.append(f"| `{name}` | {', '.join(str(t) for t, _ in uses)} | {default} | {uses[-1][1].help}; "
                     f"{uses[-1][1].expected()} |")
     return "\n".join(rows)
+
+
+if __name__ == "__main__":  # python -m utils.params: the README's parameter table
+    print(markdown_table())

@@ -10,8 +10,10 @@ The rules (a person reads the reason; nothing falls back silently):
 Only torch.amp APIs are used (torch.autocast, torch.amp.GradScaler); torch.cuda.amp is deprecated.
 """
 
+import functools
 import os
 import platform
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -182,13 +184,17 @@ def run_record(device: torch.device, plan: PrecisionPlan) -> dict:
 
 
 def compute_effective_precision(requested_precision: str, use_amp, cuda_available: bool, use_gpu: bool) -> str:
-    """The seed's API: the effective precision as '32', '16' or 'bf16'.
-
-    use_amp=None keeps the requested precision; True picks the best mixed precision for the device
-    (fp16 on CUDA before sm_80, bf16 on sm_80+ and on CPUs with native bf16); False gives '32'.
-    The device is CUDA only when it is both available and wanted."""
-    device = "cuda" if cuda_available and use_gpu else "cpu"
-    return _LEGACY[resolve_precision(requested_precision, device, use_amp).precision]
+    """The seed's API, a pure function of its arguments (it never looks at the device):
+      use_amp=None   the requested precision, unchanged
+      use_amp=False  '32'
+      use_amp=True   '16' when CUDA is available and used, else '32' (AMP without CUDA meant fp32)
+    To pick the best precision for a real device (bf16 on sm_80+ and on CPUs with native bf16, fp16
+    with a GradScaler before sm_80), call resolve_precision instead: it inspects the device."""
+    if use_amp is None:
+        return requested_precision
+    if use_amp and cuda_available and use_gpu:
+        return "16"
+    return "32"
 
 
 def saved_activation_bytes(model: nn.Module, plan: PrecisionPlan, batch) -> int:
@@ -219,17 +225,67 @@ def amp_summary(history) -> dict:
             "final_loss_scale": float(history["loss_scale"].iloc[-1]), "min_loss_scale": float(history["loss_scale"].min())}
 
 
+FP16_PRECISIONS = ("16", "16-mixed", "16_true", "16-true")  # the fp16 spellings whose runs carry a loss scale
+
+
+@functools.cache
+def _lightning_callback_base():
+    """Lightning's Callback class, or None where Lightning is not installed. Imported on first use,
+    not at module import: Lightning is optional and takes seconds to import."""
+    try:
+        from lightning.pytorch import Callback  # optional dependency
+    except ImportError:
+        try:
+            from pytorch_lightning import Callback  # optional dependency, the older package name
+        except ImportError:
+            return None
+    return Callback
+
+
+@functools.cache
+def _with_base(cls, base):
+    return type(cls.__name__, (cls, base), {"__module__": cls.__module__, "__doc__": cls.__doc__})
+
+
+def _get_loss_scale(trainer):
+    """The GradScaler's current scale in a Lightning trainer (trainer.strategy.precision_plugin.scaler),
+    as a float, unrounded; None when any piece is missing (no strategy, no plugin, no scaler)."""
+    scaler = getattr(getattr(getattr(trainer, "strategy", None), "precision_plugin", None), "scaler", None)
+    get_scale = getattr(scaler, "get_scale", None)
+    if get_scale is None:
+        return None
+    try:
+        return float(get_scale())
+    except Exception:
+        return None
+
+
 class AmpWandbCallback:
-    """Logs amp/enabled, amp/precision, amp/loss_scale and amp/skipped_steps after every optimizer
-    step, through the fine-tuning loop's callback hook.
+    """Logs AMP state to Weights & Biases: amp/enabled (0/1), amp/precision (as given) and, for fp16
+    precisions, amp/loss_scale.
 
-    `log` is any callable(dict, step=int). By default it is wandb.log when wandb is installed and a
-    run is active; otherwise the callback does nothing, so notebooks can always pass it."""
+    AmpWandbCallback(enabled, precision) is a Lightning Callback where Lightning is installed (a plain
+    class otherwise, so importing never needs Lightning): on_train_epoch_end(trainer, pl_module) logs
+    with the epoch as the step, reading the scale through _get_loss_scale(trainer). The same object
+    serves this project's loop (test_fine_tuning(callbacks=[...])): on_step_end(record) also logs
+    amp/skipped_steps, with the optimizer step as the step. AmpWandbCallback.from_plan(plan) builds it
+    from a PrecisionPlan.
 
-    def __init__(self, plan: PrecisionPlan, log=None):
-        self.plan = plan
+    `log` is any callable(dict, step=int); by default wandb.log while a W&B run is active. Without a
+    run nothing is logged, and a logging error is warned about, never raised into training."""
+
+    def __new__(cls, *args, **kwargs):
+        base = _lightning_callback_base()
+        return super().__new__(_with_base(cls, base) if base is not None and not issubclass(cls, base) else cls)
+
+    def __init__(self, enabled: bool, precision: str, log=None):
+        self.enabled, self.precision = bool(enabled), str(precision)
         self.skipped_steps = 0
         self._log = log
+
+    @classmethod
+    def from_plan(cls, plan: PrecisionPlan, log=None) -> "AmpWandbCallback":
+        return cls(plan.enabled, plan.precision, log)
 
     def _logger(self):
         if self._log is not None:
@@ -240,11 +296,23 @@ class AmpWandbCallback:
             return None
         return wandb.log if wandb.run is not None else None
 
-    def on_step_end(self, record: dict):
-        self.skipped_steps += int(record["skipped"])
+    def _emit(self, metrics: dict, loss_scale, step: int):
         log = self._logger()
         if log is None:
             return
-        log({"amp/enabled": int(self.plan.enabled), "amp/precision": self.plan.precision,
-             "amp/loss_scale": float(record["loss_scale"]), "amp/skipped_steps": self.skipped_steps},
-            step=int(record["step"]))
+        metrics = {"amp/enabled": int(self.enabled), "amp/precision": self.precision, **metrics}
+        if self.precision in FP16_PRECISIONS and loss_scale is not None:
+            metrics["amp/loss_scale"] = float(loss_scale)
+        try:
+            log(metrics, step=int(step))
+        except Exception as e:  # a logging failure must never stop training
+            warnings.warn(f"AmpWandbCallback could not log at step {step}: {type(e).__name__}: {e}", stacklevel=2)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        """Lightning's hook: once per training epoch."""
+        self._emit({}, _get_loss_scale(trainer), getattr(trainer, "current_epoch", 0))
+
+    def on_step_end(self, record: dict):
+        """test_fine_tuning's hook: after every optimizer step."""
+        self.skipped_steps += int(record["skipped"])
+        self._emit({"amp/skipped_steps": self.skipped_steps}, record["loss_scale"], record["step"])
