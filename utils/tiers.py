@@ -105,4 +105,4 @@ def summarize(result: TierResult):
 def describe(result: TierResult):
     """What ran (device, precision and why, versions) and the headline figures. Differs from machine to machine."""
     for key, value in {**result.record, **result.figures}.items():
-        print(f"{key}: {value}")
+        print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
