@@ -152,6 +152,10 @@ Both runs start from the same weights and see the same data in the same order un
 precision differs. Speed is measured in interleaved trials (fp32, AMP, fp32, AMP, ...) after warm-up steps, with the
 device synchronized, and the speedup carries a bootstrap interval from 3 trials up. On a T4 AMP means fp16 with a
 GradScaler; on an A100/H100 bf16; on a CPU bf16.""", [
+        ("Is the fp32 baseline sound?", """\
+AMP is judged against fp32, so fp32 must train first: a baseline whose loss goes NaN or rises (a learning rate too
+high, a broken model) fails here, and then AMP is not blamed for it (amp_safe says it was not judged).""",
+         "fp32_baseline"),
         ("Is AMP safe? Loss curves and loss scale", """\
 Training loss per step for both precisions; below, the gap between their 10-step rolling medians (a one-step spike
 that recovers does not count, a lasting drift does) against the tolerance. Crosses mark steps the GradScaler skipped.
@@ -163,8 +167,8 @@ for backward per precision beside parameters and AdamW state (which autocast lea
 allocator's peak; with `sweep_batch_sizes`, the speedup per batch size (small batches leave matmuls too small to
 profit). MFU, the matmul peak ratio and Amdahl's bound are in the figures above. This is a **timing** verdict: it
 does not decide the tier's status and nbval does not compare it.""", "amp_worth_it"),
-    ], "**amp_safe**: loss parity within the tolerance, finite losses, no runaway skipped steps. **amp_worth_it**: the "
-       "speedup interval lies above 1.")
+    ], "**fp32_baseline**: fp32 itself trains. **amp_safe**: loss parity within the tolerance, finite losses, no runaway "
+       "skipped steps. **amp_worth_it**: the speedup interval lies above 1 (a timing verdict).")
 
 
 NOTEBOOKS = {"tier1_validation.ipynb": tier1, "tier2_analysis.ipynb": tier2, "tier3_training.ipynb": tier3}

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.user_models import OverflowsFp16, TinyGPTWrapper
+from tests.user_models import EmitsNaN, OverflowsFp16, TinyGPTWrapper
 from utils.models import build_model
 from utils.plotting import plot_loss_curves, plot_loss_scale, plot_memory, plot_speedup_sweep, plot_throughput
 from utils.training.amp_benchmark import bootstrap_ratio, main, matmul_params, test_amp_speedup_benchmark, training_flops_per_token
@@ -71,6 +71,7 @@ def test_healthy_model_is_safe_and_summary_is_complete(tiny_result):
     _, _, parity, s = parts(tiny_result)
     verdicts = {v.check: v for v in tiny_result.verdicts}
     assert verdicts["amp_safe"].status == "pass", verdicts["amp_safe"].reason
+    assert verdicts["fp32_baseline"].status == "pass", verdicts["fp32_baseline"].reason
     assert verdicts["amp_worth_it"].timing and not verdicts["amp_safe"].timing
     assert tiny_result.status == "pass"  # decided by amp_safe alone: the speed verdict is a timing one
     assert s["amp_precision"] == "bf16-mixed" and parity["skipped_steps"] == 0
@@ -81,6 +82,15 @@ def test_healthy_model_is_safe_and_summary_is_complete(tiny_result):
     assert s["speedup"]["ci_low"] <= s["speedup"]["median"] <= s["speedup"]["ci_high"]
     assert tiny_result.record["precision"] == "bf16-mixed" and tiny_result.record["device"] == "cpu"
     assert tiny_result.figures["skipped_steps"] == 0 and tiny_result.figures["amp_precision"] == "bf16-mixed"
+
+
+@pytest.mark.parametrize("model, lr, problem", [("gpt-tiny", 10.0, "diverged"), (EmitsNaN(), 1e-3, "went NaN/Inf")])
+def test_a_broken_fp32_baseline_is_blamed_not_amp(model, lr, problem):
+    r = test_amp_speedup_benchmark(model, precision="bf16-mixed", **{**TINY, "trials": 1, "lr": lr})
+    verdicts = {v.check: v for v in r.verdicts}
+    assert verdicts["fp32_baseline"].status == "fail" and problem in verdicts["fp32_baseline"].reason
+    assert verdicts["amp_safe"].status == "warn" and verdicts["amp_safe"].reason.startswith("not judged")
+    assert r.status == "fail"
 
 
 def test_fewer_than_three_trials_give_no_interval_and_no_speed_verdict():
@@ -163,7 +173,7 @@ def test_benchmark_command_prints_the_figures_as_json(tmp_path, capsys):
     for key in ("speedup", "matmul_ratio", "mfu", "amdahl_speedup_bound", "loop_efficiency", "minimal_loop_tokens_per_s"):
         assert key in s, key
     assert set(s["mfu"]) == {"32", "bf16-mixed"} and printed["figures"]["wall_time_s"] > 0
-    assert [v["check"] for v in printed["verdicts"]] == ["amp_safe", "amp_worth_it"]
+    assert [v["check"] for v in printed["verdicts"]] == ["fp32_baseline", "amp_safe", "amp_worth_it"]
     assert code == (1 if printed["status"] == "fail" else 0)
     assert TierResult.load(tmp_path / "bench.json").parameters["trials"] == 1
 

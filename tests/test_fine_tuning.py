@@ -1,11 +1,12 @@
 import math
+import re
 
 import pandas as pd
 import pytest
 import torch
 
 from utils.data import load_corpus
-from utils.models import build_model, compute_loss
+from utils.models import ModelLoadError, build_model, compute_loss
 from utils.tier3_training_utilities import _training_step, test_fine_tuning, warmup_cosine
 from utils.training.amp_utils import AmpWandbCallback, resolve_precision
 
@@ -140,7 +141,7 @@ def test_warmup_cosine_schedule():
 def test_seed_use_amp_flag_and_callbacks():
     logged = []
     plan = resolve_precision("auto", "cpu", use_amp=True)
-    r = test_fine_tuning(fresh_gpt(), use_amp=True, callbacks=[AmpWandbCallback(plan, log=lambda d, step: logged.append(step))], **FAST)
+    r = test_fine_tuning(fresh_gpt(), use_amp=True, callbacks=[AmpWandbCallback.from_plan(plan, log=lambda d, step: logged.append(step))], **FAST)
     assert r.plan == plan
     assert logged == [1, 2, 3, 4, 5, 6]
     assert test_fine_tuning(fresh_gpt(), use_amp=False, **FAST).effective_precision == "32"
@@ -184,3 +185,19 @@ def test_loss_is_computed_in_fp32_under_autocast():
     with resolve_precision("bf16-mixed", "cpu").autocast():
         loss = compute_loss(model, x, x)
     assert loss.dtype == torch.float32
+
+
+@pytest.mark.parametrize("kwargs, message", [({"lr": float("nan")}, "lr must be a finite number > 0; got nan"),
+                                             ({"lr": 0}, "lr must be a finite number > 0; got 0"),
+                                             ({"epochs": -1}, "epochs must be a finite number > 0; got -1"),
+                                             ({"warmup_steps": -5}, "warmup_steps must be a non-negative integer"),
+                                             ({"max_grad_norm": float("nan")}, "max_grad_norm must be a finite number > 0"),
+                                             ({"weight_decay": -0.1}, "weight_decay must be a finite number >= 0")])
+def test_bad_numbers_are_refused_by_name_before_training(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        test_fine_tuning("gpt-tiny", **{**FAST, **kwargs})
+
+
+def test_a_model_without_parameters_is_refused_with_the_reason():
+    with pytest.raises(ModelLoadError, match="NoParameters .* has no parameters; expected a model with weights"):
+        test_fine_tuning("tests.user_models:NoParameters", **FAST)

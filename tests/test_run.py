@@ -35,7 +35,8 @@ def test_unknown_parameters_are_rejected_before_anything_runs(tmp_path, capsys):
 
 def test_parameters_go_only_to_tiers_that_have_them():
     runs = plan_runs([1, 3], {"steps": 5, "seed": 1}, {"precision": ["16-mixed", "bf16-mixed"]})
-    assert [r[0] for r in runs] == ["tier1", "tier3_precision-16-mixed", "tier3_precision-bf16-mixed"]
+    assert [r[0].rsplit("_", 1)[0] for r in runs] == ["tier1", "tier3_precision-16-mixed", "tier3_precision-bf16-mixed"]
+    assert all(len(r[0].rsplit("_", 1)[1]) == 10 for r in runs)  # each id ends in its content digest
     assert runs[0][2] == {"seed": 1} and runs[1][2] == {"steps": 5, "seed": 1, "precision": "16-mixed"}
 
 
@@ -68,15 +69,16 @@ def test_a_crashing_notebook_does_not_stop_the_others(tmp_path, capsys):
     code = main(["--tiers", "1", "--grid", str(grid), "--out", str(tmp_path), "--name", "mixed",
                  "-p", "seq_len=16", "-p", "latency_iters=5", "-p", "batch_sizes=[1, 2]"])
     assert code == 1
-    summary = pd.read_csv(tmp_path / "mixed" / "summary.csv").set_index("run_id")
+    summary = pd.read_csv(tmp_path / "mixed" / "summary.csv")
+    summary.index = summary["run_id"].str.rsplit("_", n=1).str[0]
     bad, good = summary.loc["tier1_model-no-such-model"], summary.loc["tier1_model-gpt-tiny"]
     assert bad["run_status"] == "crashed" and "ModelLoadError" in bad["error"] and "no-such-model" in bad["error"]
     assert pd.isna(bad["verdict"])
     assert good["run_status"] == "ok" and good["verdict"] == "pass"
-    executed = (tmp_path / "mixed" / "tier1_model-no-such-model" / "tier1_validation.ipynb").read_text()
+    executed = (tmp_path / "mixed" / bad["run_id"] / "tier1_validation.ipynb").read_text()
     assert "ModelLoadError" in executed  # the executed notebook keeps the error cell
-    assert "crashed: tier1_model-no-such-model: ModelLoadError" in capsys.readouterr().out
-    assert read_json(tmp_path / "mixed" / "tier1_model-gpt-tiny" / "results.json")["tier"] == 1
+    assert f"crashed: {bad['run_id']}: ModelLoadError" in capsys.readouterr().out
+    assert read_json(tmp_path / "mixed" / good["run_id"] / "results.json")["tier"] == 1
 
 
 def test_fail_on_verdict_exit_code(tmp_path):

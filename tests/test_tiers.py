@@ -63,6 +63,17 @@ def test_detached_layer_fails_gradient_flow_naming_it():
     assert statuses(r)["shapes"] == "pass"
 
 
+def test_non_finite_values_fail_every_tier2_analysis_that_sees_them():
+    r = run_tier2(EmitsNaN(), device="cpu")  # NaN logits; the attention inside is finite, and is not blamed
+    assert non_timing(r) == {"attention": "pass", "robustness": "fail", "amp_readiness": "fail"}
+    assert "NaN/Inf" in r.checks["robustness"].verdict.reason and "not mixed precision" in r.checks["amp_readiness"].verdict.reason
+    model = build_model("gpt-tiny")
+    with torch.no_grad():
+        model.blocks[1].attn.qkv.weight[0, 0] = float("nan")
+    v = analyze_attention(model, torch.randint(0, 256, (2, 8))).verdict
+    assert v.status == "fail" and "NaN/Inf in 1 layer(s), first blocks.1.attn" in v.reason
+
+
 def test_nan_model_fails_numerics_and_gradients():
     r = run_tier1(EmitsNaN())
     assert non_timing(r) == {"shapes": "pass", "gradient_flow": "fail", "numerics": "fail", "initialization": "pass",

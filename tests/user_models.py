@@ -1,6 +1,7 @@
 """User-style models for tests: Hugging Face style outputs, tuples, and planted faults.
 Each wraps the tiny GPT with seeded weights and changes one thing about it."""
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -102,3 +103,18 @@ class OverflowsFp16(TinyGPTWrapper):
     def __init__(self):
         super().__init__()
         self.inner.blocks[1].mlp[0].register_forward_hook(lambda m, i, o: o * 1e6)
+
+
+class Hangs(TinyGPTWrapper):
+    """A forward that never returns: what a runner's timeout is for."""
+
+    def forward(self, input_ids):
+        time.sleep(3600)
+        return self.inner(input_ids)
+
+
+class NoParameters(nn.Module):
+    """One-hot 'logits' and no weights at all: nothing to validate or train."""
+
+    def forward(self, input_ids):
+        return torch.nn.functional.one_hot(input_ids, 256).float()

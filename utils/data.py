@@ -4,11 +4,15 @@ The built-in corpus is the source text of a fixed list of Python standard-librar
 every Python ships. Its text differs slightly between Python versions, so `TextCorpus.fingerprint`
 (a SHA-256 of the bytes) is recorded with results: two runs are comparable when fingerprints match.
 
-Tokens are bytes (vocabulary 256), so any text file works and nothing needs training.
+Tokens are bytes (vocabulary 256), so any text file works and nothing needs training. They are
+stored one byte each (uint8) and widened to int64 per batch, so a corpus takes about its file's size
+in memory; a user's file is read in chunks and checked to be UTF-8 on the way (the error names the
+file and the byte offset).
 The train/validation split is deterministic: the first 90% of each document trains, the rest
 validates. Batches are drawn with an explicit torch.Generator, so a seed fixes the data order.
 """
 
+import codecs
 import hashlib
 import os
 import sysconfig
@@ -28,8 +32,11 @@ STDLIB_MODULES = (
 CLASSIFICATION_MODULES = ("argparse", "calendar", "fractions", "textwrap")
 
 
+CHUNK_BYTES = 1 << 20
+
+
 def encode(text: str) -> torch.Tensor:
-    return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
+    return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8)
 
 
 def decode(tokens) -> str:
@@ -75,7 +82,7 @@ class TextCorpus:
         data = self.train if split == "train" else self.val
         starts = torch.randint(len(data) - seq_len - 1, (batch_size,), generator=generator)
         idx = starts[:, None] + torch.arange(seq_len)
-        return data[idx], data[idx + 1]
+        return data[idx].long(), data[idx + 1].long()
 
     def eval_batches(self, n_batches: int, batch_size: int, seq_len: int):
         """Fixed, evenly spaced validation windows: the same batches at every evaluation."""
@@ -83,36 +90,67 @@ class TextCorpus:
         idx = starts[:, None] + torch.arange(seq_len)
         for b in range(n_batches):
             rows = idx[b * batch_size:(b + 1) * batch_size]
-            yield self.val[rows], self.val[rows + 1]
+            yield self.val[rows].long(), self.val[rows + 1].long()
 
 
-def _split(texts, source: str, val_fraction: float) -> TextCorpus:
+def _split(documents, source: str, val_fraction: float) -> TextCorpus:
+    """documents: uint8 token tensors. The first (1 - val_fraction) of each trains, the rest validates."""
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be between 0 and 1; got {val_fraction}")
     train, val, digest = [], [], hashlib.sha256()
-    for text in texts:
-        tokens = encode(text)
-        digest.update(text.encode("utf-8"))
+    for tokens in documents:
+        digest.update(memoryview(tokens.numpy()))
         cut = int(len(tokens) * (1 - val_fraction))
         train.append(tokens[:cut])
         val.append(tokens[cut:])
-    train, val = torch.cat(train), torch.cat(val)
+    # One document (a user's file) stays as views of its single buffer: no copy, so memory stays ~1x the file.
+    train, val = (parts[0] if len(parts) == 1 else torch.cat(parts) for parts in (train, val))
     if len(train) == 0 or len(val) == 0:
         raise ValueError(f"corpus {source!r} is empty or too short to split ({len(train)} train, {len(val)} validation tokens)")
     return TextCorpus(train, val, source, digest.hexdigest()[:16])
 
 
+def _read_utf8_bytes(path: Path) -> torch.Tensor:
+    """The file's bytes as a uint8 tensor, read in chunks and checked to be UTF-8 on the way."""
+    tokens = torch.empty(path.stat().st_size, dtype=torch.uint8)
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+
+    def check(chunk, final=False):
+        start = offset - len(decoder.getstate()[0])  # the decoder may hold the first bytes of a character
+        try:
+            decoder.decode(chunk, final=final)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"corpus file {str(path)!r} is not UTF-8 text: {e.reason} at byte offset {start + e.start}; "
+                             "expected a UTF-8 text file") from None
+
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK_BYTES):
+            check(chunk)
+            tokens[offset:offset + len(chunk)] = torch.frombuffer(bytearray(chunk), dtype=torch.uint8)
+            offset += len(chunk)
+    check(b"", final=True)  # a multi-byte character cut off at the end
+    return tokens[:offset]
+
+
+def _has_text(tokens: torch.Tensor) -> bool:
+    """Any byte above ASCII space, looked for a chunk at a time (no full-size temporary)."""
+    return any(bool((tokens[i:i + CHUNK_BYTES] > 32).any()) for i in range(0, len(tokens), CHUNK_BYTES))
+
+
 def load_corpus(path=None, val_fraction: float = 0.1) -> TextCorpus:
     """The built-in standard-library corpus, or the UTF-8 text file at `path`."""
     if path is None:
-        return _split([_stdlib_text(m) for m in STDLIB_MODULES], "python-stdlib", val_fraction)
+        return _split([encode(_stdlib_text(m)) for m in STDLIB_MODULES], "python-stdlib", val_fraction)
     path = Path(os.fspath(path))
+    expected = "expected a UTF-8 text file, or None for the built-in corpus"
+    if path.is_dir():
+        raise IsADirectoryError(f"corpus path {str(path)!r} is a directory; {expected}")
     if not path.is_file():
-        raise FileNotFoundError(f"corpus file {str(path)!r} does not exist; expected a UTF-8 text file, or None for the built-in corpus")
-    text = path.read_text(encoding="utf-8")
-    if not text.strip():
+        raise FileNotFoundError(f"corpus file {str(path)!r} does not exist; {expected}")
+    tokens = _read_utf8_bytes(path)
+    if not _has_text(tokens):
         raise ValueError(f"corpus file {str(path)!r} is empty; expected a UTF-8 text file with some text")
-    return _split([text], str(path), val_fraction)
+    return _split([tokens], str(path), val_fraction)
 
 
 @dataclass
@@ -137,7 +175,7 @@ class ClassificationSet:
             data = self.documents[label][0 if split == "train" else 1]
             i = int(torch.randint(len(data) - seq_len, (1,), generator=generator))
             xs.append(data[i:i + seq_len])
-        return torch.stack(xs), labels
+        return torch.stack(xs).long(), labels
 
     def eval_batches(self, n_batches: int, batch_size: int, seq_len: int):
         """Fixed validation batches, classes in turn, windows evenly spaced in each document."""
@@ -148,7 +186,7 @@ class ClassificationSet:
             data = self.documents[label][1]
             i = (j // self.num_classes) * 97 % (len(data) - seq_len)  # 97: a stride that spreads windows
             xs.append(data[i:i + seq_len])
-        x = torch.stack(xs)
+        x = torch.stack(xs).long()
         for b in range(n_batches):
             yield x[b * batch_size:(b + 1) * batch_size], labels[b * batch_size:(b + 1) * batch_size]
 

@@ -218,18 +218,22 @@ def load_model(spec, **kwargs) -> nn.Module:
 
     kwargs go to the factory (for registry names: ModelConfig overrides such as vocab_size)."""
     if isinstance(spec, nn.Module):
-        return spec
-    if not isinstance(spec, str):
+        model = spec
+    elif not isinstance(spec, str):
         raise ModelLoadError(f"model spec must be an nn.Module or a string; got {type(spec).__name__}. Expected {SPEC_FORMS}")
-    if spec in REGISTRY:
-        return build_model(spec, **kwargs)
-    factory = _resolve_factory(spec)
-    try:
-        model = factory(**kwargs)
-    except Exception as e:
-        raise ModelLoadError(f"factory {spec!r} raised {type(e).__name__}: {e}") from e
-    if not isinstance(model, nn.Module):
-        raise ModelLoadError(f"factory {spec!r} returned {type(model).__name__}; expected a torch.nn.Module")
+    elif spec in REGISTRY:
+        model = build_model(spec, **kwargs)
+    else:
+        factory = _resolve_factory(spec)
+        try:
+            model = factory(**kwargs)
+        except Exception as e:
+            raise ModelLoadError(f"factory {spec!r} raised {type(e).__name__}: {e}") from e
+        if not isinstance(model, nn.Module):
+            raise ModelLoadError(f"factory {spec!r} returned {type(model).__name__}; expected a torch.nn.Module")
+    if next(model.parameters(), None) is None:
+        raise ModelLoadError(f"model {type(model).__name__} (from {spec if isinstance(spec, str) else 'the module given'}) "
+                             "has no parameters; expected a model with weights to validate and train")
     return model
 
 

@@ -20,8 +20,23 @@ class ParamError(ValueError):
     """A parameter name or value that no tier accepts."""
 
 
-_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list", dict: "a mapping"}
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list",
+               dict: "a mapping of names to JSON values"}
 _ITEM_NAMES = {int: "integers", float: "numbers", str: "strings"}
+
+
+def is_data(value) -> bool:
+    """JSON values only: None, bool, int, finite float, str, and lists and str-keyed dicts of them.
+    Anything else (a tuple, set, bytes, an object) could reach a notebook as code."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return True
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, list):
+        return all(is_data(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and is_data(v) for k, v in value.items())
+    return False
 
 
 @dataclass(frozen=True)
@@ -59,7 +74,7 @@ class Param:
             ok = isinstance(value, list) and all(self._number_ok(v, self.item) if self.item in (int, float)
                                                  else isinstance(v, self.item) for v in value)
         else:
-            ok = isinstance(value, self.type) and (not self.choices or value in self.choices)
+            ok = isinstance(value, self.type) and is_data(value) and (not self.choices or value in self.choices)
         if not ok:
             raise ParamError(f"parameter {self.name!r} expects {self.expected()}; got {value!r} ({type(value).__name__})")
         return float(value) if self.type is float else value

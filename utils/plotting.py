@@ -258,18 +258,18 @@ def plot_amp_layer_error(amp: pd.DataFrame, tolerance: float, path=None):
 # --- Batch runs -----------------------------------------------------------------------------------
 
 def plot_verdict_grid(summary: pd.DataFrame, path=None):
-    """One row per run, one column per check: green pass, orange warn, red fail, black a crashed run."""
+    """One row per run, one column per check: green pass, orange warn, red fail, black a run that crashed
+    or timed out (its whole row; a batch in which every run crashed has one column)."""
     checks = [c for c in summary.columns if c.startswith("verdict.")]
     codes = {"pass": 0, "warn": 1, "fail": 2, "crashed": 3}
     grid = np.full((len(summary), max(1, len(checks))), np.nan)
     for i in range(len(summary)):
-        crashed = summary.iloc[i]["run_status"] != "ok"
+        if summary.iloc[i]["run_status"] != "ok":
+            grid[i, :] = codes["crashed"]
+            continue
         for j, check in enumerate(checks):
-            status = summary.iloc[i][check]
-            if crashed:
-                grid[i, j] = codes["crashed"]
-            elif isinstance(status, str):
-                grid[i, j] = codes[status]
+            if isinstance(summary.iloc[i][check], str):
+                grid[i, j] = codes[summary.iloc[i][check]]
     cmap = ListedColormap([STATUS_COLORS["pass"], STATUS_COLORS["warn"], STATUS_COLORS["fail"], "black"])
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(checks) + 3), max(2.5, 0.45 * len(summary) + 1.5)))
     ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0, vmax=3, aspect="auto")
@@ -277,7 +277,8 @@ def plot_verdict_grid(summary: pd.DataFrame, path=None):
     for (i, j), code in np.ndenumerate(grid):
         if code == code:  # not NaN: this run has this check
             ax.text(j, i, names[int(code)], ha="center", va="center", color="white", fontsize=8)
-    ax.set_xticks(range(len(checks)), [c.removeprefix("verdict.") for c in checks] or ["(no checks)"], rotation=45, ha="right")
+    labels = [c.removeprefix("verdict.") for c in checks] or ["(no check ran)"]
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
     ax.set_yticks(range(len(summary)), [f"{r} ({s})" if s != "ok" else r for r, s in zip(summary["run_id"], summary["run_status"])])
     ax.set_title("Verdicts per run: green pass, orange warn, red fail, black crashed; blank: not run in that tier")
     ax.title.set_fontsize(9)

@@ -19,22 +19,37 @@ To pass a list-valued parameter (batch_sizes, strengths) as one value, nest it: 
 Parameters that a tier does not have are not passed to it; a name no selected tier knows, or a value
 of the wrong type, is rejected before anything runs.
 
-Exit code: 0 when every notebook ran, 1 when any crashed (its executed notebook keeps the error cell,
-its summary row names the exception), 2 for bad arguments. --fail-on-verdict also exits 1 when a
-check fails; a failing verdict and a crash are separate columns in the summary.
+Each run's folder name ends in a digest of its tier and full parameters: its identity is its content.
+A run executes in a temporary folder and replaces its previous outputs only when it finishes, so an
+interrupted batch loses nothing that had finished; summary.csv is rewritten after every run. --resume
+skips a run only when its recorded digest, run.json, results.json and notebook are complete, valid and
+agree; any other run is redone and its summary row says why. One runner per output folder at a time
+(a lock file with the runner's pid; a stale one is taken over).
+
+Exit code: 0 when every notebook ran, 1 when any crashed or timed out (its executed notebook keeps the
+error cell, its summary row names the exception), 2 for bad arguments. --fail-on-verdict also exits 1
+when a non-timing check fails, --fail-on-timing when a timing check does (they vary with load).
 """
 
 import argparse
+import contextlib
+import hashlib
 import itertools
+import json
+import os
 import re
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import matplotlib
+import nbformat
 import pandas as pd
 import papermill
 import yaml
+from matplotlib import pyplot as plt
 
 from utils.params import TIER_PARAMS, ParamError, check_params, coerce, spec
 from utils.plotting import plot_verdict_grid
@@ -73,11 +88,27 @@ def expand_grid(grid: dict) -> list:
 
 
 def _slug(value) -> str:
-    return re.sub(r"[^A-Za-z0-9.]+", "-", str(value)).strip("-")[:40] or "x"
+    return re.sub(r"[^A-Za-z0-9.]+", "-", str(value)).strip("-")[:24] or "x"
+
+
+def run_digest(tier: int, params: dict) -> str:
+    """A run's identity is its content: the tier and every parameter, defaults filled in (output_dir aside)."""
+    full = {k: v for k, v in check_params(tier, params).items() if k != "output_dir"}
+    return hashlib.sha256(json.dumps({"tier": tier, "parameters": full}, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _absolute_model_file(params: dict) -> dict:
+    """A 'path/to/file.py:factory' spec relative to where the runner was started, made absolute: notebooks
+    run in their own folders."""
+    target, sep, attr = str(params.get("model", "")).rpartition(":")
+    if sep and target.endswith(".py") and Path(target).is_file():
+        return {**params, "model": f"{Path(target).resolve()}:{attr}"}
+    return params
 
 
 def plan_runs(tiers, params: dict, grid: dict) -> list:
-    """One (run_id, tier, parameters) per tier and grid point, unknown names rejected up front."""
+    """One (run_id, tier, parameters) per tier and distinct grid point; every name and value checked up
+    front. The run id ends in the content digest, so two different runs never share a folder."""
     known = {tier: spec(tier) for tier in tiers}
     everything = set().union(*known.values())
     for name in [*params, *grid]:
@@ -85,65 +116,163 @@ def plan_runs(tiers, params: dict, grid: dict) -> list:
             raise UsageError("output_dir is set by the runner (runs/<name>/<run>/); use --out and --name instead")
         if name not in everything:
             raise UsageError(f"unknown parameter {name!r} for tier(s) {list(tiers)}; known parameters: {sorted(everything)}")
-    runs = []
+    runs, seen = [], set()
     for point in expand_grid(grid):
         for tier in tiers:
-            chosen = {k: v for k, v in {**params, **point}.items() if k in known[tier]}
+            chosen = _absolute_model_file({k: v for k, v in {**params, **point}.items() if k in known[tier]})
             try:
-                check_params(tier, chosen)
+                digest = run_digest(tier, chosen)
             except ParamError as e:
                 raise UsageError(str(e)) from None
-            suffix = "_".join(f"{k}-{_slug(v)}" for k, v in point.items() if k in known[tier])
-            run_id = f"tier{tier}" + (f"_{suffix}" if suffix else "")
-            if run_id not in {r[0] for r in runs}:  # a grid axis another tier ignores would repeat it
-                runs.append((run_id, tier, chosen))
+            if digest in seen:  # a grid axis another tier ignores repeats the same run
+                continue
+            seen.add(digest)
+            suffix = "".join(f"_{k}-{_slug(v)}" for k, v in point.items() if k in known[tier])
+            runs.append((f"tier{tier}{suffix}_{digest}", tier, chosen))
     return runs
 
 
-def execute(run_id: str, tier: int, params: dict, out_dir: Path, progress: bool) -> dict:
-    """Execute one notebook into out_dir/run_id; a crash is recorded, never raised."""
-    run_dir = out_dir / run_id
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "results.json").unlink(missing_ok=True)  # a result left from an earlier run must not pass for this one's
-    row = {"run_id": run_id, "tier": tier, "notebook": TIERS[tier], **{f"param.{k}": v for k, v in params.items()}}
-    t0 = time.perf_counter()
+def _read(path: Path, reader=read_json):
+    """A record file's content, or a ValueError that names the file and what is wrong with it."""
     try:
-        papermill.execute_notebook(str(NOTEBOOK_DIR / TIERS[tier]), str(run_dir / TIERS[tier]),
-                                   parameters={**params, "output_dir": str(run_dir)}, cwd=str(NOTEBOOK_DIR),
-                                   progress_bar=progress, kernel_name="python3")
-        results = read_json(run_dir / "results.json")
-        row.update(run_status="ok", error="", verdict=results["status"])
-        row.update({f"verdict.{v['check']}": v["status"] for v in results["verdicts"]})
-        row.update(results.get("figures", {}))
-    except Exception as e:  # a failing notebook must not stop the others
-        message = getattr(e, "evalue", None) or str(e)
-        row.update(run_status="crashed", verdict=None, error=f"{getattr(e, 'ename', type(e).__name__)}: {message}".strip()[:500])
-    row["duration_s"] = round(time.perf_counter() - t0, 2)
-    write_json_atomic(run_dir / "run.json", row)
+        return reader(path)
+    except FileNotFoundError:
+        raise ValueError(f"{path} is missing") from None
+    except Exception as e:
+        raise ValueError(f"{path} is corrupt ({type(e).__name__}: {e})") from None
+
+
+def why_rerun(run_dir: Path, tier: int, params: dict):
+    """None when run_dir holds exactly this run, complete and valid; else the reason to run it again."""
+    try:
+        record = _read(run_dir / "run.json")
+        if not isinstance(record, dict):
+            return f"{run_dir / 'run.json'} is corrupt (not a run record)"
+        if record.get("digest") != run_digest(tier, params):
+            return "its parameters changed"
+        if record.get("run_status") != "ok":
+            return f"it ended {record.get('run_status')!r}"
+        results = _read(run_dir / "results.json")
+        if not isinstance(results, dict) or results.get("status") != record.get("verdict"):
+            return f"{run_dir / 'results.json'} does not match run.json"
+        _read(run_dir / TIERS[tier], lambda p: nbformat.read(p, as_version=4))
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def _replace_dir(new: Path, final: Path):
+    """Put a finished run in place; the previous one is removed only once the new one is there."""
+    old = final.with_name(f".{final.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    new.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def execute(run_id: str, tier: int, params: dict, out_dir: Path, progress: bool = False, timeout: int = None) -> dict:
+    """Execute one notebook in a temporary folder, then move it to out_dir/run_id. A crash, a timeout or a
+    file-system error is recorded in the returned row, never raised; an interrupted run leaves the
+    previous out_dir/run_id as it was."""
+    row = {"run_id": run_id, "tier": tier, "notebook": TIERS[tier], "digest": run_digest(tier, params),
+           **{f"param.{k}": v for k, v in params.items()}}
+    t0, tmp = time.perf_counter(), None
+    try:
+        tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{run_id}."))
+        try:
+            papermill.execute_notebook(str(NOTEBOOK_DIR / TIERS[tier]), str(tmp / TIERS[tier]),
+                                       parameters={**params, "output_dir": "."}, cwd=str(tmp), progress_bar=progress,
+                                       kernel_name="python3", execution_timeout=timeout)
+            results = read_json(tmp / "results.json")
+            row.update(run_status="ok", error="", verdict=results["status"],
+                       timing_failed=any(v["timing"] and v["status"] == "fail" for v in results["verdicts"]))
+            row.update({f"verdict.{v['check']}": v["status"] for v in results["verdicts"]})
+            row.update(results.get("figures", {}))
+        except Exception as e:  # a failing notebook must not stop the others
+            timed_out = isinstance(e, TimeoutError) or "timed out" in str(e).lower()
+            message = getattr(e, "evalue", None) or str(e)
+            row.update(run_status="timeout" if timed_out else "crashed", verdict=None, timing_failed=False,
+                       error=(f"no cell may run longer than --timeout {timeout} s" if timed_out else
+                              f"{getattr(e, 'ename', type(e).__name__)}: {message}".strip()[:500]))
+        row["duration_s"] = round(time.perf_counter() - t0, 2)
+        write_json_atomic(tmp / "run.json", row)
+        _replace_dir(tmp, out_dir / run_id)
+    except OSError as e:  # the file system failed this run: its problem, not the batch's
+        row.update(run_status="crashed", verdict=None, timing_failed=False, error=f"file system: {e}",
+                   duration_s=round(time.perf_counter() - t0, 2))
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     return row
 
 
-def run_all(runs, out_dir: Path, resume: bool = False, progress: bool = False, log=print) -> pd.DataFrame:
-    rows = []
-    for i, (run_id, tier, params) in enumerate(runs, 1):
-        done = out_dir / run_id / "run.json"
-        previous = read_json(done) if resume and done.exists() else {}
-        if previous.get("run_status") == "ok":
-            log(f"[{i}/{len(runs)}] {run_id}: complete, skipped (--resume)")
-            rows.append(previous)
-            continue
-        log(f"[{i}/{len(runs)}] {run_id} ...")
-        row = execute(run_id, tier, params, out_dir, progress)
-        log(f"[{i}/{len(runs)}] {run_id}: {row['run_status']}" + (f", verdict {row['verdict']}" if row["verdict"] else f" ({row['error']})")
-            + f" in {row['duration_s']:.1f}s")
-        rows.append(row)
+def write_summary(rows: list, out_dir: Path, log=print) -> pd.DataFrame:
+    """summary.csv and summary.png, rewritten after every run so an interruption keeps what finished."""
     summary = pd.DataFrame(rows)
-    out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / ".summary.csv.tmp"
     summary.to_csv(tmp, index=False)
     tmp.replace(out_dir / "summary.csv")
-    plot_verdict_grid(summary, path=out_dir / "summary.png")
+    try:
+        plt.close(plot_verdict_grid(summary, path=out_dir / "summary.png"))
+    except Exception as e:  # the chart is a view of summary.csv; losing it must not lose the batch
+        log(f"summary.png not drawn: {type(e).__name__}: {e}")
     return summary
+
+
+def run_all(runs, out_dir: Path, resume: bool = False, progress: bool = False, timeout: int = None,
+            log=print) -> pd.DataFrame:
+    rows = []
+    for i, (run_id, tier, params) in enumerate(runs, 1):
+        reason = why_rerun(out_dir / run_id, tier, params) if resume and (out_dir / run_id).exists() else ""
+        if resume and reason is None:
+            log(f"[{i}/{len(runs)}] {run_id}: complete, skipped (--resume)")
+            rows.append(read_json(out_dir / run_id / "run.json"))
+        else:
+            log(f"[{i}/{len(runs)}] {run_id} ..." + (f" (again: {reason})" if reason else ""))
+            row = {**execute(run_id, tier, params, out_dir, progress, timeout), "rerun_reason": reason}
+            log(f"[{i}/{len(runs)}] {run_id}: {row['run_status']}" +
+                (f", verdict {row['verdict']}" if row["verdict"] else f" ({row['error']})") + f" in {row['duration_s']:.1f}s")
+            rows.append(row)
+        summary = write_summary(rows, out_dir, log)
+    return summary
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+@contextlib.contextmanager
+def batch_lock(out_dir: Path):
+    """One runner per output folder: a lock file holding the runner's pid. A lock whose process is gone
+    is stale and taken over; a live one makes this runner refuse. Left-over temporary run folders of a
+    dead runner are removed once the lock is held."""
+    lock = out_dir / ".lock"
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            text = lock.read_text().strip() if lock.exists() else ""
+            fresh = lock.exists() and time.time() - lock.stat().st_mtime < 10
+            if (text.isdigit() and _alive(int(text))) or (not text and fresh):  # an empty lock is being written
+                raise UsageError(f"another runner (pid {text or '?'}) is writing {out_dir}; wait for it to finish, "
+                                 "or use another --name") from None
+            lock.unlink(missing_ok=True)  # stale: its runner is gone
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    try:
+        for leftover in out_dir.glob(".*.*"):
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
 
 
 def parameters_help() -> str:
@@ -155,6 +284,20 @@ def parameters_help() -> str:
     return "\n".join(lines)
 
 
+def _output_folder(out: Path, name: str) -> Path:
+    """--out/--name, checked before anything runs: the name stays inside --out, and --out can be written."""
+    if not name or Path(name).name != name or name in (".", ".."):
+        raise UsageError(f"--name {name!r} must be a plain folder name inside --out (no '/', '..' or absolute path)")
+    out_dir = out / name
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out_dir).close()
+    except OSError as e:
+        raise UsageError(f"cannot write runs into {str(out_dir)!r} (--out {str(out)!r}): {e.strerror or e}; "
+                         "expected a writable folder") from None
+    return out_dir
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m utils.run", description=__doc__, epilog=parameters_help(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -163,9 +306,15 @@ def main(argv=None) -> int:
     parser.add_argument("--grid", type=Path, help="YAML file whose lists expand to a cross product of runs")
     parser.add_argument("--out", type=Path, default=ROOT / "runs", help="parent folder (default: runs/)")
     parser.add_argument("--name", default="default", help="this batch's folder under --out (default: default)")
-    parser.add_argument("--resume", action="store_true", help="skip runs whose run.json says they completed")
+    parser.add_argument("--resume", action="store_true",
+                        help="skip runs whose recorded parameters and outputs are complete, valid and the same as planned")
+    parser.add_argument("--timeout", type=int, default=3600,
+                        help="seconds any one notebook cell may run (each tier runs in one cell); default 3600")
     parser.add_argument("--progress", action="store_true", help="show papermill's per-cell progress bar")
-    parser.add_argument("--fail-on-verdict", action="store_true", help="exit 1 when any check fails, not only on crashes")
+    parser.add_argument("--fail-on-verdict", action="store_true",
+                        help="exit 1 when a non-timing check fails, not only on crashes and timeouts")
+    parser.add_argument("--fail-on-timing", action="store_true",
+                        help="exit 1 when a timing check (latency, amp_worth_it) fails too: results vary with machine load")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and exit")
     args = parser.parse_args(argv)
     matplotlib.use("Agg")  # the summary chart is written to a file, never shown
@@ -176,23 +325,29 @@ def main(argv=None) -> int:
                 raise UsageError(f"grid file {str(args.grid)!r} does not exist")
             grid = yaml.safe_load(args.grid.read_text()) or {}
         runs = plan_runs(args.tiers, parse_assignments(args.param), grid)
+        if args.timeout < 1:
+            raise UsageError(f"--timeout must be at least 1 second; got {args.timeout}")
+        if args.dry_run:
+            for run_id, tier, params in runs:
+                print(f"{run_id}: {TIERS[tier]} {params}")
+            return 0
+        out_dir = _output_folder(args.out, args.name)
+        with batch_lock(out_dir):
+            print(f"{len(runs)} run(s) into {out_dir}")
+            os.environ.setdefault("SUITE_ROOT", str(ROOT))  # the notebooks' set-up cell finds utils/ here
+            summary = run_all(runs, out_dir, args.resume, args.progress, args.timeout)
     except (UsageError, yaml.YAMLError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out_dir = args.out / args.name
-    if args.dry_run:
-        for run_id, tier, params in runs:
-            print(f"{run_id}: {TIERS[tier]} {params}")
-        return 0
-    print(f"{len(runs)} run(s) into {out_dir}")
-    summary = run_all(runs, out_dir, args.resume, args.progress)
-    crashed = summary[summary["run_status"] != "ok"]
+    broken = summary[summary["run_status"] != "ok"]
     failed = summary[summary["verdict"] == "fail"]
-    print(f"summary: {out_dir / 'summary.csv'} ({len(summary) - len(crashed)} ok, {len(crashed)} crashed, "
-          f"{len(failed)} with a failing verdict)")
-    for row in crashed.itertuples():
-        print(f"  crashed: {row.run_id}: {row.error}")
-    return 1 if len(crashed) or (args.fail_on_verdict and len(failed)) else 0
+    timing = summary[summary["timing_failed"].fillna(False).astype(bool)]
+    print(f"summary: {out_dir / 'summary.csv'} ({len(summary) - len(broken)} ok, {len(broken)} crashed or timed out, "
+          f"{len(failed)} with a failing verdict, {len(timing)} with a failing timing verdict)")
+    for row in broken.itertuples():
+        print(f"  {row.run_status}: {row.run_id}: {row.error}")
+    gate = len(broken) or (args.fail_on_verdict and len(failed)) or (args.fail_on_timing and len(timing))
+    return 1 if gate else 0
 
 
 if __name__ == "__main__":

@@ -75,6 +75,10 @@ def analyze_attention(model: nn.Module, x: torch.Tensor, collapse_max_weight: fl
                           "`record_attention = False` and, when the flag is set, store its softmax output as "
                           "`last_attention` (batch, heads, query, key).")
         return CheckResult(verdict, pd.DataFrame(columns=["layer", "head", "entropy", "normalized_entropy", "max_weight", "collapsed"]))
+    broken = [layer for layer, w in weights.items() if not torch.isfinite(w).all()]
+    if broken:
+        return CheckResult(Verdict("attention", "fail", f"attention weights are NaN/Inf in {len(broken)} layer(s), first "
+                                   f"{broken[0]}: the forward itself is non-finite (see Tier 1 numerics)."), pd.DataFrame())
     rows, maps = [], {}
     for layer, w in weights.items():  # (B, H, Tq, Tk)
         allowed = (w > 0).sum(-1).clamp(min=2).float()  # keys each query may see (causal rows see fewer)
@@ -114,6 +118,10 @@ def analyze_robustness(model: nn.Module, x: torch.Tensor, strengths=(0.01, 0.05,
     model.eval()
     with torch.no_grad():
         clean = forward(model, x).float()
+    if not torch.isfinite(clean).all():
+        model.train(was_training)
+        return CheckResult(Verdict("robustness", "fail", "the clean outputs are already NaN/Inf, so agreement under "
+                                   "perturbation means nothing: fix the forward first (see Tier 1 numerics)."), pd.DataFrame())
     clean_logp = clean.log_softmax(-1)
     embedding = _first_embedding(model)
     rows = []
@@ -186,6 +194,10 @@ def analyze_amp_readiness(model: nn.Module, x: torch.Tensor, plan: PrecisionPlan
     was_training = model.training
     model.eval()
     ref = _layer_outputs(model, x, resolve_precision("32", device))
+    if not torch.isfinite(ref["<output>"]).all():
+        model.train(was_training)
+        return CheckResult(Verdict("amp_readiness", "fail", "the fp32 forward is already NaN/Inf: that is the model, not "
+                                   "mixed precision (see Tier 1 numerics); AMP readiness cannot be judged."), pd.DataFrame())
     runs = {p: _layer_outputs(model, x, resolve_precision(p, device)) for p in ("16-mixed", "bf16-mixed")}
     model.train(was_training)
     rows = []

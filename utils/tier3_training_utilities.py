@@ -125,6 +125,13 @@ def test_fine_tuning(model, *, data=None, precision="auto", use_amp=None, steps:
             raise ValueError(f"{name} must be a positive integer; got {value!r}")
     if not isinstance(eval_batches, int) or eval_batches < 0:
         raise ValueError(f"eval_batches must be a non-negative integer (0 turns evaluation off); got {eval_batches!r}")
+    for name, value, zero_ok in (("lr", lr, False), ("weight_decay", weight_decay, True),
+                                 ("max_grad_norm", max_grad_norm, False), ("epochs", 1 if epochs is None else epochs, False)):
+        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                or value < 0 or (value == 0 and not zero_ok)):
+            raise ValueError(f"{name} must be a finite number {'>= 0' if zero_ok else '> 0'}; got {value!r}")
+    if warmup_steps is not None and (not isinstance(warmup_steps, int) or warmup_steps < 0):
+        raise ValueError(f"warmup_steps must be a non-negative integer (or None: 10% of the steps); got {warmup_steps!r}")
     device = resolve_device(device)
     plan = plan or resolve_precision(precision, device, use_amp)
     torch.manual_seed(seed)  # dropout masks, if the model has any

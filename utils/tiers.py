@@ -64,7 +64,7 @@ def save_tier(result: TierResult) -> dict:
     result.save(out / "results.json")
     charts = {}
     for name, check in result.checks.items():
-        if check.crashed:
+        if check.crashed or check.data.empty:  # nothing to draw: the verdict says why
             continue
         for filename, draw in CHARTS.get(name, []):
             try:
@@ -87,8 +87,8 @@ def present(result: TierResult, name: str, charts: dict):
     """A notebook section: the check's verdict, its table's columns and rows, and its charts."""
     check = result.checks[name]
     print(verdict_line(check.verdict))
-    if check.crashed:
-        print("no table or chart: the check crashed (its verdict above says why)")
+    if check.crashed or check.data.empty:
+        print("no table or chart: " + ("the check crashed" if check.crashed else "nothing was measured") + " (see the verdict)")
         return
     print(f"table: {len(check.data)} rows; columns {', '.join(map(str, check.data.columns))}")
     for path in charts.get(name, []):

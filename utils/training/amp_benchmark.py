@@ -206,7 +206,23 @@ def _speedup(trials: pd.DataFrame, amp_precision: str, loop: str = "ours") -> di
     return {"median": float(fp32.median() / amp.median()), "ci_low": low, "ci_high": high}
 
 
-def _verdicts(p: dict, speed: dict, precision: str) -> tuple:
+DIVERGED = 1.05  # an fp32 eval loss that ends 5% above where it started: the baseline diverged
+
+
+def _baseline_verdict(ref) -> Verdict:
+    """Is the fp32 run itself sound? If not, a gap to it says nothing about AMP."""
+    start, end = ref.initial_eval_loss, ref.final_eval_loss
+    bad = ref.history["step"][~np.isfinite(ref.history["loss"])]
+    if len(bad) or not np.isfinite(end):
+        return Verdict("fp32_baseline", "fail", "the fp32 run itself went NaN/Inf" + (f" at step {int(bad.min())}" if len(bad) else "")
+                       + ": the model or the learning rate is at fault, not AMP. Lower lr, check Tier 1 numerics.")
+    if end > DIVERGED * start:
+        return Verdict("fp32_baseline", "fail", f"the fp32 run itself diverged: eval loss {start:.3f} -> {end:.3f}. "
+                       "The learning rate is likely too high; AMP is not judged against a diverging baseline.")
+    return Verdict("fp32_baseline", "pass", f"fp32 trains: eval loss {start:.3f} -> {end:.3f}.")
+
+
+def _verdicts(p: dict, speed: dict, precision: str, baseline: Verdict) -> tuple:
     tol, skip_frac = p["tolerance"], p["skipped_fraction"]
     problems = []
     if not p["finite"]:
@@ -220,7 +236,10 @@ def _verdicts(p: dict, speed: dict, precision: str) -> tuple:
         problems.append(f"{p['skipped_steps']} of {p['steps']} steps were skipped for overflow "
                         f"({skip_frac:.0%} > {p['max_skipped_fraction']:.0%}): look for activations beyond fp16's range "
                         "(Tier 2 AMP readiness) or use bf16")
-    if problems:
+    if baseline.status == "fail":
+        safe = Verdict("amp_safe", "warn", f"not judged: the fp32 baseline failed (see fp32_baseline), so a gap between "
+                       f"{precision} and fp32 says nothing about AMP. Fix the baseline first.")
+    elif problems:
         safe = Verdict("amp_safe", "fail", f"{precision} is not safe for this model: " + "; ".join(problems) + ".")
     else:
         safe = Verdict("amp_safe", "pass", f"{precision} tracks fp32 within {tol:.0%} (max gap of 10-step rolling medians "
@@ -318,8 +337,11 @@ def test_amp_speedup_benchmark(model=None, /, *, data=None, progress: bool = Fal
                       **{f"tokens_per_s_{prec}": v for prec, v in _median_tokens_per_s(t).items()}})
     speed["sweep"] = sweep
 
-    safe, worth = _verdicts(parity, speed, amp_plan.precision)
-    checks = {"amp_safe": CheckResult(safe, parity_df, parity), "amp_worth_it": CheckResult(worth, trials_df, speed)}
+    baseline = _baseline_verdict(ref)
+    safe, worth = _verdicts(parity, speed, amp_plan.precision, baseline)
+    checks = {"fp32_baseline": CheckResult(baseline, ref.history[["step", "loss", "grad_norm", "skipped"]],
+                                           {"initial_eval_loss": ref.initial_eval_loss, "final_eval_loss": ref.final_eval_loss}),
+              "amp_safe": CheckResult(safe, parity_df, parity), "amp_worth_it": CheckResult(worth, trials_df, speed)}
     figures = {"parameters": count_parameters(model0), "amp_precision": amp_plan.precision, "speedup": speedup["median"],
                "speedup_ci_low": speedup["ci_low"], "speedup_ci_high": speedup["ci_high"],
                "tokens_per_s_fp32": tokens["32"], "tokens_per_s_amp": tokens[amp_plan.precision],

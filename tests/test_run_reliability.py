@@ -1,0 +1,224 @@
+"""Batch runs that lose nothing and run nothing they should not: parameters are data, a run's identity is its
+content, resume trusts content, one runner per folder, and every failure stays one run's problem."""
+
+import ast
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from papermill.translators import PythonTranslator
+
+from utils import run as runner
+from utils.results import read_json, write_json_atomic
+from utils.run import main, plan_runs, why_rerun
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY1 = ["--tiers", "1", "-p", "seq_len=16", "-p", "latency_iters=3", "-p", "batch_sizes=[1]"]
+
+EVIL = ["x'); open('PWNED', 'w'); ('", 'x"); open("PWNED", "w"); ("', 'x\\"); open("PWNED", "w"); #',
+        '"""\nopen("PWNED", "w")\n"""', "x\nopen('PWNED', 'w')", "x\\\nopen('PWNED', 'w')"]
+
+
+def pwned(*folders) -> list:
+    return [p for folder in (*folders, ROOT, ROOT / "notebooks") for p in Path(folder).rglob("PWNED*")]
+
+
+def test_papermill_writes_any_string_as_the_same_string():
+    """The only non-JSON-safe values papermill renders are the ones we refuse; strings round-trip exactly."""
+    for text in EVIL:
+        assert ast.literal_eval(PythonTranslator.translate(text)) == text
+        assert ast.literal_eval(PythonTranslator.translate({"k": [text]})) == {"k": [text]}
+
+
+@pytest.mark.parametrize("value", [
+    "('x', \"'); open('PWNED', 'w'); ('\")",       # tuple
+    "{\"'); open('PWNED', 'w'); ('\"}",             # set
+    "b\"'); open('PWNED', 'w'); ('\"",              # bytes
+    "[1, (\"');open('PWNED','w');('\",)]",          # a tuple nested in a list
+])
+def test_code_shaped_values_are_refused_before_anything_runs(value, tmp_path, capsys):
+    for name in ("seed", "model", "batch_sizes"):
+        assert main([*TINY1, "-p", f"{name}={value}", "--out", str(tmp_path)]) == 2
+    assert "expects" in capsys.readouterr().err
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(f"model_kwargs:\n  - {json.dumps('{' + repr('a') + ': ' + value + '}')}\n")  # a literal inside a mapping
+    assert main([*TINY1, "--grid", str(grid), "--out", str(tmp_path / "g")]) == 2
+    assert not (tmp_path / "default").exists() and not (tmp_path / "g").exists() and not pwned(tmp_path)
+
+
+@pytest.mark.slow
+def test_quote_breaking_strings_reach_the_notebook_as_strings(tmp_path):
+    """Through -p and through a grid, each string is the model name the run reports, and nothing else."""
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("model:\n" + "".join(f"  - {json.dumps(text)}\n" for text in EVIL[:3]))
+    code = main([*TINY1, "--grid", str(grid), "--out", str(tmp_path), "--name", "evil", "--timeout", "120"])
+    code2 = main([*TINY1, "-p", f"model={EVIL[3]}", "--out", str(tmp_path), "--name", "evil2", "--timeout", "120"])
+    assert code == code2 == 1  # no such model: every run crashes, with the reason
+    summary = pd.concat([pd.read_csv(tmp_path / n / "summary.csv") for n in ("evil", "evil2")])
+    assert summary["error"].str.startswith("ModelLoadError: cannot resolve model spec").all()  # the string, as given
+    assert summary["error"].str.contains("PWNED").all()
+    assert not pwned(tmp_path)
+
+
+def test_run_ids_carry_a_content_digest_so_no_run_is_dropped():
+    long = "x" * 60
+    runs = plan_runs([1], {}, {"model": ["a_b.py:f", "a-b.py:f", long + "1", long + "2"]})
+    assert len({r[0] for r in runs}) == 4
+    assert plan_runs([1], {}, {})[0][0] == plan_runs([1], {"seed": 0}, {})[0][0]  # a default given is the same run
+    assert plan_runs([1], {}, {})[0][0] != plan_runs([1], {"seed": 1}, {})[0][0]
+    assert len(plan_runs([1, 3], {}, {"steps": [5, 6]})) == 3  # tier 1 ignores steps: one tier-1 run, not two
+
+
+@pytest.mark.parametrize("name, message", [("../x", "must be a plain folder name"), ("/abs", "must be a plain folder name"),
+                                           ("", "must be a plain folder name")])
+def test_name_stays_inside_out(name, message, tmp_path, capsys):
+    assert main([*TINY1, "--out", str(tmp_path / "out"), "--name", name]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_an_unusable_out_is_a_usage_error(tmp_path, capsys):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("not a folder")
+    assert main([*TINY1, "--out", str(blocker / "sub")]) == 2
+    assert f"cannot write runs into {str(blocker / 'sub' / 'default')!r}" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def done_batch(tmp_path_factory):
+    """One complete tier-1 batch, run once for the resume tests (each works on a copy)."""
+    out = tmp_path_factory.mktemp("batch")
+    assert main([*TINY1, "--out", str(out), "--name", "b"]) == 0
+    return out / "b"
+
+
+def copy_of(batch: Path, tmp_path: Path) -> Path:
+    subprocess.run(["cp", "-a", str(batch), str(tmp_path / "b")], check=True)
+    return tmp_path / "b"
+
+
+def resume(batch: Path, *extra) -> tuple:
+    return main([*TINY1, *extra, "--out", str(batch.parent), "--name", batch.name, "--resume"])
+
+
+def the_run(batch: Path) -> Path:
+    return next(p for p in batch.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda run: (run / "run.json").write_text("{not json"), "run.json is corrupt"),
+    (lambda run: (run / "run.json").write_text("[1, 2]"), "run.json is corrupt (not a run record)"),
+    (lambda run: (run / "results.json").write_text(""), "results.json is corrupt"),
+    (lambda run: (run / "tier1_validation.ipynb").unlink(), "tier1_validation.ipynb is missing"),
+    (lambda run: write_json_atomic(run / "run.json", {**read_json(run / "run.json"), "verdict": "fail"}),
+     "results.json does not match run.json"),
+])
+def test_resume_redoes_a_damaged_run_and_names_the_file(done_batch, tmp_path, capsys, damage, reason):
+    batch = copy_of(done_batch, tmp_path)
+    run = the_run(batch)
+    assert why_rerun(run, 1, plan_runs([1], runner.parse_assignments(TINY1[3::2]), {})[0][2]) is None
+    damage(run)
+    assert resume(batch) == 0
+    out = capsys.readouterr().out
+    assert reason in out and "complete, skipped" not in out
+    summary = pd.read_csv(batch / "summary.csv")
+    assert reason in summary.loc[0, "rerun_reason"] and summary.loc[0, "run_status"] == "ok"
+    assert read_json(the_run(batch) / "results.json")["status"] == "pass"
+
+
+def test_resume_with_other_parameters_runs_them(done_batch, tmp_path, capsys):
+    batch = copy_of(done_batch, tmp_path)
+    assert resume(batch) == 0 and "complete, skipped (--resume)" in capsys.readouterr().out
+    assert resume(batch, "-p", "seed=3") == 0
+    assert "complete, skipped" not in capsys.readouterr().out
+    assert len([p for p in batch.iterdir() if p.is_dir() and not p.name.startswith(".")]) == 2
+
+
+@pytest.mark.slow
+def test_sigkill_during_a_rerun_keeps_the_earlier_results_and_resume_finishes(done_batch, tmp_path):
+    batch = copy_of(done_batch, tmp_path)
+    before = (the_run(batch) / "results.json").read_text()
+    proc = subprocess.Popen([sys.executable, "-m", "utils.run", *TINY1, "--out", str(tmp_path), "--name", "b"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 60
+    while not list(batch.glob(".tier1*")) and time.time() < deadline:  # the re-run's temporary folder
+        time.sleep(0.05)
+    assert list(batch.glob(".tier1*")), "the re-run never started"
+    os.killpg(proc.pid, signal.SIGKILL)  # the runner and its kernel, mid-run
+    proc.wait()
+    assert (the_run(batch) / "results.json").read_text() == before
+    assert read_json(the_run(batch) / "run.json")["run_status"] == "ok"
+    assert resume(batch) == 0  # the dead runner's lock is stale: taken over; its temporary folder removed
+    assert not list(batch.glob(".tier1*")) and not (batch / ".lock").exists()
+    assert (the_run(batch) / "results.json").read_text() == before  # complete and unchanged: skipped
+
+
+def test_one_runner_per_folder_and_a_stale_lock_is_taken_over(tmp_path, capsys, monkeypatch):
+    batch = tmp_path / "b"
+    batch.mkdir()
+    holder = subprocess.Popen(["sleep", "60"])
+    try:
+        (batch / ".lock").write_text(str(holder.pid))
+        assert main([*TINY1, "--out", str(tmp_path), "--name", "b"]) == 2
+        assert f"another runner (pid {holder.pid}) is writing" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+    monkeypatch.setattr(runner, "run_all", lambda runs, out_dir, *a, **k: runner.write_summary(
+        [{"run_id": "r", "run_status": "ok", "verdict": "pass", "timing_failed": False}], out_dir))
+    assert main([*TINY1, "--out", str(tmp_path), "--name", "b"]) == 0  # the holder is dead: its lock is stale
+    assert not (batch / ".lock").exists()
+
+
+@pytest.mark.slow
+def test_a_hanging_model_times_out_and_the_others_finish(tmp_path, capsys):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("model: ['tests.user_models:Hangs', gpt-tiny]\n")
+    assert main([*TINY1, "--grid", str(grid), "--out", str(tmp_path), "--timeout", "20"]) == 1
+    summary = pd.read_csv(tmp_path / "default" / "summary.csv")
+    assert sorted(summary["run_status"]) == ["ok", "timeout"]
+    assert "--timeout 20" in summary.set_index("run_status").loc["timeout", "error"]
+    assert "timeout: tier1_model-tests.user-models-Hangs_" in capsys.readouterr().out
+
+
+def test_an_all_crashed_batch_still_writes_its_summary(tmp_path, capsys):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("model: [no-such-a, no-such-b]\n")
+    assert main([*TINY1, "--grid", str(grid), "--out", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert out.count("crashed: tier1_model-no-such-") == 2
+    assert len(pd.read_csv(tmp_path / "default" / "summary.csv")) == 2
+    assert (tmp_path / "default" / "summary.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_file_system_error_is_one_runs_problem(tmp_path, monkeypatch):
+    def disk_full(**kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(runner.tempfile, "mkdtemp", disk_full)
+    row = runner.execute("r0", 1, {}, tmp_path)
+    assert row["run_status"] == "crashed" and row["error"] == "file system: [Errno 28] No space left on device"
+
+
+def test_the_summary_is_rewritten_after_every_run(tmp_path, monkeypatch):
+    seen = []
+
+    def fake_execute(run_id, tier, params, out_dir, progress, timeout):
+        seen.append(len(pd.read_csv(out_dir / "summary.csv")) if (out_dir / "summary.csv").exists() else 0)
+        return {"run_id": run_id, "run_status": "ok", "verdict": "pass", "timing_failed": False, "duration_s": 0.0}
+
+    monkeypatch.setattr(runner, "execute", fake_execute)
+    runner.run_all(plan_runs([1], {}, {"seed": [1, 2, 3]}), tmp_path, log=lambda line: None)
+    assert seen == [0, 1, 2] and len(pd.read_csv(tmp_path / "summary.csv")) == 3
+
+
+@pytest.mark.parametrize("flags, code", [([], 0), (["--fail-on-verdict"], 0), (["--fail-on-timing"], 1)])
+def test_only_fail_on_timing_gates_on_a_timing_verdict(flags, code, tmp_path, monkeypatch):
+    """The default gates read non-timing verdicts only, so an idle and a loaded machine give the same exit code."""
+    monkeypatch.setattr(runner, "execute", lambda run_id, *a: {
+        "run_id": run_id, "run_status": "ok", "verdict": "pass", "timing_failed": True, "duration_s": 0.0})
+    assert main([*TINY1, "--out", str(tmp_path), *flags]) == code
