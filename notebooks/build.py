@@ -69,11 +69,11 @@ def run_cells(tier: int):
     """One call runs the tier and writes its results; then what ran, which differs per machine."""
     names = ", ".join(f"{p.name}={p.name}" for p in TIER_PARAMS[tier])
     return [new_code_cell(f'''\
-from utils.tiers import describe, present, run_tier, save_tier, summarize
+from utils.tiers import describe, headline, present, run_tier, save_tier, summarize
 
 result = run_tier({tier}, dict({names}))
 charts = save_tier(result)  # results.json and the charts, in output_dir
-print(f"{{model}}: {{result.figures['parameters']:,}} parameters")'''),
+headline(result)'''),
             new_markdown_cell("""### What ran
 Device, precision and why, software versions, and the headline figures. They differ from machine to machine, so
 nbval does not compare this cell; every verdict below is compared, except timing ones."""),
@@ -95,15 +95,21 @@ def notebook(tier: int, filename: str, title: str, intro: str, sections, verdict
 
 def tier1():
     return notebook(1, "tier1_validation.ipynb", "Tier 1: does the model work at all?", """\
-Six checks, each ending in a verdict (**pass / warn / fail**) with a reason that names the input, parameter or
+Seven checks, each ending in a verdict (**pass / warn / fail**) with a reason that names the input, parameter or
 batch size at fault and what to try. Bring your own model with the `model` parameter: a registry name
-(`gpt-tiny`, `encoder-small`, ...), `package.module:factory` or `path/to/file.py:factory`. Every table behind a
-section is `result.checks[name].data`, and `results.json` holds them all.""", [
+(`gpt-tiny`, `encoder-small`, ...), `hf:NAME_OR_PATH` (Hugging Face), `package.module:factory` or
+`path/to/file.py:factory`. A model the suite cannot handle (an encoder-decoder, a vision model, logits for fewer
+positions than given) is refused in one line that says what is supported. Every table behind a section is
+`result.checks[name].data`, and `results.json` holds them all.""", [
         ("Shapes over edge cases", """\
 Batch 1, sequence length 1, the model's maximum length, a padding mask and a batch of mixed content (all zeros,
 the largest token id, random). The expected shape comes from the model itself: `(batch, seq, vocab)` for a causal
 LM, `(batch, classes)` for a classifier. A failure usually means a hard-coded size in a reshape or position table.""",
          "shapes"),
+        ("Causality", """\
+For a causal LM, the logits at a position may depend only on the tokens up to it: the second half of the input is
+changed and the first half's logits must not move. A model that sees the future fails (a missing causal mask); a
+classifier or masked LM sees the whole sequence by design, so the check does not apply.""", "causality"),
         ("Gradient flow", """\
 One forward and backward on real data. Each bar is a parameter's gradient norm on a log scale; red bars are
 flagged: **unused** (no gradient: not in the forward, or cut by `.detach()`), **NaN**, **vanishing** or **exploding**.""",

@@ -52,11 +52,16 @@ def test_trials_are_interleaved(tiny_result):
 
 
 def test_warmup_steps_are_excluded_from_timing():
-    slow = SlowStart(slow_calls=2)
+    # The run probes the user's model once (one forward: its task and output shape), then trains copies,
+    # which start with the slow calls the probe left.
+    slow = SlowStart(slow_calls=3)
+    before = {k: v.clone() for k, v in slow.state_dict().items()}
     r = test_amp_speedup_benchmark(slow, **{**TINY, "trials": 1, "warmup_steps": 2, "steps": 2})
     assert (parts(r)[1]["step_time_s"] < 0.5).all()  # a tiny step takes milliseconds; a slow one sleeps 0.5 s
-    assert slow.calls == 0  # the benchmark trained copies; the user's model was not touched
-    r = test_amp_speedup_benchmark(SlowStart(slow_calls=2), **{**TINY, "trials": 1, "warmup_steps": 0, "timed_steps": 3, "steps": 2})
+    assert slow.calls == 1  # the probe; training ran on copies
+    assert all(torch.equal(before[k], v) for k, v in slow.state_dict().items())  # the user's weights are untouched
+    r = test_amp_speedup_benchmark(SlowStart(slow_calls=4), **{**TINY, "trials": 1, "warmup_steps": 0, "timed_steps": 3,
+                                                               "steps": 2})
     assert (parts(r)[1]["step_time_s"] >= 0.5).all()  # without exclusion the slow start shows: the check can fail
 
 

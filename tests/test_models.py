@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from utils.models import (GPT, REGISTRY, EncoderClassifier, ModelLoadError, build_model, count_parameters,
+from utils.models import (GPT, REGISTRY, EncoderClassifier, ModelLoadError, UnsupportedModel, build_model, count_parameters,
                           get_logits, load_model, model_max_len, model_task, model_vocab_size)
 from tests.user_models import CausalLMOutput
 
@@ -130,4 +130,21 @@ def test_max_len_from_config_or_position_embedding():
             self.tokens, self.pos_embedding = torch.nn.Embedding(256, 8), torch.nn.Embedding(32, 8)
 
     assert model_max_len(UserModel()) == 32
-    assert model_max_len(torch.nn.Linear(2, 2), default=64) == 64
+
+    class OtherLibrary(UserModel):  # another library's attribute, not a config
+        max_seq_len = 24
+
+    assert model_max_len(OtherLibrary()) == 24
+
+    class Unstated(torch.nn.Module):  # says nothing, fails beyond 256 positions: measured, never guessed
+        def __init__(self):
+            super().__init__()
+            self.emb, self.table = torch.nn.Embedding(256, 8), torch.nn.Parameter(torch.zeros(256, 8))
+
+        def forward(self, input_ids):
+            return self.emb(input_ids) + self.table[:input_ids.size(1)].expand(input_ids.size(0), -1, -1) * 1
+
+    model = Unstated()
+    assert model_max_len(model) == 256 and model.suite_max_len == 256
+    with pytest.raises(UnsupportedModel, match="fails on 64 tokens and states no maximum length"):
+        model_max_len(torch.nn.Linear(2, 2))

@@ -27,7 +27,7 @@ SMALL = {
     "tier3_training.ipynb": {"model": "gpt-tiny", "steps": 6, "batch_size": 4, "seq_len": 32, "trials": 1,
                              "warmup_steps": 1, "timed_steps": 2, "sweep_batch_sizes": [2]},
 }
-EXPECTED = {1: dict.fromkeys(["shapes", "gradient_flow", "numerics", "initialization", "memory"], "pass"),
+EXPECTED = {1: dict.fromkeys(["shapes", "causality", "gradient_flow", "numerics", "initialization", "memory"], "pass"),
             2: dict.fromkeys(["attention", "robustness", "amp_readiness"], "pass"),
             3: {"fp32_baseline": "pass", "amp_safe": "pass"}}
 CHARTS = {1: {"gradient_norms.png", "init_std.png", "memory_vs_batch.png", "latency.png"},

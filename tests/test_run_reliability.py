@@ -115,6 +115,7 @@ def the_run(batch: Path) -> Path:
     (lambda run: (run / "run.json").write_text("[1, 2]"), "run.json is corrupt (not a run record)"),
     (lambda run: (run / "results.json").write_text(""), "results.json is corrupt"),
     (lambda run: (run / "tier1_validation.ipynb").unlink(), "tier1_validation.ipynb is missing"),
+    (lambda run: (run / "tier1_validation.ipynb").write_text('{"cells": 3}'), "tier1_validation.ipynb is corrupt"),
     (lambda run: write_json_atomic(run / "run.json", {**read_json(run / "run.json"), "verdict": "fail"}),
      "results.json does not match run.json"),
 ])

@@ -39,7 +39,8 @@ def non_timing(result):
 @pytest.mark.parametrize("name", ["gpt-tiny", "encoder-tiny"])
 def test_reference_models_pass_every_non_timing_check(name, reference_results):
     t1, t2 = reference_results[name]
-    assert non_timing(t1) == dict.fromkeys(["shapes", "gradient_flow", "numerics", "initialization", "memory"], "pass"), \
+    assert non_timing(t1) == dict.fromkeys(["shapes", "causality", "gradient_flow", "numerics", "initialization", "memory"],
+                                           "pass"), \
         t1.verdict_table().to_string()
     assert [v.check for v in t1.verdicts if v.timing] == ["latency"]
     assert non_timing(t2) == dict.fromkeys(["attention", "robustness", "amp_readiness"], "pass"), t2.verdict_table().to_string()
@@ -56,7 +57,7 @@ def test_user_output_forms_work_in_every_check(spec):
 
 def test_detached_layer_fails_gradient_flow_naming_it():
     r = run_tier1(DetachedLayer())
-    assert non_timing(r) == {"shapes": "pass", "gradient_flow": "fail", "numerics": "pass", "initialization": "pass",
+    assert non_timing(r) == {"shapes": "pass", "causality": "pass", "gradient_flow": "fail", "numerics": "pass", "initialization": "pass",
                              "memory": "pass"}
     v = r.checks["gradient_flow"].verdict
     assert v.status == "fail" and "unused_head.weight" in v.reason and "unused_head.bias" in v.reason
@@ -76,7 +77,7 @@ def test_non_finite_values_fail_every_tier2_analysis_that_sees_them():
 
 def test_nan_model_fails_numerics_and_gradients():
     r = run_tier1(EmitsNaN())
-    assert non_timing(r) == {"shapes": "pass", "gradient_flow": "fail", "numerics": "fail", "initialization": "pass",
+    assert non_timing(r) == {"shapes": "pass", "causality": "fail", "gradient_flow": "fail", "numerics": "fail", "initialization": "pass",
                              "memory": "pass"}
     assert statuses(r)["numerics"] == "fail" and "NaN" in r.checks["numerics"].verdict.reason
     assert statuses(r)["gradient_flow"] == "fail"
@@ -85,7 +86,7 @@ def test_nan_model_fails_numerics_and_gradients():
 def test_zero_initialized_weight_fails_initialization_naming_it():
     r = run_tier1(zero_initialized())
     # a zero matrix also starves the gradients behind it: gradient flow warns (vanishing), naming them
-    assert non_timing(r) == {"shapes": "pass", "gradient_flow": "warn", "numerics": "pass", "initialization": "fail",
+    assert non_timing(r) == {"shapes": "pass", "causality": "pass", "gradient_flow": "warn", "numerics": "pass", "initialization": "fail",
                              "memory": "pass"}
     v = r.checks["initialization"].verdict
     assert v.status == "fail" and "blocks.0.mlp.0.weight" in v.reason
@@ -93,7 +94,8 @@ def test_zero_initialized_weight_fails_initialization_naming_it():
 
 def test_output_ignoring_sequence_length_fails_shapes():
     r = run_tier1(IgnoresSequenceLength())
-    assert non_timing(r) == {"shapes": "fail", "gradient_flow": "fail", "numerics": "pass", "initialization": "pass",
+    # its every position is the last one, which saw the whole input: causality fails too, rightly
+    assert non_timing(r) == {"shapes": "fail", "causality": "fail", "gradient_flow": "fail", "numerics": "pass", "initialization": "pass",
                              "memory": "fail"}
     v = r.checks["shapes"].verdict
     assert v.status == "fail" and "sequence length 1" in v.reason and "got (2, 8, 256), expected (2, 1, 256)" in v.reason

@@ -118,3 +118,37 @@ class NoParameters(nn.Module):
 
     def forward(self, input_ids):
         return torch.nn.functional.one_hot(input_ids, 256).float()
+
+
+class TransformerEncoderLM(nn.Module):
+    """A causal LM made of PyTorch's own nn.TransformerEncoder with a causal mask, embeddings left at
+    nn.Embedding's default init (N(0, 1)): a model nobody here wrote the layers of."""
+
+    def __init__(self, vocab_size: int = 256, d_model: int = 64, max_len: int = 128):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab_size, d_model), nn.Embedding(max_len, d_model)
+        layer = nn.TransformerEncoderLayer(d_model, 4, 4 * d_model, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(d_model, vocab_size)
+
+    def forward(self, input_ids):
+        T = input_ids.size(1)
+        mask = nn.Transformer.generate_square_subsequent_mask(T, device=input_ids.device)
+        h = self.tok(input_ids) + self.pos(torch.arange(T, device=input_ids.device))
+        return self.head(self.encoder(h, mask=mask, is_causal=True))
+
+
+class LastPositionGPT(TinyGPTWrapper):
+    """The widely copied minimal GPT: without targets, forward returns only the last position's logits."""
+
+    def forward(self, input_ids, targets=None):
+        logits = self.inner(input_ids)
+        return logits if targets is not None else logits[:, [-1], :]
+
+
+class BidirectionalEncoderLM(TransformerEncoderLM):
+    """The same LM without its causal mask: every position sees the future, which a causal LM must not."""
+
+    def forward(self, input_ids):
+        T = input_ids.size(1)
+        return self.head(self.encoder(self.tok(input_ids) + self.pos(torch.arange(T, device=input_ids.device))))

@@ -28,15 +28,20 @@ STDLIB_MODULES = (
     "functools", "heapq", "json/decoder", "json/encoder", "pprint", "random", "shlex", "statistics",
     "string", "textwrap",
 )
-# Four modules of distinct style: the classification task is "which module is this snippet from?"
-CLASSIFICATION_MODULES = ("argparse", "calendar", "fractions", "textwrap")
+# Modules of distinct style: the classification task is "which module is this snippet from?". A model
+# with N classes gets the first N; the first four are the default set.
+CLASSIFICATION_MODULES = ("argparse", "calendar", "fractions", "textwrap", "difflib", "csv", "statistics", "shlex")
+BYTE_MASK_ID = 255  # masked-LM mask for byte tokens: 0xFF never occurs in UTF-8 text
 
 
 CHUNK_BYTES = 1 << 20
 
 
-def encode(text: str) -> torch.Tensor:
-    return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8)
+def encode(text: str, tokenizer=None) -> torch.Tensor:
+    """Byte tokens (uint8), or a Hugging Face tokenizer's ids (int32) when one is given."""
+    if tokenizer is None:
+        return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8)
+    return torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.int32)
 
 
 def decode(tokens) -> str:
@@ -56,10 +61,7 @@ class TextCorpus:
     val: torch.Tensor
     source: str
     fingerprint: str
-
-    @property
-    def vocab_size(self) -> int:
-        return BYTE_VOCAB_SIZE
+    vocab_size: int = BYTE_VOCAB_SIZE  # the tokenizer's, when the text was tokenized with one
 
     @property
     def train_tokens(self) -> int:
@@ -75,7 +77,8 @@ class TextCorpus:
             top = int(max(self.train.max(), self.val.max()))
             if top >= model_vocab_size:
                 raise ValueError(f"corpus {self.source!r} has token id {top} but the model's vocabulary is "
-                                 f"{model_vocab_size}; expected a model with vocab_size >= {self.vocab_size} (byte tokens)")
+                                 f"{model_vocab_size}; expected a model with vocab_size >= {self.vocab_size} "
+                                 "(or a tokenizer= whose ids fit the model)")
 
     def get_batch(self, split: str, batch_size: int, seq_len: int, generator: torch.Generator):
         """Random next-token windows: x = tokens[i:i+T], y = tokens[i+1:i+T+1]."""
@@ -93,7 +96,7 @@ class TextCorpus:
             yield self.val[rows].long(), self.val[rows + 1].long()
 
 
-def _split(documents, source: str, val_fraction: float) -> TextCorpus:
+def _split(documents, source: str, val_fraction: float, vocab_size: int = BYTE_VOCAB_SIZE) -> TextCorpus:
     """documents: uint8 token tensors. The first (1 - val_fraction) of each trains, the rest validates."""
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be between 0 and 1; got {val_fraction}")
@@ -107,7 +110,7 @@ def _split(documents, source: str, val_fraction: float) -> TextCorpus:
     train, val = (parts[0] if len(parts) == 1 else torch.cat(parts) for parts in (train, val))
     if len(train) == 0 or len(val) == 0:
         raise ValueError(f"corpus {source!r} is empty or too short to split ({len(train)} train, {len(val)} validation tokens)")
-    return TextCorpus(train, val, source, digest.hexdigest()[:16])
+    return TextCorpus(train, val, source, digest.hexdigest()[:16], vocab_size)
 
 
 def _read_utf8_bytes(path: Path) -> torch.Tensor:
@@ -137,10 +140,13 @@ def _has_text(tokens: torch.Tensor) -> bool:
     return any(bool((tokens[i:i + CHUNK_BYTES] > 32).any()) for i in range(0, len(tokens), CHUNK_BYTES))
 
 
-def load_corpus(path=None, val_fraction: float = 0.1) -> TextCorpus:
-    """The built-in standard-library corpus, or the UTF-8 text file at `path`."""
+def load_corpus(path=None, val_fraction: float = 0.1, tokenizer=None) -> TextCorpus:
+    """The built-in standard-library corpus, or the UTF-8 text file at `path`; byte tokens, or the ids
+    of `tokenizer` (a Hugging Face tokenizer) when one is given."""
+    vocab = BYTE_VOCAB_SIZE if tokenizer is None else len(tokenizer)
+    named = "" if tokenizer is None else f" [{getattr(tokenizer, 'name_or_path', type(tokenizer).__name__)} tokens]"
     if path is None:
-        return _split([encode(_stdlib_text(m)) for m in STDLIB_MODULES], "python-stdlib", val_fraction)
+        return _split([encode(_stdlib_text(m), tokenizer) for m in STDLIB_MODULES], "python-stdlib" + named, val_fraction, vocab)
     path = Path(os.fspath(path))
     expected = "expected a UTF-8 text file, or None for the built-in corpus"
     if path.is_dir():
@@ -150,7 +156,50 @@ def load_corpus(path=None, val_fraction: float = 0.1) -> TextCorpus:
     tokens = _read_utf8_bytes(path)
     if not _has_text(tokens):
         raise ValueError(f"corpus file {str(path)!r} is empty; expected a UTF-8 text file with some text")
-    return _split([tokens], str(path), val_fraction)
+    if tokenizer is not None:
+        tokens = encode(bytes(tokens.numpy()).decode("utf-8"), tokenizer)
+    return _split([tokens], str(path) + named, val_fraction, vocab)
+
+
+@dataclass
+class MaskedLMData:
+    """Masked-token windows of a corpus: 15% of positions (at least one a row) become `mask_id`; the
+    labels hold the original token there and -100 (ignored by the loss) everywhere else."""
+
+    corpus: TextCorpus
+    mask_id: int
+    mask_prob: float = 0.15
+
+    @property
+    def source(self) -> str:
+        return f"{self.corpus.source} (masked, mask id {self.mask_id})"
+
+    @property
+    def fingerprint(self) -> str:
+        return self.corpus.fingerprint
+
+    @property
+    def train_tokens(self) -> int:
+        return self.corpus.train_tokens
+
+    def _mask(self, x: torch.Tensor, generator: torch.Generator):
+        masked = torch.rand(x.shape, generator=generator) < self.mask_prob
+        masked[torch.arange(len(x)), torch.randint(x.shape[1], (len(x),), generator=generator)] = True
+        return x.masked_fill(masked, self.mask_id), torch.where(masked, x, torch.full_like(x, -100))
+
+    def get_batch(self, split: str, batch_size: int, seq_len: int, generator: torch.Generator):
+        x, _ = self.corpus.get_batch(split, batch_size, seq_len, generator)
+        return self._mask(x, generator)
+
+    def eval_batches(self, n_batches: int, batch_size: int, seq_len: int):
+        generator = torch.Generator().manual_seed(0)  # the same masks at every evaluation
+        for x, _ in self.corpus.eval_batches(n_batches, batch_size, seq_len):
+            yield self._mask(x, generator)
+
+    def check_fits(self, seq_len: int, model_vocab_size=None):
+        self.corpus.check_fits(seq_len, model_vocab_size)
+        if model_vocab_size is not None and self.mask_id >= model_vocab_size:
+            raise ValueError(f"mask id {self.mask_id} is outside the model's vocabulary {model_vocab_size}")
 
 
 @dataclass
@@ -159,6 +208,7 @@ class ClassificationSet:
 
     documents: list  # (train tokens, val tokens) per class
     class_names: tuple
+    vocab_size: int = BYTE_VOCAB_SIZE
 
     @property
     def num_classes(self) -> int:
@@ -195,14 +245,18 @@ class ClassificationSet:
             if min(len(train), len(val)) <= seq_len:
                 raise ValueError(f"class {name!r} has {len(train)} train / {len(val)} validation tokens; "
                                  f"expected more than seq_len={seq_len} in each")
-        if model_vocab_size is not None and model_vocab_size < BYTE_VOCAB_SIZE:
-            raise ValueError(f"model vocabulary {model_vocab_size} is smaller than the byte vocabulary {BYTE_VOCAB_SIZE}")
+        if model_vocab_size is not None and model_vocab_size < self.vocab_size:
+            raise ValueError(f"model vocabulary {model_vocab_size} is smaller than the data's {self.vocab_size}")
 
 
-def load_classification_set(modules=CLASSIFICATION_MODULES, val_fraction: float = 0.2) -> ClassificationSet:
-    documents = []
+def load_classification_set(num_classes: int = 4, val_fraction: float = 0.2, tokenizer=None) -> ClassificationSet:
+    """Snippets of the first `num_classes` modules of CLASSIFICATION_MODULES, labelled by module."""
+    if not 2 <= num_classes <= len(CLASSIFICATION_MODULES):
+        raise ValueError(f"the built-in classification set has 2 to {len(CLASSIFICATION_MODULES)} classes; the model has "
+                         f"{num_classes}. Bring labelled data of your own (data=) for this model")
+    modules, documents = CLASSIFICATION_MODULES[:num_classes], []
     for module in modules:
-        tokens = encode(_stdlib_text(module))
+        tokens = encode(_stdlib_text(module), tokenizer)
         cut = int(len(tokens) * (1 - val_fraction))
         documents.append((tokens[:cut], tokens[cut:]))
-    return ClassificationSet(documents, tuple(modules))
+    return ClassificationSet(documents, tuple(modules), BYTE_VOCAB_SIZE if tokenizer is None else len(tokenizer))

@@ -20,11 +20,77 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils.data import load_classification_set, load_corpus
+from utils.data import BYTE_MASK_ID, MaskedLMData, load_classification_set, load_corpus
 
 
 class ModelLoadError(ValueError):
     """A model spec that does not resolve, or a factory that fails."""
+
+
+class UnsupportedModel(ModelLoadError):
+    """A model the suite cannot validate or train, refused with the reason before any check runs."""
+
+
+TASKS = ("causal-lm", "classification", "masked-lm")
+SUPPORTED = ("causal LMs, classifiers and masked LMs whose forward takes input_ids (batch, seq) and returns logits "
+             "per position (batch, seq, vocab) or per sequence (batch, classes)")
+# Hugging Face architecture names end in one of these; the task follows from it.
+_HF_TASK_SUFFIXES = {"ForCausalLM": "causal-lm", "LMHeadModel": "causal-lm", "ForSequenceClassification": "classification",
+                     "ForMaskedLM": "masked-lm"}
+
+
+def _transformers():
+    try:
+        import transformers  # optional dependency: only for hf: models and tokenizers
+    except ImportError:
+        raise ModelLoadError("hf: models and tokenizers need the optional package transformers; "
+                             "pip install transformers") from None
+    transformers.utils.logging.disable_progress_bar()  # per-file bars would print timings into notebooks
+    return transformers
+
+
+def _load_hf(name: str, task: str, kwargs: dict) -> nn.Module:
+    """A Hugging Face model by hub name or local path, with the Auto class of its task."""
+    for refused in ("torch_dtype", "dtype"):
+        if refused in kwargs:
+            raise ModelLoadError(f"model_kwargs {refused}={kwargs[refused]!r} refused for hf:{name}: training keeps fp32 "
+                                 "master weights and autocast casts per op; drop it and choose precision instead")
+    transformers = _transformers()
+    try:
+        config = transformers.AutoConfig.from_pretrained(name)
+    except Exception as e:
+        raise ModelLoadError(f"cannot load the config of hf:{name}: {type(e).__name__}: {e}") from e
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedModel(f"hf:{name} is an encoder-decoder ({config.model_type}): unsupported. The suite supports {SUPPORTED}")
+    if getattr(config, "vocab_size", None) is None:
+        raise UnsupportedModel(f"hf:{name} ({config.model_type}) has no token vocabulary, so it does not take token ids "
+                               f"(a vision or audio model): unsupported. The suite supports {SUPPORTED}")
+    if task in (None, "auto"):
+        found = [t for arch in config.architectures or [] for suffix, t in _HF_TASK_SUFFIXES.items() if arch.endswith(suffix)]
+        if not found:
+            raise UnsupportedModel(f"cannot tell the task of hf:{name} from its architectures {config.architectures}; "
+                                   f"pass task= one of {TASKS}. The suite supports {SUPPORTED}")
+        task = found[0]
+    auto = {"causal-lm": transformers.AutoModelForCausalLM, "classification": transformers.AutoModelForSequenceClassification,
+            "masked-lm": transformers.AutoModelForMaskedLM}[task]
+    try:
+        model = auto.from_pretrained(name, **kwargs)
+    except Exception as e:
+        raise ModelLoadError(f"cannot load hf:{name} as a {task} model: {type(e).__name__}: {e}") from e
+    model.task = task
+    return model
+
+
+def load_tokenizer(spec: str):
+    """A Hugging Face tokenizer by name or path ('hf:' prefix optional)."""
+    name = spec.removeprefix("hf:")
+    try:
+        return _transformers().AutoTokenizer.from_pretrained(name)
+    except ModelLoadError:
+        raise
+    except Exception as e:
+        raise ModelLoadError(f"cannot load tokenizer {spec!r}: {type(e).__name__}: {e}; expected a Hugging Face "
+                             "tokenizer name or a folder saved with save_pretrained") from e
 
 
 @dataclass(frozen=True)
@@ -175,7 +241,8 @@ class EncoderClassifier(_Transformer):
 
 REGISTRY = {**{n: (GPT, c) for n, c in GPT_SIZES.items()}, **{n: (EncoderClassifier, c) for n, c in ENCODER_SIZES.items()}}
 
-SPEC_FORMS = "a registry name (" + ", ".join(REGISTRY) + "), 'package.module:factory', or 'path/to/file.py:factory'"
+SPEC_FORMS = ("a registry name (" + ", ".join(REGISTRY) + "), 'hf:NAME_OR_PATH' (Hugging Face), 'package.module:factory', "
+              "or 'path/to/file.py:factory'")
 
 
 def build_model(name: str, **overrides) -> nn.Module:
@@ -213,16 +280,20 @@ def _resolve_factory(spec: str):
     return getattr(module, attr)
 
 
-def load_model(spec, **kwargs) -> nn.Module:
-    """An nn.Module from `spec`: a module (returned as is), a registry name, or a factory reference.
+def load_model(spec, task=None, **kwargs) -> nn.Module:
+    """An nn.Module from `spec`: a module (returned as is), a registry name, 'hf:NAME_OR_PATH', or a factory.
 
-    kwargs go to the factory (for registry names: ModelConfig overrides such as vocab_size)."""
+    kwargs go to the factory (for registry names: ModelConfig overrides such as vocab_size; for hf:
+    models: from_pretrained arguments such as num_labels or attn_implementation). task picks the Auto
+    class of an hf: model ('auto': from its config's architectures)."""
     if isinstance(spec, nn.Module):
         model = spec
     elif not isinstance(spec, str):
         raise ModelLoadError(f"model spec must be an nn.Module or a string; got {type(spec).__name__}. Expected {SPEC_FORMS}")
     elif spec in REGISTRY:
         model = build_model(spec, **kwargs)
+    elif spec.startswith("hf:"):
+        model = _load_hf(spec.removeprefix("hf:"), task, kwargs)
     else:
         factory = _resolve_factory(spec)
         try:
@@ -266,17 +337,52 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def model_task(model: nn.Module, logits: torch.Tensor) -> str:
-    """'causal-lm' for (B, T, vocab) logits, 'classification' for (B, classes); a model's own
-    `task` attribute wins."""
+    """The model's `task` attribute (set by probe_model, or a class's own), else from the logits' shape:
+    (B, T, vocab) a causal LM, (B, classes) a classifier."""
     task = getattr(model, "task", None)
-    if task in ("causal-lm", "classification"):
+    if task in TASKS:
         return task
     if logits.dim() == 3:
         return "causal-lm"
     if logits.dim() == 2:
         return "classification"
-    raise ValueError(f"cannot tell the task from logits of shape {tuple(logits.shape)}; "
-                     "expected (batch, seq, vocab) for a causal LM or (batch, classes) for a classifier")
+    raise UnsupportedModel(f"cannot tell the task from logits of shape {tuple(logits.shape)}; the suite supports {SUPPORTED}")
+
+
+def probe_model(model: nn.Module, task: str = "auto") -> str:
+    """The model's task, checked on one small forward before any check runs, and set as `model.task`.
+    A model the suite cannot handle (another input than token ids, an encoder-decoder, logits for fewer
+    positions than it was given) is refused with UnsupportedModel and the reason."""
+    name = type(model).__name__
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        raise UnsupportedModel(f"{name} is an encoder-decoder: unsupported. The suite supports {SUPPORTED}")
+    if getattr(model, "main_input_name", "input_ids") != "input_ids":
+        raise UnsupportedModel(f"{name} takes {model.main_input_name}, not token ids: unsupported. The suite supports {SUPPORTED}")
+    vocab = min(model_vocab_size(model) or 256, 256)
+    x = torch.randint(vocab, (2, 8), generator=torch.Generator().manual_seed(0)).to(model_device(model))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = forward(model, x)
+    except Exception as e:
+        raise UnsupportedModel(f"{name} fails on input_ids of shape (2, 8): {type(e).__name__}: {e}. "
+                               f"The suite supports {SUPPORTED}") from e
+    finally:
+        model.train(was_training)
+    task = model_task(model, logits) if task in (None, "auto") else task
+    if task not in TASKS:
+        raise UnsupportedModel(f"unknown task {task!r}; expected one of {TASKS}")
+    want = (2, 8) if task != "classification" else (2,)
+    if tuple(logits.shape[:len(want)]) != want or logits.dim() != len(want) + 1:
+        shape = "(batch, seq, vocab)" if task != "classification" else "(batch, classes)"
+        raise UnsupportedModel(f"{name} returns logits of shape {tuple(logits.shape)} for input_ids (2, 8); a {task} must "
+                               f"return {shape} (a forward that keeps only the last position, as some minimal GPTs do "
+                               f"without targets, cannot be trained or checked per position). The suite supports {SUPPORTED}")
+    model.task = task
+    if task == "classification":
+        model.suite_num_classes = int(logits.shape[-1])
+    return task
 
 
 def model_vocab_size(model: nn.Module):
@@ -290,17 +396,46 @@ def model_vocab_size(model: nn.Module):
     return None
 
 
-def model_max_len(model: nn.Module, default: int = 64) -> int:
-    """The longest input the model takes: from its config (our max_len, Hugging Face's
-    max_position_embeddings / n_positions), else a position embedding's size, else `default`."""
+_MAX_LEN_FIELDS = ("max_len", "max_position_embeddings", "n_positions", "max_seq_len", "block_size", "n_ctx")
+
+
+def model_max_len(model: nn.Module, cap: int = 4096) -> int:
+    """The longest input the model takes, from (in order) a length field on its config or on the model
+    itself (our max_len, Hugging Face's max_position_embeddings / n_positions, max_seq_len, block_size,
+    n_ctx), a position embedding's size, or a measurement: the longest of 64, 128, ... `cap` tokens
+    that one forward accepts. Positions that start after a padding index (RoBERTa's convention) are
+    taken off; the answer is cached on the model as `suite_max_len`."""
+    if isinstance(getattr(model, "suite_max_len", None), int):
+        return model.suite_max_len
     cfg = getattr(model, "config", None)
-    for attr in ("max_len", "max_position_embeddings", "n_positions"):
-        if isinstance(getattr(cfg, attr, None), int):
-            return getattr(cfg, attr)
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Embedding) and "pos" in name.rsplit(".", 1)[-1].lower():
-            return module.num_embeddings
-    return default
+    found = next((getattr(o, f) for f in _MAX_LEN_FIELDS for o in (cfg, model) if isinstance(getattr(o, f, None), int)), None)
+    positions = next((m for n, m in model.named_modules()
+                      if isinstance(m, nn.Embedding) and "pos" in n.rsplit(".", 1)[-1].lower()), None)
+    if found is None and positions is not None:
+        found = positions.num_embeddings
+    if found is not None and positions is not None and positions.padding_idx is not None:
+        found -= positions.padding_idx + 1  # positions are numbered from padding_idx + 1
+    if found is None:
+        found = _measure_max_len(model, cap)
+    model.suite_max_len = found
+    return found
+
+
+def _measure_max_len(model: nn.Module, cap: int) -> int:
+    device, longest, n = model_device(model), 0, 64
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        while n <= cap:
+            try:
+                forward(model, torch.zeros(1, n, dtype=torch.long, device=device))
+            except Exception:
+                break
+            longest, n = n, 2 * n
+    model.train(was_training)
+    if not longest:
+        raise UnsupportedModel(f"{type(model).__name__} fails on 64 tokens and states no maximum length; the suite supports {SUPPORTED}")
+    return longest
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -311,20 +446,30 @@ def compute_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Te
     """Cross-entropy for a causal LM (every position predicts the next token) or a classifier.
     The loss is taken in fp32 even under autocast: a bf16 log-softmax over the vocabulary loses digits."""
     logits = get_logits(model(x)).float()
-    if model_task(model, logits) == "causal-lm":
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+    if model_task(model, logits) in ("causal-lm", "masked-lm"):  # masked LM: y is -100 where nothing is masked
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), ignore_index=-100)
     return F.cross_entropy(logits, y)
 
 
-def load_task_data(model: nn.Module, data, seq_len: int):
-    """The built-in data for the model's task, unless the caller brought some (a corpus or a path)."""
-    if data is None:
-        task = getattr(model, "task", None)
-        if task is None:  # a user model: one tiny forward tells an LM from a classifier by its logits' shape
-            with torch.no_grad():
-                task = model_task(model, get_logits(model(torch.zeros(1, 2, dtype=torch.long, device=model_device(model)))))
-        data = load_corpus() if task == "causal-lm" else load_classification_set()
-    elif isinstance(data, str) or hasattr(data, "__fspath__"):
-        data = load_corpus(data)
+def load_task_data(model: nn.Module, data, seq_len: int, tokenizer=None):
+    """The data for the model's task unless the caller brought some (a data object, or a text file's path):
+    the built-in corpus, masked for a masked LM, or the built-in classification set with the model's
+    number of classes. Tokens are bytes, or `tokenizer`'s ids when one is given."""
+    task = getattr(model, "task", None) if getattr(model, "task", None) in TASKS else probe_model(model)
+    if data is None or isinstance(data, str) or hasattr(data, "__fspath__"):
+        if task == "classification":
+            if data is not None:
+                raise ValueError(f"a text file ({data}) has no labels; a classifier uses the built-in classification set")
+            try:
+                data = load_classification_set(getattr(model, "suite_num_classes", 4), tokenizer=tokenizer)
+            except ValueError as e:
+                raise UnsupportedModel(str(e)) from None
+        else:
+            data = load_corpus(data, tokenizer=tokenizer)
+            if task == "masked-lm":
+                mask = getattr(tokenizer, "mask_token_id", None)
+                data = MaskedLMData(data, BYTE_MASK_ID if tokenizer is None else mask)
+                if data.mask_id is None:
+                    raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no mask token; a masked LM needs one")
     data.check_fits(seq_len, model_vocab_size(model))
     return data

@@ -10,9 +10,11 @@ import ast
 import math
 from dataclasses import dataclass
 
+from pathlib import Path
+
 import torch
 
-from utils.models import load_model
+from utils.models import TASKS, load_model, load_task_data, load_tokenizer, model_max_len, probe_model
 from utils.training.amp_utils import PRECISION_CHOICES, PrecisionPlan, comparison_plan, resolve_device, run_record
 
 
@@ -81,8 +83,12 @@ class Param:
 
 
 def _common(model: str):
-    return (Param("model", str, model, "registry name, 'package.module:factory' or 'path/to/file.py:factory'"),
-            Param("model_kwargs", dict, {}, "keyword arguments for the model factory (registry: config overrides)"),
+    return (Param("model", str, model, "registry name, 'hf:NAME_OR_PATH', 'package.module:factory' or 'path/to/file.py:factory'"),
+            Param("model_kwargs", dict, {}, "keyword arguments for the model factory (registry: config overrides; hf: "
+                  "from_pretrained arguments such as num_labels)"),
+            Param("task", str, "auto", "'auto' (an hf: model's architectures, else the logits' shape), 'causal-lm', "
+                  "'classification' or 'masked-lm'", choices=("auto", *TASKS)),
+            Param("tokenizer", str, "", "a Hugging Face tokenizer name or folder (empty: an hf: model's own, else bytes)"),
             Param("device", str, "auto", "'auto' (CUDA if available), 'cpu', 'cuda' or 'cuda:N'"))
 
 
@@ -145,10 +151,23 @@ def check_params(tier: int, params: dict) -> dict:
     return {**defaults(tier), **{name: known[name].check(value) for name, value in params.items()}}
 
 
-def prepare(tier: int, model, params: dict):
-    """Everything a tier resolves once, before any check runs: checked parameters, the device, the
-    precision plan, the model on that device, and the record of what ran. `model` (an nn.Module or
-    a spec) overrides the `model` parameter; `device` may also be a torch.device."""
+@dataclass
+class Prepared:
+    """What a tier resolves once, before any check runs, and passes to every check."""
+
+    params: dict
+    model: torch.nn.Module
+    device: torch.device
+    plan: PrecisionPlan
+    data: object      # the task's data (utils.data), tokenized as the run says
+    seq_len: int      # the seq_len parameter, capped at the model's maximum
+    record: dict      # what ran: device, precision, versions, task, tokens, data
+
+
+def prepare(tier: int, model, params: dict, data=None) -> Prepared:
+    """Checked parameters, the device, the precision plan, the model on that device with its task probed
+    (an unsupported model is refused here, with the reason), its data, and the record of what ran.
+    `model` (an nn.Module or a spec) overrides the `model` parameter; `device` may be a torch.device."""
     if isinstance(params.get("device"), torch.device):
         params = {**params, "device": str(params["device"])}
     p = check_params(tier, params)
@@ -156,8 +175,22 @@ def prepare(tier: int, model, params: dict):
     plan = (comparison_plan(p["precision"], device) if "precision" in p
             else PrecisionPlan("32", "32", device.type, f"tier {tier} runs its checks in fp32"))
     torch.manual_seed(p["seed"])  # the model's initial weights are part of the run: same seed, same weights
-    model = load_model(p["model"] if model is None else model, **p["model_kwargs"]).to(device)
-    return p, model, device, plan, run_record(device, plan)
+    spec = p["model"] if model is None else model
+    model = load_model(spec, task=p["task"], **p["model_kwargs"]).to(device)
+    task = probe_model(model, p["task"])
+    own = isinstance(spec, str) and spec.startswith("hf:") and _has_tokenizer(spec)  # an hf: model's own tokenizer
+    tokenizer = load_tokenizer(p["tokenizer"]) if p["tokenizer"] else load_tokenizer(spec) if own else None
+    seq_len = min(p["seq_len"], model_max_len(model))
+    data = load_task_data(model, data, seq_len, tokenizer)
+    record = {**run_record(device, plan), "task": task, "seq_len": seq_len, "max_len": model_max_len(model),
+              "data": getattr(data, "source", type(data).__name__), "vocab": getattr(data, "vocab_size", None)}
+    return Prepared(p, model, device, plan, data, seq_len, record)
+
+
+def _has_tokenizer(spec: str) -> bool:
+    """A hub name is expected to have one; a local model folder may simply have none (then: bytes)."""
+    folder = Path(spec.removeprefix("hf:"))
+    return not folder.is_dir() or any(folder.glob("tokenizer*")) or (folder / "vocab.json").exists()
 
 
 def coerce(text):

@@ -1,16 +1,19 @@
 """Tier 1: does the model work at all?
 
-Six checks, each returning its data (a DataFrame) and a Verdict (pass / warn / fail) whose reason
+Seven checks, each returning its data (a DataFrame) and a Verdict (pass / warn / fail) whose reason
 names the input, parameter or batch size at fault and what to try:
   shapes            edge-case inputs: batch 1, sequence 1, the maximum length, padding, mixed content
-  gradient_flow     one backward on real data: unused, NaN, vanishing and exploding gradients
+  causality         a causal LM's early logits must not change when only later tokens do
+  gradient_flow     one backward on real data: unused, NaN, vanishing and exploding gradients (key biases,
+                    whose gradient is zero by design, are noted, not flagged)
   numerics          NaN/Inf and output statistics over many inputs
-  initialization    per-parameter mean/std: all-zero, tiny or huge weights
+  initialization    per-parameter mean/std: all-zero, tiny or huge weights (embeddings: their own bound)
   memory            footprint per batch size, stopping cleanly at out-of-memory
   latency           inference p50/p95/p99 and throughput
 `run_tier1` runs them all and returns one table of verdicts.
 """
 
+import re
 import time
 
 import numpy as np
@@ -23,6 +26,11 @@ from utils.models import (compute_loss, count_parameters, forward, load_task_dat
 from utils.params import prepare
 from utils.training.amp_utils import PrecisionPlan, saved_activation_bytes, synchronize
 from utils.verdicts import CheckResult, TierResult, Verdict, run_check
+
+
+# A bias on the key projection shifts every score of a query by the same amount, which softmax removes:
+# its gradient is exactly zero (BERT's attention.self.key.bias, OPT's k_proj.bias, DistilBERT's k_lin.bias).
+KEY_BIAS = re.compile(r"(^|\.)(k_proj|key|k_lin|k)\.bias$")
 
 
 def _random_tokens(vocab: int, batch: int, seq: int, generator, device) -> torch.Tensor:
@@ -41,7 +49,7 @@ def check_shapes(model: nn.Module, seed: int = 0) -> CheckResult:
     task, width = model_task(model, ref), ref.shape[-1]
 
     def expected(b, t):
-        return (b, t, width) if task == "causal-lm" else (b, width)
+        return (b, width) if task == "classification" else (b, t, width)
 
     padded_mask = torch.ones(2, min(16, max_len), dtype=torch.long, device=device)
     padded_mask[1, padded_mask.shape[1] // 2:] = 0  # second row: half padding
@@ -78,6 +86,40 @@ def check_shapes(model: nn.Module, seed: int = 0) -> CheckResult:
     return CheckResult(verdict, df, {"task": task, "output_width": width})
 
 
+def check_causality(model: nn.Module, seq_len: int = 32, seed: int = 0) -> CheckResult:
+    """A causal LM's logits at position t may depend on tokens 0..t only: change the second half of the
+    input, and the first half's logits must not move (beyond float noise)."""
+    task = model.task
+    if task != "causal-lm":
+        return CheckResult(Verdict("causality", "pass", f"not applicable: a {task} model sees the whole sequence by design."),
+                           pd.DataFrame(columns=["position", "max_abs_change", "leaked"]))
+    device, vocab = model_device(model), model_vocab_size(model) or 256
+    T = max(2, min(seq_len, 16))
+    cut, g = T // 2, torch.Generator().manual_seed(seed)
+    x = _random_tokens(vocab, 2, T, g, device)
+    changed = x.clone()
+    changed[:, cut:] = (x[:, cut:] + 1 + _random_tokens(vocab - 1, 2, T - cut, g, device)) % vocab  # every later token differs
+    model.eval()
+    with torch.no_grad():
+        a, b = forward(model, x).float(), forward(model, changed).float()
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        return CheckResult(Verdict("causality", "fail", "the outputs are NaN/Inf, so causality cannot be judged "
+                                   "(see numerics)."), pd.DataFrame(columns=["position", "max_abs_change", "leaked"]))
+    change = (a - b).abs().amax(dim=(0, 2)).cpu()
+    tolerance = 1e-5 * max(1.0, float(a.abs().max()))
+    df = pd.DataFrame({"position": range(T), "max_abs_change": change.numpy(), "leaked": (change > tolerance).numpy()})
+    df.loc[df["position"] >= cut, "leaked"] = False  # those positions saw the change legitimately
+    leaked = df[df["leaked"]]
+    if len(leaked):
+        verdict = Verdict("causality", "fail", f"the logits at position {int(leaked['position'].iloc[0])} change when only "
+                          f"tokens {cut}..{T - 1} change: the model sees future tokens. A causal LM needs a causal attention "
+                          "mask; if it is a masked LM, pass task='masked-lm'.")
+    else:
+        verdict = Verdict("causality", "pass", f"changing tokens {cut}..{T - 1} leaves the logits of positions 0..{cut - 1} "
+                          f"unchanged (largest change {float(change[:cut].max()):.2g}).")
+    return CheckResult(verdict, df)
+
+
 def check_gradient_flow(model: nn.Module, data=None, batch_size: int = 4, seq_len: int = 32, seed: int = 0,
                         vanishing: float = 1e-8, exploding: float = 1e3) -> CheckResult:
     """One forward + backward on real data; every trainable parameter's gradient norm, classified."""
@@ -94,13 +136,16 @@ def check_gradient_flow(model: nn.Module, data=None, batch_size: int = 4, seq_le
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
+        note = ""
         if p.grad is None:
             norm, status = float("nan"), "unused"
         else:
             norm = float(p.grad.norm())
             status = ("nan" if not np.isfinite(norm) else "vanishing" if norm < vanishing
                       else "exploding" if norm > exploding else "ok")
-        rows.append({"parameter": name, "shape": tuple(p.shape), "grad_norm": norm, "status": status})
+            if status == "vanishing" and KEY_BIAS.search(name):
+                status, note = "ok", "zero by design: softmax is invariant to a bias added to every key"
+        rows.append({"parameter": name, "shape": tuple(p.shape), "grad_norm": norm, "status": status, "note": note})
     model.zero_grad(set_to_none=True)
     df = pd.DataFrame(rows)
 
@@ -169,16 +214,18 @@ def check_numerics(model: nn.Module, n_batches: int = 8, batch_size: int = 4, se
     return CheckResult(verdict, df)
 
 
-def check_initialization(model: nn.Module, tiny: float = 1e-4, huge: float = 1.0) -> CheckResult:
+def check_initialization(model: nn.Module, tiny: float = 1e-4, huge: float = 1.0, huge_embedding: float = 1.5) -> CheckResult:
     """Per-parameter mean and std. Matrices that are all zero (units never differentiate), or whose
-    std is tiny or huge, are flagged; 1-D tensors (biases, norm gains) are expected to be constant."""
+    std is tiny or huge, are flagged; 1-D tensors (biases, norm gains) are expected to be constant.
+    Embedding tables get their own bound: nn.Embedding's documented default init is N(0, 1)."""
+    embeddings = {f"{m_name}.weight".lstrip(".") for m_name, m in model.named_modules() if isinstance(m, nn.Embedding)}
     rows = []
     for name, p in model.named_parameters():
         t = p.detach().float()
         std = float(t.std()) if t.numel() > 1 else 0.0
-        status = "ok"
+        status, limit = "ok", huge_embedding if name in embeddings else huge
         if p.dim() >= 2:
-            status = "all_zero" if not t.any() else "tiny_std" if std < tiny else "huge_std" if std > huge else "ok"
+            status = "all_zero" if not t.any() else "tiny_std" if std < tiny else "huge_std" if std > limit else "ok"
         rows.append({"parameter": name, "shape": tuple(p.shape), "mean": float(t.mean()), "std": std, "status": status})
     df = pd.DataFrame(rows)
     zero, odd = df[df["status"] == "all_zero"], df[df["status"].isin(["tiny_std", "huge_std"])]
@@ -214,7 +261,7 @@ def check_memory(model: nn.Module, plan: PrecisionPlan, batch_sizes=(1, 2, 4, 8,
     rows, oom_at = [], None
     for bs in batch_sizes:
         x = _random_tokens(vocab, bs, seq_len, g, device)
-        y = x if task == "causal-lm" else torch.zeros(bs, dtype=torch.long, device=device)
+        y = torch.zeros(bs, dtype=torch.long, device=device) if task == "classification" else x
         try:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -284,15 +331,16 @@ def check_latency(model: nn.Module, batch_size: int = 1, seq_len: int = 32, warm
 def run_tier1(model=None, /, *, data=None, **params) -> TierResult:
     """All Tier 1 checks on `model` (an nn.Module or a load_model spec; default: the `model` parameter).
     params: the tier's parameters (utils.params); checks run in fp32 on the one resolved device."""
-    p, model, device, plan, record = prepare(1, model, params)
-    seq_len, seed = p["seq_len"], p["seed"]
+    run = prepare(1, model, params, data)
+    model, seq_len, seed, data = run.model, run.seq_len, run.params["seed"], run.data
     was_training = model.training
     checks = {"shapes": lambda: check_shapes(model, seed),
+              "causality": lambda: check_causality(model, seq_len, seed),
               "gradient_flow": lambda: check_gradient_flow(model, data, seq_len=seq_len, seed=seed),
               "numerics": lambda: check_numerics(model, seq_len=seq_len, seed=seed),
               "initialization": lambda: check_initialization(model),
-              "memory": lambda: check_memory(model, plan, p["batch_sizes"], seq_len, seed=seed),
-              "latency": lambda: check_latency(model, seq_len=seq_len, iters=p["latency_iters"], seed=seed)}
+              "memory": lambda: check_memory(model, run.plan, run.params["batch_sizes"], seq_len, seed=seed),
+              "latency": lambda: check_latency(model, seq_len=seq_len, iters=run.params["latency_iters"], seed=seed)}
     checks = {name: run_check(name, check) for name, check in checks.items()}
     model.train(was_training)
-    return TierResult(1, checks, p, record, {"parameters": count_parameters(model)})
+    return TierResult(1, checks, run.params, run.record, {"parameters": count_parameters(model)})

@@ -30,6 +30,24 @@ def sample_batch(model: nn.Module, data=None, batch_size: int = 4, seq_len: int 
     return x.to(model_device(model))
 
 
+def _hf_attention(model: nn.Module, x: torch.Tensor) -> dict:
+    """A Hugging Face model's attention weights via output_attentions=True. Fused kernels (sdpa, flash)
+    return none, so the probe switches to eager attention for this one forward and switches back."""
+    impl = model.config._attn_implementation
+    was_training = model.training
+    model.eval()
+    try:
+        if impl != "eager":
+            model.set_attn_implementation("eager")
+        with torch.no_grad():
+            out = model(x, output_attentions=True)
+    finally:
+        if impl != "eager":
+            model.set_attn_implementation(impl)
+        model.train(was_training)
+    return {f"layer {i}": a.detach().float() for i, a in enumerate(out.attentions or ())}
+
+
 def capture_attention(model: nn.Module, x: torch.Tensor) -> dict:
     """Attention weights per layer, {module name: (batch, heads, query, key)}.
 
@@ -68,7 +86,8 @@ def capture_attention(model: nn.Module, x: torch.Tensor) -> dict:
 def analyze_attention(model: nn.Module, x: torch.Tensor, collapse_max_weight: float = 0.9) -> CheckResult:
     """Entropy and peak weight of every head. A head is collapsed when, on average, one key takes
     more than `collapse_max_weight` of its attention: it passes on a single token's value."""
-    weights = capture_attention(model, x)
+    hf = hasattr(model, "set_attn_implementation")
+    weights = _hf_attention(model, x) if hf else capture_attention(model, x)
     if not weights:
         verdict = Verdict("attention", "warn", "no attention weights found: the model has no nn.MultiheadAttention "
                           "and no module with a `record_attention` flag. To analyze a custom attention, give it "
@@ -93,6 +112,8 @@ def analyze_attention(model: nn.Module, x: torch.Tensor, collapse_max_weight: fl
     df = pd.DataFrame(rows)
     collapsed = df[df["collapsed"]]
     summary = f"{len(df)} heads in {len(weights)} layers; normalized entropy {df['normalized_entropy'].min():.2f}..{df['normalized_entropy'].max():.2f}"
+    if hf and model.config._attn_implementation != "eager":
+        summary += f" (read with eager attention for this probe; the model runs {model.config._attn_implementation})"
     if len(collapsed) > len(df) / 2:
         verdict = Verdict("attention", "warn", f"{len(collapsed)} of {len(df)} heads are collapsed (one key takes "
                           f">{collapse_max_weight:.0%} of the weight), e.g. {collapsed.iloc[0]['layer']} head "
@@ -248,10 +269,11 @@ def analyze_amp_readiness(model: nn.Module, x: torch.Tensor, plan: PrecisionPlan
 def run_tier2(model=None, /, *, data=None, **params) -> TierResult:
     """All Tier 2 analyses on `model` (an nn.Module or a load_model spec; default: the `model` parameter),
     on real inputs. params: the tier's parameters (utils.params)."""
-    p, model, device, plan, record = prepare(2, model, params)
-    x = sample_batch(model, data, p["batch_size"], p["seq_len"], p["seed"])
+    run = prepare(2, model, params, data)
+    p, model = run.params, run.model
+    x = sample_batch(model, run.data, p["batch_size"], run.seq_len, p["seed"])
     checks = {"attention": lambda: analyze_attention(model, x),
               "robustness": lambda: analyze_robustness(model, x, p["strengths"], p["seed"]),
-              "amp_readiness": lambda: analyze_amp_readiness(model, x, plan, p["amp_tolerance"])}
+              "amp_readiness": lambda: analyze_amp_readiness(model, x, run.plan, p["amp_tolerance"])}
     checks = {name: run_check(name, check) for name, check in checks.items()}
-    return TierResult(2, checks, p, record, {"parameters": count_parameters(model)})
+    return TierResult(2, checks, p, run.record, {"parameters": count_parameters(model)})

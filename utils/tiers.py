@@ -20,7 +20,9 @@ from utils.plotting import (plot_amp_layer_error, plot_attention_entropy, plot_a
 from utils.tier1_critical_validation import run_tier1
 from utils.tier2_advanced_analysis import run_tier2
 from utils.training.amp_benchmark import test_amp_speedup_benchmark
-from utils.verdicts import TierResult
+from utils.models import UnsupportedModel
+from utils.params import is_data
+from utils.verdicts import CheckResult, TierResult, Verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNNERS = {1: run_tier1, 2: run_tier2, 3: test_amp_speedup_benchmark}
@@ -49,7 +51,13 @@ def run_tier(tier: int, params: dict = None, *, model=None, data=None) -> TierRe
     nn.Module: it overrides the `model` parameter."""
     if tier not in RUNNERS:
         raise ValueError(f"unknown tier {tier!r}; expected one of {sorted(RUNNERS)}")
-    return RUNNERS[tier](model, data=data, **(params or {}))
+    params = params or {}
+    try:
+        return RUNNERS[tier](model, data=data, **params)
+    except UnsupportedModel as e:  # an honest refusal is the tier's one verdict, not a traceback
+        refusal = CheckResult(Verdict("supported", "fail", str(e)), pd.DataFrame())
+        return TierResult(tier, {"supported": refusal}, {k: v for k, v in params.items() if is_data(v)}, {},
+                          {"unsupported": str(e)})
 
 
 def output_dir(result: TierResult) -> Path:
@@ -83,8 +91,19 @@ def verdict_line(verdict) -> str:
     return f"[{verdict.status}] {'(timing) ' if verdict.timing else ''}{verdict.check}: {verdict.reason}"
 
 
+def headline(result: TierResult):
+    """The run in one line: the model and its task, or why it is not supported."""
+    if "supported" in result.checks:
+        print(f"unsupported model: {result.checks['supported'].verdict.reason}")
+    else:
+        print(f"{result.parameters['model']}: {result.figures['parameters']:,} parameters, task {result.record['task']}")
+
+
 def present(result: TierResult, name: str, charts: dict):
     """A notebook section: the check's verdict, its table's columns and rows, and its charts."""
+    if name not in result.checks:
+        print(f"{name}: not run (the model is not supported, see above)")
+        return
     check = result.checks[name]
     print(verdict_line(check.verdict))
     if check.crashed or check.data.empty:

@@ -24,7 +24,6 @@ import torch
 import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from utils.data import load_corpus
 from utils.models import compute_loss, count_parameters
 from utils.params import TIER_PARAMS, ParamError, coerce, prepare
 from utils.tier3_training_utilities import test_fine_tuning
@@ -206,7 +205,7 @@ def _speedup(trials: pd.DataFrame, amp_precision: str, loop: str = "ours") -> di
     return {"median": float(fp32.median() / amp.median()), "ci_low": low, "ci_high": high}
 
 
-DIVERGED = 1.05  # an fp32 eval loss that ends 5% above where it started: the baseline diverged
+DIVERGED = 1.25  # an fp32 eval loss that ends 25% above where it started diverged (short noisy runs wobble ~5%)
 
 
 def _baseline_verdict(ref) -> Verdict:
@@ -269,12 +268,12 @@ def test_amp_speedup_benchmark(model=None, /, *, data=None, progress: bool = Fal
     or spec; default: the `model` parameter). params: tier 3's parameters (utils.params), e.g.
     steps, batch_size, trials, sweep_batch_sizes (also measure the speedup at each batch size, with
     fewer trials, to show where AMP pays), minimal_loop (also time a bare hand-written loop)."""
-    p, model0, device, amp_plan, record = prepare(3, model, params)
+    run = prepare(3, model, params, data)
+    p, model0, device, amp_plan, record, data = run.params, run.model, run.device, run.plan, run.record, run.data
     fp32_plan = resolve_precision("32", device)
     plans = (fp32_plan, amp_plan)
-    batch_size, seq_len, seed, lr = p["batch_size"], p["seq_len"], p["seed"], p["lr"]
+    batch_size, seq_len, seed, lr = p["batch_size"], run.seq_len, p["seed"], p["lr"]
     timing = dict(warmup_steps=p["warmup_steps"], timed_steps=p["timed_steps"], lr=lr, seed=seed)
-    data = data if data is not None else load_corpus()
 
     trials_df = _speed_trials(model0, plans, data, device, batch_size, seq_len, p["trials"], minimal_loop=p["minimal_loop"],
                               **timing)

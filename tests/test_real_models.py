@@ -1,0 +1,168 @@
+"""Models nobody here wrote, built from configs (no download): Hugging Face causal LMs, classifiers and a
+masked LM, PyTorch's nn.TransformerEncoder, a minimal GPT that returns only the last position, an
+encoder-decoder and a vision model. Each goes through the tiers as a user would run them, or is refused
+with one line that says what the suite supports."""
+
+import pandas as pd
+import pytest
+import torch
+
+from utils.data import load_corpus
+from utils.models import load_model, model_max_len, probe_model
+from utils.results import read_json
+from utils.run import main
+from utils.tiers import run_tier
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+TINY = dict(num_hidden_layers=2, num_attention_heads=2, hidden_size=64, intermediate_size=128, vocab_size=512,
+            max_position_embeddings=128)
+RUN = ["-p", "device=cpu", "-p", "seq_len=32", "-p", "latency_iters=3", "-p", "batch_sizes=[1, 2]", "-p", "batch_size=4",
+       "-p", "steps=30", "-p", "lr=0.003", "-p", "trials=1", "-p", "warmup_steps=1", "-p", "timed_steps=1"]
+
+
+def bpe_tokenizer(folder):
+    """A byte-level BPE tokenizer trained here on the built-in corpus, saved the way Hugging Face saves one."""
+    corpus = load_corpus()
+    text = bytes(torch.cat([corpus.train, corpus.val]).numpy()).decode("utf-8", errors="ignore")
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<pad>", "<mask>"],
+                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([text[i:i + 10_000] for i in range(0, len(text), 10_000)], trainer)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", mask_token="<mask>")
+    fast.save_pretrained(folder)
+    return fast
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    """Tiny models built from configs and saved with save_pretrained, as a user's checkpoints would be."""
+    root = tmp_path_factory.mktemp("zoo")
+    T = transformers
+    torch.manual_seed(0)
+    models = {
+        "gpt2": T.GPT2LMHeadModel(T.GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=128, vocab_size=512,
+                                               bos_token_id=0, eos_token_id=0)),
+        "llama": T.LlamaForCausalLM(T.LlamaConfig(**TINY, num_key_value_heads=1)),
+        "bert2": T.BertForSequenceClassification(T.BertConfig(**TINY)),               # Hugging Face's default: 2 labels
+        "bert5": T.BertForSequenceClassification(T.BertConfig(**TINY, num_labels=5)),
+        "roberta": T.RobertaForMaskedLM(T.RobertaConfig(**{**TINY, "max_position_embeddings": 130}, pad_token_id=1)),
+        "t5": T.T5ForConditionalGeneration(T.T5Config(d_model=64, d_ff=128, num_layers=2, num_heads=2, vocab_size=512)),
+        "vit": T.ViTForImageClassification(T.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                                       intermediate_size=128, image_size=32, patch_size=8)),
+    }
+    for name, model in models.items():
+        model.save_pretrained(root / name)
+    bpe_tokenizer(root / "gpt2")  # the GPT-2 checkpoint comes with its own tokenizer
+    return root
+
+
+def test_tasks_and_usable_lengths_come_from_the_configs(zoo):
+    expected = {"gpt2": ("causal-lm", 128), "llama": ("causal-lm", 128), "bert2": ("classification", 128),
+                "bert5": ("classification", 128), "roberta": ("masked-lm", 128)}  # RoBERTa: positions start after pad
+    for name, (task, max_len) in expected.items():
+        model = load_model(f"hf:{zoo / name}")
+        assert (probe_model(model), model_max_len(model)) == (task, max_len), name
+    bert5 = load_model(f"hf:{zoo / 'bert5'}")
+    probe_model(bert5)
+    assert bert5.suite_num_classes == 5
+
+
+def test_weights_must_stay_fp32(zoo):
+    with pytest.raises(ValueError, match="torch_dtype='bfloat16' refused .* keeps fp32 master weights"):
+        load_model(f"hf:{zoo / 'gpt2'}", torch_dtype="bfloat16")
+
+
+@pytest.mark.slow
+def test_every_model_goes_through_all_three_tiers_without_a_false_verdict(zoo, tmp_path):
+    grid = tmp_path / "grid.yaml"
+    models = [f"hf:{zoo / n}" for n in ("gpt2", "llama", "bert2", "bert5", "roberta")] + ["tests.user_models:TransformerEncoderLM"]
+    grid.write_text("model:\n" + "".join(f"  - '{m}'\n" for m in models))
+    assert main(["--grid", str(grid), "--out", str(tmp_path), "--name", "zoo", *RUN]) == 0
+    summary = pd.read_csv(tmp_path / "zoo" / "summary.csv")
+    assert len(summary) == 18 and (summary["run_status"] == "ok").all()
+    for _, row in summary.iterrows():
+        results = read_json(tmp_path / "zoo" / row["run_id"] / "results.json")
+        wrong = [v for v in results["verdicts"] if not v["timing"] and v["status"] != "pass"]
+        assert not wrong, (row["run_id"], wrong)
+        if row["tier"] == 3:  # AMP tracks fp32 for every model; the language models (causal and masked) learn
+            assert row["verdict.amp_safe"] == "pass"
+            if results["record"]["task"] != "classification":
+                assert row["final_eval_loss_fp32"] < 0.9 * results["extra"]["fp32_baseline"]["initial_eval_loss"], row["run_id"]
+
+
+def test_an_hf_model_trains_on_its_own_tokenizers_ids(zoo):
+    result = run_tier(3, {"model": f"hf:{zoo / 'gpt2'}", "device": "cpu", "seq_len": 32, "batch_size": 4, "steps": 20,
+                          "lr": 3e-3, "trials": 1, "warmup_steps": 0, "timed_steps": 1})
+    assert result.record["vocab"] == 400 and "tokens]" in result.record["data"]  # the BPE's vocabulary, not 256 bytes
+    assert result.checks["fp32_baseline"].verdict.status == "pass" and result.checks["amp_safe"].verdict.status == "pass"
+    by_bytes = run_tier(1, {"model": f"hf:{zoo / 'llama'}", "device": "cpu", "latency_iters": 3, "batch_sizes": [1]})
+    assert by_bytes.record["vocab"] == 256  # a checkpoint without a tokenizer: byte tokens, said in the record
+    told = run_tier(1, {"model": f"hf:{zoo / 'llama'}", "tokenizer": str(zoo / "gpt2"), "device": "cpu",
+                        "latency_iters": 3, "batch_sizes": [1]})
+    assert told.record["vocab"] == 400 and told.status == "pass"
+
+
+@pytest.mark.parametrize("model, says", [
+    ("tests.user_models:LastPositionGPT", "returns logits of shape (2, 1, 256) for input_ids (2, 8)"),
+    ("t5", "is an encoder-decoder (t5): unsupported"),
+    ("vit", "(vit) has no token vocabulary, so it does not take token ids (a vision or audio model): unsupported"),
+])
+def test_unsupported_models_get_one_line_in_every_tier(zoo, tmp_path, model, says):
+    spec = model if ":" in model else f"hf:{zoo / model}"
+    assert main(["-p", f"model={spec}", "--out", str(tmp_path), *RUN]) == 0  # a refusal is a verdict, not a crash
+    summary = pd.read_csv(tmp_path / "default" / "summary.csv")
+    assert len(summary) == 3 and (summary["run_status"] == "ok").all() and (summary["verdict"] == "fail").all()
+    assert summary["unsupported"].str.contains(says, regex=False).all()
+    assert summary["unsupported"].str.contains("The suite supports causal LMs, classifiers and masked LMs").all()
+    for row in summary.itertuples():
+        executed = (tmp_path / "default" / row.run_id / row.notebook).read_text()
+        assert "Traceback" not in executed and "unsupported model: " in executed
+
+
+def test_causality_is_checked_and_a_future_peeking_lm_fails_it():
+    good = run_tier(1, {"model": "tests.user_models:TransformerEncoderLM", "device": "cpu", "latency_iters": 3})
+    peeks = run_tier(1, {"model": "tests.user_models:BidirectionalEncoderLM", "device": "cpu", "latency_iters": 3})
+    assert good.checks["causality"].verdict.status == "pass"
+    v = peeks.checks["causality"].verdict
+    assert v.status == "fail" and "sees future tokens" in v.reason and "task='masked-lm'" in v.reason
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_default_embedding_init_is_not_called_huge(seed):
+    r = run_tier(1, {"model": "tests.user_models:TransformerEncoderLM", "seed": seed, "device": "cpu", "latency_iters": 3,
+                     "batch_sizes": [1]})
+    assert r.checks["initialization"].verdict.status == "pass", r.checks["initialization"].verdict.reason
+
+
+def test_key_biases_are_not_called_vanishing(zoo):
+    r = run_tier(1, {"model": f"hf:{zoo / 'bert2'}", "device": "cpu", "latency_iters": 3, "batch_sizes": [1]})
+    grads = r.checks["gradient_flow"].data.set_index("parameter")
+    keys = grads[grads.index.str.endswith("attention.self.key.bias")]
+    assert len(keys) == 2 and (keys["grad_norm"] < 1e-8).all() and (keys["status"] == "ok").all()
+    assert keys["note"].str.contains("softmax is invariant").all()
+    assert r.checks["gradient_flow"].verdict.status == "pass"
+
+
+def test_hf_attention_is_read_per_head_and_the_probe_says_it_switched(zoo):
+    r = run_tier(2, {"model": f"hf:{zoo / 'llama'}", "device": "cpu"})
+    attention = r.checks["attention"]
+    assert attention.verdict.status == "pass" and len(attention.data) == 4  # 2 layers x 2 heads
+    assert "read with eager attention for this probe; the model runs sdpa" in attention.verdict.reason
+
+
+def test_a_classifier_with_more_classes_than_the_builtin_set_is_refused_with_the_reason(zoo, tmp_path):
+    model = transformers.BertForSequenceClassification(transformers.BertConfig(**TINY, num_labels=12))
+    r = run_tier(1, {"device": "cpu"}, model=model)
+    assert r.status == "fail" and "has 2 to 8 classes; the model has 12" in r.checks["supported"].verdict.reason
+
+
+def test_tier3_caps_seq_len_at_the_models_maximum_and_trains_a_classifier():
+    r = run_tier(3, {"model": "encoder-tiny", "device": "cpu", "batch_size": 4, "steps": 10, "trials": 1,
+                     "warmup_steps": 0, "timed_steps": 1})  # tier 3's default seq_len 128 > encoder-tiny's 64
+    assert r.record["seq_len"] == 64 and r.record["task"] == "classification"
+    assert {v.check for v in r.verdicts} == {"fp32_baseline", "amp_safe", "amp_worth_it"}
+    assert r.checks["amp_safe"].verdict.status == "pass"
