@@ -116,7 +116,7 @@ TIER_PARAMS = {
               choices=PRECISION_CHOICES),
         Param("steps", int, 60, "optimizer steps of each fine-tuning run (fp32 and AMP)", low=1),
         Param("batch_size", int, 16, "sequences per step", low=1),
-        Param("seq_len", int, 128, "tokens per sequence", low=1),
+        Param("seq_len", int, 128, "tokens per sequence (capped at the model's maximum)", low=1),
         Param("lr", float, 1e-3, "peak learning rate (warm-up, then cosine decay)", low=1e-12, high=10),
         Param("trials", int, 3, "interleaved speed trials per precision", low=1),
         Param("warmup_steps", int, 3, "steps per trial excluded from timing", low=0),
