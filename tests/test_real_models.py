@@ -79,17 +79,19 @@ def test_weights_must_stay_fp32(zoo):
 @pytest.mark.slow
 def test_every_model_goes_through_all_three_tiers_without_a_false_verdict(zoo, tmp_path):
     grid = tmp_path / "grid.yaml"
-    models = [f"hf:{zoo / n}" for n in ("gpt2", "llama", "bert2", "bert5", "roberta")] + ["tests.user_models:TransformerEncoderLM"]
+    models = [f"hf:{zoo / n}" for n in ("gpt2", "llama", "bert2", "bert5", "roberta")] + \
+        ["tests.user_models:TransformerEncoderLM", "encoder-tiny"]  # and the built-in classifier, tier 3 included
     grid.write_text("model:\n" + "".join(f"  - '{m}'\n" for m in models))
     assert main(["--grid", str(grid), "--out", str(tmp_path), "--name", "zoo", *RUN]) == 0
     summary = pd.read_csv(tmp_path / "zoo" / "summary.csv")
-    assert len(summary) == 18 and (summary["run_status"] == "ok").all()
+    assert len(summary) == 21 and (summary["run_status"] == "ok").all()
     for _, row in summary.iterrows():
         results = read_json(tmp_path / "zoo" / row["run_id"] / "results.json")
         wrong = [v for v in results["verdicts"] if not v["timing"] and v["status"] != "pass"]
         assert not wrong, (row["run_id"], wrong)
         if row["tier"] == 3:  # AMP tracks fp32 for every model; the language models (causal and masked) learn
             assert row["verdict.amp_safe"] == "pass"
+            assert pd.notna(row["verdict.amp_worth_it"])  # the speed verdict is there; its status is a timing
             if results["record"]["task"] != "classification":
                 assert row["final_eval_loss_fp32"] < 0.9 * results["extra"]["fp32_baseline"]["initial_eval_loss"], row["run_id"]
 
