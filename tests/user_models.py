@@ -1,6 +1,8 @@
 """User-style models for tests: Hugging Face style outputs, tuples, and planted faults.
 Each wraps the tiny GPT with seeded weights and changes one thing about it."""
 
+import os
+import signal
 import time
 from dataclasses import dataclass
 
@@ -105,6 +107,21 @@ class OverflowsFp16(TinyGPTWrapper):
         self.inner.blocks[1].mlp[0].register_forward_hook(lambda m, i, o: o * 1e6)
 
 
+class InterruptsOnce(TinyGPTWrapper):
+    """Presses Ctrl-C (SIGINT to its own process) on its Nth training forward, counted over all copies, as
+    a user stopping a run would. N comes from SUITE_TEST_INTERRUPT_AT (unset: never), so a notebook's
+    kernel started by the batch runner sees it too."""
+
+    forwards = 0
+
+    def forward(self, input_ids):
+        if self.training and torch.is_grad_enabled():
+            InterruptsOnce.forwards += 1
+            if InterruptsOnce.forwards == int(os.environ.get("SUITE_TEST_INTERRUPT_AT", 0)):
+                os.kill(os.getpid(), signal.SIGINT)
+        return self.inner(input_ids)
+
+
 class Hangs(TinyGPTWrapper):
     """A forward that never returns: what a runner's timeout is for."""
 
@@ -152,3 +169,4 @@ class BidirectionalEncoderLM(TransformerEncoderLM):
     def forward(self, input_ids):
         T = input_ids.size(1)
         return self.head(self.encoder(self.tok(input_ids) + self.pos(torch.arange(T, device=input_ids.device))))
+

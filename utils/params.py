@@ -8,14 +8,15 @@ parameter, the type it expects and what it got, before any work starts.
 
 import ast
 import math
-from dataclasses import dataclass
-
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from utils.models import TASKS, load_model, load_task_data, load_tokenizer, model_max_len, probe_model
-from utils.training.amp_utils import PRECISION_CHOICES, PrecisionPlan, comparison_plan, resolve_device, run_record
+from utils.training.amp_utils import (PRECISION_CHOICES, PrecisionPlan, comparison_plan, resolve_device, resolve_precision,
+                                      run_record)
+from utils.training.distributed import PARALLEL_CHOICES
 
 
 class ParamError(ValueError):
@@ -127,8 +128,36 @@ TIER_PARAMS = {
         Param("sweep_batch_sizes", list, [], "batch sizes for the speedup sweep, e.g. [4, 8, 32] (empty: no sweep)",
               item=int, low=1),
         Param("minimal_loop", bool, False, "also time a bare hand-written loop, to measure the engine's overhead"),
+        Param("max_skipped_in_a_row", int, 20, "skipped steps in a row that stop a fine-tuning run as an overflow storm "
+              "(a fail verdict with a diagnosis)", low=1),
+        Param("checkpoint_every", int, 0, "checkpoint each fine-tuning run every N steps and at its end (0: only when "
+              "Ctrl-C or SIGTERM stops it)", low=0),
+        Param("checkpoint_dir", str, "", "where checkpoints go (empty: <output_dir>/checkpoints; the batch runner keeps "
+              "them in runs/<name>/checkpoints/<run>)"),
+        Param("resume", bool, False, "continue each fine-tuning run from its newest valid checkpoint in checkpoint_dir"),
         *_TAIL),
 }
+
+# utils.train (torchrun): tier 3's fine-tuning parameters, plus what a multi-process run adds.
+_TRAIN_SHARED = ("model", "model_kwargs", "task", "tokenizer", "device", "precision", "steps", "seq_len", "lr", "seed",
+                 "max_skipped_in_a_row", "checkpoint_every", "checkpoint_dir", "resume")
+TRAIN_PARAMS = (
+    *(replace(p, help="the precision to train in: 'auto' (the best for the device, fp32 where AMP would not pay), "
+              "'32', '16-mixed' or 'bf16-mixed'") if p.name == "precision" else p
+      for p in TIER_PARAMS[3] if p.name in _TRAIN_SHARED),
+    Param("batch_size", int, 8, "sequences per step on each rank (the global batch is batch_size x ranks)", low=1),
+    Param("grad_accum_steps", int, 1, "micro-batches per optimizer step (gradients are all-reduced once per step)", low=1),
+    Param("eval_interval", int, 20, "optimizer steps between evaluations", low=1),
+    Param("parallel", str, "ddp", "'ddp' (each rank a full replica) or 'fsdp2' (parameters, gradients and optimizer "
+          "state sharded: for models that do not fit one device)", choices=PARALLEL_CHOICES),
+    Param("reference", str, "", "results.json of a one-process run: the scaling efficiency is measured against it"),
+    Param("output_dir", str, "runs/train", "where rank 0 writes results.json, loss.png and (by default) checkpoints"),
+)
+
+# Parameters that say where and how a run keeps its files, not what it computes: a resumed or
+# checkpointed run gives the same results, so these are not part of a run's identity (utils.run).
+RUN_CONTROL = ("output_dir", "checkpoint_dir", "checkpoint_every", "resume")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def spec(tier: int) -> dict:
@@ -138,17 +167,32 @@ def spec(tier: int) -> dict:
     return {p.name: p for p in TIER_PARAMS[tier]}
 
 
+def output_folder(tier: int, output_dir: str) -> Path:
+    """The output_dir parameter, or runs/interactive/tier<N> when it is empty."""
+    return Path(output_dir or ROOT / "runs" / "interactive" / f"tier{tier}")
+
+
 def defaults(tier: int) -> dict:
     return {name: p.default for name, p in spec(tier).items()}
 
 
-def check_params(tier: int, params: dict) -> dict:
-    """The tier's defaults updated with `params`, every name and value checked."""
-    known = spec(tier)
+def check_values(params: dict, known: dict, where: str) -> dict:
+    """known's defaults ({name: Param}) updated with `params`, every name and value checked."""
     for name in params:
         if name not in known:
-            raise ParamError(f"unknown parameter {name!r} for tier {tier}; known parameters: {sorted(known)}")
-    return {**defaults(tier), **{name: known[name].check(value) for name, value in params.items()}}
+            raise ParamError(f"unknown parameter {name!r} for {where}; known parameters: {sorted(known)}")
+    return {**{name: p.default for name, p in known.items()}, **{name: known[name].check(value) for name, value in params.items()}}
+
+
+def check_params(tier: int, params: dict) -> dict:
+    """The tier's defaults updated with `params`, every name and value checked."""
+    return check_values(params, spec(tier), f"tier {tier}")
+
+
+def add_arguments(parser, params):
+    """One --option per parameter (underscores as dashes), values parsed as data (see coerce)."""
+    for p in params:
+        parser.add_argument("--" + p.name.replace("_", "-"), type=coerce, default=p.default, help=f"{p.help} (default: {p.default!r})")
 
 
 @dataclass
@@ -168,12 +212,25 @@ def prepare(tier: int, model, params: dict, data=None) -> Prepared:
     """Checked parameters, the device, the precision plan, the model on that device with its task probed
     (an unsupported model is refused here, with the reason), its data, and the record of what ran.
     `model` (an nn.Module or a spec) overrides the `model` parameter; `device` may be a torch.device."""
-    if isinstance(params.get("device"), torch.device):
-        params = {**params, "device": str(params["device"])}
-    p = check_params(tier, params)
+    p = check_params(tier, _device_as_text(params))
     device = resolve_device(p["device"])
     plan = (comparison_plan(p["precision"], device) if "precision" in p
             else PrecisionPlan("32", "32", device.type, f"tier {tier} runs its checks in fp32"))
+    return _load(p, model, device, plan, data)
+
+
+def prepare_training(model, params: dict, data=None) -> Prepared:
+    """prepare() for utils.train: its parameters, and the precision asked for (fp32 too), not a comparison."""
+    p = check_values(_device_as_text(params), {q.name: q for q in TRAIN_PARAMS}, "utils.train")
+    device = resolve_device(p["device"])
+    return _load(p, model, device, resolve_precision(p["precision"], device), data)
+
+
+def _device_as_text(params: dict) -> dict:
+    return {**params, "device": str(params["device"])} if isinstance(params.get("device"), torch.device) else params
+
+
+def _load(p: dict, model, device: torch.device, plan: PrecisionPlan, data) -> Prepared:
     torch.manual_seed(p["seed"])  # the model's initial weights are part of the run: same seed, same weights
     spec = p["model"] if model is None else model
     model = load_model(spec, task=p["task"], **p["model_kwargs"]).to(device)

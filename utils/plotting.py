@@ -62,6 +62,22 @@ def plot_loss_curves(parity: pd.DataFrame, amp_precision: str, tolerance: float 
     return save_figure(fig, path)
 
 
+def plot_training(history: pd.DataFrame, evals: pd.DataFrame, title: str, path=None):
+    """One run's training loss per step (skipped steps marked) and its evaluations: utils.train's chart."""
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.plot(history["step"], history["loss"], color="tab:gray", alpha=0.8, label="training loss")
+    skipped = history[history["skipped"].astype(bool)]
+    if len(skipped):
+        ax.scatter(skipped["step"], skipped["loss"], marker="x", color="black", zorder=3, label="skipped step")
+    if len(evals):
+        ax.plot(evals["step"], evals["eval_loss"], "o-", color="tab:blue", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title)
+    ax.legend()
+    return save_figure(fig, path)
+
+
 def plot_throughput(trials: pd.DataFrame, path=None):
     """Tokens/s per precision (and loop): median of the interleaved trials, bars spanning min to max."""
     groups = trials.groupby(["loop", "precision"], sort=False)["tokens_per_s"]

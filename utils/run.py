@@ -23,7 +23,9 @@ Each run's folder name ends in a digest of its tier and full parameters: its ide
 A run executes in a temporary folder and replaces its previous outputs only when it finishes, so an
 interrupted batch loses nothing that had finished; summary.csv is rewritten after every run. --resume
 skips a run only when its recorded digest, run.json, results.json and notebook are complete, valid and
-agree; any other run is redone and its summary row says why. One runner per output folder at a time
+agree; any other run is redone and its summary row says why, and tier 3 continues its fine-tuning
+runs from their newest checkpoints (resume=True; kept in runs/<name>/checkpoints/<run>, see
+checkpoint_every). A run stopped by Ctrl-C or SIGTERM is recorded as 'interrupted'. One runner per output folder at a time
 (a lock file with the runner's pid; a stale one is taken over).
 
 Exit code: 0 when every notebook ran, 1 when any crashed or timed out (its executed notebook keeps the
@@ -51,11 +53,10 @@ import papermill
 import yaml
 from matplotlib import pyplot as plt
 
-from utils.params import TIER_PARAMS, ParamError, check_params, coerce, spec
+from utils.params import ROOT, RUN_CONTROL, TIER_PARAMS, ParamError, check_params, coerce, spec
 from utils.plotting import plot_verdict_grid
 from utils.results import read_json, write_json_atomic
 
-ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = ROOT / "notebooks"
 TIERS = {1: "tier1_validation.ipynb", 2: "tier2_analysis.ipynb", 3: "tier3_training.ipynb"}
 
@@ -92,8 +93,9 @@ def _slug(value) -> str:
 
 
 def run_digest(tier: int, params: dict) -> str:
-    """A run's identity is its content: the tier and every parameter, defaults filled in (output_dir aside)."""
-    full = {k: v for k, v in check_params(tier, params).items() if k != "output_dir"}
+    """A run's identity is its content: the tier and every parameter, defaults filled in (where it keeps
+    its files aside: RUN_CONTROL)."""
+    full = {k: v for k, v in check_params(tier, params).items() if k not in RUN_CONTROL}
     return hashlib.sha256(json.dumps({"tier": tier, "parameters": full}, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -178,14 +180,17 @@ def execute(run_id: str, tier: int, params: dict, out_dir: Path, progress: bool 
     row = {"run_id": run_id, "tier": tier, "notebook": TIERS[tier], "digest": run_digest(tier, params),
            **{f"param.{k}": v for k, v in params.items()}}
     t0, tmp = time.perf_counter(), None
+    # Checkpoints live beside the run folders, not in the temporary one: they must outlive an interrupted run.
+    keep = {"checkpoint_dir": str(out_dir / "checkpoints" / run_id)} if "checkpoint_dir" in spec(tier) else {}
     try:
         tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{run_id}."))
         try:
             papermill.execute_notebook(str(NOTEBOOK_DIR / TIERS[tier]), str(tmp / TIERS[tier]),
-                                       parameters={**params, "output_dir": "."}, cwd=str(tmp), progress_bar=progress,
-                                       kernel_name="python3", execution_timeout=timeout)
+                                       parameters={**keep, **params, "output_dir": "."}, cwd=str(tmp),
+                                       progress_bar=progress, kernel_name="python3", execution_timeout=timeout)
             results = read_json(tmp / "results.json")
-            row.update(run_status="ok", error="", verdict=results["status"],
+            interrupted = results.get("figures", {}).get("interrupted")
+            row.update(run_status="interrupted" if interrupted else "ok", error=interrupted or "", verdict=results["status"],
                        timing_failed=any(v["timing"] and v["status"] == "fail" for v in results["verdicts"]))
             row.update({f"verdict.{v['check']}": v["status"] for v in results["verdicts"]})
             row.update(results.get("figures", {}))
@@ -229,6 +234,8 @@ def run_all(runs, out_dir: Path, resume: bool = False, progress: bool = False, t
             rows.append(read_json(out_dir / run_id / "run.json"))
         else:
             log(f"[{i}/{len(runs)}] {run_id} ..." + (f" (again: {reason})" if reason else ""))
+            if resume and "resume" in spec(tier):  # an interrupted fine-tuning run continues from its checkpoints
+                params = {"resume": True, **params}
             row = {**execute(run_id, tier, params, out_dir, progress, timeout), "rerun_reason": reason}
             log(f"[{i}/{len(runs)}] {run_id}: {row['run_status']}" +
                 (f", verdict {row['verdict']}" if row["verdict"] else f" ({row['error']})") + f" in {row['duration_s']:.1f}s")

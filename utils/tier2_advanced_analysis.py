@@ -185,7 +185,7 @@ def analyze_robustness(model: nn.Module, x: torch.Tensor, strengths=(0.01, 0.05,
     return CheckResult(verdict, df)
 
 
-def _layer_outputs(model: nn.Module, x: torch.Tensor, plan: PrecisionPlan) -> dict:
+def layer_outputs(model: nn.Module, x: torch.Tensor, plan: PrecisionPlan) -> dict:
     """Each leaf module's first floating output under `plan`, in execution order, as fp32 copies."""
     outputs, handles = {}, []
     for name, m in model.named_modules():
@@ -214,12 +214,12 @@ def analyze_amp_readiness(model: nn.Module, x: torch.Tensor, plan: PrecisionPlan
     device = model_device(model)
     was_training = model.training
     model.eval()
-    ref = _layer_outputs(model, x, resolve_precision("32", device))
+    ref = layer_outputs(model, x, resolve_precision("32", device))
     if not torch.isfinite(ref["<output>"]).all():
         model.train(was_training)
         return CheckResult(Verdict("amp_readiness", "fail", "the fp32 forward is already NaN/Inf: that is the model, not "
                                    "mixed precision (see Tier 1 numerics); AMP readiness cannot be judged."), pd.DataFrame())
-    runs = {p: _layer_outputs(model, x, resolve_precision(p, device)) for p in ("16-mixed", "bf16-mixed")}
+    runs = {p: layer_outputs(model, x, resolve_precision(p, device)) for p in ("16-mixed", "bf16-mixed")}
     model.train(was_training)
     rows = []
     for name, r in ref.items():

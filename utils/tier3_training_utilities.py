@@ -9,8 +9,12 @@ With precision '32' autocast and the GradScaler are disabled no-ops, so the fp32
 in precision alone and can be compared like with like.
 """
 
+import itertools
 import math
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -19,7 +23,11 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from utils.models import compute_loss, load_model, load_task_data
+from utils.tier2_advanced_analysis import layer_outputs
 from utils.training.amp_utils import PrecisionPlan, amp_summary, resolve_device, resolve_precision, synchronize
+from utils.training.checkpoint import clear_checkpoints, load_latest, save_checkpoint, structure_digest
+from utils.training.distributed import (PARALLEL_CHOICES, Ranks, full_tensor, gather, grad_scaler, gradient_sync,
+                                        load_training_state, mean_across, ranks, rows, training_state, wrap)
 
 
 @dataclass
@@ -31,6 +39,12 @@ class FineTuneResult:
     plan: PrecisionPlan
     model: nn.Module = field(repr=False)
     config: dict = field(default_factory=dict)
+    stop: dict = None  # why the run ended early (interrupted, overflow_storm, nonfinite_loss), else None
+    checkpoints: dict = field(default_factory=dict)  # folder, files written, where it resumed from, notes
+
+    @property
+    def interrupted(self) -> bool:
+        return bool(self.stop) and self.stop["reason"] == "interrupted"
 
     def _eval(self, column: str, row: int) -> float:
         return float(self.eval_history[column].iloc[row]) if len(self.eval_history) else float("nan")  # NaN: no evaluation ran
@@ -63,7 +77,7 @@ class FineTuneResult:
                 "final_perplexity": self.final_perplexity,
                 "median_step_time_s": float(timed["step_time_s"].median()),
                 "median_tokens_per_s": float(timed["tokens_per_s"].median()),
-                **amp_summary(self.history)}
+                "stop": self.stop, "checkpoints": self.checkpoints, **amp_summary(self.history)}
 
 
 def _param_groups(model: nn.Module, weight_decay: float):
@@ -95,36 +109,97 @@ def _training_step(model: nn.Module, batch, plan: PrecisionPlan, scaler: torch.a
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data, plan: PrecisionPlan, device, batch_size: int, seq_len: int, n_batches: int) -> float:
-    """Mean loss over fixed validation batches, in the run's precision."""
+def evaluate(model: nn.Module, data, plan: PrecisionPlan, device, batch_size: int, seq_len: int, n_batches: int,
+             r: Ranks = Ranks()) -> float:
+    """Mean loss over fixed validation batches, in the run's precision. Under torchrun each rank takes
+    its rows of the same global batches, and the mean is over all of them."""
     was_training = model.training
     model.eval()
     losses = []
-    for x, y in data.eval_batches(n_batches, batch_size, seq_len):
+    for x, y in data.eval_batches(n_batches, batch_size * r.world, seq_len):
         with plan.autocast():
-            losses.append(compute_loss(model, x.to(device), y.to(device)).item())
+            losses.append(compute_loss(model, rows(x, r).to(device), rows(y, r).to(device)).item())
     model.train(was_training)
-    return sum(losses) / len(losses)
+    return float(mean_across(torch.tensor(sum(losses) / len(losses)), r)) if r.world > 1 else sum(losses) / len(losses)
+
+
+@contextmanager
+def stop_requests():
+    """Ctrl-C or SIGTERM (a Colab or scheduler stop) during training asks the loop to stop after the
+    current step, checkpoint and return, instead of dying mid-step; a second Ctrl-C interrupts at once.
+    Yields a function that says whether a stop was asked. Python allows handlers only in the main
+    thread; elsewhere signals keep their usual effect."""
+    asked = []
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+
+    def handler(signum, frame):
+        if asked and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        asked.append(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield lambda: bool(asked)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+
+
+def largest_activation(model: nn.Module, x: torch.Tensor, plan: PrecisionPlan) -> dict:
+    """The layer whose output is the first non-finite one, else the largest in magnitude, under `plan`:
+    where to look when a run overflows."""
+    outputs = layer_outputs(model, x, plan)
+    peaks = {name: float(t.abs().max()) if t.numel() else 0.0 for name, t in outputs.items()}
+    name = next((n for n, v in peaks.items() if not math.isfinite(v)), None) or max(peaks, key=peaks.get)
+    return {"layer": name, "max_abs": peaks[name]}
+
+
+def _stop_diagnosis(reason: str, step: int, records: list, net: nn.Module, x: torch.Tensor, plan: PrecisionPlan) -> dict:
+    """Why the run stopped: the step, the loss scale trajectory and the layer with the largest activation."""
+    scales = [rec["loss_scale"] for rec in records[-30:]]
+    act = largest_activation(net, x, plan)
+    where = (f"the first non-finite output is {act['layer']!r}" if not math.isfinite(act["max_abs"])
+             else f"the largest activation is {act['layer']!r} at {act['max_abs']:.3g}")
+    if reason == "overflow_storm":
+        run = sum(1 for _ in itertools.takewhile(lambda rec: rec["skipped"], reversed(records)))
+        message = (f"overflow storm: {run} optimizer steps in a row skipped for non-finite gradients (to step {step}); "
+                   f"loss scale {scales[0]:g} -> {scales[-1]:g}; {where} under {plan.precision}. Use bf16-mixed, or find "
+                   "the layer whose activations outgrow fp16's 65504 (Tier 2 AMP readiness).")
+    else:
+        message = (f"the training loss went NaN/Inf at step {step} in {'fp32' if plan.precision == '32' else plan.precision}"
+                   f"; {where}. Lower lr, check Tier 1 numerics.")
+    return {"reason": reason, "step": step, "message": message, "loss_scales": scales, "largest_activation": act}
 
 
 def test_fine_tuning(model, *, data=None, precision="auto", use_amp=None, steps: int = 200, epochs=None,
                      batch_size: int = 16, seq_len: int = 64, lr: float = 3e-3, weight_decay: float = 0.01,
                      warmup_steps=None, grad_accum_steps: int = 1, max_grad_norm: float = 1.0, seed: int = 0,
                      device=None, callbacks=(), eval_interval: int = 50, eval_batches: int = 8,
-                     progress: bool = True, plan: PrecisionPlan = None) -> FineTuneResult:
+                     progress: bool = True, plan: PrecisionPlan = None, checkpoint_dir=None, checkpoint_every: int = 0,
+                     keep_checkpoints: int = 3, resume: bool = False, max_skipped_in_a_row=20,
+                     parallel: str = "ddp") -> FineTuneResult:
     """Fine-tune `model` (an nn.Module or a load_model spec) and record every optimizer step.
 
     precision: 'auto' | '32' | '16-mixed' | 'bf16-mixed'; use_amp: the seed's flag (see resolve_precision).
     steps: optimizer steps; epochs (if given) overrides it as passes over the training tokens.
     grad_accum_steps: micro-batches per optimizer step. callbacks: objects with an optional
     on_step_end(record) method. plan: a ready PrecisionPlan, which overrides precision and use_amp.
+    checkpoint_dir: where checkpoints go (utils.training.checkpoint): on Ctrl-C/SIGTERM, and every
+    `checkpoint_every` steps and at the end (0: only on a stop), keeping the newest `keep_checkpoints`. resume: continue
+    from the newest valid checkpoint there (else a fresh run clears the folder). max_skipped_in_a_row:
+    skipped steps in a row that stop the run as an overflow storm (None: never stop, as speed trials
+    want). Under torchrun, batch_size is per rank and `parallel` is 'ddp' or 'fsdp2' (utils.train).
     """
     for name, value in (("steps", steps), ("batch_size", batch_size), ("seq_len", seq_len),
-                        ("grad_accum_steps", grad_accum_steps), ("eval_interval", eval_interval)):
+                        ("grad_accum_steps", grad_accum_steps), ("eval_interval", eval_interval),
+                        ("keep_checkpoints", keep_checkpoints)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer; got {value!r}")
-    if not isinstance(eval_batches, int) or eval_batches < 0:
-        raise ValueError(f"eval_batches must be a non-negative integer (0 turns evaluation off); got {eval_batches!r}")
+    for name, value in (("eval_batches", eval_batches), ("checkpoint_every", checkpoint_every)):
+        if not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be a non-negative integer (0 turns it off); got {value!r}")
     for name, value, zero_ok in (("lr", lr, False), ("weight_decay", weight_decay, True),
                                  ("max_grad_norm", max_grad_norm, False), ("epochs", 1 if epochs is None else epochs, False)):
         if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
@@ -132,79 +207,148 @@ def test_fine_tuning(model, *, data=None, precision="auto", use_amp=None, steps:
             raise ValueError(f"{name} must be a finite number {'>= 0' if zero_ok else '> 0'}; got {value!r}")
     if warmup_steps is not None and (not isinstance(warmup_steps, int) or warmup_steps < 0):
         raise ValueError(f"warmup_steps must be a non-negative integer (or None: 10% of the steps); got {warmup_steps!r}")
+    if max_skipped_in_a_row is not None and (not isinstance(max_skipped_in_a_row, int) or max_skipped_in_a_row < 1):
+        raise ValueError(f"max_skipped_in_a_row must be a positive integer (or None: never stop); got {max_skipped_in_a_row!r}")
+    if (resume or checkpoint_every) and not checkpoint_dir:
+        raise ValueError("resume and checkpoint_every need a checkpoint_dir to read and write checkpoints")
+    if parallel not in PARALLEL_CHOICES:
+        raise ValueError(f"parallel must be one of {PARALLEL_CHOICES}; got {parallel!r}")
+    r = ranks()
+    parallel = parallel if r.world > 1 else "none"
     device = resolve_device(device)
     plan = plan or resolve_precision(precision, device, use_amp)
-    torch.manual_seed(seed)  # dropout masks, if the model has any
+    torch.manual_seed(seed + r.rank)  # dropout masks, if the model has any (each rank its own)
     model = load_model(model).to(device).train()
     data = load_task_data(model, data, seq_len)
 
     # Micro-batches to run, and optimizer steps as windows of grad_accum_steps (the last may be partial).
+    # Under torchrun every rank draws the same global batch (batch_size x world) and keeps its rows.
+    global_batch = batch_size * r.world
     if epochs is not None:
-        micro_total = max(1, math.ceil(epochs * data.train_tokens / (batch_size * seq_len)))
+        micro_total = max(1, math.ceil(epochs * data.train_tokens / (global_batch * seq_len)))
     else:
         micro_total = steps * grad_accum_steps
     total_steps = math.ceil(micro_total / grad_accum_steps)
     warmup_steps = max(1, total_steps // 10) if warmup_steps is None else warmup_steps
+    corpus = getattr(data, "source", "classification")
+    config = {"steps": total_steps, "micro_batches": micro_total, "batch_size": batch_size, "seq_len": seq_len,
+              "lr": lr, "grad_accum_steps": grad_accum_steps, "seed": seed, "device": str(device),
+              "corpus": corpus, "corpus_fingerprint": getattr(data, "fingerprint", None), "world_size": r.world,
+              "parallel": parallel}
+    # What a checkpoint must match to be resumed here: the same model, precision, data and schedule.
+    identity = {"model": structure_digest(model), "precision": plan.precision, "data": f"{corpus}:{config['corpus_fingerprint']}",
+                **{k: config[k] for k in ("steps", "micro_batches", "batch_size", "seq_len", "grad_accum_steps", "seed",
+                                          "world_size", "parallel")},
+                "lr": lr, "weight_decay": weight_decay, "warmup_steps": warmup_steps, "max_grad_norm": max_grad_norm}
 
-    optimizer = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.95))
+    net = wrap(model, parallel, plan, device) if r.world > 1 else model
+    optimizer = torch.optim.AdamW(_param_groups(net, weight_decay), lr=lr, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup_steps, total_steps))
-    scaler = plan.grad_scaler()
+    scaler = grad_scaler(plan, parallel)
     generator = torch.Generator().manual_seed(seed)
-    tokens_per_micro = batch_size * seq_len
+    tokens_per_micro = global_batch * seq_len
 
     def run_eval(step):  # eval_batches=0 turns evaluation off (the benchmark times steps alone)
         if eval_batches == 0:
             return []
-        loss = evaluate(model, data, plan, device, batch_size, seq_len, eval_batches)
+        loss = evaluate(net, data, plan, device, batch_size, seq_len, eval_batches, r)
         return [{"step": step, "eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}]
 
-    evals = run_eval(0)
-    records = []
-    micro_done = 0
-    bar = tqdm(total=total_steps, desc=f"fine-tune [{plan.precision}]", disable=not progress, leave=False)
-    for step in range(1, total_steps + 1):
-        window = min(grad_accum_steps, micro_total - micro_done)
-        synchronize(device)
-        t0 = time.perf_counter()
-        loss_sum = 0.0
-        for _ in range(window):
-            x, y = data.get_batch("train", batch_size, seq_len, generator)
-            loss_sum = loss_sum + _training_step(model, (x.to(device), y.to(device)), plan, scaler, window)
-        micro_done += window
-        scaler.unscale_(optimizer)  # clip true gradients, not scaled ones
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-        finite = bool(torch.isfinite(grad_norm))
-        lr_used = optimizer.param_groups[0]["lr"]
-        scale_before = scaler.get_scale()
-        if plan.use_scaler or finite:
-            scaler.step(optimizer)  # the scaler itself skips the step when it found inf/NaN
-        scaler.update()
-        # fp16: a lower scale after update() means the step was skipped. fp32/bf16 have no scaler,
-        # so a non-finite gradient norm skips the step above rather than corrupt the weights.
-        skipped = scaler.get_scale() < scale_before if plan.use_scaler else not finite
-        if not skipped:
-            scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        synchronize(device)
-        dt = time.perf_counter() - t0
-        record = {"step": step, "loss": float(loss_sum) / window, "lr": lr_used,
-                  "grad_norm": float(grad_norm), "loss_scale": float(scale_before), "skipped": bool(skipped),
-                  "nonfinite_grads": not finite, "micro_batches": window, "step_time_s": dt,
-                  "tokens_per_s": window * tokens_per_micro / dt}
-        records.append(record)
-        for cb in callbacks:
-            if hasattr(cb, "on_step_end"):
-                cb.on_step_end(record)
-        if step % eval_interval == 0 or step == total_steps:
-            evals += run_eval(step)
-        bar.update(1)
-        bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
+    def checkpoint(step):  # a collective under FSDP2: every rank gathers, rank 0 writes
+        model_state, optimizer_state = training_state(net, optimizer)
+        rng = {"torch": gather(torch.get_rng_state(), r), "data": generator.get_state(),
+               "cuda": gather(torch.cuda.get_rng_state(device), r) if device.type == "cuda" else []}
+        if r.main:
+            saved.append(str(save_checkpoint(checkpoint_dir, {
+                "identity": identity, "config": config, "step": step, "micro_done": micro_done, "model": model_state,
+                "optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "rng": rng, "history": records, "evals": evals}, keep_checkpoints)))
+
+    records, evals, saved, notes, resumed_from, start, micro_done = [], None, [], [], None, 0, 0
+    if checkpoint_dir and resume:
+        state, path, notes = load_latest(checkpoint_dir, identity)
+        for note in notes if r.main else ():
+            print(note)
+        if state is not None:
+            load_training_state(net, optimizer, state["model"], state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            generator.set_state(state["rng"]["data"])
+            torch.set_rng_state(state["rng"]["torch"][r.rank])
+            if device.type == "cuda" and state["rng"]["cuda"]:
+                torch.cuda.set_rng_state(state["rng"]["cuda"][r.rank], device)
+            start, micro_done, records, evals, resumed_from = (state["step"], state["micro_done"], state["history"],
+                                                               state["evals"], str(path))
+    elif checkpoint_dir and r.main:
+        clear_checkpoints(checkpoint_dir)
+    if evals is None:
+        evals = run_eval(0)
+
+    stop = None
+    bar = tqdm(total=total_steps, initial=start, desc=f"fine-tune [{plan.precision}]", disable=not progress or not r.main,
+               leave=False)
+    with stop_requests() as stop_asked:
+        for step in range(start + 1, total_steps + 1):
+            window = min(grad_accum_steps, micro_total - micro_done)
+            synchronize(device)
+            t0 = time.perf_counter()
+            loss_sum = 0.0
+            for i in range(window):
+                x, y = (rows(t, r).to(device) for t in data.get_batch("train", global_batch, seq_len, generator))
+                with gradient_sync(net, parallel, sync=i == window - 1):  # all-reduce once per window
+                    loss_sum = loss_sum + _training_step(net, (x, y), plan, scaler, window)
+            micro_done += window
+            scaler.unscale_(optimizer)  # clip true gradients, not scaled ones
+            grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(net.parameters(), max_grad_norm))
+            finite = bool(torch.isfinite(grad_norm))
+            lr_used = optimizer.param_groups[0]["lr"]
+            scale_before = scaler.get_scale()
+            if plan.use_scaler or finite:
+                scaler.step(optimizer)  # the scaler itself skips the step when it found inf/NaN
+            scaler.update()
+            # fp16: a lower scale after update() means the step was skipped. fp32/bf16 have no scaler,
+            # so a non-finite gradient norm skips the step above rather than corrupt the weights.
+            skipped = scaler.get_scale() < scale_before if plan.use_scaler else not finite
+            if not skipped:
+                scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            synchronize(device)
+            dt = time.perf_counter() - t0
+            loss = float(mean_across(torch.tensor(float(loss_sum) / window), r)) if r.world > 1 else float(loss_sum) / window
+            record = {"step": step, "loss": loss, "lr": lr_used,
+                      "grad_norm": float(grad_norm), "loss_scale": float(scale_before), "skipped": bool(skipped),
+                      "nonfinite_grads": not finite, "micro_batches": window, "step_time_s": dt,
+                      "tokens_per_s": window * tokens_per_micro / dt}
+            records.append(record)
+            for cb in callbacks if r.main else ():
+                if hasattr(cb, "on_step_end"):
+                    cb.on_step_end(record)
+            if step % eval_interval == 0 or step == total_steps:
+                evals += run_eval(step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
+
+            # Stop early: asked to (any rank), or training broke (decided from values every rank shares).
+            in_a_row = sum(1 for _ in itertools.takewhile(lambda rec: rec["skipped"], reversed(records)))
+            if float(mean_across(torch.tensor(float(stop_asked())), r)) > 0:
+                stop = {"reason": "interrupted", "step": step,
+                        "message": f"interrupted at step {step} of {total_steps}"
+                        + (f"; resume=True continues from the checkpoint in {checkpoint_dir}" if checkpoint_dir
+                           else " (no checkpoint_dir, so nothing was saved to resume from)")}
+            elif max_skipped_in_a_row and not math.isfinite(loss) and not plan.use_scaler:
+                stop = _stop_diagnosis("nonfinite_loss", step, records, net, x, plan)
+            elif max_skipped_in_a_row and in_a_row >= max_skipped_in_a_row:
+                stop = _stop_diagnosis("overflow_storm", step, records, net, x, plan)
+            periodic = checkpoint_every and (step % checkpoint_every == 0 or step == total_steps)
+            if checkpoint_dir and (periodic or (stop and stop["reason"] == "interrupted")):
+                checkpoint(step)
+            if stop:
+                break
     bar.close()
-    config = {"steps": total_steps, "micro_batches": micro_total, "batch_size": batch_size, "seq_len": seq_len,
-              "lr": lr, "grad_accum_steps": grad_accum_steps, "seed": seed, "device": str(device),
-              "corpus": getattr(data, "source", "classification"), "corpus_fingerprint": getattr(data, "fingerprint", None)}
     eval_history = pd.DataFrame(evals, columns=["step", "eval_loss", "perplexity"])
-    return FineTuneResult(pd.DataFrame(records), eval_history, plan, model, config)
+    checkpoints = {"dir": str(checkpoint_dir) if checkpoint_dir else None, "saved": saved, "resumed_from": resumed_from,
+                   "notes": notes}
+    return FineTuneResult(pd.DataFrame(records), eval_history, plan, model, config, stop, checkpoints)
 
 
 test_fine_tuning.__test__ = False  # a library function, not a pytest test

@@ -21,10 +21,9 @@ from utils.tier1_critical_validation import run_tier1
 from utils.tier2_advanced_analysis import run_tier2
 from utils.training.amp_benchmark import test_amp_speedup_benchmark
 from utils.models import UnsupportedModel
-from utils.params import is_data
+from utils.params import is_data, output_folder
 from utils.verdicts import CheckResult, TierResult, Verdict
 
-ROOT = Path(__file__).resolve().parents[1]
 RUNNERS = {1: run_tier1, 2: run_tier2, 3: test_amp_speedup_benchmark}
 
 # check -> its charts: (file name, draw(check result, tier result) -> Figure, or None when there is nothing to draw)
@@ -62,7 +61,7 @@ def run_tier(tier: int, params: dict = None, *, model=None, data=None) -> TierRe
 
 def output_dir(result: TierResult) -> Path:
     """The run's output_dir parameter, or runs/interactive/tier<N> when it is empty."""
-    return Path(result.parameters.get("output_dir") or ROOT / "runs" / "interactive" / f"tier{result.tier}")
+    return output_folder(result.tier, result.parameters.get("output_dir"))
 
 
 def save_tier(result: TierResult) -> dict:
@@ -102,7 +101,8 @@ def headline(result: TierResult):
 def present(result: TierResult, name: str, charts: dict):
     """A notebook section: the check's verdict, its table's columns and rows, and its charts."""
     if name not in result.checks:
-        print(f"{name}: not run (the model is not supported, see above)")
+        why = result.figures.get("interrupted") or "the model is not supported, see above"
+        print(f"{name}: not run ({why})")
         return
     check = result.checks[name]
     print(verdict_line(check.verdict))

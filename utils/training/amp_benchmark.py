@@ -17,6 +17,7 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -25,7 +26,7 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from utils.models import compute_loss, count_parameters
-from utils.params import TIER_PARAMS, ParamError, coerce, prepare
+from utils.params import TIER_PARAMS, ParamError, add_arguments, output_folder, prepare
 from utils.tier3_training_utilities import test_fine_tuning
 from utils.training.amp_utils import PrecisionPlan, resolve_precision, saved_activation_bytes, synchronize
 from utils.verdicts import CheckResult, TierResult, Verdict
@@ -159,6 +160,10 @@ def _smooth(series: pd.Series, window: int = 10) -> pd.Series:
     return series.rolling(min(window, len(series)), min_periods=1).median()
 
 
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM stopped a run: the tier ends with what it can say, marked interrupted."""
+
+
 def _speed_trials(model0, plans, data, device, batch_size, seq_len, trials, *, warmup_steps, timed_steps, lr, seed,
                   minimal_loop):
     """Interleaved timing: in each trial every (loop, precision) runs once from the same initial
@@ -175,7 +180,9 @@ def _speed_trials(model0, plans, data, device, batch_size, seq_len, trials, *, w
                 if loop == "ours":
                     result = test_fine_tuning(model, data=data, plan=plan, steps=warmup_steps + timed_steps,
                                               batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed, device=device,
-                                              eval_batches=0, progress=False)
+                                              eval_batches=0, progress=False, max_skipped_in_a_row=None)
+                    if result.interrupted:
+                        raise Interrupted(f"{result.stop['message']} of a {plan.precision} speed trial")
                     times = list(result.history["step_time_s"])
                 else:
                     times = minimal_loop_step_times(model, plan, data, warmup_steps + timed_steps, batch_size, seq_len,
@@ -211,6 +218,9 @@ DIVERGED = 1.25  # an fp32 eval loss that ends 25% above where it started diverg
 def _baseline_verdict(ref) -> Verdict:
     """Is the fp32 run itself sound? If not, a gap to it says nothing about AMP."""
     start, end = ref.initial_eval_loss, ref.final_eval_loss
+    if ref.stop:
+        return Verdict("fp32_baseline", "fail", f"the fp32 run itself stopped: {ref.stop['message']} The model or the "
+                       "learning rate is at fault, not AMP.")
     bad = ref.history["step"][~np.isfinite(ref.history["loss"])]
     if len(bad) or not np.isfinite(end):
         return Verdict("fp32_baseline", "fail", "the fp32 run itself went NaN/Inf" + (f" at step {int(bad.min())}" if len(bad) else "")
@@ -224,14 +234,16 @@ def _baseline_verdict(ref) -> Verdict:
 def _verdicts(p: dict, speed: dict, precision: str, baseline: Verdict) -> tuple:
     tol, skip_frac = p["tolerance"], p["skipped_fraction"]
     problems = []
-    if not p["finite"]:
+    if p["stop"]:  # a run cut short: its stop says what went wrong; gaps and fractions of it add nothing
+        problems.append(f"the run stopped: {p['stop']['message'].rstrip('.')}")
+    elif not p["finite"]:
         problems.append("the AMP loss became NaN/Inf")
     elif p["max_relative_gap"] > tol:
         problems.append(f"the AMP loss (rolling median of 10 steps) strays {p['max_relative_gap']:.1%} from fp32 "
                         f"(tolerance {tol:.0%}) at step {p['max_gap_step']}")
-    if p["finite"] and p["final_eval_relative_gap"] > tol:
+    if p["finite"] and not p["stop"] and p["final_eval_relative_gap"] > tol:
         problems.append(f"final eval loss differs by {p['final_eval_relative_gap']:.1%} (tolerance {tol:.0%})")
-    if skip_frac > p["max_skipped_fraction"]:
+    if skip_frac > p["max_skipped_fraction"] and not p["stop"]:
         problems.append(f"{p['skipped_steps']} of {p['steps']} steps were skipped for overflow "
                         f"({skip_frac:.0%} > {p['max_skipped_fraction']:.0%}): look for activations beyond fp16's range "
                         "(Tier 2 AMP readiness) or use bf16")
@@ -269,6 +281,19 @@ def test_amp_speedup_benchmark(model=None, /, *, data=None, progress: bool = Fal
     steps, batch_size, trials, sweep_batch_sizes (also measure the speedup at each batch size, with
     fewer trials, to show where AMP pays), minimal_loop (also time a bare hand-written loop)."""
     run = prepare(3, model, params, data)
+    try:
+        return _benchmark(run, progress)
+    except Interrupted as e:  # Ctrl-C / SIGTERM: say so, keep the checkpoints, judge nothing
+        verdict = Verdict("interrupted", "warn", f"{e}. Nothing was judged: run again with resume=True (the batch "
+                          "runner: --resume) to continue from the checkpoints.")
+        return TierResult(3, {"interrupted": CheckResult(verdict, pd.DataFrame())}, run.params, run.record,
+                          {"parameters": count_parameters(run.model), "interrupted": str(e)})
+
+
+test_amp_speedup_benchmark.__test__ = False  # a library function, not a pytest test
+
+
+def _benchmark(run, progress: bool) -> TierResult:
     p, model0, device, amp_plan, record, data = run.params, run.model, run.device, run.plan, run.record, run.data
     fp32_plan = resolve_precision("32", device)
     plans = (fp32_plan, amp_plan)
@@ -282,16 +307,26 @@ def test_amp_speedup_benchmark(model=None, /, *, data=None, progress: bool = Fal
     batch = tuple(t.to(device) for t in data.get_batch("train", batch_size, seq_len, torch.Generator().manual_seed(seed)))
     act = {plan.precision: saved_activation_bytes(copy.deepcopy(model0), plan, batch) for plan in plans}
 
-    # Loss parity: same weights, data, seed and schedule; only precision differs.
+    # Loss parity: same weights, data, seed and schedule; only precision differs. Each run checkpoints
+    # into its own folder, so an interrupted tier resumes both where they stopped.
     steps = p["steps"]
-    runs = {plan.precision: test_fine_tuning(copy.deepcopy(model0), data=data, plan=plan, steps=steps,
-                                             batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed, device=device,
-                                             eval_interval=steps, eval_batches=4, progress=progress)
-            for plan in plans}
+    checkpoints = Path(p["checkpoint_dir"]) if p["checkpoint_dir"] else output_folder(3, p["output_dir"]) / "checkpoints"
+    runs = {}
+    for plan in plans:
+        runs[plan.precision] = test_fine_tuning(
+            copy.deepcopy(model0), data=data, plan=plan, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr,
+            seed=seed, device=device, eval_interval=steps, eval_batches=4, progress=progress,
+            checkpoint_dir=checkpoints / plan.precision, checkpoint_every=p["checkpoint_every"], resume=p["resume"],
+            max_skipped_in_a_row=p["max_skipped_in_a_row"])
+        if runs[plan.precision].interrupted:
+            raise Interrupted(f"{runs[plan.precision].stop['message']} of the {plan.precision} fine-tuning run")
     ref, amp = runs["32"], runs[amp_plan.precision]
-    gap = (_smooth(amp.history["loss"]) - _smooth(ref.history["loss"])).abs() / _smooth(ref.history["loss"])
-    parity_df = pd.DataFrame({"step": ref.history["step"], "loss_fp32": ref.history["loss"], "loss_amp": amp.history["loss"],
-                              "relative_gap": gap, "loss_scale": amp.history["loss_scale"], "skipped": amp.history["skipped"]})
+    # Outer join on the step: a run that stopped early (overflow storm, NaN) has fewer rows.
+    parity_df = (ref.history[["step", "loss"]].rename(columns={"loss": "loss_fp32"})
+                 .merge(amp.history[["step", "loss", "loss_scale", "skipped"]].rename(columns={"loss": "loss_amp"}),
+                        on="step", how="outer"))
+    gap = (_smooth(parity_df["loss_amp"]) - _smooth(parity_df["loss_fp32"])).abs() / _smooth(parity_df["loss_fp32"])
+    parity_df.insert(3, "relative_gap", gap)
     judged = gap.fillna(float("inf"))  # a NaN loss is an infinite gap
     parity = {"amp_precision": amp_plan.precision, "steps": steps, "tolerance": p["parity_tolerance"],
               "max_skipped_fraction": p["max_skipped_fraction"],
@@ -302,7 +337,8 @@ def test_amp_speedup_benchmark(model=None, /, *, data=None, progress: bool = Fal
               "finite": bool(np.isfinite(amp.history["loss"]).all()),
               "skipped_steps": int(amp.history["skipped"].sum()),
               "skipped_fraction": float(amp.history["skipped"].mean()),
-              "final_loss_scale": float(amp.history["loss_scale"].iloc[-1])}
+              "final_loss_scale": float(amp.history["loss_scale"].iloc[-1]),
+              "stop": amp.stop, "checkpoints": {prec: r.checkpoints for prec, r in runs.items()}}
 
     # Throughput context: model FLOPs against matmul peaks measured now, and Amdahl's bound.
     peaks = {plan.precision: measure_matmul_peak(device, plan.autocast_dtype or torch.float32) for plan in plans}
@@ -339,7 +375,8 @@ def test_amp_speedup_benchmark(model=None, /, *, data=None, progress: bool = Fal
     baseline = _baseline_verdict(ref)
     safe, worth = _verdicts(parity, speed, amp_plan.precision, baseline)
     checks = {"fp32_baseline": CheckResult(baseline, ref.history[["step", "loss", "grad_norm", "skipped"]],
-                                           {"initial_eval_loss": ref.initial_eval_loss, "final_eval_loss": ref.final_eval_loss}),
+                                           {"initial_eval_loss": ref.initial_eval_loss, "final_eval_loss": ref.final_eval_loss,
+                                            "stop": ref.stop}),
               "amp_safe": CheckResult(safe, parity_df, parity), "amp_worth_it": CheckResult(worth, trials_df, speed)}
     figures = {"parameters": count_parameters(model0), "amp_precision": amp_plan.precision, "speedup": speedup["median"],
                "speedup_ci_low": speedup["ci_low"], "speedup_ci_high": speedup["ci_high"],
@@ -351,16 +388,11 @@ def test_amp_speedup_benchmark(model=None, /, *, data=None, progress: bool = Fal
     return TierResult(3, checks, p, record, figures)
 
 
-test_amp_speedup_benchmark.__test__ = False  # a library function, not a pytest test
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Tier 3 from the command line: fp32 vs AMP speedup, memory, loss "
                                      "parity, MFU. Every option is a tier 3 parameter (see README: Parameters).")
     cli_params = [p for p in TIER_PARAMS[3] if p.name != "output_dir"]
-    for p in cli_params:
-        parser.add_argument("--" + p.name.replace("_", "-"), type=coerce, default=p.default,
-                            help=f"{p.help} (default: {p.default!r})")
+    add_arguments(parser, cli_params)
     parser.add_argument("--out", default=None, help="also write the full result (results.json layout) here")
     parser.add_argument("--json", action="store_true", help="print the result as JSON (default: a short text report)")
     args = parser.parse_args(argv)
@@ -376,11 +408,12 @@ def main(argv=None):
         d = result.to_dict()
         print(json.dumps({k: d[k] for k in ("status", "record", "figures", "verdicts", "extra")}, indent=2, default=float))
     else:
-        speed = result.checks["amp_worth_it"].extra
-        print(f"{args.model} on {result.record['device']}, batch {args.batch_size} x {args.seq_len}: "
-              f"{speed['amp_precision']} vs fp32")
-        print(f"  speedup {speed['speedup']['median']:.2f}x; matmul ratio {speed['matmul_ratio']:.2f}x; "
-              f"Amdahl bound {speed['amdahl_speedup_bound']:.2f}x ({speed['speedup_of_amdahl_bound']:.0%} of it reached)")
+        if "amp_worth_it" in result.checks:
+            speed = result.checks["amp_worth_it"].extra
+            print(f"{args.model} on {result.record['device']}, batch {args.batch_size} x {args.seq_len}: "
+                  f"{speed['amp_precision']} vs fp32")
+            print(f"  speedup {speed['speedup']['median']:.2f}x; matmul ratio {speed['matmul_ratio']:.2f}x; "
+                  f"Amdahl bound {speed['amdahl_speedup_bound']:.2f}x ({speed['speedup_of_amdahl_bound']:.0%} of it reached)")
         for v in result.verdicts:
             print(f"  [{v.status}] {v.check}: {v.reason}")
     return 0 if result.status != "fail" else 1

@@ -1,0 +1,210 @@
+"""Fine-tuning that survives: checkpoints written atomically and read without unpickling code, resume that
+is bitwise the run that never stopped, Ctrl-C/SIGTERM that checkpoint and return, and runs that stop
+themselves with a diagnosis when training breaks (an overflow storm, a NaN loss)."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from tests.user_models import EmitsNaN, OverflowsFp16
+from utils.models import build_model
+from utils.tier3_training_utilities import test_fine_tuning
+from utils.training.checkpoint import CheckpointMismatch, load_latest
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = dict(steps=60, batch_size=8, seq_len=32, eval_interval=20, eval_batches=2, progress=False, device="cpu")
+
+
+def gpt(**overrides):
+    torch.manual_seed(0)
+    return build_model("gpt-tiny", **overrides)
+
+
+class SignalAt:
+    """Callback: sends this process `signum` after optimizer step `step` (as Ctrl-C or a scheduler would)."""
+
+    def __init__(self, step, signum=signal.SIGINT, times=1):
+        self.step, self.signum, self.times = step, signum, times
+
+    def on_step_end(self, record):
+        if record["step"] == self.step:
+            for _ in range(self.times):
+                os.kill(os.getpid(), self.signum)
+
+
+class OverflowAt:
+    """Forward hook + callback: fp16 overflows (activations x 1e6) during the chosen steps, so the loss
+    scale halves there, whichever process runs those steps."""
+
+    def __init__(self, model, steps):
+        self.steps, self.current = steps, 1
+        model.blocks[0].mlp[0].register_forward_hook(lambda m, i, o: o * 1e6 if self.current in self.steps else o)
+
+    def on_step_end(self, record):
+        self.current = record["step"] + 1
+
+
+def same_run(a, b):
+    columns = ["step", "loss", "lr", "grad_norm", "loss_scale", "skipped"]  # exactly: NaN where NaN, bit for bit
+    pd.testing.assert_frame_equal(a.history[columns], b.history[columns], check_exact=True)
+    pd.testing.assert_frame_equal(a.eval_history, b.eval_history, check_exact=True)
+    for (name, x), y in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        assert torch.equal(x, y), name
+
+
+@pytest.fixture(scope="module")
+def straight():
+    return {prec: test_fine_tuning(gpt(), precision=prec, **RUN) for prec in ("bf16-mixed", "32")}
+
+
+def test_ctrl_c_at_step_30_checkpoints_there_and_resume_is_bitwise_the_straight_run(straight, tmp_path):
+    stopped = test_fine_tuning(gpt(), precision="bf16-mixed", checkpoint_dir=tmp_path, callbacks=[SignalAt(30)], **RUN)
+    assert stopped.interrupted and stopped.stop["step"] == 30 and len(stopped.history) == 30
+    assert "interrupted at step 30 of 60" in stopped.stop["message"] and str(tmp_path) in stopped.stop["message"]
+    assert [p.name for p in tmp_path.iterdir()] == ["step_00000030.pt"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+
+    resumed = test_fine_tuning(build_model("gpt-tiny"), precision="bf16-mixed", checkpoint_dir=tmp_path, resume=True, **RUN)
+    assert resumed.checkpoints["resumed_from"] == str(tmp_path / "step_00000030.pt") and not resumed.stop
+    assert resumed.history["step"].tolist() == list(range(1, 61))
+    same_run(straight["bf16-mixed"], resumed)
+
+
+def test_fp16_resume_continues_the_loss_scale_where_it_left_off(tmp_path):
+    def run(**kw):
+        model = gpt()
+        overflow = OverflowAt(model, steps={10, 40})
+        return test_fine_tuning(model, precision="16-mixed", callbacks=[overflow, *kw.pop("callbacks", [])], **kw, **RUN)
+
+    straight = run()
+    scales = straight.history.set_index("step")["loss_scale"]
+    assert scales[11] == scales[10] / 2 and scales[41] == scales[40] / 2  # the scale really moves
+    assert run(checkpoint_dir=tmp_path, callbacks=[SignalAt(30)]).interrupted
+    same_run(straight, run(checkpoint_dir=tmp_path, resume=True))
+
+
+def test_sigterm_stops_like_ctrl_c_and_a_second_ctrl_c_interrupts_at_once(tmp_path):
+    short = {**RUN, "steps": 8}
+    r = test_fine_tuning(gpt(), precision="32", checkpoint_dir=tmp_path, callbacks=[SignalAt(3, signal.SIGTERM)], **short)
+    assert r.interrupted and r.stop["step"] == 3 and (tmp_path / "step_00000003.pt").exists()
+    with pytest.raises(KeyboardInterrupt):
+        test_fine_tuning(gpt(), precision="32", callbacks=[SignalAt(3, times=2)], **short)
+    no_dir = test_fine_tuning(gpt(), precision="32", callbacks=[SignalAt(3)], **short)
+    assert no_dir.interrupted and "nothing was saved" in no_dir.stop["message"]
+
+
+def test_periodic_checkpoints_keep_the_newest_and_leave_no_temporary_files(tmp_path):
+    test_fine_tuning(gpt(), precision="32", checkpoint_dir=tmp_path, checkpoint_every=2, keep_checkpoints=2,
+                     **{**RUN, "steps": 9})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000008.pt", "step_00000009.pt"]  # the end is kept too
+
+
+def test_a_truncated_checkpoint_is_named_and_the_one_before_it_is_used(straight, tmp_path, capsys):
+    test_fine_tuning(gpt(), precision="32", checkpoint_dir=tmp_path, checkpoint_every=10, keep_checkpoints=5,
+                     callbacks=[SignalAt(30)], **RUN)
+    newest = tmp_path / "step_00000030.pt"
+    newest.write_bytes(newest.read_bytes()[:5000])  # a disk that filled up mid-write
+    resumed = test_fine_tuning(gpt(), precision="32", checkpoint_dir=tmp_path, resume=True, **RUN)
+    assert resumed.checkpoints["resumed_from"] == str(tmp_path / "step_00000020.pt")
+    assert resumed.checkpoints["notes"] == [n for n in resumed.checkpoints["notes"] if str(newest) in n and "unreadable" in n]
+    assert len(resumed.checkpoints["notes"]) == 1 and str(newest) in capsys.readouterr().out
+    same_run(straight["32"], resumed)
+
+
+class Payload:
+    """Unpickling this would run code (create a file): a checkpoint must never be read that way."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_checkpoint_holding_code_is_refused_not_run(tmp_path):
+    marker = tmp_path / "code-ran"
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    torch.save({"format": 1, "step": 99, "payload": Payload(marker)}, folder / "step_00000099.pt")
+    state, path, notes = load_latest(folder, {})
+    assert state is None and path is None and not marker.exists()
+    assert "step_00000099.pt is unreadable" in notes[0]
+
+
+@pytest.mark.parametrize("change, field", [
+    (dict(precision="32"), "precision"),
+    (dict(model=lambda: gpt(n_layer=3)), "model"),
+    (dict(data="other text"), "data"),
+    (dict(lr=1e-3), "lr"),
+])
+def test_a_checkpoint_of_another_run_is_refused_naming_the_field(tmp_path, change, field):
+    folder = tmp_path / "ckpt"
+    test_fine_tuning(gpt(), precision="bf16-mixed", checkpoint_dir=folder, callbacks=[SignalAt(2)], **{**RUN, "steps": 4})
+    kwargs = {**RUN, "steps": 4, "precision": "bf16-mixed", "checkpoint_dir": folder, "resume": True}
+    model = change.pop("model", gpt)()
+    if "data" in change:
+        (tmp_path / "other.txt").write_text(change.pop("data") * 2000)
+        kwargs["data"] = str(tmp_path / "other.txt")
+    with pytest.raises(CheckpointMismatch, match=rf"belongs to another run: {field} is"):
+        test_fine_tuning(model, **{**kwargs, **change})
+
+
+def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_and_resume_works(straight, tmp_path):
+    """The process dies while writing the step-40 checkpoint (after half its bytes): step 20's is intact."""
+    script = textwrap.dedent(f"""
+        import os, sys, time, torch
+        import utils.training.checkpoint as checkpoint
+        from utils.models import build_model
+        from utils.tier3_training_utilities import test_fine_tuning
+        real_save = torch.save
+        def slow_save(obj, path):
+            if obj["step"] == 40:  # write half, then hang as a slow disk would, until killed
+                real_save(obj, path)
+                data = open(path, "rb").read()
+                open(path, "wb").write(data[: len(data) // 2])
+                print("WRITING", flush=True)
+                time.sleep(120)
+            real_save(obj, path)
+        checkpoint.torch.save = slow_save
+        torch.manual_seed(0)
+        test_fine_tuning(build_model("gpt-tiny"), precision="32", checkpoint_dir={str(tmp_path)!r}, checkpoint_every=20,
+                         **{RUN!r})
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert proc.stdout.readline().strip() == "WRITING"
+        proc.kill()  # SIGKILL: no handler, no cleanup
+    finally:
+        proc.wait(timeout=60)
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["step_00000020.pt"]
+    assert any(p.name.endswith(".tmp") for p in tmp_path.iterdir())  # the half-written file never got a real name
+    resumed = test_fine_tuning(gpt(), precision="32", checkpoint_dir=tmp_path, checkpoint_every=20, resume=True, **RUN)
+    assert resumed.checkpoints["resumed_from"].endswith("step_00000020.pt") and not resumed.checkpoints["notes"]
+    same_run(straight["32"], resumed)
+    assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())  # the next save cleared it
+
+
+def test_an_overflow_storm_stops_the_run_with_a_diagnosis():
+    r = test_fine_tuning(OverflowsFp16(), precision="16-mixed", **{**RUN, "steps": 40})
+    assert r.stop["reason"] == "overflow_storm" and r.stop["step"] == 20 and len(r.history) == 20
+    assert r.history["skipped"].all()
+    scales = r.stop["loss_scales"]
+    assert scales[0] == 65536 and all(b == a / 2 for a, b in zip(scales, scales[1:]))
+    assert r.stop["largest_activation"]["layer"] == "inner.blocks.1.mlp.0"
+    assert "20 optimizer steps in a row skipped" in r.stop["message"] and "'inner.blocks.1.mlp.0'" in r.stop["message"]
+    assert test_fine_tuning(OverflowsFp16(), precision="16-mixed", max_skipped_in_a_row=5, **RUN).stop["step"] == 5
+    assert not test_fine_tuning(OverflowsFp16(), precision="16-mixed", max_skipped_in_a_row=None, **{**RUN, "steps": 25}).stop
+
+
+def test_a_nan_loss_stops_the_run_and_names_where_it_starts():
+    r = test_fine_tuning(EmitsNaN(), precision="bf16-mixed", **RUN)
+    assert r.stop["reason"] == "nonfinite_loss" and r.stop["step"] == 1
+    assert "went NaN/Inf at step 1 in bf16-mixed" in r.stop["message"] and "'<output>'" in r.stop["message"]

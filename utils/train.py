@@ -1,0 +1,107 @@
+"""Fine-tune under torchrun: tier 3's loop and AMP semantics on several processes, devices or machines.
+
+    torchrun --nproc_per_node 2 -m utils.train --model gpt-small --precision bf16-mixed --steps 200
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 -m utils.train ...
+    python -m utils.train ...             # one process, no torchrun: the reference for --reference
+
+Each rank trains on its rows of the same global batch (--batch-size per rank; the data order is the
+seeded generator's, so N ranks of B/N see exactly what one process of B sees), under DDP or FSDP2
+(--parallel fsdp2). The backend is NCCL on CUDA and gloo on CPU. Only rank 0 writes: results.json
+(history, evaluations, tokens/s per rank and in total, the scaling efficiency against --reference),
+loss.png and the checkpoints. Ctrl-C or SIGTERM (torchrun passes it to every rank) checkpoints and
+exits 130; the same command with --resume True continues. Options: see --help.
+"""
+
+import argparse
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import matplotlib
+import torch.distributed as dist
+
+from utils.params import TRAIN_PARAMS, ParamError, add_arguments, prepare_training
+from utils.plotting import plot_training
+from utils.results import read_json, write_json_atomic
+from utils.tier3_training_utilities import test_fine_tuning
+from utils.training.distributed import gather, init_from_env, ranks
+from utils.verdicts import Verdict
+
+EXIT_INTERRUPTED = 130  # what a shell reports for a process stopped by Ctrl-C
+
+
+def _reference(path: str) -> dict:
+    """The one-process run to measure scaling against, checked before any work starts."""
+    if not path:
+        return {}
+    try:
+        ref = read_json(path)["distributed"]
+        return {"path": path, "tokens_per_s": float(ref["tokens_per_s_total"]), "world_size": int(ref["world_size"]),
+                "global_batch": int(ref["global_batch"])}
+    except Exception as e:
+        raise ParamError(f"parameter 'reference' expects the results.json of a utils.train run; {path!r} is not one "
+                         f"({type(e).__name__}: {e})") from None
+
+
+def _verdict(result) -> Verdict:
+    stop = result.stop
+    if stop and stop["reason"] == "interrupted":
+        return Verdict("training", "warn", stop["message"])
+    if stop:
+        return Verdict("training", "fail", stop["message"])
+    return Verdict("training", "pass", f"eval loss {result.initial_eval_loss:.3f} -> {result.final_eval_loss:.3f} "
+                   f"in {len(result.history)} steps")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Fine-tune with tier 3's loop on one or several processes (torchrun).")
+    add_arguments(parser, TRAIN_PARAMS)
+    args = parser.parse_args(argv)
+    params = {p.name: getattr(args, p.name) for p in TRAIN_PARAMS}
+    try:
+        reference = _reference(params["reference"])
+    except ParamError as e:
+        parser.error(str(e))
+    if "RANK" in os.environ:  # started by torchrun: join its process group, take this rank's device
+        params["device"] = str(init_from_env(str(params["device"])))
+    r = ranks()
+    try:
+        run = prepare_training(None, params)
+    except ParamError as e:
+        parser.error(str(e))
+    p, out = run.params, Path(run.params["output_dir"])
+    result = test_fine_tuning(
+        run.model, data=run.data, plan=run.plan, steps=p["steps"], batch_size=p["batch_size"], seq_len=run.seq_len,
+        lr=p["lr"], seed=p["seed"], device=run.device, grad_accum_steps=p["grad_accum_steps"],
+        eval_interval=p["eval_interval"], progress=True, checkpoint_dir=p["checkpoint_dir"] or out / "checkpoints",
+        checkpoint_every=p["checkpoint_every"], resume=p["resume"], max_skipped_in_a_row=p["max_skipped_in_a_row"],
+        parallel=p["parallel"])
+    summary = result.summary()
+    tokens_per_step = p["batch_size"] * p["grad_accum_steps"] * run.seq_len  # one rank's
+    per_rank = [tokens_per_step / t for t in gather(summary["median_step_time_s"], r)]
+    verdict = _verdict(result)
+    if r.main:
+        distributed = {"world_size": r.world, "backend": dist.get_backend() if r.world > 1 else None,
+                       "parallel": result.config["parallel"], "global_batch": p["batch_size"] * r.world,
+                       "tokens_per_s_per_rank": per_rank, "tokens_per_s_total": sum(per_rank)}
+        if reference:  # ideal: N processes give N times one process's tokens/s
+            distributed["reference"] = reference
+            distributed["scaling_efficiency"] = sum(per_rank) / (reference["tokens_per_s"] * r.world / reference["world_size"])
+        write_json_atomic(out / "results.json", {
+            "status": verdict.status, "verdict": asdict(verdict), "written_by_rank": r.rank, "parameters": p,
+            "record": run.record, "distributed": distributed, "summary": summary,
+            "history": result.history.to_dict("list"), "evals": result.eval_history.to_dict("list")})
+        plot_training(result.history, result.eval_history, f"{p['model']}: {run.plan.precision}, {r.world} rank(s), "
+                      f"{result.config['parallel']}", out / "loss.png")
+        print(f"[{verdict.status}] {verdict.reason}; {sum(per_rank):,.0f} tokens/s on {r.world} rank(s)"
+              + (f", scaling efficiency {distributed['scaling_efficiency']:.0%}" if reference else "")
+              + f"; results in {out}")
+    if r.world > 1:
+        dist.destroy_process_group()
+    return EXIT_INTERRUPTED if result.interrupted else 1 if verdict.status == "fail" else 0
+
+
+if __name__ == "__main__":
+    matplotlib.use("Agg")  # charts are files here, never windows
+    sys.exit(main())

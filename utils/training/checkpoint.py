@@ -1,0 +1,94 @@
+"""Checkpoints for the fine-tuning loop: everything a run needs to continue exactly where it stopped.
+
+A checkpoint holds the model, optimizer, LR schedule and GradScaler states, the RNG states (torch's per
+rank, CUDA's where present, the data generator's), the step reached, the history so far and the run's
+identity (model structure, precision, data, schedule, world size). It is written to a temporary file in
+the same folder and renamed into place, so a crash mid-write never leaves a half file under a real
+name. It is read with torch.load(weights_only=True): tensors and plain containers only, never
+arbitrary pickled objects. Loading takes the newest checkpoint that reads back whole; an unreadable one
+is reported by name and the one before it is used. A checkpoint of another run (model, precision, data
+or schedule) is refused, naming the field that differs.
+"""
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+FORMAT = 1
+PATTERN = "step_*.pt"
+KEYS = ("format", "identity", "step", "micro_done", "model", "optimizer", "scheduler", "scaler", "rng", "history", "evals")
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint written by another run: resuming from it would mix two runs."""
+
+
+def structure_digest(model: nn.Module) -> str:
+    """The model's class and every state entry's name, shape and dtype: equal for the same architecture."""
+    entries = [f"{k}:{tuple(v.shape)}:{v.dtype}" for k, v in model.state_dict().items()]
+    return f"{type(model).__name__}:" + hashlib.sha256("\n".join(entries).encode()).hexdigest()[:16]
+
+
+def checkpoint_path(folder: Path, step: int) -> Path:
+    return Path(folder) / f"step_{step:08d}.pt"
+
+
+def save_checkpoint(folder, state: dict, keep: int) -> Path:
+    """Write state as step_<step>.pt atomically, then keep only the newest `keep` checkpoints."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = checkpoint_path(folder, state["step"])
+    tmp = folder / f".{path.name}.{os.getpid()}.tmp"
+    try:
+        torch.save({"format": FORMAT, **state}, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    for old in sorted(folder.glob(PATTERN))[:-keep]:
+        old.unlink(missing_ok=True)
+    for stray in folder.glob(".step_*.tmp"):  # left by a process killed mid-write (one run per folder)
+        stray.unlink(missing_ok=True)
+    return path
+
+
+def clear_checkpoints(folder) -> list:
+    """Remove a previous run's checkpoints and stray temporary files: a fresh run starts its own history."""
+    folder = Path(folder)
+    removed = [p for p in [*folder.glob(PATTERN), *folder.glob(".step_*.tmp")] if p.is_file()]
+    for p in removed:
+        p.unlink(missing_ok=True)
+    return removed
+
+
+def _differences(saved: dict, current: dict) -> list:
+    return [f"{k} is {saved.get(k)!r} there and {current.get(k)!r} here" for k in current if saved.get(k) != current.get(k)]
+
+
+def load_latest(folder, identity: dict):
+    """(state, path, notes) for the newest readable checkpoint in `folder`, or (None, None, notes) when
+    there is none. notes name each unreadable checkpoint that was passed over. A readable checkpoint of
+    another run raises CheckpointMismatch."""
+    notes = []
+    for path in sorted(Path(folder).glob(PATTERN), reverse=True):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            missing = [k for k in KEYS if k not in state]
+            if missing:
+                raise ValueError(f"missing {missing}")
+        except Exception as e:  # truncated, corrupt, or not a checkpoint: say so and try the one before
+            notes.append(f"checkpoint {path} is unreadable ({type(e).__name__}: {str(e)[:120]}); using the one before it")
+            continue
+        if state["format"] != FORMAT:
+            raise CheckpointMismatch(f"checkpoint {path} has format {state['format']}; this version reads format {FORMAT}")
+        diffs = _differences(state["identity"], identity)
+        if diffs:
+            raise CheckpointMismatch(f"checkpoint {path} belongs to another run: " + "; ".join(diffs)
+                                     + ". Point checkpoint_dir elsewhere, or resume=False to start over.")
+        return state, path, notes
+    return None, None, notes

@@ -1,0 +1,142 @@
+"""Several processes, one loop: what the fine-tuning loop needs from torch.distributed.
+
+Launch with torchrun (see utils.train); the loop itself runs unchanged in one process. Each rank draws
+the same global batch from the seeded generator and keeps its own rows, so N ranks of batch B/N see
+exactly the data one process of batch B sees. DDP averages the gradients; FSDP2 (fully_shard) shards
+parameters, gradients and optimizer state, and casts with a MixedPrecisionPolicy. Autocast runs per
+rank as in one process; under FSDP2 the fp16 GradScaler is the sharded one, which agrees on skipped
+steps across ranks (under DDP the all-reduced gradients already agree).
+"""
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+from torch.nn.parallel import DistributedDataParallel
+
+try:  # FSDP2 is torch.distributed.fsdp.fully_shard from torch 2.6 on; older torch runs DDP only
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+except ImportError:
+    fully_shard = MixedPrecisionPolicy = None
+
+from utils.training.amp_utils import PrecisionPlan
+
+PARALLEL_CHOICES = ("ddp", "fsdp2")
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def ranks() -> Ranks:
+    """This process's rank and the world size (0 and 1 outside torchrun)."""
+    if dist.is_available() and dist.is_initialized():
+        return Ranks(dist.get_rank(), dist.get_world_size())
+    return Ranks()
+
+
+def init_from_env(device_request: str) -> torch.device:
+    """Join the process group torchrun describes in the environment: NCCL on CUDA, gloo on CPU. Each rank
+    takes the GPU of its LOCAL_RANK."""
+    if "RANK" not in os.environ:
+        raise RuntimeError("utils.train runs under torchrun, which sets RANK and WORLD_SIZE: "
+                           "torchrun --nproc_per_node 2 -m utils.train ...")
+    use_cuda = device_request != "cpu" and torch.cuda.is_available()
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    if not use_cuda:
+        return torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    torch.cuda.set_device(device)
+    return device
+
+
+def fsdp2_unavailable() -> str:
+    """Why FSDP2 cannot run with this torch, or '' when it can."""
+    if fully_shard is None:
+        return f"FSDP2 (torch.distributed.fsdp.fully_shard, torch >= 2.6) is not in torch {torch.__version__}: use parallel='ddp'"
+    return ""
+
+
+def wrap(model: nn.Module, parallel: str, plan: PrecisionPlan, device: torch.device) -> nn.Module:
+    """The model under DDP or FSDP2. FSDP2 shards every element of every nn.ModuleList (the blocks of
+    ours and of Hugging Face models), then the root."""
+    if parallel == "ddp":
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    why_not = fsdp2_unavailable()
+    if why_not:
+        raise RuntimeError(why_not)
+    policy = MixedPrecisionPolicy(param_dtype=plan.autocast_dtype if plan.enabled else None, reduce_dtype=torch.float32)
+    for module in list(model.modules()):
+        if isinstance(module, nn.ModuleList):
+            for block in module:
+                fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model
+
+
+def grad_scaler(plan: PrecisionPlan, parallel: str):
+    """The loop's GradScaler: under FSDP2 the sharded one, whose skip decision is agreed across ranks."""
+    if parallel == "fsdp2" and plan.use_scaler:
+        return ShardedGradScaler(device=plan.device_type)
+    return plan.grad_scaler()
+
+
+def gradient_sync(model: nn.Module, parallel: str, sync: bool):
+    """A context in which backward does (sync=True) or does not all-reduce gradients: inside a gradient
+    accumulation window only the last micro-batch needs to."""
+    if parallel == "ddp" and not sync:
+        return model.no_sync()
+    if parallel == "fsdp2":
+        model.set_requires_gradient_sync(sync)
+    return torch.enable_grad()  # a do-nothing context for the other cases
+
+
+def rows(tensor: torch.Tensor, r: Ranks) -> torch.Tensor:
+    """This rank's equal share of a global batch's rows."""
+    share = len(tensor) // r.world
+    return tensor[r.rank * share:(r.rank + 1) * share]
+
+
+def mean_across(values: torch.Tensor, r: Ranks) -> torch.Tensor:
+    """Element-wise mean over ranks (the value itself in one process)."""
+    if r.world == 1:
+        return values
+    values = values.detach().float().clone()
+    dist.all_reduce(values)
+    return values / r.world
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor (FSDP2's total gradient norm) as a plain tensor."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def training_state(model: nn.Module, optimizer) -> tuple:
+    """Full (unsharded) model and optimizer state dicts on the CPU, keyed by parameter name. A collective
+    under FSDP2: every rank calls it."""
+    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_training_state(model: nn.Module, optimizer, model_state: dict, optimizer_state: dict):
+    """Load full state dicts into a plain, DDP or FSDP2 model (each rank keeps its shard)."""
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
+                   options=StateDictOptions(full_state_dict=True))
+
+
+def gather(obj, r: Ranks) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank."""
+    if r.world == 1:
+        return [obj]
+    out = [None] * r.world
+    dist.all_gather_object(out, obj)
+    return out
