@@ -107,18 +107,24 @@ class OverflowsFp16(TinyGPTWrapper):
         self.inner.blocks[1].mlp[0].register_forward_hook(lambda m, i, o: o * 1e6)
 
 
-class InterruptsOnce(TinyGPTWrapper):
-    """Presses Ctrl-C (SIGINT to its own process) on its Nth training forward, counted over all copies, as
-    a user stopping a run would. N comes from SUITE_TEST_INTERRUPT_AT (unset: never), so a notebook's
-    kernel started by the batch runner sees it too."""
+class FaultOnce(TinyGPTWrapper):
+    """Plants one fault on its Nth training forward (counted over all copies of the model in a process):
+    SUITE_TEST_FAULT='interrupt:N' presses Ctrl-C (SIGINT to its own process), as a user stopping a run
+    would; 'overflow:N' scales that forward's activations beyond fp16's range. 'interrupt:N:R' and
+    'overflow:N:R' do it on torchrun rank R only. The environment reaches a runner's notebook kernels
+    and torchrun's ranks alike; unset, the model is the tiny GPT."""
 
     forwards = 0
 
     def forward(self, input_ids):
-        if self.training and torch.is_grad_enabled():
-            InterruptsOnce.forwards += 1
-            if InterruptsOnce.forwards == int(os.environ.get("SUITE_TEST_INTERRUPT_AT", 0)):
+        kind, n, rank = (os.environ.get("SUITE_TEST_FAULT", "none:0") + ":").split(":")[:3]
+        here = not rank or rank == os.environ.get("RANK", "0")
+        if self.training and torch.is_grad_enabled() and here:
+            FaultOnce.forwards += 1
+            if FaultOnce.forwards == int(n) and kind == "interrupt":
                 os.kill(os.getpid(), signal.SIGINT)
+            if FaultOnce.forwards == int(n) and kind == "overflow":
+                return self.inner(input_ids) * 1e6
         return self.inner(input_ids)
 
 

@@ -25,7 +25,7 @@ from utils.params import TRAIN_PARAMS, ParamError, add_arguments, prepare_traini
 from utils.plotting import plot_training
 from utils.results import read_json, write_json_atomic
 from utils.tier3_training_utilities import test_fine_tuning
-from utils.training.distributed import gather, init_from_env, ranks
+from utils.training.distributed import fsdp2_unavailable, gather, init_from_env, ranks
 from utils.verdicts import Verdict
 
 EXIT_INTERRUPTED = 130  # what a shell reports for a process stopped by Ctrl-C
@@ -63,6 +63,8 @@ def main(argv=None) -> int:
         reference = _reference(params["reference"])
     except ParamError as e:
         parser.error(str(e))
+    if params["parallel"] == "fsdp2" and fsdp2_unavailable():
+        parser.error(fsdp2_unavailable())
     if "RANK" in os.environ:  # started by torchrun: join its process group, take this rank's device
         params["device"] = str(init_from_env(str(params["device"])))
     r = ranks()
