@@ -157,7 +157,13 @@ def tier3():
 Both runs start from the same weights and see the same data in the same order under the same schedule; only the
 precision differs. Speed is measured in interleaved trials (fp32, AMP, fp32, AMP, ...) after warm-up steps, with the
 device synchronized, and the speedup carries a bootstrap interval from 3 trials up. On a T4 AMP means fp16 with a
-GradScaler; on an A100/H100 bf16; on a CPU bf16.""", [
+GradScaler; on an A100/H100 bf16; on a CPU bf16.
+
+A long run survives a stop: interrupt the kernel (or a scheduler's SIGTERM) during fine-tuning and the run
+checkpoints, ends with an `interrupted` verdict and keeps what it did; run again with `resume = True` to continue
+bit for bit (`checkpoint_every` also checkpoints on the way). A run whose loss goes NaN, or whose fp16 steps are
+skipped `max_skipped_in_a_row` times in a row (an overflow storm), stops itself with a diagnosis: the step, the
+loss scale's fall and the layer with the largest activation.""", [
         ("Is the fp32 baseline sound?", """\
 AMP is judged against fp32, so fp32 must train first: a baseline whose loss goes NaN or rises (a learning rate too
 high, a broken model) fails here, and then AMP is not blamed for it (amp_safe says it was not judged).""",
@@ -174,7 +180,8 @@ allocator's peak; with `sweep_batch_sizes`, the speedup per batch size (small ba
 profit). MFU, the matmul peak ratio and Amdahl's bound are in the figures above. This is a **timing** verdict: it
 does not decide the tier's status and nbval does not compare it.""", "amp_worth_it"),
     ], "**fp32_baseline**: fp32 itself trains. **amp_safe**: loss parity within the tolerance, finite losses, no runaway "
-       "skipped steps. **amp_worth_it**: the speedup interval lies above 1 (a timing verdict).")
+       "skipped steps and no overflow storm. **amp_worth_it**: the speedup interval lies above 1 (a timing verdict). "
+       "**interrupted** (instead of the three): the run was stopped and can be resumed.")
 
 
 NOTEBOOKS = {"tier1_validation.ipynb": tier1, "tier2_analysis.ipynb": tier2, "tier3_training.ipynb": tier3}

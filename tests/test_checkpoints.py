@@ -13,9 +13,12 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.user_models import EmitsNaN, OverflowsFp16
+from tests.user_models import EmitsNaN, FaultOnce, OverflowsFp16
 from utils.models import build_model
+from utils.results import read_json
+from utils.run import main
 from utils.tier3_training_utilities import test_fine_tuning
+from utils.tiers import run_tier
 from utils.training.checkpoint import CheckpointMismatch, load_latest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,7 +165,10 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_and_resume_wo
         import os, sys, time, torch
         import utils.training.checkpoint as checkpoint
         from utils.models import build_model
+from utils.results import read_json
+from utils.run import main
         from utils.tier3_training_utilities import test_fine_tuning
+from utils.tiers import run_tier
         real_save = torch.save
         def slow_save(obj, path):
             if obj["step"] == 40:  # write half, then hang as a slow disk would, until killed
@@ -208,3 +214,62 @@ def test_a_nan_loss_stops_the_run_and_names_where_it_starts():
     r = test_fine_tuning(EmitsNaN(), precision="bf16-mixed", **RUN)
     assert r.stop["reason"] == "nonfinite_loss" and r.stop["step"] == 1
     assert "went NaN/Inf at step 1 in bf16-mixed" in r.stop["message"] and "'<output>'" in r.stop["message"]
+
+
+# --- Tier 3 and the batch runner ------------------------------------------------------------------
+
+TIER3 = dict(batch_size=4, seq_len=32, trials=1, warmup_steps=1, timed_steps=1, steps=12, device="cpu")
+TRIAL_FORWARDS = 2 * 2 + 2  # speed trials: 2 precisions x 2 steps; then one forward each for activation memory
+
+
+def parity_losses(result) -> list:
+    return result.checks["amp_safe"].data[["loss_fp32", "loss_amp"]].values.tolist()
+
+
+def test_tier3_interrupted_in_fine_tuning_keeps_its_checkpoint_and_resume_gives_the_straight_result(tmp_path, monkeypatch):
+    params = {**TIER3, "precision": "bf16-mixed", "checkpoint_dir": str(tmp_path)}
+    straight = run_tier(3, {**TIER3, "precision": "bf16-mixed"}, model=FaultOnce())
+    monkeypatch.setenv("SUITE_TEST_FAULT", f"interrupt:{TRIAL_FORWARDS + 5}")
+    FaultOnce.forwards = 0
+    stopped = run_tier(3, params, model=FaultOnce())
+    assert list(stopped.checks) == ["interrupted"] and stopped.status == "warn"
+    assert "the fp32 fine-tuning run was interrupted at step 5 of 12; resume=True" in stopped.figures["interrupted"]
+    assert "resume=True" in stopped.verdicts[0].reason
+    assert [p.name for p in (tmp_path / "32").iterdir()] == ["step_00000005.pt"]
+    monkeypatch.delenv("SUITE_TEST_FAULT")
+    resumed = run_tier(3, {**params, "resume": True}, model=FaultOnce())
+    assert resumed.checks["amp_safe"].extra["checkpoints"]["32"]["resumed_from"].endswith("step_00000005.pt")
+    assert parity_losses(resumed) == parity_losses(straight)
+    assert [v for v in resumed.verdicts if not v.timing] == [v for v in straight.verdicts if not v.timing]
+
+
+def test_the_runner_records_a_storm_as_a_fail_verdict_and_an_interruption_as_interrupted_then_resumes(tmp_path, monkeypatch,
+                                                                                                      capsys):
+    tiny = [f"{k}={v}" for k, v in TIER3.items() if k != "device"]
+    args = ["--tiers", "3", "--out", str(tmp_path), "--name", "b", "-p", "precision=16-mixed", "-p", "checkpoint_every=4",
+            *[x for kv in tiny for x in ("-p", kv)]]
+    storm = [*args, "-p", f"model={ROOT}/tests/user_models.py:OverflowsFp16", "-p", "max_skipped_in_a_row=3"]
+    faulty = [*args, "-p", f"model={ROOT}/tests/user_models.py:FaultOnce"]
+    assert main(storm) == 0  # a failing verdict is a result, not a crash
+    storm_row = pd.read_csv(tmp_path / "b" / "summary.csv").iloc[0]
+    assert storm_row["run_status"] == "ok" and storm_row["verdict"] == "fail" and storm_row["verdict.amp_safe"] == "fail"
+    notebook = (tmp_path / "b" / storm_row["run_id"] / "tier3_training.ipynb").read_text()
+    assert "overflow storm: 3 optimizer steps in a row skipped" in notebook and "Traceback" not in notebook
+
+    monkeypatch.setenv("SUITE_TEST_FAULT", f"interrupt:{TRIAL_FORWARDS + 14}")  # step 2 of the 16-mixed run
+    assert main(faulty) == 1  # the batch is not complete
+    assert "1 interrupted (--resume continues them)" in capsys.readouterr().out
+    faulty_row = pd.read_csv(tmp_path / "b" / "summary.csv").iloc[0]
+    assert faulty_row["run_status"] == "interrupted"
+    assert "the 16-mixed fine-tuning run was interrupted at step 2" in faulty_row["error"]
+    kept = tmp_path / "b" / "checkpoints" / faulty_row["run_id"]
+    assert sorted(p.name for p in (kept / "32").iterdir()) == [f"step_{s:08d}.pt" for s in (4, 8, 12)]
+    assert [p.name for p in (kept / "16-mixed").iterdir()] == ["step_00000002.pt"]
+
+    monkeypatch.delenv("SUITE_TEST_FAULT")
+    assert main([*faulty, "--resume"]) == 0
+    row = pd.read_csv(tmp_path / "b" / "summary.csv").set_index("run_id").loc[faulty_row["run_id"]]
+    assert row["run_status"] == "ok" and "it ended 'interrupted'" in row["rerun_reason"]
+    results = read_json(tmp_path / "b" / faulty_row["run_id"] / "results.json")
+    assert results["extra"]["amp_safe"]["checkpoints"]["16-mixed"]["resumed_from"].endswith("step_00000002.pt")
+    assert results["extra"]["amp_safe"]["checkpoints"]["32"]["resumed_from"].endswith("step_00000012.pt")

@@ -28,7 +28,7 @@ runs from their newest checkpoints (resume=True; kept in runs/<name>/checkpoints
 checkpoint_every). A run stopped by Ctrl-C or SIGTERM is recorded as 'interrupted'. One runner per output folder at a time
 (a lock file with the runner's pid; a stale one is taken over).
 
-Exit code: 0 when every notebook ran, 1 when any crashed or timed out (its executed notebook keeps the
+Exit code: 0 when every notebook ran, 1 when any was interrupted, crashed or timed out (its executed notebook keeps the
 error cell, its summary row names the exception), 2 for bad arguments. --fail-on-verdict also exits 1
 when a non-timing check fails, --fail-on-timing when a timing check does (they vary with load).
 """
@@ -349,7 +349,9 @@ def main(argv=None) -> int:
     broken = summary[summary["run_status"] != "ok"]
     failed = summary[summary["verdict"] == "fail"]
     timing = summary[summary["timing_failed"].fillna(False).astype(bool)]
-    print(f"summary: {out_dir / 'summary.csv'} ({len(summary) - len(broken)} ok, {len(broken)} crashed or timed out, "
+    stopped = (broken["run_status"] == "interrupted").sum()
+    print(f"summary: {out_dir / 'summary.csv'} ({len(summary) - len(broken)} ok, {stopped} interrupted (--resume continues "
+          f"them), {len(broken) - stopped} crashed or timed out, "
           f"{len(failed)} with a failing verdict, {len(timing)} with a failing timing verdict)")
     for row in broken.itertuples():
         print(f"  {row.run_status}: {row.run_id}: {row.error}")

@@ -160,6 +160,10 @@ def _smooth(series: pd.Series, window: int = 10) -> pd.Series:
     return series.rolling(min(window, len(series)), min_periods=1).median()
 
 
+def _label(precision: str) -> str:
+    return "fp32" if precision == "32" else precision
+
+
 class Interrupted(Exception):
     """Ctrl-C or SIGTERM stopped a run: the tier ends with what it can say, marked interrupted."""
 
@@ -182,7 +186,7 @@ def _speed_trials(model0, plans, data, device, batch_size, seq_len, trials, *, w
                                               batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed, device=device,
                                               eval_batches=0, progress=False, max_skipped_in_a_row=None)
                     if result.interrupted:
-                        raise Interrupted(f"{result.stop['message']} of a {plan.precision} speed trial")
+                        raise Interrupted(f"a {_label(plan.precision)} speed trial was {result.stop['message']}")
                     times = list(result.history["step_time_s"])
                 else:
                     times = minimal_loop_step_times(model, plan, data, warmup_steps + timed_steps, batch_size, seq_len,
@@ -319,7 +323,7 @@ def _benchmark(run, progress: bool) -> TierResult:
             checkpoint_dir=checkpoints / plan.precision, checkpoint_every=p["checkpoint_every"], resume=p["resume"],
             max_skipped_in_a_row=p["max_skipped_in_a_row"])
         if runs[plan.precision].interrupted:
-            raise Interrupted(f"{runs[plan.precision].stop['message']} of the {plan.precision} fine-tuning run")
+            raise Interrupted(f"the {_label(plan.precision)} fine-tuning run was {runs[plan.precision].stop['message']}")
     ref, amp = runs["32"], runs[amp_plan.precision]
     # Outer join on the step: a run that stopped early (overflow storm, NaN) has fewer rows.
     parity_df = (ref.history[["step", "loss"]].rename(columns={"loss": "loss_fp32"})
