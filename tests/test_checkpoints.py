@@ -165,10 +165,7 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_and_resume_wo
         import os, sys, time, torch
         import utils.training.checkpoint as checkpoint
         from utils.models import build_model
-from utils.results import read_json
-from utils.run import main
         from utils.tier3_training_utilities import test_fine_tuning
-from utils.tiers import run_tier
         real_save = torch.save
         def slow_save(obj, path):
             if obj["step"] == 40:  # write half, then hang as a slow disk would, until killed

@@ -96,3 +96,12 @@ def test_a_bad_reference_is_refused_before_training(tmp_path, capsys):
         train.main([*COMMON, "--reference", str(tmp_path / "x.json"), "--output-dir", str(tmp_path / "out")])
     assert exit_.value.code == 2 and "expects the results.json of a utils.train run" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_gradient_accumulation_under_ddp_trains_like_one_process(tmp_path):
+    """Inside an accumulation window backward skips DDP's all-reduce (no_sync) until the last micro-batch."""
+    _, one = launch(tmp_path / "one", "--batch-size", "4", "--grad-accum-steps", "2", "--steps", "20", ranks=0)
+    code, two = launch(tmp_path / "two", "--batch-size", "2", "--grad-accum-steps", "2", "--steps", "20")
+    assert code == 0 and two["history"]["micro_batches"] == [2] * 20
+    assert two["evals"]["eval_loss"] == pytest.approx(one["evals"]["eval_loss"], rel=0.01)
+    assert two["history"]["loss"] == pytest.approx(one["history"]["loss"], rel=0.01)
