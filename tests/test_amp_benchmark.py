@@ -9,8 +9,9 @@ import torch
 from tests.user_models import EmitsNaN, OverflowsFp16, TinyGPTWrapper
 from utils.models import build_model
 from utils.plotting import plot_loss_curves, plot_loss_scale, plot_memory, plot_speedup_sweep, plot_throughput
-from utils.training.amp_benchmark import bootstrap_ratio, main, matmul_params, test_amp_speedup_benchmark, training_flops_per_token
-from utils.training.amp_utils import resolve_precision, saved_activation_bytes
+from utils.training.amp_benchmark import (bootstrap_ratio, main, matmul_params, measured_flops_per_token,
+                                         test_amp_speedup_benchmark, training_flops_per_token)
+from utils.training.amp_utils import resolve_precision, saved_activation_bytes, tf32_matmuls
 from utils.verdicts import TierResult
 
 matplotlib.use("Agg")
@@ -132,6 +133,9 @@ def test_flop_and_memory_accounting():
     per_block = 3 * cfg.d_model**2 + cfg.d_model**2 + 8 * cfg.d_model**2
     assert matmul_params(model) == cfg.n_layer * per_block + cfg.vocab_size * cfg.d_model
     assert training_flops_per_token(model, 64) == 6 * matmul_params(model) + 12 * cfg.n_layer * 64 * cfg.d_model
+    x = torch.randint(0, 256, (2, 64))
+    assert measured_flops_per_token(model, (x, x)) == pytest.approx(training_flops_per_token(model, 64), rel=0.05)
+    assert training_flops_per_token(TinyGPTWrapper(), 64) is None  # a user's model: no formula, only the count
     batch = (torch.randint(0, 256, (4, 32)), torch.randint(0, 256, (4, 32)))
     fp32 = saved_activation_bytes(model, resolve_precision("32", "cpu"), batch)
     bf16 = saved_activation_bytes(model, resolve_precision("bf16-mixed", "cpu"), batch)
@@ -187,3 +191,22 @@ def test_benchmark_command_refuses_a_bad_value_by_name(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--steps", "ten"])
     assert exit_.value.code == 2 and "parameter 'steps' expects an integer >= 1; got 'ten' (str)" in capsys.readouterr().err
+
+
+def test_tf32_is_switched_for_the_run_and_put_back_and_a_cpu_has_none(tiny_result):
+    assert tiny_result.record["tf32"] is None and tiny_result.checks["amp_worth_it"].extra["baseline"] == "fp32"
+    before = torch.get_float32_matmul_precision()
+    for enabled, inside in ((True, "high"), (False, "highest")):
+        with tf32_matmuls(enabled, torch.device("cuda")):  # sets torch's flag only: runs without a GPU
+            assert torch.get_float32_matmul_precision() == inside
+        assert torch.get_float32_matmul_precision() == before
+    with tf32_matmuls(True, torch.device("cpu")):
+        assert torch.get_float32_matmul_precision() == before
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tf32, baseline", [(False, "fp32 (TF32 off)"), (True, "fp32 with TF32 matmuls")])
+def test_on_a_gpu_the_speedup_says_what_fp32_it_is_measured_against(tf32, baseline):
+    r = test_amp_speedup_benchmark("gpt-tiny", **{**TINY, "device": "cuda", "tf32": tf32})
+    assert r.record["tf32"] is tf32 and r.checks["amp_worth_it"].extra["baseline"] == baseline
+    assert baseline in r.checks["amp_worth_it"].verdict.reason

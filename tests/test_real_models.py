@@ -12,6 +12,7 @@ from utils.models import load_model, model_max_len, probe_model
 from utils.results import read_json
 from utils.run import main
 from utils.tiers import run_tier
+from utils.training.amp_benchmark import matmul_params, measured_flops_per_token, training_flops_per_token
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -168,3 +169,16 @@ def test_tier3_caps_seq_len_at_the_models_maximum_and_trains_a_classifier():
     assert r.record["seq_len"] == 64 and r.record["task"] == "classification"
     assert {v.check for v in r.verdicts} == {"fp32_baseline", "amp_safe", "amp_worth_it"}
     assert r.checks["amp_safe"].verdict.status == "pass"
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_flops_of_a_hugging_face_gpt2_are_counted_not_assumed(attention):
+    """FlopCounterMode on the real model: within 5% of 6N + 12 L T d from GPT-2's own config, with either of its
+    attention paths (explicit matmuls, or SDPA's fused kernel)."""
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=128, vocab_size=512, attn_implementation=attention)
+    model = transformers.GPT2LMHeadModel(cfg)
+    x = torch.randint(0, 512, (2, 128))
+    analytic = 6 * matmul_params(model) + 12 * cfg.n_layer * 128 * cfg.n_embd
+    assert measured_flops_per_token(model, (x, x)) == pytest.approx(analytic, rel=0.05)
+    assert training_flops_per_token(model, 128) is None  # the formula is for this project's models only

@@ -128,6 +128,8 @@ TIER_PARAMS = {
         Param("sweep_batch_sizes", list, [], "batch sizes for the speedup sweep, e.g. [4, 8, 32] (empty: no sweep)",
               item=int, low=1),
         Param("minimal_loop", bool, False, "also time a bare hand-written loop, to measure the engine's overhead"),
+        Param("tf32", bool, False, "let the fp32 baseline's CUDA matmuls run as TF32 (faster, 10-bit mantissa); off, "
+              "AMP is measured against true fp32. The record says which"),
         Param("max_skipped_in_a_row", int, 20, "skipped steps in a row that stop a fine-tuning run as an overflow storm "
               "(a fail verdict with a diagnosis)", low=1),
         Param("checkpoint_every", int, 0, "checkpoint each fine-tuning run every N steps and at its end (0: only when "

@@ -24,11 +24,12 @@ import pandas as pd
 import torch
 import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from utils.models import compute_loss, count_parameters
 from utils.params import TIER_PARAMS, ParamError, add_arguments, output_folder, prepare
-from utils.tier3_training_utilities import test_fine_tuning
-from utils.training.amp_utils import PrecisionPlan, resolve_precision, saved_activation_bytes, synchronize
+from utils.tier3_training_utilities import adamw, test_fine_tuning
+from utils.training.amp_utils import PrecisionPlan, resolve_precision, saved_activation_bytes, synchronize, tf32_matmuls
 from utils.verdicts import CheckResult, TierResult, Verdict
 
 GEMM_OPS = ("mm", "addmm", "bmm", "baddbmm", "addbmm")
@@ -74,12 +75,38 @@ def matmul_params(model: nn.Module) -> int:
     return sum(counted.values()) or sum(p.numel() for p in model.parameters())
 
 
-def training_flops_per_token(model: nn.Module, seq_len: int) -> float:
-    """6 N per token (forward 2N, backward 4N) plus attention's 12 * layers * seq_len * d_model
-    (PaLM, appendix B). The attention term needs n_layer and d_model on model.config."""
+def training_flops_per_token(model: nn.Module, seq_len: int):
+    """The analytic count for this project's GPT layout: 6 N per token (forward 2N, backward 4N) plus
+    attention's 12 * layers * seq_len * d_model (PaLM, appendix B). None for a model without n_layer and
+    d_model on its config: the formula would be a guess there. A cross-check of measured_flops_per_token."""
     cfg = getattr(model, "config", None)
-    attention = 12 * cfg.n_layer * seq_len * cfg.d_model if hasattr(cfg, "n_layer") and hasattr(cfg, "d_model") else 0
-    return 6 * matmul_params(model) + attention
+    if not (hasattr(cfg, "n_layer") and hasattr(cfg, "d_model")):
+        return None
+    return 6 * matmul_params(model) + 12 * cfg.n_layer * seq_len * cfg.d_model
+
+
+def _sdpa_cpu(query, key, value, *args, out_shape=None, **kwargs):
+    return sdpa_flop_count(query, key, value)
+
+
+def _sdpa_cpu_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs):
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+# FlopCounterMode knows the CUDA attention kernels; the CPU one (what SDPA runs here) gets the same formula.
+_CPU_ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu,
+                        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_backward}
+
+
+def measured_flops_per_token(model: nn.Module, batch) -> float:
+    """Training FLOPs per token of the actual model, counted by torch's FlopCounterMode over one forward
+    and backward of `batch`: right for any architecture, where a formula assumes one layout."""
+    x, y = batch
+    counter = FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION_FLOPS)
+    with counter:
+        compute_loss(model, x, y).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / x.numel()
 
 
 def state_bytes(model: nn.Module) -> dict:
@@ -128,7 +155,7 @@ def minimal_loop_step_times(model: nn.Module, plan: PrecisionPlan, data, steps: 
                             lr: float, seed: int, device) -> list:
     """The plainest correct AMP loop (autocast forward, scaled backward, AdamW step), timed per step:
     the yardstick for the engine's own overhead."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    optimizer = adamw(model.parameters(), lr, device)
     scaler = plan.grad_scaler()
     generator = torch.Generator().manual_seed(seed)
     times = []
@@ -216,6 +243,11 @@ def _speedup(trials: pd.DataFrame, amp_precision: str, loop: str = "ours") -> di
     return {"median": float(fp32.median() / amp.median()), "ci_low": low, "ci_high": high}
 
 
+def _baseline_name(device: torch.device, tf32: bool) -> str:
+    """What a speedup is measured against: on CUDA, fp32 with or without TF32 matmuls."""
+    return "fp32" if device.type != "cuda" else "fp32 with TF32 matmuls" if tf32 else "fp32 (TF32 off)"
+
+
 DIVERGED = 1.25  # an fp32 eval loss that ends 25% above where it started diverged (short noisy runs wobble ~5%)
 
 
@@ -267,15 +299,16 @@ def _verdicts(p: dict, speed: dict, precision: str, baseline: Verdict) -> tuple:
         worth = Verdict("amp_worth_it", "warn", timing=True, reason=f"{s['median']:.2f}x from {speed['trials']} trial(s): "
                         f"no interval with fewer than {MIN_TRIALS_FOR_INTERVAL} trials, so no verdict on speed; {memory}.")
     elif s["ci_low"] > 1:
-        worth = Verdict("amp_worth_it", "pass", timing=True, reason=f"{s['median']:.2f}x faster (95% CI {s['ci_low']:.2f}-{s['ci_high']:.2f}) "
-                        f"at batch {speed['batch_size']} x {speed['seq_len']} tokens; {memory}.")
+        worth = Verdict("amp_worth_it", "pass", timing=True, reason=f"{s['median']:.2f}x faster than {speed['baseline']} "
+                        f"(95% CI {s['ci_low']:.2f}-{s['ci_high']:.2f}) at batch {speed['batch_size']} x {speed['seq_len']} "
+                        f"tokens; {memory}.")
     elif s["ci_high"] < 1:
-        worth = Verdict("amp_worth_it", "fail", timing=True, reason=f"{s['median']:.2f}x: slower than fp32 at batch {speed['batch_size']} "
-                        f"(95% CI {s['ci_low']:.2f}-{s['ci_high']:.2f}); {memory}. Small batches leave the matmuls too "
+        worth = Verdict("amp_worth_it", "fail", timing=True, reason=f"{s['median']:.2f}x: slower than {speed['baseline']} "
+                        f"at batch {speed['batch_size']} (95% CI {s['ci_low']:.2f}-{s['ci_high']:.2f}); {memory}. Small batches leave the matmuls too "
                         "small to gain: try a larger batch (see the batch-size sweep).")
     else:
-        worth = Verdict("amp_worth_it", "warn", timing=True, reason=f"no clear speedup: {s['median']:.2f}x (95% CI {s['ci_low']:.2f}-"
-                        f"{s['ci_high']:.2f}); {memory}. Worth it only for the memory, or with a larger batch.")
+        worth = Verdict("amp_worth_it", "warn", timing=True, reason=f"no clear speedup over {speed['baseline']}: "
+                        f"{s['median']:.2f}x (95% CI {s['ci_low']:.2f}-{s['ci_high']:.2f}); {memory}. Worth it only for the memory, or with a larger batch.")
     return safe, worth
 
 
@@ -285,8 +318,11 @@ def test_amp_speedup_benchmark(model=None, /, *, data=None, progress: bool = Fal
     steps, batch_size, trials, sweep_batch_sizes (also measure the speedup at each batch size, with
     fewer trials, to show where AMP pays), minimal_loop (also time a bare hand-written loop)."""
     run = prepare(3, model, params, data)
+    cuda = run.device.type == "cuda"
+    run.record["tf32"] = run.params["tf32"] if cuda else None
     try:
-        return _benchmark(run, progress)
+        with tf32_matmuls(run.params["tf32"], run.device):
+            return _benchmark(run, progress)
     except Interrupted as e:  # Ctrl-C / SIGTERM: say so, keep the checkpoints, judge nothing
         verdict = Verdict("interrupted", "warn", f"{e}. Nothing was judged: run again with resume=True (the batch "
                           "runner: --resume) to continue from the checkpoints.")
@@ -349,16 +385,18 @@ def _benchmark(run, progress: bool) -> TierResult:
     matmul_ratio = peaks[amp_plan.precision] / peaks["32"]
     gemm_fraction = matmul_time_fraction(copy.deepcopy(model0), fp32_plan, batch)
     amdahl = 1 / ((1 - gemm_fraction) + gemm_fraction / matmul_ratio)
-    flops_per_token = training_flops_per_token(model0, seq_len)
+    flops_per_token = measured_flops_per_token(copy.deepcopy(model0), batch)
+    analytic = training_flops_per_token(model0, seq_len)
     ours = trials_df[trials_df["loop"] == "ours"]
     tokens = _median_tokens_per_s(trials_df)
     speedup = _speedup(trials_df, amp_plan.precision)
     speed = {"amp_precision": amp_plan.precision, "batch_size": batch_size, "seq_len": seq_len, "trials": p["trials"],
-             "speedup": speedup, "tokens_per_s": tokens,
+             "speedup": speedup, "baseline": _baseline_name(device, p["tf32"]), "tokens_per_s": tokens,
              "matmul_peak_flops": peaks, "matmul_ratio": matmul_ratio,
              "gemm_time_fraction_fp32": gemm_fraction, "amdahl_speedup_bound": amdahl,
              "speedup_of_amdahl_bound": speedup["median"] / amdahl,
-             "flops_per_token": flops_per_token,
+             "flops_per_token": flops_per_token, "flops_counted_by": "torch.utils.flop_counter.FlopCounterMode",
+             "flops_per_token_analytic": analytic,
              "mfu": {prec: tokens[prec] * flops_per_token / peaks[prec] for prec in peaks},
              "memory": {**state_bytes(model0), "activation_bytes": act,
                         "activation_saving": 1 - act[amp_plan.precision] / act["32"],

@@ -14,6 +14,7 @@ import functools
 import os
 import platform
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,13 +167,28 @@ def comparison_plan(requested, device: torch.device) -> PrecisionPlan:
                          f"{plan.reason}; compared with {fallback} anyway, to show what AMP would do here")
 
 
+@contextmanager
+def tf32_matmuls(enabled: bool, device: torch.device):
+    """fp32 matmuls on CUDA as TF32 (enabled: faster, a 10-bit mantissa) or as true fp32, restored afterwards.
+    A CPU has no TF32: there this changes nothing."""
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if enabled else "highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 def run_record(device: torch.device, plan: PrecisionPlan) -> dict:
     """What a run ran on, recorded once with its results: device, capability, precision, autocast
     dtype, GradScaler, the TF32 setting of the fp32 baseline, and the software versions."""
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         name, capability = torch.cuda.get_device_name(device), f"sm_{major}{minor}"
-        tf32 = bool(torch.backends.cuda.matmul.allow_tf32)
+        tf32 = torch.get_float32_matmul_precision() != "highest"  # TF32 (or lower) for fp32 matmuls
     else:
         name = next((line.split(":", 1)[1].strip() for line in _cpuinfo().splitlines() if line.startswith("model name")),
                     platform.processor() or platform.machine())
