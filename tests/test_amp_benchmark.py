@@ -210,3 +210,17 @@ def test_on_a_gpu_the_speedup_says_what_fp32_it_is_measured_against(tf32, baseli
     r = test_amp_speedup_benchmark("gpt-tiny", **{**TINY, "device": "cuda", "tf32": tf32})
     assert r.record["tf32"] is tf32 and r.checks["amp_worth_it"].extra["baseline"] == baseline
     assert baseline in r.checks["amp_worth_it"].verdict.reason
+
+
+@pytest.mark.slow
+def test_compiled_and_eager_are_timed_in_the_same_interleaved_trials():
+    r = test_amp_speedup_benchmark("gpt-tiny", precision="bf16-mixed", compile=True, **{**TINY, "trials": 1, "steps": 4})
+    speed, trials = r.checks["amp_worth_it"].extra, r.checks["amp_worth_it"].data
+    assert sorted(set(trials["loop"])) == ["compiled", "ours"]
+    compiled = speed["compile"]
+    assert compiled["fallback"] is None and set(compiled["speedup_over_eager"]) == {"32", "bf16-mixed"}
+    assert all(t > 0 for t in compiled["compile_time_s"].values())  # measured apart from the step times
+    assert trials[trials["loop"] == "ours"]["compile_time_s"].isna().all()
+    # the fine-tuning runs were compiled too, and their parity verdicts hold
+    assert all(run["compiled"] for run in r.checks["amp_safe"].extra["compile"].values())
+    assert r.checks["amp_safe"].verdict.status == "pass" and r.checks["fp32_baseline"].verdict.status == "pass"

@@ -201,3 +201,18 @@ def test_bad_numbers_are_refused_by_name_before_training(kwargs, message):
 def test_a_model_without_parameters_is_refused_with_the_reason():
     with pytest.raises(ModelLoadError, match="NoParameters .* has no parameters; expected a model with weights"):
         test_fine_tuning("tests.user_models:NoParameters", **FAST)
+
+
+def test_a_model_that_fails_to_compile_trains_eager_with_the_reason_recorded(monkeypatch):
+    eager = test_fine_tuning(fresh_gpt(), precision="32", **FAST)
+
+    def no_compiler(model, **kwargs):  # what a machine without a C++ compiler gives at the first call
+        def call(*args, **kw):
+            raise RuntimeError("BackendCompilerFailed: no working C++ compiler found")
+        return call
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    r = test_fine_tuning(fresh_gpt(), precision="32", compile=True, **FAST)
+    info = r.config["compile"]
+    assert info["compiled"] is False and "no working C++ compiler" in info["fallback"] and "eager" in info["fallback"]
+    pd.testing.assert_frame_equal(r.history[["loss", "grad_norm"]], eager.history[["loss", "grad_norm"]], check_exact=True)

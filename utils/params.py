@@ -128,6 +128,8 @@ TIER_PARAMS = {
         Param("sweep_batch_sizes", list, [], "batch sizes for the speedup sweep, e.g. [4, 8, 32] (empty: no sweep)",
               item=int, low=1),
         Param("minimal_loop", bool, False, "also time a bare hand-written loop, to measure the engine's overhead"),
+        Param("compile", bool, False, "torch.compile: time compiled training beside eager (compile time apart) and "
+              "fine-tune compiled; a model that fails to compile runs eager, the reason recorded"),
         Param("tf32", bool, False, "let the fp32 baseline's CUDA matmuls run as TF32 (faster, 10-bit mantissa); off, "
               "AMP is measured against true fp32. The record says which"),
         Param("max_skipped_in_a_row", int, 20, "skipped steps in a row that stop a fine-tuning run as an overflow storm "
@@ -142,7 +144,7 @@ TIER_PARAMS = {
 
 # utils.train (torchrun): tier 3's fine-tuning parameters, plus what a multi-process run adds.
 _TRAIN_SHARED = ("model", "model_kwargs", "task", "tokenizer", "device", "precision", "steps", "seq_len", "lr", "seed",
-                 "max_skipped_in_a_row", "checkpoint_every", "checkpoint_dir", "resume")
+                 "max_skipped_in_a_row", "checkpoint_every", "checkpoint_dir", "resume", "compile")
 TRAIN_PARAMS = (
     *(replace(p, help="the precision to train in: 'auto' (the best for the device, fp32 where AMP would not pay), "
               "'32', '16-mixed' or 'bf16-mixed'") if p.name == "precision" else p
@@ -192,9 +194,12 @@ def check_params(tier: int, params: dict) -> dict:
 
 
 def add_arguments(parser, params):
-    """One --option per parameter (underscores as dashes), values parsed as data (see coerce)."""
+    """One --option per parameter (underscores as dashes), values parsed as data (see coerce). A true/false
+    option given alone means true: --compile is --compile True."""
     for p in params:
-        parser.add_argument("--" + p.name.replace("_", "-"), type=coerce, default=p.default, help=f"{p.help} (default: {p.default!r})")
+        flag = {"nargs": "?", "const": True} if p.type is bool else {}
+        parser.add_argument("--" + p.name.replace("_", "-"), type=coerce, default=p.default, **flag,
+                            help=f"{p.help} (default: {p.default!r})")
 
 
 @dataclass

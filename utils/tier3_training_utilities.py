@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 import torch
 import torch.nn as nn
+from torch._dynamo.utils import counters as dynamo_counters
 from tqdm.auto import tqdm
 
 from utils.models import compute_loss, load_model, load_task_data
@@ -185,13 +186,41 @@ def _stop_diagnosis(reason: str, step: int, records: list, net: nn.Module, x: to
     return {"reason": reason, "step": step, "message": message, "loss_scales": scales, "largest_activation": act}
 
 
+def compile_model(net: nn.Module, data, plan: PrecisionPlan, device, global_batch: int, seq_len: int, r: Ranks, seed: int):
+    """torch.compile(net), compiled right away on one batch (forward and backward under the run's autocast)
+    so that compile time is measured apart from step time. A model that fails to compile stays eager, with
+    the reason recorded, never a crash. RNG states and gradients are put back: the run sees the same numbers."""
+    rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    x, y = (rows(t, r).to(device) for t in data.get_batch("train", global_batch, seq_len, torch.Generator().manual_seed(seed + 1)))
+    fast = torch.compile(net)
+    breaks_before = sum(dynamo_counters["graph_break"].values())
+    t0 = time.perf_counter()
+    try:
+        with plan.autocast():
+            loss = compute_loss(fast, x, y)
+        loss.backward()
+        synchronize(device)
+        info = {"compiled": True, "compile_time_s": time.perf_counter() - t0, "fallback": None,
+                "graph_breaks": sum(dynamo_counters["graph_break"].values()) - breaks_before}
+    except Exception as e:  # no C++ compiler, an op the backend cannot lower, ...: train eager instead
+        fast = net
+        info = {"compiled": False, "compile_time_s": time.perf_counter() - t0, "graph_breaks": None,
+                "fallback": f"torch.compile failed, so this run is eager: {type(e).__name__}: {str(e).strip()[:300]}"}
+    net.zero_grad(set_to_none=True)
+    torch.set_rng_state(rng)
+    if cuda_rng is not None:
+        torch.cuda.set_rng_state(cuda_rng, device)
+    return fast, info
+
+
 def test_fine_tuning(model, *, data=None, precision="auto", use_amp=None, steps: int = 200, epochs=None,
                      batch_size: int = 16, seq_len: int = 64, lr: float = 3e-3, weight_decay: float = 0.01,
                      warmup_steps=None, grad_accum_steps: int = 1, max_grad_norm: float = 1.0, seed: int = 0,
                      device=None, callbacks=(), eval_interval: int = 50, eval_batches: int = 8,
                      progress: bool = True, plan: PrecisionPlan = None, checkpoint_dir=None, checkpoint_every: int = 0,
                      keep_checkpoints: int = 3, resume: bool = False, max_skipped_in_a_row=20,
-                     parallel: str = "ddp") -> FineTuneResult:
+                     parallel: str = "ddp", compile: bool = False) -> FineTuneResult:
     """Fine-tune `model` (an nn.Module or a load_model spec) and record every optimizer step.
 
     precision: 'auto' | '32' | '16-mixed' | 'bf16-mixed'; use_amp: the seed's flag (see resolve_precision).
@@ -203,6 +232,7 @@ def test_fine_tuning(model, *, data=None, precision="auto", use_amp=None, steps:
     from the newest valid checkpoint there (else a fresh run clears the folder). max_skipped_in_a_row:
     skipped steps in a row that stop the run as an overflow storm (None: never stop, as speed trials
     want). Under torchrun, batch_size is per rank and `parallel` is 'ddp' or 'fsdp2' (utils.train).
+    compile: train the torch.compile'd model (compiled before the first step; see compile_model).
     """
     for name, value in (("steps", steps), ("batch_size", batch_size), ("seq_len", seq_len),
                         ("grad_accum_steps", grad_accum_steps), ("eval_interval", eval_interval),
@@ -256,6 +286,9 @@ def test_fine_tuning(model, *, data=None, precision="auto", use_amp=None, steps:
     net = wrap(model, parallel, plan, device) if r.world > 1 else model
     optimizer = adamw(_param_groups(net, weight_decay), lr, device, sharded=parallel == "fsdp2")
     config["optimizer"] = "AdamW (fused)" if optimizer.defaults["fused"] else "AdamW (foreach)"
+    train_net = net  # what the training steps call: the compiled model when asked; evaluation stays eager
+    if compile:
+        train_net, config["compile"] = compile_model(net, data, plan, device, global_batch, seq_len, r, seed)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup_steps, total_steps))
     scaler = grad_scaler(plan, parallel)
     generator = torch.Generator().manual_seed(seed)
@@ -309,7 +342,7 @@ def test_fine_tuning(model, *, data=None, precision="auto", use_amp=None, steps:
             for i in range(window):
                 x, y = (rows(t, r).to(device) for t in data.get_batch("train", global_batch, seq_len, generator))
                 with gradient_sync(net, parallel, sync=i == window - 1):  # all-reduce once per window
-                    loss_sum = loss_sum + _training_step(net, (x, y), plan, scaler, window)
+                    loss_sum = loss_sum + _training_step(train_net, (x, y), plan, scaler, window)
             micro_done += window
             scaler.unscale_(optimizer)  # clip true gradients, not scaled ones
             grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(net.parameters(), max_grad_norm))

@@ -196,33 +196,59 @@ class Interrupted(Exception):
 
 
 def _speed_trials(model0, plans, data, device, batch_size, seq_len, trials, *, warmup_steps, timed_steps, lr, seed,
-                  minimal_loop):
+                  minimal_loop, compile=False):
     """Interleaved timing: in each trial every (loop, precision) runs once from the same initial
-    weights, precisions alternating fp32, AMP. The two loops swap places every trial so neither
-    always runs first. Returns one row per run with the median of its timed steps."""
+    weights, precisions alternating fp32, AMP. The loops ('ours'; 'compiled', our loop on the
+    torch.compile'd model; 'minimal', a bare loop) change order every trial so none always runs first.
+    Returns one row per run with the median of its timed steps, and for 'compiled' the compile time."""
     rows = []
+    loops = ("ours", *(("compiled",) if compile else ()), *(("minimal",) if minimal_loop else ()))
     for trial in range(trials):
-        loops = ("ours", "minimal") if minimal_loop else ("ours",)
         for loop in loops if trial % 2 == 0 else loops[::-1]:
             for plan in plans:
                 model = copy.deepcopy(model0)
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
-                if loop == "ours":
-                    result = test_fine_tuning(model, data=data, plan=plan, steps=warmup_steps + timed_steps,
-                                              batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed, device=device,
-                                              eval_batches=0, progress=False, max_skipped_in_a_row=None)
-                    if result.interrupted:
-                        raise Interrupted(f"a {_label(plan.precision)} speed trial was {result.stop['message']}")
-                    times = list(result.history["step_time_s"])
-                else:
+                compiled = {}
+                if loop == "minimal":
                     times = minimal_loop_step_times(model, plan, data, warmup_steps + timed_steps, batch_size, seq_len,
                                                     lr, seed, device)
+                else:
+                    result = test_fine_tuning(model, data=data, plan=plan, steps=warmup_steps + timed_steps,
+                                              batch_size=batch_size, seq_len=seq_len, lr=lr, seed=seed, device=device,
+                                              eval_batches=0, progress=False, max_skipped_in_a_row=None,
+                                              compile=loop == "compiled")
+                    if result.interrupted:
+                        raise Interrupted(f"a {_label(plan.precision)} speed trial was {result.stop['message']}")
+                    times, compiled = list(result.history["step_time_s"]), result.config.get("compile", {})
                 step_time = statistics.median(times[warmup_steps:])
                 rows.append({"trial": trial, "loop": loop, "precision": plan.precision, "step_time_s": step_time,
                              "tokens_per_s": batch_size * seq_len / step_time,
-                             "cuda_peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None})
+                             "cuda_peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+                             "compile_time_s": compiled.get("compile_time_s"), "compile_fallback": compiled.get("fallback"),
+                             "graph_breaks": compiled.get("graph_breaks")})
     return pd.DataFrame(rows)
+
+
+def _compile_figures(trials: pd.DataFrame, amp_precision: str, gemm_fraction: dict) -> dict:
+    """Compiled against eager, per precision, from the same interleaved trials; compile time apart (the
+    first compile of each precision: later copies of the model reuse the compiled code); and why the gain
+    is what it is. GEMMs run the same library kernels compiled or not, so compiling can only shorten the
+    rest of the step: with GEMMs a share g of it, the gain is at most 1/g (all the rest fused away)."""
+    eager, compiled = _median_tokens_per_s(trials), _median_tokens_per_s(trials, "compiled")
+    rows = trials[trials["loop"] == "compiled"]
+    fallbacks = rows["compile_fallback"].dropna()
+    gain = {p: compiled[p] / eager[p] for p in compiled}
+    ceiling = {p: 1 / g for p, g in gemm_fraction.items()}
+    breaks = int(rows["graph_breaks"].max())
+    why = (f"compiled runs {', '.join(f'{gain[p]:.2f}x eager in {_label(p)}' for p in gain)} with {breaks} graph break(s). "
+           f"GEMMs take {', '.join(f'{gemm_fraction[p]:.0%} ({_label(p)})' for p in gemm_fraction)} of an eager step and "
+           "run the same kernels compiled or not, so fusing all the rest away would give at most "
+           f"{', '.join(f'{ceiling[p]:.2f}x ({_label(p)})' for p in ceiling)}; the AdamW step is one fused kernel either way.")
+    return {"tokens_per_s": compiled, "speedup_over_eager": gain, "amp_speedup": _speedup(trials, amp_precision, "compiled")["median"],
+            "compile_time_s": {p: float(g.max()) for p, g in rows.groupby("precision", sort=False)["compile_time_s"]},
+            "gemm_time_fraction": gemm_fraction, "gain_ceiling": ceiling, "graph_breaks": breaks,
+            "fallback": fallbacks.iloc[0] if len(fallbacks) else None, "why": why}
 
 
 def _median_tokens_per_s(trials: pd.DataFrame, loop: str = "ours") -> dict:
@@ -341,7 +367,7 @@ def _benchmark(run, progress: bool) -> TierResult:
     timing = dict(warmup_steps=p["warmup_steps"], timed_steps=p["timed_steps"], lr=lr, seed=seed)
 
     trials_df = _speed_trials(model0, plans, data, device, batch_size, seq_len, p["trials"], minimal_loop=p["minimal_loop"],
-                              **timing)
+                              compile=p["compile"], **timing)
 
     # Memory, on one fixed batch from the same initial weights.
     batch = tuple(t.to(device) for t in data.get_batch("train", batch_size, seq_len, torch.Generator().manual_seed(seed)))
@@ -357,7 +383,7 @@ def _benchmark(run, progress: bool) -> TierResult:
             copy.deepcopy(model0), data=data, plan=plan, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr,
             seed=seed, device=device, eval_interval=steps, eval_batches=4, progress=progress,
             checkpoint_dir=checkpoints / plan.precision, checkpoint_every=p["checkpoint_every"], resume=p["resume"],
-            max_skipped_in_a_row=p["max_skipped_in_a_row"])
+            max_skipped_in_a_row=p["max_skipped_in_a_row"], compile=p["compile"])
         if runs[plan.precision].interrupted:
             raise Interrupted(f"the {_label(plan.precision)} fine-tuning run was {runs[plan.precision].stop['message']}")
     ref, amp = runs["32"], runs[amp_plan.precision]
@@ -378,7 +404,8 @@ def _benchmark(run, progress: bool) -> TierResult:
               "skipped_steps": int(amp.history["skipped"].sum()),
               "skipped_fraction": float(amp.history["skipped"].mean()),
               "final_loss_scale": float(amp.history["loss_scale"].iloc[-1]),
-              "stop": amp.stop, "checkpoints": {prec: r.checkpoints for prec, r in runs.items()}}
+              "stop": amp.stop, "checkpoints": {prec: r.checkpoints for prec, r in runs.items()},
+              "compile": {prec: r.config.get("compile") for prec, r in runs.items()}}
 
     # Throughput context: model FLOPs against matmul peaks measured now, and Amdahl's bound.
     peaks = {plan.precision: measure_matmul_peak(device, plan.autocast_dtype or torch.float32) for plan in plans}
@@ -402,6 +429,9 @@ def _benchmark(run, progress: bool) -> TierResult:
                         "activation_saving": 1 - act[amp_plan.precision] / act["32"],
                         "cuda_peak_bytes": {prec: (int(ours[ours["precision"] == prec]["cuda_peak_bytes"].max())
                                                    if device.type == "cuda" else None) for prec in peaks}}}
+    if p["compile"]:
+        gemm = {"32": gemm_fraction, amp_plan.precision: matmul_time_fraction(copy.deepcopy(model0), amp_plan, batch)}
+        speed["compile"] = _compile_figures(trials_df, amp_plan.precision, gemm)
     if p["minimal_loop"]:
         speed["minimal_loop_tokens_per_s"] = _median_tokens_per_s(trials_df, "minimal")
         speed["loop_efficiency"] = {prec: tokens[prec] / speed["minimal_loop_tokens_per_s"][prec] for prec in peaks}
@@ -456,6 +486,12 @@ def main(argv=None):
                   f"{speed['amp_precision']} vs fp32")
             print(f"  speedup {speed['speedup']['median']:.2f}x; matmul ratio {speed['matmul_ratio']:.2f}x; "
                   f"Amdahl bound {speed['amdahl_speedup_bound']:.2f}x ({speed['speedup_of_amdahl_bound']:.0%} of it reached)")
+            if "compile" in speed:
+                c = speed["compile"]
+                for prec, gain in c["speedup_over_eager"].items():
+                    print(f"  compiled {_label(prec)}: {gain:.2f}x eager {_label(prec)} "
+                          f"(compile time {c['compile_time_s'][prec]:.1f} s, apart from step time)")
+                print(f"  {c['fallback'] or c['why']}")
         for v in result.verdicts:
             print(f"  [{v.status}] {v.check}: {v.reason}")
     return 0 if result.status != "fail" else 1
