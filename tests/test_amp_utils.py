@@ -60,8 +60,9 @@ def test_aliases(alias, expected, cpu_bf16):
 
 
 def test_unknown_precision_names_the_choices():
-    with pytest.raises(ValueError, match="unknown precision 'fp8'; expected one of 'auto', '32', '16-mixed', 'bf16-mixed'"):
-        resolve_precision("fp8", "cpu")
+    with pytest.raises(ValueError, match="unknown precision 'fp4'; expected one of 'auto', '32', '16-mixed', 'bf16-mixed', "
+                       "'fp8', 'fp8-emulated'"):
+        resolve_precision("fp4", "cpu")
 
 
 def test_use_amp_flag(cpu_bf16, gpu):

@@ -7,6 +7,7 @@
 `run_tier2` runs them all and returns one table of verdicts.
 """
 
+import copy
 import math
 
 import pandas as pd
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 
 from utils.models import count_parameters, forward, get_logits, load_task_data, model_device, model_max_len, model_vocab_size
 from utils.params import prepare
-from utils.training.amp_utils import PrecisionPlan, resolve_precision
+from utils.training.amp_utils import FP8_PRECISIONS, PrecisionPlan, convert_for, resolve_precision
 from utils.verdicts import CheckResult, TierResult, Verdict, run_check
 
 FP16_MAX = 65504.0
@@ -220,6 +221,8 @@ def analyze_amp_readiness(model: nn.Module, x: torch.Tensor, plan: PrecisionPlan
         return CheckResult(Verdict("amp_readiness", "fail", "the fp32 forward is already NaN/Inf: that is the model, not "
                                    "mixed precision (see Tier 1 numerics); AMP readiness cannot be judged."), pd.DataFrame())
     runs = {p: layer_outputs(model, x, resolve_precision(p, device)) for p in ("16-mixed", "bf16-mixed")}
+    if plan.precision in FP8_PRECISIONS:  # float8 Linear layers on a copy: the model itself stays as it was
+        runs[plan.precision] = layer_outputs(convert_for(plan, copy.deepcopy(model)), x, plan)
     model.train(was_training)
     rows = []
     for name, r in ref.items():
@@ -240,20 +243,21 @@ def analyze_amp_readiness(model: nn.Module, x: torch.Tensor, plan: PrecisionPlan
         return hit.iloc[0]["layer"] if len(hit) else None
 
     safe, why = {}, {}
-    for p in ("16-mixed", "bf16-mixed"):
+    for p in runs:
         out_err = float(df[df["layer"] == "<output>"][f"rel_error_{p}"].iloc[0])
         overflow = first(df["beyond_fp16_range"] | df[f"nonfinite_{p}"]) if p == "16-mixed" else first(df[f"nonfinite_{p}"])
         drift = first(df[f"rel_error_{p}"] > tolerance)
         safe[p] = overflow is None and out_err <= tolerance
         why[p] = (f"overflows at {overflow}" if overflow else f"output error {out_err:.2%}" +
                   (f", first drifting layer {drift}" if drift else ""))
-    label = {"16-mixed": "fp16", "bf16-mixed": "bf16"}
-    ok = [label[p] for p in safe if safe[p]]
+    label = {"16-mixed": "fp16", "bf16-mixed": "bf16", "fp8": "fp8", "fp8-emulated": "fp8 (emulated)"}
+    ok = [label[p] for p in ("16-mixed", "bf16-mixed") if safe[p]]
     findings = "; ".join(f"{label[p]}: {why[p]}" for p in why)
     drift_first = first(df["drifts"])
     extra = {"table_precision": plan.precision, "tolerance": tolerance,
              "first_drift_layer": drift_first, "first_fp16_overflow_layer": first(df["beyond_fp16_range"] | df["nonfinite_16-mixed"]),
-             "fp16_safe": safe["16-mixed"], "bf16_safe": safe["bf16-mixed"]}
+             "fp16_safe": safe["16-mixed"], "bf16_safe": safe["bf16-mixed"], "fp8_safe": safe.get(plan.precision)
+             if plan.precision in FP8_PRECISIONS else None}
     if not ok:
         verdict = Verdict("amp_readiness", "fail", f"neither fp16 nor bf16 is safe (tolerance {tolerance:.0%}): {findings}. "
                           "Keep the named layer in fp32 (autocast(enabled=False) around it) or rescale its activations.")
@@ -263,6 +267,9 @@ def analyze_amp_readiness(model: nn.Module, x: torch.Tensor, plan: PrecisionPlan
     else:
         verdict = Verdict("amp_readiness", "pass", f"fp16 and bf16 both safe (tolerance {tolerance:.0%}): {findings}; "
                           f"max activation {df['fp32_max_abs'].max():.3g} (fp16 limit 65504).")
+    if extra["fp8_safe"] is False and verdict.status == "pass":  # the precision asked for is the one that drifts
+        verdict = Verdict("amp_readiness", "warn", f"fp16 and bf16 are safe but {label[plan.precision]} is not (tolerance "
+                          f"{tolerance:.0%}): {findings}. Keep the named layer out of float8 (module_filter_fn) or use bf16.")
     return CheckResult(verdict, df, extra)
 
 

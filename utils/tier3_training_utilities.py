@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 
 from utils.models import compute_loss, load_model, load_task_data
 from utils.tier2_advanced_analysis import layer_outputs
-from utils.training.amp_utils import PrecisionPlan, amp_summary, resolve_device, resolve_precision, synchronize
+from utils.training.amp_utils import (PrecisionPlan, amp_summary, convert_for, resolve_device, resolve_precision,
+                                      synchronize)
 from utils.training.checkpoint import clear_checkpoints, load_latest, save_checkpoint, structure_digest
 from utils.training.distributed import (PARALLEL_CHOICES, Ranks, full_tensor, gather, grad_scaler, gradient_sync,
                                         load_training_state, mean_across, ranks, rows, training_state, wrap)
@@ -260,7 +261,7 @@ def test_fine_tuning(model, *, data=None, precision="auto", use_amp=None, steps:
     device = resolve_device(device)
     plan = plan or resolve_precision(precision, device, use_amp)
     torch.manual_seed(seed + r.rank)  # dropout masks, if the model has any (each rank its own)
-    model = load_model(model).to(device).train()
+    model = convert_for(plan, load_model(model).to(device)).train()  # fp8: float8 Linear layers
     data = load_task_data(model, data, seq_len)
 
     # Micro-batches to run, and optimizer steps as windows of grad_accum_steps (the last may be partial).

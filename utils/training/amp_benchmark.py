@@ -29,7 +29,8 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 from utils.models import compute_loss, count_parameters
 from utils.params import TIER_PARAMS, ParamError, add_arguments, output_folder, prepare
 from utils.tier3_training_utilities import adamw, test_fine_tuning
-from utils.training.amp_utils import PrecisionPlan, resolve_precision, saved_activation_bytes, synchronize, tf32_matmuls
+from utils.training.amp_utils import (PrecisionPlan, convert_for, resolve_precision, saved_activation_bytes, synchronize,
+                                      tf32_matmuls)
 from utils.verdicts import CheckResult, TierResult, Verdict
 
 GEMM_OPS = ("mm", "addmm", "bmm", "baddbmm", "addbmm")
@@ -155,6 +156,7 @@ def minimal_loop_step_times(model: nn.Module, plan: PrecisionPlan, data, steps: 
                             lr: float, seed: int, device) -> list:
     """The plainest correct AMP loop (autocast forward, scaled backward, AdamW step), timed per step:
     the yardstick for the engine's own overhead."""
+    model = convert_for(plan, model)
     optimizer = adamw(model.parameters(), lr, device)
     scaler = plan.grad_scaler()
     generator = torch.Generator().manual_seed(seed)
@@ -321,7 +323,10 @@ def _verdicts(p: dict, speed: dict, precision: str, baseline: Verdict) -> tuple:
     s = speed["speedup"]
     act = speed["memory"]["activation_saving"]
     memory = f"activations saved for backward shrink by {act:.0%}" if act > 0 else "no activation memory saved"
-    if s["ci_low"] is None:
+    if precision == "fp8-emulated":
+        worth = Verdict("amp_worth_it", "warn", timing=True, reason=f"not judged: fp8-emulated runs torchao's emulated float8 "
+                        f"matmuls ({s['median']:.2f}x here), which says nothing about fp8 hardware; {memory}.")
+    elif s["ci_low"] is None:
         worth = Verdict("amp_worth_it", "warn", timing=True, reason=f"{s['median']:.2f}x from {speed['trials']} trial(s): "
                         f"no interval with fewer than {MIN_TRIALS_FOR_INTERVAL} trials, so no verdict on speed; {memory}.")
     elif s["ci_low"] > 1:
@@ -371,7 +376,7 @@ def _benchmark(run, progress: bool) -> TierResult:
 
     # Memory, on one fixed batch from the same initial weights.
     batch = tuple(t.to(device) for t in data.get_batch("train", batch_size, seq_len, torch.Generator().manual_seed(seed)))
-    act = {plan.precision: saved_activation_bytes(copy.deepcopy(model0), plan, batch) for plan in plans}
+    act = {plan.precision: saved_activation_bytes(convert_for(plan, copy.deepcopy(model0)), plan, batch) for plan in plans}
 
     # Loss parity: same weights, data, seed and schedule; only precision differs. Each run checkpoints
     # into its own folder, so an interrupted tier resumes both where they stopped.

@@ -21,18 +21,28 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from utils.models import compute_loss
+from utils.models import UnsupportedModel, compute_loss
 
-PRECISIONS = ("32", "16-mixed", "bf16-mixed")
+# fp8: torchao float8 training (Linear matmuls in float8 with dynamic scales) inside bf16 autocast, on GPUs
+# with float8 tensor cores (sm_89+). fp8-emulated: the same conversion and loop with torchao's emulated
+# float8 matmuls, on any device: it tests the path (slowly), it says nothing about speed.
+FP8_PRECISIONS = ("fp8", "fp8-emulated")
+PRECISIONS = ("32", "16-mixed", "bf16-mixed", *FP8_PRECISIONS)
 PRECISION_CHOICES = ("auto", *PRECISIONS)
 _ALIASES = {
     "auto": "auto",
     "32": "32", "32-true": "32", "fp32": "32", "float32": "32",
     "16": "16-mixed", "16-mixed": "16-mixed", "fp16": "16-mixed", "float16": "16-mixed",
     "bf16": "bf16-mixed", "bf16-mixed": "bf16-mixed", "bfloat16": "bf16-mixed",
+    "fp8": "fp8", "float8": "fp8", "fp8-emulated": "fp8-emulated",
 }
-_DTYPES = {"32": None, "16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
-_LEGACY = {"32": "32", "16-mixed": "16", "bf16-mixed": "bf16"}
+_DTYPES = {"32": None, "16-mixed": torch.float16, "bf16-mixed": torch.bfloat16, "fp8": torch.bfloat16,
+           "fp8-emulated": torch.bfloat16}
+FP8_MIN_CAPABILITY = (8, 9)  # L4, H100, H200: float8 tensor cores
+
+
+class UnsupportedPrecision(UnsupportedModel):
+    """A precision this device, this install or this model cannot run, refused with the reason."""
 
 
 def resolve_device(device=None) -> torch.device:
@@ -108,7 +118,7 @@ class PrecisionPlan:
 def _normalize(requested) -> str:
     key = str(requested).strip().lower()
     if key not in _ALIASES:
-        raise ValueError(f"unknown precision {requested!r}; expected one of 'auto', '32', '16-mixed', 'bf16-mixed' "
+        raise ValueError(f"unknown precision {requested!r}; expected one of {', '.join(map(repr, PRECISION_CHOICES))} "
                          f"(aliases: {', '.join(sorted(_ALIASES))})")
     return _ALIASES[key]
 
@@ -144,6 +154,8 @@ def resolve_precision(requested="auto", device=None, use_amp=None) -> PrecisionP
         want = "auto"
     if want == "32":
         return PrecisionPlan(str(requested), "32", device.type, "fp32 requested")
+    if want in FP8_PRECISIONS:
+        return PrecisionPlan(str(requested), want, device.type, _fp8_reason(want, device))
     best, why = _best_mixed(device)
     if want == "auto":
         return PrecisionPlan(str(requested), best or "32", device.type, ("use_amp=True: " if use_amp else "auto: ") + why)
@@ -154,6 +166,47 @@ def resolve_precision(requested="auto", device=None, use_amp=None) -> PrecisionP
     else:
         reason = f"{want} requested and honoured, but {why}"
     return PrecisionPlan(str(requested), want, device.type, reason)
+
+
+def _torchao_float8():
+    """torchao's float8 training API, or UnsupportedPrecision saying how to get it (an optional package)."""
+    try:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    except ImportError:
+        raise UnsupportedPrecision("fp8 training needs torchao, which is not installed: pip install torchao") from None
+    return Float8LinearConfig, convert_to_float8_training
+
+
+def _fp8_reason(want: str, device: torch.device) -> str:
+    """Why fp8 can run here, or UnsupportedPrecision saying why not (device, capability, torchao)."""
+    if want == "fp8":
+        if device.type != "cuda":
+            raise UnsupportedPrecision(f"fp8 needs a CUDA GPU with float8 tensor cores (sm_89+: L4, H100, H200); this run "
+                                       f"is on {device.type}. ('fp8-emulated' runs the same path slowly, to test it.)")
+        capability = torch.cuda.get_device_capability(device)
+        if capability < FP8_MIN_CAPABILITY:
+            raise UnsupportedPrecision(f"fp8 needs float8 tensor cores (sm_89+: L4, H100, H200); "
+                                       f"{torch.cuda.get_device_name(device)} is sm_{capability[0]}{capability[1]}")
+    _torchao_float8()
+    how = "torchao float8 Linear matmuls (dynamic tensorwise scales) inside bf16 autocast"
+    if want == "fp8-emulated":
+        return f"fp8-emulated requested: {how}, emulated (tests the path; slow, so no speed meaning)"
+    return f"fp8 requested: {how}; compile=True fuses the float8 casts, as torchao recommends"
+
+
+def convert_for(plan: PrecisionPlan, model: nn.Module) -> nn.Module:
+    """The model as `plan` trains it: for fp8, every Linear whose in and out features are multiples of 16
+    (what float8 matmuls need) swapped for torchao's Float8Linear, in place; otherwise the model as it is."""
+    if plan.precision not in FP8_PRECISIONS or any(type(m).__name__ == "Float8Linear" for m in model.modules()):
+        return model  # not fp8, or converted already
+    config_cls, convert = _torchao_float8()
+    linears = [m for m in model.modules() if type(m) is nn.Linear]
+    fits = [m for m in linears if m.in_features % 16 == 0 and m.out_features % 16 == 0]
+    if not fits:
+        raise UnsupportedPrecision(f"fp8: none of the model's {len(linears)} nn.Linear layers has in and out features "
+                                   "divisible by 16, which float8 matmuls need, so nothing would run in fp8")
+    return convert(model, config=config_cls(emulate=plan.precision == "fp8-emulated"),
+                   module_filter_fn=lambda m, name: any(m is f for f in fits))
 
 
 def comparison_plan(requested, device: torch.device) -> PrecisionPlan:
