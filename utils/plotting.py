@@ -78,6 +78,25 @@ def plot_training(history: pd.DataFrame, evals: pd.DataFrame, title: str, path=N
     return save_figure(fig, path)
 
 
+def plot_check_speedups(results: list, device_name: str, path=None):
+    """The GPU check: AMP speedup over fp32 per model and precision, 95% interval as error bars; a
+    precision the device refused is a labelled empty slot."""
+    fig, ax = plt.subplots(figsize=(8, 4))
+    rows = [r for r in results if "precision" in r]
+    labels = [f"{r['model']}\n{_label(r['precision'])}" for r in rows]
+    medians = [r["speedup"]["median"] if "speedup" in r else 0 for r in rows]
+    lows = [m - (r["speedup"]["ci_low"] or m) if "speedup" in r else 0 for m, r in zip(medians, rows)]
+    highs = [(r["speedup"]["ci_high"] or m) - m if "speedup" in r else 0 for m, r in zip(medians, rows)]
+    ax.bar(labels, medians, yerr=[lows, highs], capsize=5, color=[PRECISION_COLORS.get(r["precision"], "tab:purple") for r in rows])
+    for i, r in enumerate(rows):
+        if "speedup" not in r:
+            ax.text(i, 0.05, "refused", ha="center", va="bottom", rotation=90, color="gray")
+    ax.axhline(1, color="black", linewidth=0.8)
+    ax.set_ylabel("speedup over fp32 (median, 95% CI)")
+    ax.set_title(f"GPU check: {device_name}")
+    return save_figure(fig, path)
+
+
 def plot_throughput(trials: pd.DataFrame, path=None):
     """Tokens/s per precision (and loop): median of the interleaved trials, bars spanning min to max."""
     groups = trials.groupby(["loop", "precision"], sort=False)["tokens_per_s"]

@@ -1,0 +1,106 @@
+"""The GPU check: one command, a few minutes on one GPU, one JSON and one chart.
+
+    python -m utils.gpu_check                  # on a GPU: writes benchmarks/<gpu name>/gpu_check.json and .png
+    python -m utils.gpu_check --device cpu --quick --out /tmp/check   # the same plumbing on a CPU, tiny sizes
+
+It runs the `gpu` tests (pytest -m gpu), then tier 3's benchmark (fp32 against AMP, interleaved trials,
+loss parity) on the built-in gpt-small and on a Hugging Face GPT-2 small built from its config (no
+download; skipped, with the reason, without transformers), for 16-mixed and bf16-mixed, and fp8 where the
+GPU has float8 tensor cores and torchao is installed. Each result keeps its device, precision, speedup
+with interval, tokens/s, MFU and verdicts; a precision the device refuses is recorded with the reason.
+"""
+
+import argparse
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import matplotlib
+import torch
+from matplotlib import pyplot as plt
+
+from utils.params import ROOT
+from utils.plotting import plot_check_speedups
+from utils.results import write_json_atomic
+from utils.tiers import run_tier
+from utils.training.amp_utils import run_record, resolve_device, resolve_precision
+
+PRECISIONS = ("16-mixed", "bf16-mixed", "fp8")
+SIZES = {"full": dict(steps=30, batch_size=16, seq_len=256, trials=3, warmup_steps=3, timed_steps=5),
+         "quick": dict(steps=4, batch_size=2, seq_len=32, trials=1, warmup_steps=1, timed_steps=1)}
+
+
+def gpt2_small(folder: Path, quick: bool):
+    """'hf:<folder>' of a randomly initialized GPT-2 small (124M; 2 layers with --quick), or (None, why not)."""
+    try:
+        import transformers
+    except ImportError:
+        return None, "transformers is not installed (pip install transformers)"
+    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2) if quick else transformers.GPT2Config()
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
+    return f"hf:{folder}", None
+
+
+def gpu_tests(device: torch.device) -> dict:
+    """pytest -m gpu, summarized: counts and the tail of its output."""
+    if device.type != "cuda":
+        return {"skipped": "no CUDA device: the gpu tests need one"}
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:nbval", "tests"], cwd=ROOT,
+                          capture_output=True, text=True)
+    counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|error)", proc.stdout)}
+    return {"exit_code": proc.returncode, **counts, "seconds": round(time.perf_counter() - t0, 1),
+            "tail": proc.stdout[-2000:]}
+
+
+def benchmark(model: str, precision: str, device: torch.device, sizes: dict) -> dict:
+    """Tier 3 for one model and precision, as one row of the check."""
+    t0 = time.perf_counter()
+    result = run_tier(3, {"model": model, "precision": precision, "device": str(device), **sizes})
+    row = {"model": model, "precision": precision, "status": result.status, "seconds": round(time.perf_counter() - t0, 1),
+           "verdicts": {v.check: [v.status, v.reason] for v in result.verdicts}}
+    if "amp_worth_it" in result.checks:
+        speed = result.checks["amp_worth_it"].extra
+        row.update(speedup=speed["speedup"], tokens_per_s=speed["tokens_per_s"], mfu=speed["mfu"],
+                   baseline=speed["baseline"], activation_saving=speed["memory"]["activation_saving"],
+                   cuda_peak_bytes=speed["memory"]["cuda_peak_bytes"])
+    return row
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda", help="the device to check (default: cuda)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the plumbing, measures nothing")
+    parser.add_argument("--out", type=Path, default=None, help="folder for gpu_check.json/.png (default: benchmarks/<device>)")
+    args = parser.parse_args(argv)
+    device = resolve_device(args.device)
+    record = run_record(device, resolve_precision("32", device))
+    out = args.out or ROOT / "benchmarks" / re.sub(r"[^A-Za-z0-9.]+", "-", record["device_name"]).strip("-")
+    sizes = SIZES["quick" if args.quick else "full"]
+    check = {"record": record, "sizes": sizes, "gpu_tests": gpu_tests(device), "results": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        gpt2, why_not = gpt2_small(Path(tmp) / "gpt2-small", args.quick)
+        models = ["gpt-tiny" if args.quick else "gpt-small", *([gpt2] if gpt2 else [])]
+        if why_not:
+            check["results"].append({"model": "gpt2-small", "skipped": why_not})
+        for model in models:
+            for precision in PRECISIONS:
+                row = benchmark(model, precision, device, sizes)
+                row["model"] = "gpt2-small" if model == gpt2 else model
+                check["results"].append(row)
+                print(f"{row['model']} {precision}: {row['status']}"
+                      + (f", {row['speedup']['median']:.2f}x over {row['baseline']}" if "speedup" in row else
+                         f" ({row['verdicts'].get('supported', ['', ''])[1]})"))
+    write_json_atomic(out / "gpu_check.json", check)
+    plt.close(plot_check_speedups(check["results"], record["device_name"], out / "gpu_check.png"))
+    print(f"wrote {out / 'gpu_check.json'} and gpu_check.png")
+    return 0 if check["gpu_tests"].get("exit_code", 0) == 0 else 1
+
+
+if __name__ == "__main__":
+    matplotlib.use("Agg")
+    sys.exit(main())
