@@ -49,7 +49,7 @@ def test_run_help_and_benchmark_help_list_every_parameter_with_its_default(capsy
     (3, "sweep_batch_sizes", [4, "8"], "got [4, '8'] (list)"),
     (1, "batch_sizes", {1, 2}, "got {1, 2} (set)"),
     (1, "model", b"gpt-tiny", "parameter 'model' expects a string; got b'gpt-tiny' (bytes)"),
-    (2, "precision", "fp8", "expects a string in 'auto', '32', '16-mixed', 'bf16-mixed'; got 'fp8'"),
+    (2, "precision", "fp4", "expects a string in 'auto', '32', '16-mixed', 'bf16-mixed', 'fp8', 'fp8-emulated'; got 'fp4'"),
     (2, "model_kwargs", [1], "expects a mapping of names to JSON values; got [1] (list)"),
     (1, "model_kwargs", {"a": (1, 2)}, "expects a mapping of names to JSON values; got {'a': (1, 2)} (dict)"),
     (3, "minimal_loop", 1, "expects true or false; got 1 (int)"),
