@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from utils import train
 from utils.training import distributed
@@ -105,3 +106,18 @@ def test_gradient_accumulation_under_ddp_trains_like_one_process(tmp_path):
     assert code == 0 and two["history"]["micro_batches"] == [2] * 20
     assert two["evals"]["eval_loss"] == pytest.approx(one["evals"]["eval_loss"], rel=0.01)
     assert two["history"]["loss"] == pytest.approx(one["history"]["loss"], rel=0.01)
+
+
+def test_a_hugging_face_llama_trains_alike_sharded_by_fsdp2_and_in_one_process(tmp_path):
+    """FSDP2 shards each element of the model's ModuleList (Llama's decoder layers), as for ours."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, hidden_size=64,
+                                      intermediate_size=128, vocab_size=512, max_position_embeddings=128)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    llama = ["--model", f"hf:{tmp_path / 'llama'}", "--steps", "20"]
+    _, one = launch(tmp_path / "one", *llama, "--batch-size", "8", ranks=0)
+    code, two = launch(tmp_path / "two", *llama, "--batch-size", "4", "--parallel", "fsdp2")
+    assert code == 0 and two["distributed"]["parallel"] == "fsdp2"
+    assert two["evals"]["eval_loss"] == pytest.approx(one["evals"]["eval_loss"], rel=0.01)
+    assert two["evals"]["eval_loss"][-1] < 0.9 * two["evals"]["eval_loss"][0]

@@ -3,6 +3,9 @@ masked LM, PyTorch's nn.TransformerEncoder, a minimal GPT that returns only the 
 encoder-decoder and a vision model. Each goes through the tiers as a user would run them, or is refused
 with one line that says what the suite supports."""
 
+import os
+import signal
+
 import pandas as pd
 import pytest
 import torch
@@ -11,6 +14,7 @@ from utils.data import load_corpus
 from utils.models import load_model, model_max_len, probe_model
 from utils.results import read_json
 from utils.run import main
+from utils.tier3_training_utilities import test_fine_tuning
 from utils.tiers import run_tier
 from utils.training.amp_benchmark import matmul_params, measured_flops_per_token, training_flops_per_token
 
@@ -182,3 +186,23 @@ def test_flops_of_a_hugging_face_gpt2_are_counted_not_assumed(attention):
     analytic = 6 * matmul_params(model) + 12 * cfg.n_layer * 128 * cfg.n_embd
     assert measured_flops_per_token(model, (x, x)) == pytest.approx(analytic, rel=0.05)
     assert training_flops_per_token(model, 128) is None  # the formula is for this project's models only
+
+
+def test_a_hugging_face_model_resumes_bitwise_from_its_checkpoint(zoo, tmp_path):
+    """Llama (grouped-query attention) from its folder: stopped by Ctrl-C at step 10, resumed, equal to the run that
+    never stopped: HF state dicts go through the weights_only checkpoint like ours."""
+    class CtrlC:
+        def on_step_end(self, record):
+            if record["step"] == 10:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    run = dict(precision="bf16-mixed", steps=20, batch_size=4, seq_len=32, eval_interval=10, eval_batches=2, progress=False,
+               device="cpu")
+    spec = f"hf:{zoo / 'llama'}"
+    straight = test_fine_tuning(spec, **run)
+    assert test_fine_tuning(spec, checkpoint_dir=tmp_path, callbacks=[CtrlC()], **run).interrupted
+    resumed = test_fine_tuning(spec, checkpoint_dir=tmp_path, resume=True, **run)
+    assert resumed.checkpoints["resumed_from"].endswith("step_00000010.pt")
+    assert resumed.history["loss"].tolist() == straight.history["loss"].tolist()
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
