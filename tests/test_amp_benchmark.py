@@ -224,3 +224,16 @@ def test_compiled_and_eager_are_timed_in_the_same_interleaved_trials():
     # the fine-tuning runs were compiled too, and their parity verdicts hold
     assert all(run["compiled"] for run in r.checks["amp_safe"].extra["compile"].values())
     assert r.checks["amp_safe"].verdict.status == "pass" and r.checks["fp32_baseline"].verdict.status == "pass"
+
+
+def test_a_failed_compile_is_reported_by_the_benchmark_not_raised(monkeypatch):
+    def no_compiler(model, **kwargs):
+        def call(*args, **kw):
+            raise RuntimeError("BackendCompilerFailed: no working C++ compiler found")
+        return call
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    r = test_amp_speedup_benchmark("gpt-tiny", precision="bf16-mixed", compile=True, **{**TINY, "trials": 1, "steps": 2})
+    compiled = r.checks["amp_worth_it"].extra["compile"]
+    assert "no working C++ compiler" in compiled["fallback"] and compiled["why"] == compiled["fallback"]
+    assert compiled["graph_breaks"] is None

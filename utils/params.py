@@ -146,8 +146,8 @@ TIER_PARAMS = {
 _TRAIN_SHARED = ("model", "model_kwargs", "task", "tokenizer", "device", "precision", "steps", "seq_len", "lr", "seed",
                  "max_skipped_in_a_row", "checkpoint_every", "checkpoint_dir", "resume", "compile")
 TRAIN_PARAMS = (
-    *(replace(p, help="the precision to train in: 'auto' (the best for the device, fp32 where AMP would not pay), "
-              "'32', '16-mixed' or 'bf16-mixed'") if p.name == "precision" else p
+    *(replace(p, help="the precision to train in ('auto': the best for the device, fp32 where AMP would not pay)")
+      if p.name == "precision" else p
       for p in TIER_PARAMS[3] if p.name in _TRAIN_SHARED),
     Param("batch_size", int, 8, "sequences per step on each rank (the global batch is batch_size x ranks)", low=1),
     Param("grad_accum_steps", int, 1, "micro-batches per optimizer step (gradients are all-reduced once per step)", low=1),

@@ -11,6 +11,8 @@ import numpy as np
 import pandas as pd
 from IPython.display import display
 
+from utils.training.amp_utils import precision_label
+
 PRECISION_COLORS = {"32": "tab:blue", "16-mixed": "tab:red", "bf16-mixed": "tab:orange"}
 STATUS_COLORS = {"pass": "tab:green", "warn": "tab:orange", "fail": "tab:red"}
 
@@ -35,10 +37,6 @@ def show(fig):
     plt.close(fig)
 
 
-def _label(precision: str) -> str:
-    return {"32": "fp32"}.get(precision, precision)
-
-
 # --- Tier 3: fp32 vs AMP -------------------------------------------------------------------------
 
 def plot_loss_curves(parity: pd.DataFrame, amp_precision: str, tolerance: float = None, path=None):
@@ -46,12 +44,12 @@ def plot_loss_curves(parity: pd.DataFrame, amp_precision: str, tolerance: float 
     fig, (ax, gap_ax) = plt.subplots(2, 1, figsize=(8, 5.5), sharex=True, height_ratios=[3, 1])
     ax.plot(parity["step"], parity["loss_fp32"], color=PRECISION_COLORS["32"], label="fp32", alpha=0.85)
     ax.plot(parity["step"], parity["loss_amp"], color=PRECISION_COLORS.get(amp_precision, "tab:orange"),
-            label=_label(amp_precision), alpha=0.85)
+            label=precision_label(amp_precision), alpha=0.85)
     skipped = parity[parity["skipped"].astype(bool)]
     if len(skipped):
         ax.scatter(skipped["step"], skipped["loss_amp"], marker="x", color="black", zorder=3, label="skipped step")
     ax.set_ylabel("training loss (nats/token)")
-    ax.set_title(f"Loss parity: fp32 vs {_label(amp_precision)}")
+    ax.set_title(f"Loss parity: fp32 vs {precision_label(amp_precision)}")
     ax.legend()
     gap_ax.plot(parity["step"], 100 * parity["relative_gap"], color="gray")
     if tolerance is not None:
@@ -83,7 +81,7 @@ def plot_check_speedups(results: list, device_name: str, path=None):
     precision the device refused is a labelled empty slot."""
     fig, ax = plt.subplots(figsize=(8, 4))
     rows = [r for r in results if "precision" in r]
-    labels = [f"{r['model']}\n{_label(r['precision'])}" for r in rows]
+    labels = [f"{r['model']}\n{precision_label(r['precision'])}" for r in rows]
     medians = [r["speedup"]["median"] if "speedup" in r else 0 for r in rows]
     lows = [m - (r["speedup"]["ci_low"] or m) if "speedup" in r else 0 for m, r in zip(medians, rows)]
     highs = [(r["speedup"]["ci_high"] or m) - m if "speedup" in r else 0 for m, r in zip(medians, rows)]
@@ -101,7 +99,7 @@ def plot_throughput(trials: pd.DataFrame, path=None):
     """Tokens/s per precision (and loop): median of the interleaved trials, bars spanning min to max."""
     groups = trials.groupby(["loop", "precision"], sort=False)["tokens_per_s"]
     med, lo, hi = groups.median(), groups.min(), groups.max()
-    labels = [f"{_label(p)}" + ("" if loop == "ours" else f"\n({loop} loop)") for loop, p in med.index]
+    labels = [f"{precision_label(p)}" + ("" if loop == "ours" else f"\n({loop} loop)") for loop, p in med.index]
     colors = [PRECISION_COLORS.get(p, "gray") for _, p in med.index]
     fig, ax = plt.subplots(figsize=(6, 4))
     bars = ax.bar(labels, med.values, yerr=[med.values - lo.values, hi.values - med.values], capsize=6, color=colors)
@@ -117,7 +115,7 @@ def plot_memory(memory: dict, path=None):
     (the same in both: autocast keeps fp32 master weights). CUDA peaks when measured."""
     names, values, colors = [], [], []
     for p, b in memory["activation_bytes"].items():
-        names.append(f"activations\n{_label(p)}")
+        names.append(f"activations\n{precision_label(p)}")
         values.append(b)
         colors.append(PRECISION_COLORS.get(p, "gray"))
     names += ["parameters", "AdamW state"]
@@ -125,7 +123,7 @@ def plot_memory(memory: dict, path=None):
     colors += ["lightgray", "darkgray"]
     for p, b in memory.get("cuda_peak_bytes", {}).items():
         if b is not None:  # None on CPU: no allocator peak
-            names.append(f"CUDA peak\n{_label(p)}")
+            names.append(f"CUDA peak\n{precision_label(p)}")
             values.append(b)
             colors.append(PRECISION_COLORS.get(p, "gray"))
     fig, ax = plt.subplots(figsize=(7, 4))

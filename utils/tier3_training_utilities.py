@@ -25,11 +25,11 @@ from tqdm.auto import tqdm
 
 from utils.models import compute_loss, load_model, load_task_data
 from utils.tier2_advanced_analysis import layer_outputs
-from utils.training.amp_utils import (PrecisionPlan, amp_summary, convert_for, resolve_device, resolve_precision,
-                                      synchronize)
+from utils.training.amp_utils import (PrecisionPlan, amp_summary, convert_for, precision_label, resolve_device,
+                                      resolve_precision, synchronize)
 from utils.training.checkpoint import clear_checkpoints, load_latest, save_checkpoint, structure_digest
 from utils.training.distributed import (PARALLEL_CHOICES, Ranks, full_tensor, gather, grad_scaler, gradient_sync,
-                                        load_training_state, mean_across, ranks, rows, training_state, wrap)
+                                        load_training_state, mean_over_ranks, ranks, rows, training_state, wrap)
 
 
 @dataclass
@@ -134,7 +134,7 @@ def evaluate(model: nn.Module, data, plan: PrecisionPlan, device, batch_size: in
         with plan.autocast():
             losses.append(compute_loss(model, rows(x, r).to(device), rows(y, r).to(device)).item())
     model.train(was_training)
-    return float(mean_across(torch.tensor(sum(losses) / len(losses)), r)) if r.world > 1 else sum(losses) / len(losses)
+    return mean_over_ranks(sum(losses) / len(losses), r)
 
 
 @contextmanager
@@ -170,20 +170,20 @@ def largest_activation(model: nn.Module, x: torch.Tensor, plan: PrecisionPlan) -
     return {"layer": name, "max_abs": peaks[name]}
 
 
-def _stop_diagnosis(reason: str, step: int, records: list, net: nn.Module, x: torch.Tensor, plan: PrecisionPlan) -> dict:
+def _stop_diagnosis(reason: str, step: int, records: list, in_a_row: int, net: nn.Module, x: torch.Tensor,
+                    plan: PrecisionPlan) -> dict:
     """Why the run stopped: the step, the loss scale trajectory and the layer with the largest activation."""
     scales = [rec["loss_scale"] for rec in records[-30:]]
     act = largest_activation(net, x, plan)
     where = (f"the first non-finite output is {act['layer']!r}" if not math.isfinite(act["max_abs"])
              else f"the largest activation is {act['layer']!r} at {act['max_abs']:.3g}")
     if reason == "overflow_storm":
-        run = sum(1 for _ in itertools.takewhile(lambda rec: rec["skipped"], reversed(records)))
-        message = (f"overflow storm: {run} optimizer steps in a row skipped for non-finite gradients (to step {step}); "
+        message = (f"overflow storm: {in_a_row} optimizer steps in a row skipped for non-finite gradients (to step {step}); "
                    f"loss scale {scales[0]:g} -> {scales[-1]:g}; {where} under {plan.precision}. Use bf16-mixed, or find "
                    "the layer whose activations outgrow fp16's 65504 (Tier 2 AMP readiness).")
     else:
-        message = (f"the training loss went NaN/Inf at step {step} in {'fp32' if plan.precision == '32' else plan.precision}"
-                   f"; {where}. Lower lr, check Tier 1 numerics.")
+        message = (f"the training loss went NaN/Inf at step {step} in {precision_label(plan.precision)}; {where}. "
+                   "Lower lr, check Tier 1 numerics.")
     return {"reason": reason, "step": step, "message": message, "loss_scales": scales, "largest_activation": act}
 
 
@@ -361,7 +361,7 @@ def test_fine_tuning(model, *, data=None, precision="auto", use_amp=None, steps:
             optimizer.zero_grad(set_to_none=True)
             synchronize(device)
             dt = time.perf_counter() - t0
-            loss = float(mean_across(torch.tensor(float(loss_sum) / window), r)) if r.world > 1 else float(loss_sum) / window
+            loss = mean_over_ranks(float(loss_sum) / window, r)
             record = {"step": step, "loss": loss, "lr": lr_used,
                       "grad_norm": float(grad_norm), "loss_scale": float(scale_before), "skipped": bool(skipped),
                       "nonfinite_grads": not finite, "micro_batches": window, "step_time_s": dt,
@@ -377,15 +377,15 @@ def test_fine_tuning(model, *, data=None, precision="auto", use_amp=None, steps:
 
             # Stop early: asked to (any rank), or training broke (decided from values every rank shares).
             in_a_row = sum(1 for _ in itertools.takewhile(lambda rec: rec["skipped"], reversed(records)))
-            if float(mean_across(torch.tensor(float(stop_asked())), r)) > 0:
+            if mean_over_ranks(float(stop_asked()), r) > 0:
                 stop = {"reason": "interrupted", "step": step,
                         "message": f"interrupted at step {step} of {total_steps}"
                         + (f"; resume=True continues from the checkpoint in {checkpoint_dir}" if checkpoint_dir
                            else " (no checkpoint_dir, so nothing was saved to resume from)")}
             elif max_skipped_in_a_row and not math.isfinite(loss) and not plan.use_scaler:
-                stop = _stop_diagnosis("nonfinite_loss", step, records, net, x, plan)
+                stop = _stop_diagnosis("nonfinite_loss", step, records, in_a_row, net, x, plan)
             elif max_skipped_in_a_row and in_a_row >= max_skipped_in_a_row:
-                stop = _stop_diagnosis("overflow_storm", step, records, net, x, plan)
+                stop = _stop_diagnosis("overflow_storm", step, records, in_a_row, net, x, plan)
             periodic = checkpoint_every and (step % checkpoint_every == 0 or step == total_steps)
             if checkpoint_dir and (periodic or (stop and stop["reason"] == "interrupted")):
                 checkpoint(step)

@@ -29,8 +29,8 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 from utils.models import compute_loss, count_parameters
 from utils.params import TIER_PARAMS, ParamError, add_arguments, output_folder, prepare
 from utils.tier3_training_utilities import adamw, test_fine_tuning
-from utils.training.amp_utils import (PrecisionPlan, convert_for, resolve_precision, saved_activation_bytes, synchronize,
-                                      tf32_matmuls)
+from utils.training.amp_utils import (PrecisionPlan, convert_for, precision_label, resolve_precision, saved_activation_bytes,
+                                      synchronize, tf32_matmuls)
 from utils.verdicts import CheckResult, TierResult, Verdict
 
 GEMM_OPS = ("mm", "addmm", "bmm", "baddbmm", "addbmm")
@@ -189,10 +189,6 @@ def _smooth(series: pd.Series, window: int = 10) -> pd.Series:
     return series.rolling(min(window, len(series)), min_periods=1).median()
 
 
-def _label(precision: str) -> str:
-    return "fp32" if precision == "32" else precision
-
-
 class Interrupted(Exception):
     """Ctrl-C or SIGTERM stopped a run: the tier ends with what it can say, marked interrupted."""
 
@@ -221,7 +217,7 @@ def _speed_trials(model0, plans, data, device, batch_size, seq_len, trials, *, w
                                               eval_batches=0, progress=False, max_skipped_in_a_row=None,
                                               compile=loop == "compiled")
                     if result.interrupted:
-                        raise Interrupted(f"a {_label(plan.precision)} speed trial was {result.stop['message']}")
+                        raise Interrupted(f"a {precision_label(plan.precision)} speed trial was {result.stop['message']}")
                     times, compiled = list(result.history["step_time_s"]), result.config.get("compile", {})
                 step_time = statistics.median(times[warmup_steps:])
                 rows.append({"trial": trial, "loop": loop, "precision": plan.precision, "step_time_s": step_time,
@@ -242,11 +238,14 @@ def _compile_figures(trials: pd.DataFrame, amp_precision: str, gemm_fraction: di
     fallbacks = rows["compile_fallback"].dropna()
     gain = {p: compiled[p] / eager[p] for p in compiled}
     ceiling = {p: 1 / g for p, g in gemm_fraction.items()}
-    breaks = int(rows["graph_breaks"].max())
-    why = (f"compiled runs {', '.join(f'{gain[p]:.2f}x eager in {_label(p)}' for p in gain)} with {breaks} graph break(s). "
-           f"GEMMs take {', '.join(f'{gemm_fraction[p]:.0%} ({_label(p)})' for p in gemm_fraction)} of an eager step and "
-           "run the same kernels compiled or not, so fusing all the rest away would give at most "
-           f"{', '.join(f'{ceiling[p]:.2f}x ({_label(p)})' for p in ceiling)}; the AdamW step is one fused kernel either way.")
+    counted = rows["graph_breaks"].dropna()  # None where compiling failed and the run fell back to eager
+    breaks = int(counted.max()) if len(counted) else None
+    why = fallbacks.iloc[0] if len(fallbacks) else (
+        f"compiled runs {', '.join(f'{gain[p]:.2f}x eager in {precision_label(p)}' for p in gain)} with {breaks} graph "
+        f"break(s). GEMMs take {', '.join(f'{gemm_fraction[p]:.0%} ({precision_label(p)})' for p in gemm_fraction)} of an "
+        "eager step and run the same kernels compiled or not, so fusing all the rest away would give at most "
+        f"{', '.join(f'{ceiling[p]:.2f}x ({precision_label(p)})' for p in ceiling)}; the AdamW step is one fused kernel "
+        "either way.")
     return {"tokens_per_s": compiled, "speedup_over_eager": gain, "amp_speedup": _speedup(trials, amp_precision, "compiled")["median"],
             "compile_time_s": {p: float(g.max()) for p, g in rows.groupby("precision", sort=False)["compile_time_s"]},
             "gemm_time_fraction": gemm_fraction, "gain_ceiling": ceiling, "graph_breaks": breaks,
@@ -390,7 +389,7 @@ def _benchmark(run, progress: bool) -> TierResult:
             checkpoint_dir=checkpoints / plan.precision, checkpoint_every=p["checkpoint_every"], resume=p["resume"],
             max_skipped_in_a_row=p["max_skipped_in_a_row"], compile=p["compile"])
         if runs[plan.precision].interrupted:
-            raise Interrupted(f"the {_label(plan.precision)} fine-tuning run was {runs[plan.precision].stop['message']}")
+            raise Interrupted(f"the {precision_label(plan.precision)} fine-tuning run was {runs[plan.precision].stop['message']}")
     ref, amp = runs["32"], runs[amp_plan.precision]
     # Outer join on the step: a run that stopped early (overflow storm, NaN) has fewer rows.
     parity_df = (ref.history[["step", "loss"]].rename(columns={"loss": "loss_fp32"})
@@ -494,9 +493,9 @@ def main(argv=None):
             if "compile" in speed:
                 c = speed["compile"]
                 for prec, gain in c["speedup_over_eager"].items():
-                    print(f"  compiled {_label(prec)}: {gain:.2f}x eager {_label(prec)} "
+                    print(f"  compiled {precision_label(prec)}: {gain:.2f}x eager {precision_label(prec)} "
                           f"(compile time {c['compile_time_s'][prec]:.1f} s, apart from step time)")
-                print(f"  {c['fallback'] or c['why']}")
+                print(f"  {c['why']}")
         for v in result.verdicts:
             print(f"  [{v.status}] {v.check}: {v.reason}")
     return 0 if result.status != "fail" else 1

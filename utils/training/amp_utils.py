@@ -41,6 +41,11 @@ _DTYPES = {"32": None, "16-mixed": torch.float16, "bf16-mixed": torch.bfloat16, 
 FP8_MIN_CAPABILITY = (8, 9)  # L4, H100, H200: float8 tensor cores
 
 
+def precision_label(precision: str) -> str:
+    """A precision as people say it: fp32 for '32', the others as they are."""
+    return "fp32" if precision == "32" else precision
+
+
 class UnsupportedPrecision(UnsupportedModel):
     """A precision this device, this install or this model cannot run, refused with the reason."""
 

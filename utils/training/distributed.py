@@ -107,13 +107,15 @@ def rows(tensor: torch.Tensor, r: Ranks) -> torch.Tensor:
     return tensor[r.rank * share:(r.rank + 1) * share]
 
 
-def mean_across(values: torch.Tensor, r: Ranks) -> torch.Tensor:
-    """Element-wise mean over ranks (the value itself in one process)."""
+def mean_over_ranks(value: float, r: Ranks) -> float:
+    """The mean of a number over ranks (the number itself, untouched, in one process). NCCL reduces CUDA
+    tensors only, so there the number travels on this rank's GPU."""
     if r.world == 1:
-        return values
-    values = values.detach().float().clone()
-    dist.all_reduce(values)
-    return values / r.world
+        return value
+    on_gpu = dist.get_backend() == "nccl"
+    t = torch.tensor(float(value), device=torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu")
+    dist.all_reduce(t)
+    return float(t) / r.world
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
