@@ -61,9 +61,15 @@ def test_scaling_efficiency_is_measured_against_a_one_process_reference(one, tmp
     assert d["scaling_efficiency"] == pytest.approx(d["tokens_per_s_total"] / (2 * d["reference"]["tokens_per_s"]))
 
 
-def test_ctrl_c_on_one_rank_stops_every_rank_at_the_same_step_and_resume_finishes_the_run(one, tmp_path):
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    code, results = launch(tmp_path_factory.mktemp("straight") / "out", "--batch-size", "4", *FAULTY)
+    assert code == 0
+    return results
+
+
+def test_ctrl_c_on_one_rank_stops_every_rank_at_the_same_step_and_resume_finishes_the_run(straight, tmp_path):
     out = tmp_path / "out"
-    straight_code, straight = launch(tmp_path / "straight", "--batch-size", "4", *FAULTY)
     code, stopped = launch(out, "--batch-size", "4", *FAULTY, fault="interrupt:15:1")
     assert code != 0 and stopped["verdict"]["status"] == "warn"
     assert "interrupted at step 15 of 40" in stopped["verdict"]["reason"] and len(stopped["history"]["step"]) == 15
@@ -74,10 +80,18 @@ def test_ctrl_c_on_one_rank_stops_every_rank_at_the_same_step_and_resume_finishe
     assert resumed["evals"]["eval_loss"] == pytest.approx(straight["evals"]["eval_loss"], rel=1e-6)
 
 
+def test_with_log_every_ranks_agree_on_a_stop_at_the_next_log_point_and_records_are_unchanged(straight, tmp_path):
+    code, stopped = launch(tmp_path / "out", "--batch-size", "4", "--log-every", "10", *FAULTY, fault="interrupt:12:1")
+    assert code != 0 and "interrupted at step 20 of 40" in stopped["verdict"]["reason"]
+    h = stopped["history"]
+    assert h["step"] == list(range(1, 21))
+    assert h["loss"] == straight["history"]["loss"][:20] and h["lr"] == straight["history"]["lr"][:20]
+
+
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
 def test_an_fp16_overflow_on_one_rank_skips_the_step_on_every_rank(tmp_path, parallel):
     code, r = launch(tmp_path / "out", "--batch-size", "4", "--precision", "16-mixed", "--steps", "8", "--parallel", parallel,
-                     *FAULTY, fault="overflow:5:1")
+                     "--log-every", "3", *FAULTY, fault="overflow:5:1")  # records read at steps 3, 6 and 8
     skipped = [step for step, s in zip(r["history"]["step"], r["history"]["skipped"]) if s]
     assert code == 0 and skipped == [5]  # rank 0's record: its own activations were fine, the step was still skipped
     scales = r["history"]["loss_scale"]

@@ -7,8 +7,9 @@ import torch
 
 from utils.data import load_corpus
 from utils.models import ModelLoadError, build_model, compute_loss
-from utils.tier3_training_utilities import _training_step, test_fine_tuning, warmup_cosine
+from utils.tier3_training_utilities import _training_step, test_fine_tuning
 from utils.training.amp_utils import AmpWandbCallback, resolve_precision
+from utils.training.steps import warmup_cosine
 
 FAST = dict(steps=6, batch_size=4, seq_len=16, eval_interval=3, eval_batches=2, progress=False)
 

@@ -8,10 +8,13 @@ loss parity) on the built-in gpt-small and on a Hugging Face GPT-2 small built f
 download; skipped, with the reason, without transformers), for 16-mixed and bf16-mixed, and fp8 where the
 GPU has float8 tensor cores and torchao is installed. Each result keeps its device, precision, speedup
 with interval, tokens/s, MFU and verdicts; a precision the device refuses is recorded with the reason.
+Then, per model in bf16-mixed, what a host read every step costs: the wall time of a training step with
+the records read every step (a loop that logs float(loss) each step) against every 10 steps.
 """
 
 import argparse
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -25,8 +28,10 @@ from matplotlib import pyplot as plt
 from utils.params import ROOT
 from utils.plotting import plot_check_speedups
 from utils.results import write_json_atomic
+from utils.tier3_training_utilities import test_fine_tuning
 from utils.tiers import run_tier
 from utils.training.amp_utils import run_record, resolve_device, resolve_precision
+from utils.training.steps import LOG_EVERY_ACCELERATOR
 
 PRECISIONS = ("16-mixed", "bf16-mixed", "fp8")
 SIZES = {"full": dict(steps=30, batch_size=16, seq_len=256, trials=3, warmup_steps=3, timed_steps=5),
@@ -71,6 +76,24 @@ def benchmark(model: str, precision: str, device: torch.device, sizes: dict) -> 
     return row
 
 
+def sync_cost(model: str, device: torch.device, sizes: dict, precision: str = "bf16-mixed") -> dict:
+    """Wall seconds per training step with the records read every step and every LOG_EVERY_ACCELERATOR
+    steps, in interleaved trials: the training loop's wall time over its steps, so every host wait is
+    in it (per-step CUDA events would miss the device's idle time between steps)."""
+    steps = sizes["warmup_steps"] + 2 * LOG_EVERY_ACCELERATOR
+    per_step = {1: [], LOG_EVERY_ACCELERATOR: []}
+    for trial in range(sizes["trials"]):
+        for every in (1, LOG_EVERY_ACCELERATOR) if trial % 2 == 0 else (LOG_EVERY_ACCELERATOR, 1):
+            result = test_fine_tuning(model, precision=precision, steps=steps, batch_size=sizes["batch_size"],
+                                      seq_len=sizes["seq_len"], eval_batches=0, progress=False, device=device,
+                                      max_skipped_in_a_row=None, log_every=every)
+            per_step[every].append(result.loop_seconds / steps)
+    every_step, batched = statistics.median(per_step[1]), statistics.median(per_step[LOG_EVERY_ACCELERATOR])
+    return {"precision": precision, "steps": steps,
+            "step_time_s": {"read every step": every_step, f"read every {LOG_EVERY_ACCELERATOR} steps": batched},
+            "speedup": every_step / batched, "trials": per_step}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", help="the device to check (default: cuda)")
@@ -81,7 +104,7 @@ def main(argv=None) -> int:
     record = run_record(device, resolve_precision("32", device))
     out = args.out or ROOT / "benchmarks" / re.sub(r"[^A-Za-z0-9.]+", "-", record["device_name"]).strip("-")
     sizes = SIZES["quick" if args.quick else "full"]
-    check = {"record": record, "sizes": sizes, "gpu_tests": gpu_tests(device), "results": []}
+    check = {"record": record, "sizes": sizes, "gpu_tests": gpu_tests(device), "results": [], "sync": []}
     with tempfile.TemporaryDirectory() as tmp:
         gpt2, why_not = gpt2_small(Path(tmp) / "gpt2-small", args.quick)
         models = ["gpt-tiny" if args.quick else "gpt-small", *([gpt2] if gpt2 else [])]
@@ -95,6 +118,9 @@ def main(argv=None) -> int:
                 print(f"{row['model']} {precision}: {row['status']}"
                       + (f", {row['speedup']['median']:.2f}x over {row['baseline']}" if "speedup" in row else
                          f" ({row['verdicts'].get('supported', ['', ''])[1]})"))
+            cost = {"model": "gpt2-small" if model == gpt2 else model, **sync_cost(model, device, sizes)}
+            check["sync"].append(cost)
+            print(f"{cost['model']}: " + ", ".join(f"{k} {v * 1e3:.1f} ms/step" for k, v in cost["step_time_s"].items()))
     write_json_atomic(out / "gpu_check.json", check)
     plt.close(plot_check_speedups(check["results"], record["device_name"], out / "gpu_check.png"))
     print(f"wrote {out / 'gpu_check.json'} and gpu_check.png")

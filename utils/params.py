@@ -17,6 +17,7 @@ from utils.models import TASKS, load_model, load_task_data, load_tokenizer, mode
 from utils.training.amp_utils import (PRECISION_CHOICES, PrecisionPlan, comparison_plan, resolve_device, resolve_precision,
                                       run_record)
 from utils.training.distributed import PARALLEL_CHOICES
+from utils.training.steps import LOG_EVERY_ACCELERATOR
 
 
 class ParamError(ValueError):
@@ -154,6 +155,8 @@ TRAIN_PARAMS = (
     Param("eval_interval", int, 20, "optimizer steps between evaluations", low=1),
     Param("parallel", str, "ddp", "'ddp' (each rank a full replica) or 'fsdp2' (parameters, gradients and optimizer "
           "state sharded: for models that do not fit one device)", choices=PARALLEL_CHOICES),
+    Param("log_every", int, 0, "optimizer steps between reads of the per-step records from the device, where "
+          f"progress, callbacks and stop checks run (0: every step on a CPU, every {LOG_EVERY_ACCELERATOR} on a GPU)", low=0),
     Param("reference", str, "", "results.json of a one-process run: the scaling efficiency is measured against it"),
     Param("output_dir", str, "runs/train", "where rank 0 writes results.json, loss.png and (by default) checkpoints"),
 )

@@ -1,10 +1,13 @@
 """Tier 3: the fine-tuning loop. One code path for fp32 and mixed precision.
 
-Per optimizer step:
+Per optimizer step (train_step):
   for each micro-batch of the accumulation window: forward + loss under autocast, scaled backward
   unscale_ -> clip -> scaler.step -> scaler.update
-  a drop of the loss scale means the step was skipped (non-finite gradients); the LR schedule
-  only advances on steps that really happened.
+  a drop of the loss scale (fp16), or non-finite gradients (fp32/bf16), means the step was skipped;
+  the LR schedule only advances on steps that really happened.
+The step reads nothing back to the host (utils.training.steps): its record stays on the device and the
+loop reads the records in one transfer at log points (every log_every steps, evaluations, checkpoints,
+the end), where progress, callbacks and the stop checks run.
 With precision '32' autocast and the GradScaler are disabled no-ops, so the fp32 and AMP runs differ
 in precision alone and can be compared like with like.
 """
@@ -30,6 +33,8 @@ from utils.training.amp_utils import (PrecisionPlan, amp_summary, convert_for, p
 from utils.training.checkpoint import clear_checkpoints, load_latest, save_checkpoint, structure_digest
 from utils.training.distributed import (PARALLEL_CHOICES, Ranks, full_tensor, gather, grad_scaler, gradient_sync,
                                         load_training_state, mean_over_ranks, ranks, rows, training_state, wrap)
+from utils.training.steps import (RECORD, LRSchedule, StepTimer, log_interval, loss_scale, optimizer_step, to_device,
+                                  warmup_cosine)
 
 
 @dataclass
@@ -43,6 +48,7 @@ class FineTuneResult:
     config: dict = field(default_factory=dict)
     stop: dict = None  # why the run ended early (interrupted, overflow_storm, nonfinite_loss), else None
     checkpoints: dict = field(default_factory=dict)  # folder, files written, where it resumed from, notes
+    loop_seconds: float = 0.0  # wall time of the training loop: its steps, log points, evaluations, checkpoints
 
     @property
     def interrupted(self) -> bool:
@@ -102,16 +108,6 @@ def adamw(param_groups, lr: float, device: torch.device, sharded: bool = False) 
     return torch.optim.AdamW(param_groups, lr=lr, betas=(0.9, 0.95), fused=fused or None)
 
 
-def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.1):
-    """LR multiplier: linear warm-up to 1, then cosine decay to min_ratio at total_steps."""
-    def factor(step):
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return factor
-
-
 def _training_step(model: nn.Module, batch, plan: PrecisionPlan, scaler: torch.amp.GradScaler, window: int) -> float:
     """Forward and loss under autocast, then the scaled backward. The loss is divided by the
     accumulation window so the summed gradients are a mean. Returns the unscaled, undivided loss."""
@@ -120,6 +116,32 @@ def _training_step(model: nn.Module, batch, plan: PrecisionPlan, scaler: torch.a
         loss = compute_loss(model, x, y)
     scaler.scale(loss / window).backward()
     return loss.detach()
+
+
+def train_step(net: nn.Module, train_net: nn.Module, batches: list, plan: PrecisionPlan, scaler: torch.amp.GradScaler,
+               optimizer: torch.optim.Optimizer, schedule: LRSchedule, max_grad_norm: float, parallel: str,
+               device: torch.device) -> torch.Tensor:
+    """One optimizer step over the micro-batches of an accumulation window, reading nothing back to the
+    host (where AdamW is fused). Returns the step's record (RECORD) as one device tensor."""
+    loss_sum = 0.0
+    for i, batch in enumerate(batches):
+        with gradient_sync(net, parallel, sync=i == len(batches) - 1):  # all-reduce once per window
+            loss_sum = loss_sum + _training_step(train_net, batch, plan, scaler, len(batches))
+    scaler.unscale_(optimizer)  # clip true gradients, not scaled ones
+    grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(net.parameters(), max_grad_norm))
+    nonfinite = ~torch.isfinite(grad_norm)
+    lr_used, scale_before = schedule.lr.clone(), loss_scale(scaler, device)
+    optimizer_step(optimizer, scaler, nonfinite)
+    scaler.update()
+    # fp16: a lower scale after update() means the GradScaler skipped the step. fp32/bf16 have no
+    # scaler, so non-finite gradients skip it above rather than corrupt the weights.
+    skipped = loss_scale(scaler, device) < scale_before if plan.use_scaler else nonfinite
+    schedule.step(skipped)
+    optimizer.zero_grad(set_to_none=True)
+    values = {"loss": loss_sum.double() / len(batches),  # as float(loss_sum) / window would be
+              "grad_norm": grad_norm, "loss_scale": scale_before, "skipped": skipped, "nonfinite_grads": nonfinite,
+              "lr": lr_used}
+    return torch.stack([values[name].double() for name in RECORD])
 
 
 @torch.no_grad()
@@ -170,19 +192,22 @@ def largest_activation(model: nn.Module, x: torch.Tensor, plan: PrecisionPlan) -
     return {"layer": name, "max_abs": peaks[name]}
 
 
-def _stop_diagnosis(reason: str, step: int, records: list, in_a_row: int, net: nn.Module, x: torch.Tensor,
+def _stop_diagnosis(reason: str, step: int, at: int, count: int, records: list, net: nn.Module, x: torch.Tensor,
                     plan: PrecisionPlan) -> dict:
-    """Why the run stopped: the step, the loss scale trajectory and the layer with the largest activation."""
+    """Why the run stopped at `step`: where it broke (`at`: the NaN loss, or the last of `count` skipped
+    steps in a row), the loss scale trajectory and the layer with the largest activation. The loop sees
+    records at log points, so `at` may come a few steps before the step the run stopped at."""
     scales = [rec["loss_scale"] for rec in records[-30:]]
     act = largest_activation(net, x, plan)
     where = (f"the first non-finite output is {act['layer']!r}" if not math.isfinite(act["max_abs"])
              else f"the largest activation is {act['layer']!r} at {act['max_abs']:.3g}")
+    seen = "" if at == step else f" (seen at the log point of step {step})"
     if reason == "overflow_storm":
-        message = (f"overflow storm: {in_a_row} optimizer steps in a row skipped for non-finite gradients (to step {step}); "
-                   f"loss scale {scales[0]:g} -> {scales[-1]:g}; {where} under {plan.precision}. Use bf16-mixed, or find "
-                   "the layer whose activations outgrow fp16's 65504 (Tier 2 AMP readiness).")
+        message = (f"overflow storm: {count} optimizer steps in a row skipped for non-finite gradients (to step {at})"
+                   f"{seen}; loss scale {scales[0]:g} -> {scales[-1]:g}; {where} under {plan.precision}. Use bf16-mixed, "
+                   "or find the layer whose activations outgrow fp16's 65504 (Tier 2 AMP readiness).")
     else:
-        message = (f"the training loss went NaN/Inf at step {step} in {precision_label(plan.precision)}; {where}. "
+        message = (f"the training loss went NaN/Inf at step {at}{seen} in {precision_label(plan.precision)}; {where}. "
                    "Lower lr, check Tier 1 numerics.")
     return {"reason": reason, "step": step, "message": message, "loss_scales": scales, "largest_activation": act}
 
@@ -221,7 +246,7 @@ def test_fine_tuning(model, *, data=None, precision="auto", use_amp=None, steps:
                      device=None, callbacks=(), eval_interval: int = 50, eval_batches: int = 8,
                      progress: bool = True, plan: PrecisionPlan = None, checkpoint_dir=None, checkpoint_every: int = 0,
                      keep_checkpoints: int = 3, resume: bool = False, max_skipped_in_a_row=20,
-                     parallel: str = "ddp", compile: bool = False) -> FineTuneResult:
+                     parallel: str = "ddp", compile: bool = False, log_every: int = 0) -> FineTuneResult:
     """Fine-tune `model` (an nn.Module or a load_model spec) and record every optimizer step.
 
     precision: 'auto' | '32' | '16-mixed' | 'bf16-mixed'; use_amp: the seed's flag (see resolve_precision).
@@ -234,13 +259,17 @@ def test_fine_tuning(model, *, data=None, precision="auto", use_amp=None, steps:
     skipped steps in a row that stop the run as an overflow storm (None: never stop, as speed trials
     want). Under torchrun, batch_size is per rank and `parallel` is 'ddp' or 'fsdp2' (utils.train).
     compile: train the torch.compile'd model (compiled before the first step; see compile_model).
+    log_every: optimizer steps between reads of the per-step records from the device (0: every step on a
+    CPU, every LOG_EVERY_ACCELERATOR on a GPU; see utils.training.steps). Progress, callbacks (on_step_end, once per step, in
+    order) and the stop checks run at these reads, at evaluations and checkpoints, and at the end; under
+    torchrun a Ctrl-C is honoured at the next of them, in one process at the end of the current step.
     """
     for name, value in (("steps", steps), ("batch_size", batch_size), ("seq_len", seq_len),
                         ("grad_accum_steps", grad_accum_steps), ("eval_interval", eval_interval),
                         ("keep_checkpoints", keep_checkpoints)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer; got {value!r}")
-    for name, value in (("eval_batches", eval_batches), ("checkpoint_every", checkpoint_every)):
+    for name, value in (("eval_batches", eval_batches), ("checkpoint_every", checkpoint_every), ("log_every", log_every)):
         if not isinstance(value, int) or value < 0:
             raise ValueError(f"{name} must be a non-negative integer (0 turns it off); got {value!r}")
     for name, value, zero_ok in (("lr", lr, False), ("weight_decay", weight_decay, True),
@@ -290,7 +319,7 @@ def test_fine_tuning(model, *, data=None, precision="auto", use_amp=None, steps:
     train_net = net  # what the training steps call: the compiled model when asked; evaluation stays eager
     if compile:
         train_net, config["compile"] = compile_model(net, data, plan, device, global_batch, seq_len, r, seed)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup_steps, total_steps))
+    schedule = LRSchedule(optimizer, lr, warmup_cosine(warmup_steps, total_steps), total_steps, device)
     scaler = grad_scaler(plan, parallel)
     generator = torch.Generator().manual_seed(seed)
     tokens_per_micro = global_batch * seq_len
@@ -308,7 +337,7 @@ def test_fine_tuning(model, *, data=None, precision="auto", use_amp=None, steps:
         if r.main:
             saved.append(str(save_checkpoint(checkpoint_dir, {
                 "identity": identity, "config": config, "step": step, "micro_done": micro_done, "model": model_state,
-                "optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "optimizer": optimizer_state, "scheduler": schedule.state_dict(), "scaler": scaler.state_dict(),
                 "rng": rng, "history": records, "evals": evals}, keep_checkpoints)))
 
     records, evals, saved, notes, resumed_from, start, micro_done = [], None, [], [], None, 0, 0
@@ -318,7 +347,7 @@ def test_fine_tuning(model, *, data=None, precision="auto", use_amp=None, steps:
             print(note)
         if state is not None:
             load_training_state(net, optimizer, state["model"], state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
+            schedule.load_state_dict(state["scheduler"])
             scaler.load_state_dict(state["scaler"])
             generator.set_state(state["rng"]["data"])
             torch.set_rng_state(state["rng"]["torch"][r.rank])
@@ -331,62 +360,63 @@ def test_fine_tuning(model, *, data=None, precision="auto", use_amp=None, steps:
     if evals is None:
         evals = run_eval(0)
 
-    stop = None
+    stop, log_every = None, log_interval(log_every, device)
+    in_a_row = sum(1 for _ in itertools.takewhile(lambda rec: rec["skipped"], reversed(records)))
+    pending, windows, timer = [], [], StepTimer(device)  # steps whose records are still on the device
     bar = tqdm(total=total_steps, initial=start, desc=f"fine-tune [{plan.precision}]", disable=not progress or not r.main,
                leave=False)
+    loop_start = time.perf_counter()
     with stop_requests() as stop_asked:
         for step in range(start + 1, total_steps + 1):
             window = min(grad_accum_steps, micro_total - micro_done)
-            synchronize(device)
-            t0 = time.perf_counter()
-            loss_sum = 0.0
-            for i in range(window):
-                x, y = (rows(t, r).to(device) for t in data.get_batch("train", global_batch, seq_len, generator))
-                with gradient_sync(net, parallel, sync=i == window - 1):  # all-reduce once per window
-                    loss_sum = loss_sum + _training_step(train_net, (x, y), plan, scaler, window)
+            timer.start()
+            batches = [tuple(to_device(rows(t, r), device) for t in data.get_batch("train", global_batch, seq_len, generator))
+                       for _ in range(window)]
+            pending.append(train_step(net, train_net, batches, plan, scaler, optimizer, schedule, max_grad_norm, parallel,
+                                      device))
+            timer.stop()
+            windows.append(window)
             micro_done += window
-            scaler.unscale_(optimizer)  # clip true gradients, not scaled ones
-            grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(net.parameters(), max_grad_norm))
-            finite = bool(torch.isfinite(grad_norm))
-            lr_used = optimizer.param_groups[0]["lr"]
-            scale_before = scaler.get_scale()
-            if plan.use_scaler or finite:
-                scaler.step(optimizer)  # the scaler itself skips the step when it found inf/NaN
-            scaler.update()
-            # fp16: a lower scale after update() means the step was skipped. fp32/bf16 have no scaler,
-            # so a non-finite gradient norm skips the step above rather than corrupt the weights.
-            skipped = scaler.get_scale() < scale_before if plan.use_scaler else not finite
-            if not skipped:
-                scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            synchronize(device)
-            dt = time.perf_counter() - t0
-            loss = mean_over_ranks(float(loss_sum) / window, r)
-            record = {"step": step, "loss": loss, "lr": lr_used,
-                      "grad_norm": float(grad_norm), "loss_scale": float(scale_before), "skipped": bool(skipped),
-                      "nonfinite_grads": not finite, "micro_batches": window, "step_time_s": dt,
-                      "tokens_per_s": window * tokens_per_micro / dt}
-            records.append(record)
-            for cb in callbacks if r.main else ():
-                if hasattr(cb, "on_step_end"):
-                    cb.on_step_end(record)
-            if step % eval_interval == 0 or step == total_steps:
+            evaluating = step % eval_interval == 0 or step == total_steps
+            periodic = checkpoint_every and (step % checkpoint_every == 0 or step == total_steps)
+            if not (step % log_every == 0 or evaluating or periodic or step == total_steps
+                    or (r.world == 1 and stop_asked())):  # under torchrun, ranks agree on a stop at log points
+                continue
+
+            # A log point: the pending records in one transfer (the loss averaged over ranks), then what
+            # needs them: records, callbacks, evaluation, progress, the stop checks, the checkpoint.
+            values, loss = torch.stack(pending), RECORD.index("loss")
+            values[:, loss] = mean_over_ranks(values[:, loss], r)
+            first, broke_at, storm = step - len(pending) + 1, None, None
+            for n, (row, window, dt) in enumerate(zip(values.tolist(), windows, timer.read())):
+                record = {"step": first + n, **dict(zip(RECORD, row)), "micro_batches": window, "step_time_s": dt,
+                          "tokens_per_s": window * tokens_per_micro / dt}
+                record["skipped"], record["nonfinite_grads"] = bool(record["skipped"]), bool(record["nonfinite_grads"])
+                records.append(record)
+                for cb in callbacks if r.main else ():
+                    if hasattr(cb, "on_step_end"):
+                        cb.on_step_end(record)
+                in_a_row = in_a_row + 1 if record["skipped"] else 0
+                if max_skipped_in_a_row and in_a_row >= max_skipped_in_a_row:
+                    storm = (in_a_row, record["step"])
+                if broke_at is None and not math.isfinite(record["loss"]):
+                    broke_at = record["step"]
+            pending, windows = [], []
+            if evaluating:
                 evals += run_eval(step)
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
+            bar.update(step - first + 1)
+            bar.set_postfix(loss=f"{records[-1]['loss']:.3f}", refresh=False)
 
             # Stop early: asked to (any rank), or training broke (decided from values every rank shares).
-            in_a_row = sum(1 for _ in itertools.takewhile(lambda rec: rec["skipped"], reversed(records)))
             if mean_over_ranks(float(stop_asked()), r) > 0:
                 stop = {"reason": "interrupted", "step": step,
                         "message": f"interrupted at step {step} of {total_steps}"
                         + (f"; resume=True continues from the checkpoint in {checkpoint_dir}" if checkpoint_dir
                            else " (no checkpoint_dir, so nothing was saved to resume from)")}
-            elif max_skipped_in_a_row and not math.isfinite(loss) and not plan.use_scaler:
-                stop = _stop_diagnosis("nonfinite_loss", step, records, in_a_row, net, x, plan)
-            elif max_skipped_in_a_row and in_a_row >= max_skipped_in_a_row:
-                stop = _stop_diagnosis("overflow_storm", step, records, in_a_row, net, x, plan)
-            periodic = checkpoint_every and (step % checkpoint_every == 0 or step == total_steps)
+            elif max_skipped_in_a_row and broke_at is not None and not plan.use_scaler:
+                stop = _stop_diagnosis("nonfinite_loss", step, broke_at, 1, records, net, batches[-1][0], plan)
+            elif storm:
+                stop = _stop_diagnosis("overflow_storm", step, storm[1], storm[0], records, net, batches[-1][0], plan)
             if checkpoint_dir and (periodic or (stop and stop["reason"] == "interrupted")):
                 checkpoint(step)
             if stop:
@@ -395,7 +425,8 @@ def test_fine_tuning(model, *, data=None, precision="auto", use_amp=None, steps:
     eval_history = pd.DataFrame(evals, columns=["step", "eval_loss", "perplexity"])
     checkpoints = {"dir": str(checkpoint_dir) if checkpoint_dir else None, "saved": saved, "resumed_from": resumed_from,
                    "notes": notes}
-    return FineTuneResult(pd.DataFrame(records), eval_history, plan, model, config, stop, checkpoints)
+    return FineTuneResult(pd.DataFrame(records), eval_history, plan, model, config, stop, checkpoints,
+                          time.perf_counter() - loop_start)
 
 
 test_fine_tuning.__test__ = False  # a library function, not a pytest test

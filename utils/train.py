@@ -79,7 +79,7 @@ def main(argv=None) -> int:
         lr=p["lr"], seed=p["seed"], device=run.device, grad_accum_steps=p["grad_accum_steps"],
         eval_interval=p["eval_interval"], progress=True, checkpoint_dir=p["checkpoint_dir"] or out / "checkpoints",
         checkpoint_every=p["checkpoint_every"], resume=p["resume"], max_skipped_in_a_row=p["max_skipped_in_a_row"],
-        parallel=p["parallel"], compile=p["compile"])
+        parallel=p["parallel"], compile=p["compile"], log_every=p["log_every"])
     summary = result.summary()
     tokens_per_step = p["batch_size"] * p["grad_accum_steps"] * run.seq_len  # one rank's
     per_rank = [tokens_per_step / t for t in gather(summary["median_step_time_s"], r)]

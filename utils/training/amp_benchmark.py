@@ -2,8 +2,9 @@
 
 Speed: both precisions start from the same weights, data order, seed and schedule; trials are
 interleaved (fp32, AMP, fp32, AMP, ...) so drift in the machine hits both alike; warm-up steps are
-dropped; the device is synchronized around every timed step; the speedup is a ratio of medians with
-a bootstrap interval. Memory: CUDA peak per trial, and on any device the bytes of activations saved
+dropped; our loop times each step on the device's clock (CUDA events; the wall clock on a CPU) and reads
+nothing back within a step, the bare reference loop synchronizes around each; the speedup is a ratio of
+medians with a bootstrap interval. Memory: CUDA peak per trial, and on any device the bytes of activations saved
 for backward. Parity: both precisions train the same steps; the AMP loss curve is compared with
 fp32's. Context: tokens/s and model-FLOPs utilization against matmul peaks measured here, and an
 Amdahl bound on the speedup (only matmuls get faster).

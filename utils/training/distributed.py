@@ -107,11 +107,15 @@ def rows(tensor: torch.Tensor, r: Ranks) -> torch.Tensor:
     return tensor[r.rank * share:(r.rank + 1) * share]
 
 
-def mean_over_ranks(value: float, r: Ranks) -> float:
-    """The mean of a number over ranks (the number itself, untouched, in one process). NCCL reduces CUDA
-    tensors only, so there the number travels on this rank's GPU."""
+def mean_over_ranks(value, r: Ranks):
+    """The mean over ranks of a number or a tensor (the value itself, untouched, in one process). A tensor
+    is reduced where it lies; NCCL reduces CUDA tensors only, so there a number travels on this rank's GPU."""
     if r.world == 1:
         return value
+    if isinstance(value, torch.Tensor):
+        total = value.clone()
+        dist.all_reduce(total)
+        return total / r.world
     on_gpu = dist.get_backend() == "nccl"
     t = torch.tensor(float(value), device=torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu")
     dist.all_reduce(t)
