@@ -260,18 +260,19 @@ def test_fine_tuning(model, *, data=None, precision="auto", use_amp=None, steps:
     want). Under torchrun, batch_size is per rank and `parallel` is 'ddp' or 'fsdp2' (utils.train).
     compile: train the torch.compile'd model (compiled before the first step; see compile_model).
     log_every: optimizer steps between reads of the per-step records from the device (0: every step on a
-    CPU, every LOG_EVERY_ACCELERATOR on a GPU; see utils.training.steps). Progress, callbacks (on_step_end, once per step, in
-    order) and the stop checks run at these reads, at evaluations and checkpoints, and at the end; under
-    torchrun a Ctrl-C is honoured at the next of them, in one process at the end of the current step.
+    CPU, every LOG_EVERY_ACCELERATOR on a GPU; see utils.training.steps). Progress, callbacks (on_step_end,
+    once per step, in order) and the stop checks run at these reads, at evaluations and checkpoints, and at
+    the end; under torchrun a Ctrl-C is honoured at the next of them, in one process after the current step.
     """
     for name, value in (("steps", steps), ("batch_size", batch_size), ("seq_len", seq_len),
                         ("grad_accum_steps", grad_accum_steps), ("eval_interval", eval_interval),
                         ("keep_checkpoints", keep_checkpoints)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer; got {value!r}")
-    for name, value in (("eval_batches", eval_batches), ("checkpoint_every", checkpoint_every), ("log_every", log_every)):
+    for name, value, zero in (("eval_batches", eval_batches, "turns it off"), ("checkpoint_every", checkpoint_every,
+                              "turns it off"), ("log_every", log_every, "the device's default")):
         if not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be a non-negative integer (0 turns it off); got {value!r}")
+            raise ValueError(f"{name} must be a non-negative integer (0: {zero}); got {value!r}")
     for name, value, zero_ok in (("lr", lr, False), ("weight_decay", weight_decay, True),
                                  ("max_grad_norm", max_grad_norm, False), ("epochs", 1 if epochs is None else epochs, False)):
         if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
