@@ -387,6 +387,6 @@ class AmpWandbCallback:
         self._emit({}, _get_loss_scale(trainer), getattr(trainer, "current_epoch", 0))
 
     def on_step_end(self, record: dict):
-        """test_fine_tuning's hook: after every optimizer step."""
+        """test_fine_tuning's hook: once per optimizer step, in order, at the loop's log points."""
         self.skipped_steps += int(record["skipped"])
         self._emit({"amp/skipped_steps": self.skipped_steps}, record["loss_scale"], record["step"])
