@@ -237,11 +237,12 @@ def _compile_figures(trials: pd.DataFrame, amp_precision: str, gemm_fraction: di
     eager, compiled = _median_tokens_per_s(trials), _median_tokens_per_s(trials, "compiled")
     rows = trials[trials["loop"] == "compiled"]
     fallbacks = rows["compile_fallback"].dropna()
+    fallback = fallbacks.iloc[0] if len(fallbacks) else None
     gain = {p: compiled[p] / eager[p] for p in compiled}
     ceiling = {p: 1 / g for p, g in gemm_fraction.items()}
     counted = rows["graph_breaks"].dropna()  # None where compiling failed and the run fell back to eager
     breaks = int(counted.max()) if len(counted) else None
-    why = fallbacks.iloc[0] if len(fallbacks) else (
+    why = fallback or (
         f"compiled runs {', '.join(f'{gain[p]:.2f}x eager in {precision_label(p)}' for p in gain)} with {breaks} graph "
         f"break(s). GEMMs take {', '.join(f'{gemm_fraction[p]:.0%} ({precision_label(p)})' for p in gemm_fraction)} of an "
         "eager step and run the same kernels compiled or not, so fusing all the rest away would give at most "
@@ -250,7 +251,7 @@ def _compile_figures(trials: pd.DataFrame, amp_precision: str, gemm_fraction: di
     return {"tokens_per_s": compiled, "speedup_over_eager": gain, "amp_speedup": _speedup(trials, amp_precision, "compiled")["median"],
             "compile_time_s": {p: float(g.max()) for p, g in rows.groupby("precision", sort=False)["compile_time_s"]},
             "gemm_time_fraction": gemm_fraction, "gain_ceiling": ceiling, "graph_breaks": breaks,
-            "fallback": fallbacks.iloc[0] if len(fallbacks) else None, "why": why}
+            "fallback": fallback, "why": why}
 
 
 def _median_tokens_per_s(trials: pd.DataFrame, loop: str = "ours") -> dict:
