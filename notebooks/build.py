@@ -16,7 +16,7 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from utils.params import TIER_PARAMS  # noqa: E402  (the checkout's utils, found through the line above)
+from utils.tiers import TIERS  # noqa: E402  (the checkout's utils, found through the line above)
 # Where the repository is published: Colab badges and the Colab set-up cell clone from here.
 GITHUB_REPO = "transformer-amp-suite/transformer-amp-suite"
 CHECKOUT = "transformer-amp-suite"
@@ -56,7 +56,7 @@ else:
 def parameters_cell(tier: int):
     """The cell papermill overrides, generated from the tier's parameter spec: one knob a line, with its help."""
     lines = ["# Parameters (utils/params.py). papermill: -p name value; the batch runner: python -m utils.run -p name=value"]
-    for p in TIER_PARAMS[tier]:
+    for p in TIERS[tier].params:
         if "=" in p.help:  # papermill skips any parameter line holding a second '='
             raise ValueError(f"the help of parameter {p.name!r} must not contain '='")
         lines.append(f"{p.name} = {p.default!r}  # {p.help}")
@@ -67,9 +67,10 @@ def parameters_cell(tier: int):
 
 def run_cells(tier: int):
     """One call runs the tier and writes its results; then what ran, which differs per machine."""
-    names = ", ".join(f"{p.name}={p.name}" for p in TIER_PARAMS[tier])
+    names = ", ".join(f"{p.name}={p.name}" for p in TIERS[tier].params)
     return [new_code_cell(f'''\
-from utils.tiers import describe, headline, present, run_tier, save_tier, summarize
+from utils.present import describe, headline, present, summarize
+from utils.tiers import run_tier, save_tier
 
 result = run_tier({tier}, dict({names}))
 charts = save_tier(result)  # results.json and the charts, in output_dir
@@ -85,8 +86,11 @@ def section(title: str, text: str, check: str):
     return [new_markdown_cell(f"## {title}\n{text}"), new_code_cell(f'present(result, "{check}", charts)')]
 
 
-def notebook(tier: int, filename: str, title: str, intro: str, sections, verdicts: str):
-    cells = [new_markdown_cell(f"# {title}\n{badge(filename)}\n\n{intro}"), new_code_cell(SETUP), parameters_cell(tier),
+def notebook(tier: int, title: str, intro: str, sections, verdicts: str):
+    """A tier's notebook: its sections' prose (title, text, check) in the order the registry (utils.tiers) gives."""
+    if tuple(check for _, _, check in sections) != TIERS[tier].sections:
+        raise ValueError(f"tier {tier}'s sections must be {TIERS[tier].sections}, in that order")
+    cells = [new_markdown_cell(f"# {title}\n{badge(TIERS[tier].notebook)}\n\n{intro}"), new_code_cell(SETUP), parameters_cell(tier),
              *run_cells(tier)]
     for args in sections:
         cells += section(*args)
@@ -94,7 +98,7 @@ def notebook(tier: int, filename: str, title: str, intro: str, sections, verdict
 
 
 def tier1():
-    return notebook(1, "tier1_validation.ipynb", "Tier 1: does the model work at all?", """\
+    return notebook(1, "Tier 1: does the model work at all?", """\
 Seven checks, each ending in a verdict (**pass / warn / fail**) with a reason that names the input, parameter or
 batch size at fault and what to try. Bring your own model with the `model` parameter: a registry name
 (`gpt-tiny`, `encoder-small`, ...), `hf:NAME_OR_PATH` (Hugging Face), `package.module:factory` or
@@ -133,7 +137,7 @@ machine, so it does not decide the tier's status and nbval does not compare it."
 
 
 def tier2():
-    return notebook(2, "tier2_analysis.ipynb", "Tier 2: how does the model behave?", """\
+    return notebook(2, "Tier 2: how does the model behave?", """\
 Attention patterns per head, robustness to perturbations, and **AMP readiness**: the forward pass in fp32 and under
 autocast side by side, layer by layer, to find where mixed precision first drifts or overflows before you train with it.""", [
         ("Attention patterns", """\
@@ -153,7 +157,7 @@ and a GradScaler will skip every step. bf16 has fp32's range but fewer digits, s
 
 
 def tier3():
-    return notebook(3, "tier3_training.ipynb", "Tier 3: fine-tune in fp32 and with AMP. Is AMP safe, and is it worth it?", """\
+    return notebook(3, "Tier 3: fine-tune in fp32 and with AMP. Is AMP safe, and is it worth it?", """\
 Both runs start from the same weights and see the same data in the same order under the same schedule; only the
 precision differs. Speed is measured in interleaved trials (fp32, AMP, fp32, AMP, ...) after warm-up steps, with the
 device synchronized, and the speedup carries a bootstrap interval from 3 trials up. On a T4 AMP means fp16 with a
@@ -184,7 +188,7 @@ does not decide the tier's status and nbval does not compare it.""", "amp_worth_
        "**interrupted** (instead of the three): the run was stopped and can be resumed.")
 
 
-NOTEBOOKS = {"tier1_validation.ipynb": tier1, "tier2_analysis.ipynb": tier2, "tier3_training.ipynb": tier3}
+NOTEBOOKS = {1: tier1, 2: tier2, 3: tier3}
 
 
 def build(path: Path, cells) -> None:
@@ -200,7 +204,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--execute", action="store_true", help="run each notebook in place with its default parameters")
     args = parser.parse_args(argv)
-    for name, cells in NOTEBOOKS.items():
+    for tier, cells in NOTEBOOKS.items():
+        name = TIERS[tier].notebook
         path = HERE / name
         build(path, cells())
         if args.execute:

@@ -25,15 +25,15 @@ import matplotlib
 import torch
 from matplotlib import pyplot as plt
 
-from utils.params import ROOT
+from utils.environment import run_record
+from utils.params import LOG_EVERY_ACCELERATOR, ROOT
 from utils.plotting import plot_check_speedups
+from utils.precision import BF16, FP8, FP16, fp32_plan, resolve_device
 from utils.results import write_json_atomic
 from utils.tier3_training_utilities import test_fine_tuning
 from utils.tiers import run_tier
-from utils.training.amp_utils import run_record, resolve_device, resolve_precision
-from utils.training.steps import LOG_EVERY_ACCELERATOR
 
-PRECISIONS = ("16-mixed", "bf16-mixed", "fp8")
+PRECISIONS = (FP16, BF16, FP8)
 SIZES = {"full": dict(steps=30, batch_size=16, seq_len=256, trials=3, warmup_steps=3, timed_steps=5),
          "quick": dict(steps=4, batch_size=2, seq_len=32, trials=1, warmup_steps=1, timed_steps=1)}
 
@@ -76,7 +76,7 @@ def benchmark(model: str, precision: str, device: torch.device, sizes: dict) -> 
     return row
 
 
-def sync_cost(model: str, device: torch.device, sizes: dict, precision: str = "bf16-mixed") -> dict:
+def sync_cost(model: str, device: torch.device, sizes: dict, precision: str = BF16) -> dict:
     """Wall seconds per training step with the records read every step and every LOG_EVERY_ACCELERATOR
     steps, in interleaved trials: the training loop's wall time over its steps, so every host wait is
     in it (per-step CUDA events would miss the device's idle time between steps)."""
@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="folder for gpu_check.json/.png (default: benchmarks/<device>)")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
-    record = run_record(device, resolve_precision("32", device))
+    record = run_record(device, fp32_plan(device))
     out = args.out or ROOT / "benchmarks" / re.sub(r"[^A-Za-z0-9.]+", "-", record["device_name"]).strip("-")
     sizes = SIZES["quick" if args.quick else "full"]
     check = {"record": record, "sizes": sizes, "gpu_tests": gpu_tests(device), "results": [], "sync": []}

@@ -11,13 +11,11 @@ import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import torch
+from utils.models import TASKS
+from utils.precision import AUTO, PRECISION_CHOICES, canonical
 
-from utils.models import TASKS, load_model, load_task_data, load_tokenizer, model_max_len, probe_model
-from utils.training.amp_utils import (PRECISION_CHOICES, PrecisionPlan, comparison_plan, resolve_device, resolve_precision,
-                                      run_record)
-from utils.training.distributed import PARALLEL_CHOICES
-from utils.training.steps import LOG_EVERY_ACCELERATOR
+PARALLEL_CHOICES = ("ddp", "fsdp2")  # utils.train under torchrun: each rank a replica, or parameters sharded
+LOG_EVERY_ACCELERATOR = 10  # optimizer steps between reads of the loop's records on a GPU (utils.loop.steps)
 
 
 class ParamError(ValueError):
@@ -53,16 +51,18 @@ class Param:
     low: float = None  # smallest allowed number (for a list: of each element)
     high: float = None  # largest allowed number
     choices: tuple = ()
+    optional: bool = False  # None is accepted too (its meaning is in the help)
+    canonical: object = None  # maps every accepted spelling to the one name stored (precision aliases)
 
     def expected(self) -> str:
         what = f"a list of {_ITEM_NAMES[self.item]}" if self.type is list else _TYPE_NAMES[self.type]
         if self.choices:
-            what += " in " + ", ".join(map(repr, self.choices))
+            what += " in " + ", ".join(map(repr, self.choices)) + (" (or an alias)" if self.canonical else "")
         if self.low is not None and self.high is not None:
             what += f" from {self.low:g} to {self.high:g}"
         elif self.low is not None:
             what += f" >= {self.low:g}"
-        return what
+        return what + (", or None" if self.optional else "")
 
     def _number_ok(self, value, kind) -> bool:
         if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else kind):
@@ -71,7 +71,15 @@ class Param:
                 and (self.high is None or value <= self.high))
 
     def check(self, value):
-        """The value if it fits this parameter (ints are accepted as floats), else a ParamError."""
+        """The value if it fits this parameter (ints are accepted as floats, an alias as its canonical name),
+        else a ParamError."""
+        if value is None and self.optional:
+            return None
+        if self.canonical and isinstance(value, str):
+            try:
+                value = self.canonical(value)
+            except ValueError:
+                pass  # refused below, naming the choices
         if self.type in (int, float):
             ok = self._number_ok(value, self.type)
         elif self.type is list:
@@ -94,8 +102,48 @@ def _common(model: str):
             Param("device", str, "auto", "'auto' (CUDA if available), 'cpu', 'cuda' or 'cuda:N'"))
 
 
-_TAIL = (Param("seed", int, 0, "seeds weights, data order and probes", low=0),
-         Param("output_dir", str, "", "where results.json and charts go (empty: runs/interactive/tier<N>)"))
+SEED = Param("seed", int, 0, "seeds weights, data order and probes", low=0)
+_TAIL = (SEED, Param("output_dir", str, "", "where results.json and charts go (empty: runs/interactive/tier<N>)"))
+PRECISION = Param("precision", str, AUTO, "the AMP precision compared with fp32 ('auto': the best for the device)",
+                  choices=PRECISION_CHOICES, canonical=canonical)
+
+# The fine-tuning loop's settings (utils.loop.config.TrainConfig): the one set of defaults that tier 3,
+# utils.train and test_fine_tuning all take.
+FINE_TUNING = (
+    Param("steps", int, 60, "optimizer steps of each fine-tuning run (fp32 and AMP)", low=1),
+    Param("epochs", float, None, "passes over the training tokens; overrides steps (None: steps decides)", low=1e-12,
+          optional=True),
+    Param("batch_size", int, 16, "sequences per step", low=1),
+    Param("seq_len", int, 128, "tokens per sequence (capped at the model's maximum)", low=1),
+    Param("lr", float, 1e-3, "peak learning rate (warm-up, then cosine decay)", low=1e-12, high=10),
+    Param("weight_decay", float, 0.01, "AdamW weight decay of matrices (not biases or norm gains)", low=0),
+    Param("warmup_steps", int, None, "learning-rate warm-up steps (None: 10% of the steps)", low=0, optional=True),
+    Param("grad_accum_steps", int, 1, "micro-batches per optimizer step (gradients are all-reduced once per step)", low=1),
+    Param("max_grad_norm", float, 1.0, "gradient norm clipped to", low=1e-12),
+    SEED,
+    Param("eval_interval", int, 20, "optimizer steps between evaluations", low=1),
+    Param("eval_batches", int, 8, "validation batches per evaluation (0: no evaluation)", low=0),
+    Param("max_skipped_in_a_row", int, 20, "skipped steps in a row that stop a fine-tuning run as an overflow storm "
+          "(a fail verdict with a diagnosis)", low=1, optional=True),
+    Param("checkpoint_every", int, 0, "checkpoint each fine-tuning run every N steps and at its end (0: only when "
+          "Ctrl-C or SIGTERM stops it)", low=0),
+    Param("checkpoint_dir", str, "", "where checkpoints go (empty: <output_dir>/checkpoints; the batch runner keeps "
+          "them in runs/<name>/checkpoints/<run>)", optional=True),
+    Param("keep_checkpoints", int, 3, "newest checkpoints kept", low=1),
+    Param("resume", bool, False, "continue each fine-tuning run from its newest valid checkpoint in checkpoint_dir"),
+    Param("parallel", str, "ddp", "'ddp' (each rank a full replica) or 'fsdp2' (parameters, gradients and optimizer "
+          "state sharded: for models that do not fit one device)", choices=PARALLEL_CHOICES),
+    Param("compile", bool, False, "torch.compile: time compiled training beside eager (compile time apart) and "
+          "fine-tune compiled; a model that fails to compile runs eager, the reason recorded"),
+    Param("log_every", int, 0, "optimizer steps between reads of the per-step records from the device, where "
+          f"progress, callbacks and stop checks run (0: every step on a CPU, every {LOG_EVERY_ACCELERATOR} on a GPU)", low=0),
+)
+_LOOP = {p.name: p for p in FINE_TUNING}
+
+
+def _loop(*names):
+    return tuple(_LOOP[name] for name in names)
+
 
 TIER_PARAMS = {
     1: (*_common("gpt-tiny"),
@@ -104,8 +152,8 @@ TIER_PARAMS = {
         Param("latency_iters", int, 30, "timed forwards for the latency percentiles", low=1),
         *_TAIL),
     2: (*_common("gpt-tiny"),
-        Param("precision", str, "auto", "the mixed precision whose per-layer errors AMP readiness tabulates ('auto': "
-              "the best for the device)", choices=PRECISION_CHOICES),
+        replace(PRECISION, help="the mixed precision whose per-layer errors AMP readiness tabulates ('auto': the best "
+                "for the device)"),
         Param("batch_size", int, 4, "sequences analyzed", low=1),
         Param("seq_len", int, 32, "tokens per sequence (capped at the model's maximum)", low=1),
         Param("strengths", list, [0.01, 0.05, 0.1, 0.2], "perturbation strengths for the robustness curves",
@@ -114,12 +162,8 @@ TIER_PARAMS = {
               low=1e-6, high=1),
         *_TAIL),
     3: (*_common("gpt-small"),
-        Param("precision", str, "auto", "the AMP precision compared with fp32 ('auto': the best for the device)",
-              choices=PRECISION_CHOICES),
-        Param("steps", int, 60, "optimizer steps of each fine-tuning run (fp32 and AMP)", low=1),
-        Param("batch_size", int, 16, "sequences per step", low=1),
-        Param("seq_len", int, 128, "tokens per sequence (capped at the model's maximum)", low=1),
-        Param("lr", float, 1e-3, "peak learning rate (warm-up, then cosine decay)", low=1e-12, high=10),
+        PRECISION,
+        *_loop("steps", "batch_size", "seq_len", "lr"),
         Param("trials", int, 3, "interleaved speed trials per precision", low=1),
         Param("warmup_steps", int, 3, "steps per trial excluded from timing", low=0),
         Param("timed_steps", int, 5, "timed steps per trial", low=1),
@@ -129,34 +173,25 @@ TIER_PARAMS = {
         Param("sweep_batch_sizes", list, [], "batch sizes for the speedup sweep, e.g. [4, 8, 32] (empty: no sweep)",
               item=int, low=1),
         Param("minimal_loop", bool, False, "also time a bare hand-written loop, to measure the engine's overhead"),
-        Param("compile", bool, False, "torch.compile: time compiled training beside eager (compile time apart) and "
-              "fine-tune compiled; a model that fails to compile runs eager, the reason recorded"),
+        _LOOP["compile"],
         Param("tf32", bool, False, "let the fp32 baseline's CUDA matmuls run as TF32 (faster, 10-bit mantissa); off, "
               "AMP is measured against true fp32. The record says which"),
-        Param("max_skipped_in_a_row", int, 20, "skipped steps in a row that stop a fine-tuning run as an overflow storm "
-              "(a fail verdict with a diagnosis)", low=1),
-        Param("checkpoint_every", int, 0, "checkpoint each fine-tuning run every N steps and at its end (0: only when "
-              "Ctrl-C or SIGTERM stops it)", low=0),
-        Param("checkpoint_dir", str, "", "where checkpoints go (empty: <output_dir>/checkpoints; the batch runner keeps "
-              "them in runs/<name>/checkpoints/<run>)"),
-        Param("resume", bool, False, "continue each fine-tuning run from its newest valid checkpoint in checkpoint_dir"),
+        replace(_LOOP["max_skipped_in_a_row"], optional=False),
+        *_loop("checkpoint_every", "checkpoint_dir", "resume"),
         *_TAIL),
 }
+# Tier 3's fine-tuning runs: the loop's settings it takes from its parameters (the rest are the loop's defaults).
+TIER3_LOOP = ("steps", "batch_size", "seq_len", "lr", "seed", "compile", "max_skipped_in_a_row", "checkpoint_every",
+              "checkpoint_dir", "resume")
 
-# utils.train (torchrun): tier 3's fine-tuning parameters, plus what a multi-process run adds.
-_TRAIN_SHARED = ("model", "model_kwargs", "task", "tokenizer", "device", "precision", "steps", "seq_len", "lr", "seed",
-                 "max_skipped_in_a_row", "checkpoint_every", "checkpoint_dir", "resume", "compile")
+# utils.train (torchrun): the loop's settings and tier 3's model and precision, plus what a multi-process run adds.
 TRAIN_PARAMS = (
-    *(replace(p, help="the precision to train in ('auto': the best for the device, fp32 where AMP would not pay)")
-      if p.name == "precision" else p
-      for p in TIER_PARAMS[3] if p.name in _TRAIN_SHARED),
-    Param("batch_size", int, 8, "sequences per step on each rank (the global batch is batch_size x ranks)", low=1),
-    Param("grad_accum_steps", int, 1, "micro-batches per optimizer step (gradients are all-reduced once per step)", low=1),
-    Param("eval_interval", int, 20, "optimizer steps between evaluations", low=1),
-    Param("parallel", str, "ddp", "'ddp' (each rank a full replica) or 'fsdp2' (parameters, gradients and optimizer "
-          "state sharded: for models that do not fit one device)", choices=PARALLEL_CHOICES),
-    Param("log_every", int, 0, "optimizer steps between reads of the per-step records from the device, where "
-          f"progress, callbacks and stop checks run (0: every step on a CPU, every {LOG_EVERY_ACCELERATOR} on a GPU)", low=0),
+    *(p for p in _common("gpt-small")),
+    replace(PRECISION, help="the precision to train in ('auto': the best for the device, fp32 where AMP would not pay)"),
+    *_loop("steps", "seq_len", "lr", "seed", "max_skipped_in_a_row", "checkpoint_every", "checkpoint_dir", "resume",
+           "compile"),
+    replace(_LOOP["batch_size"], help="sequences per step on each rank (the global batch is batch_size x ranks)"),
+    *_loop("grad_accum_steps", "eval_interval", "parallel", "log_every"),
     Param("reference", str, "", "results.json of a one-process run: the scaling efficiency is measured against it"),
     Param("output_dir", str, "runs/train", "where rank 0 writes results.json, loss.png and (by default) checkpoints"),
 )
@@ -203,61 +238,6 @@ def add_arguments(parser, params):
         flag = {"nargs": "?", "const": True} if p.type is bool else {}
         parser.add_argument("--" + p.name.replace("_", "-"), type=coerce, default=p.default, **flag,
                             help=f"{p.help} (default: {p.default!r})")
-
-
-@dataclass
-class Prepared:
-    """What a tier resolves once, before any check runs, and passes to every check."""
-
-    params: dict
-    model: torch.nn.Module
-    device: torch.device
-    plan: PrecisionPlan
-    data: object      # the task's data (utils.data), tokenized as the run says
-    seq_len: int      # the seq_len parameter, capped at the model's maximum
-    record: dict      # what ran: device, precision, versions, task, tokens, data
-
-
-def prepare(tier: int, model, params: dict, data=None) -> Prepared:
-    """Checked parameters, the device, the precision plan, the model on that device with its task probed
-    (an unsupported model is refused here, with the reason), its data, and the record of what ran.
-    `model` (an nn.Module or a spec) overrides the `model` parameter; `device` may be a torch.device."""
-    p = check_params(tier, _device_as_text(params))
-    device = resolve_device(p["device"])
-    plan = (comparison_plan(p["precision"], device) if "precision" in p
-            else PrecisionPlan("32", "32", device.type, f"tier {tier} runs its checks in fp32"))
-    return _load(p, model, device, plan, data)
-
-
-def prepare_training(model, params: dict, data=None) -> Prepared:
-    """prepare() for utils.train: its parameters, and the precision asked for (fp32 too), not a comparison."""
-    p = check_values(_device_as_text(params), {q.name: q for q in TRAIN_PARAMS}, "utils.train")
-    device = resolve_device(p["device"])
-    return _load(p, model, device, resolve_precision(p["precision"], device), data)
-
-
-def _device_as_text(params: dict) -> dict:
-    return {**params, "device": str(params["device"])} if isinstance(params.get("device"), torch.device) else params
-
-
-def _load(p: dict, model, device: torch.device, plan: PrecisionPlan, data) -> Prepared:
-    torch.manual_seed(p["seed"])  # the model's initial weights are part of the run: same seed, same weights
-    spec = p["model"] if model is None else model
-    model = load_model(spec, task=p["task"], **p["model_kwargs"]).to(device)
-    task = probe_model(model, p["task"])
-    own = isinstance(spec, str) and spec.startswith("hf:") and _has_tokenizer(spec)  # an hf: model's own tokenizer
-    tokenizer = load_tokenizer(p["tokenizer"]) if p["tokenizer"] else load_tokenizer(spec) if own else None
-    seq_len = min(p["seq_len"], model_max_len(model))
-    data = load_task_data(model, data, seq_len, tokenizer)
-    record = {**run_record(device, plan), "task": task, "seq_len": seq_len, "max_len": model_max_len(model),
-              "data": getattr(data, "source", type(data).__name__), "vocab": getattr(data, "vocab_size", None)}
-    return Prepared(p, model, device, plan, data, seq_len, record)
-
-
-def _has_tokenizer(spec: str) -> bool:
-    """A hub name is expected to have one; a local model folder may simply have none (then: bytes)."""
-    folder = Path(spec.removeprefix("hf:"))
-    return not folder.is_dir() or any(folder.glob("tokenizer*")) or (folder / "vocab.json").exists()
 
 
 def coerce(text):

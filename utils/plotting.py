@@ -9,11 +9,9 @@ import matplotlib.pyplot as plt
 from matplotlib.colors import ListedColormap
 import numpy as np
 import pandas as pd
-from IPython.display import display
 
-from utils.training.amp_utils import precision_label
+from utils.precision import FP32, MIXED, color, label, short_label
 
-PRECISION_COLORS = {"32": "tab:blue", "16-mixed": "tab:red", "bf16-mixed": "tab:orange"}
 STATUS_COLORS = {"pass": "tab:green", "warn": "tab:orange", "fail": "tab:red"}
 
 
@@ -30,26 +28,19 @@ def save_figure(fig, path):
     return fig
 
 
-def show(fig):
-    """Display a figure exactly once in a notebook, then close it: left open, inline backends may
-    draw it again at the end of the cell, and it keeps its memory."""
-    display(fig)
-    plt.close(fig)
-
-
 # --- Tier 3: fp32 vs AMP -------------------------------------------------------------------------
 
 def plot_loss_curves(parity: pd.DataFrame, amp_precision: str, tolerance: float = None, path=None):
     """Training loss per step, fp32 and AMP on the same data and seed; below, their relative gap."""
     fig, (ax, gap_ax) = plt.subplots(2, 1, figsize=(8, 5.5), sharex=True, height_ratios=[3, 1])
-    ax.plot(parity["step"], parity["loss_fp32"], color=PRECISION_COLORS["32"], label="fp32", alpha=0.85)
-    ax.plot(parity["step"], parity["loss_amp"], color=PRECISION_COLORS.get(amp_precision, "tab:orange"),
-            label=precision_label(amp_precision), alpha=0.85)
+    ax.plot(parity["step"], parity["loss_fp32"], color=color(FP32), label=label(FP32), alpha=0.85)
+    ax.plot(parity["step"], parity["loss_amp"], color=color(amp_precision, "tab:orange"),
+            label=label(amp_precision), alpha=0.85)
     skipped = parity[parity["skipped"].astype(bool)]
     if len(skipped):
         ax.scatter(skipped["step"], skipped["loss_amp"], marker="x", color="black", zorder=3, label="skipped step")
     ax.set_ylabel("training loss (nats/token)")
-    ax.set_title(f"Loss parity: fp32 vs {precision_label(amp_precision)}")
+    ax.set_title(f"Loss parity: fp32 vs {label(amp_precision)}")
     ax.legend()
     gap_ax.plot(parity["step"], 100 * parity["relative_gap"], color="gray")
     if tolerance is not None:
@@ -81,11 +72,11 @@ def plot_check_speedups(results: list, device_name: str, path=None):
     precision the device refused is a labelled empty slot."""
     fig, ax = plt.subplots(figsize=(8, 4))
     rows = [r for r in results if "precision" in r]
-    labels = [f"{r['model']}\n{precision_label(r['precision'])}" for r in rows]
+    labels = [f"{r['model']}\n{label(r['precision'])}" for r in rows]
     medians = [r["speedup"]["median"] if "speedup" in r else 0 for r in rows]
     lows = [m - (r["speedup"]["ci_low"] or m) if "speedup" in r else 0 for m, r in zip(medians, rows)]
     highs = [(r["speedup"]["ci_high"] or m) - m if "speedup" in r else 0 for m, r in zip(medians, rows)]
-    ax.bar(labels, medians, yerr=[lows, highs], capsize=5, color=[PRECISION_COLORS.get(r["precision"], "tab:purple") for r in rows])
+    ax.bar(labels, medians, yerr=[lows, highs], capsize=5, color=[color(r["precision"], "tab:purple") for r in rows])
     for i, r in enumerate(rows):
         if "speedup" not in r:
             ax.text(i, 0.05, "refused", ha="center", va="bottom", rotation=90, color="gray")
@@ -99,8 +90,8 @@ def plot_throughput(trials: pd.DataFrame, path=None):
     """Tokens/s per precision (and loop): median of the interleaved trials, bars spanning min to max."""
     groups = trials.groupby(["loop", "precision"], sort=False)["tokens_per_s"]
     med, lo, hi = groups.median(), groups.min(), groups.max()
-    labels = [f"{precision_label(p)}" + ("" if loop == "ours" else f"\n({loop} loop)") for loop, p in med.index]
-    colors = [PRECISION_COLORS.get(p, "gray") for _, p in med.index]
+    labels = [f"{label(p)}" + ("" if loop == "ours" else f"\n({loop} loop)") for loop, p in med.index]
+    colors = [color(p) for _, p in med.index]
     fig, ax = plt.subplots(figsize=(6, 4))
     bars = ax.bar(labels, med.values, yerr=[med.values - lo.values, hi.values - med.values], capsize=6, color=colors)
     for bar, (loop, _) in zip(bars, med.index):
@@ -115,17 +106,17 @@ def plot_memory(memory: dict, path=None):
     (the same in both: autocast keeps fp32 master weights). CUDA peaks when measured."""
     names, values, colors = [], [], []
     for p, b in memory["activation_bytes"].items():
-        names.append(f"activations\n{precision_label(p)}")
+        names.append(f"activations\n{label(p)}")
         values.append(b)
-        colors.append(PRECISION_COLORS.get(p, "gray"))
+        colors.append(color(p))
     names += ["parameters", "AdamW state"]
     values += [memory["parameter_bytes"], memory["optimizer_state_bytes"]]
     colors += ["lightgray", "darkgray"]
     for p, b in memory.get("cuda_peak_bytes", {}).items():
         if b is not None:  # None on CPU: no allocator peak
-            names.append(f"CUDA peak\n{precision_label(p)}")
+            names.append(f"CUDA peak\n{label(p)}")
             values.append(b)
-            colors.append(PRECISION_COLORS.get(p, "gray"))
+            colors.append(color(p))
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.bar(names, np.array(values) / 2**20, color=colors)
     ax.set_ylabel("MiB")
@@ -273,9 +264,9 @@ def plot_amp_layer_error(amp: pd.DataFrame, tolerance: float, path=None):
     order; the dashed line is the drift tolerance, red names mark activations beyond fp16's range."""
     fig, ax = plt.subplots(figsize=(max(7, 0.25 * len(amp)), 4.5))
     x = np.arange(len(amp))
-    for p, name in (("16-mixed", "fp16"), ("bf16-mixed", "bf16")):
+    for p in MIXED:
         err = amp[f"rel_error_{p}"].replace([np.inf], np.nan).clip(lower=1e-8)
-        ax.plot(x, err, marker=".", color=PRECISION_COLORS[p], label=name)
+        ax.plot(x, err, marker=".", color=color(p), label=short_label(p))
     ax.axhline(tolerance, color="gray", linestyle="--", label=f"tolerance {tolerance:.0%}")
     ax.set_yscale("log")
     ax.set_xticks(x, amp["layer"], rotation=90, fontsize=6)

@@ -54,11 +54,12 @@ import yaml
 from matplotlib import pyplot as plt
 
 from utils.params import ROOT, RUN_CONTROL, TIER_PARAMS, ParamError, check_params, coerce, spec
+from utils.loop.stops import INTERRUPTED
 from utils.plotting import plot_verdict_grid
 from utils.results import read_json, write_json_atomic
+from utils.tiers import TIERS
 
 NOTEBOOK_DIR = ROOT / "notebooks"
-TIERS = {1: "tier1_validation.ipynb", 2: "tier2_analysis.ipynb", 3: "tier3_training.ipynb"}
 
 
 class UsageError(ValueError):
@@ -157,7 +158,7 @@ def why_rerun(run_dir: Path, tier: int, params: dict):
         results = _read(run_dir / "results.json")
         if not isinstance(results, dict) or results.get("status") != record.get("verdict"):
             return f"{run_dir / 'results.json'} does not match run.json"
-        _read(run_dir / TIERS[tier], lambda p: nbformat.read(p, as_version=4))
+        _read(run_dir / TIERS[tier].notebook, lambda p: nbformat.read(p, as_version=4))
     except ValueError as e:
         return str(e)
     return None
@@ -177,7 +178,7 @@ def execute(run_id: str, tier: int, params: dict, out_dir: Path, progress: bool 
     """Execute one notebook in a temporary folder, then move it to out_dir/run_id. A crash, a timeout or a
     file-system error is recorded in the returned row, never raised; an interrupted run leaves the
     previous out_dir/run_id as it was."""
-    row = {"run_id": run_id, "tier": tier, "notebook": TIERS[tier], "digest": run_digest(tier, params),
+    row = {"run_id": run_id, "tier": tier, "notebook": TIERS[tier].notebook, "digest": run_digest(tier, params),
            **{f"param.{k}": v for k, v in params.items()}}
     t0, tmp = time.perf_counter(), None
     # Checkpoints live beside the run folders, not in the temporary one: they must outlive an interrupted run.
@@ -185,12 +186,13 @@ def execute(run_id: str, tier: int, params: dict, out_dir: Path, progress: bool 
     try:
         tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{run_id}."))
         try:
-            papermill.execute_notebook(str(NOTEBOOK_DIR / TIERS[tier]), str(tmp / TIERS[tier]),
+            papermill.execute_notebook(str(NOTEBOOK_DIR / TIERS[tier].notebook), str(tmp / TIERS[tier].notebook),
                                        parameters={**keep, **params, "output_dir": "."}, cwd=str(tmp),
                                        progress_bar=progress, kernel_name="python3", execution_timeout=timeout)
             results = read_json(tmp / "results.json")
-            interrupted = results.get("figures", {}).get("interrupted")
-            row.update(run_status="interrupted" if interrupted else "ok", error=interrupted or "", verdict=results["status"],
+            stop = results.get("figures", {}).get("stop") or {}
+            interrupted = stop.get("reason") == INTERRUPTED
+            row.update(run_status=INTERRUPTED if interrupted else "ok", error=stop.get("message", ""), verdict=results["status"],
                        timing_failed=any(v["timing"] and v["status"] == "fail" for v in results["verdicts"]))
             row.update({f"verdict.{v['check']}": v["status"] for v in results["verdicts"]})
             row.update(results.get("figures", {}))
@@ -286,7 +288,7 @@ def parameters_help() -> str:
     """Every tier's parameters for --help, from the same spec as the notebooks and the README."""
     lines = []
     for tier, params in TIER_PARAMS.items():
-        lines.append(f"tier {tier} parameters ({TIERS[tier]}):")
+        lines.append(f"tier {tier} parameters ({TIERS[tier].notebook}):")
         lines += [f"  {p.name} = {p.default!r}: {p.help} ({p.expected()})" for p in params]
     return "\n".join(lines)
 
@@ -336,7 +338,7 @@ def main(argv=None) -> int:
             raise UsageError(f"--timeout must be at least 1 second; got {args.timeout}")
         if args.dry_run:
             for run_id, tier, params in runs:
-                print(f"{run_id}: {TIERS[tier]} {params}")
+                print(f"{run_id}: {TIERS[tier].notebook} {params}")
             return 0
         out_dir = _output_folder(args.out, args.name)
         with batch_lock(out_dir):
@@ -349,7 +351,7 @@ def main(argv=None) -> int:
     broken = summary[summary["run_status"] != "ok"]
     failed = summary[summary["verdict"] == "fail"]
     timing = summary[summary["timing_failed"].fillna(False).astype(bool)]
-    stopped = (broken["run_status"] == "interrupted").sum()
+    stopped = (broken["run_status"] == INTERRUPTED).sum()
     print(f"summary: {out_dir / 'summary.csv'} ({len(summary) - len(broken)} ok, {stopped} interrupted (--resume continues "
           f"them), {len(broken) - stopped} crashed or timed out, "
           f"{len(failed)} with a failing verdict, {len(timing)} with a failing timing verdict)")

@@ -23,8 +23,9 @@ import torch.nn as nn
 
 from utils.models import (compute_loss, count_parameters, forward, load_task_data, model_device, model_max_len, model_task,
                           model_vocab_size)
-from utils.params import prepare
-from utils.training.amp_utils import PrecisionPlan, saved_activation_bytes, synchronize
+from utils.measure.memory import saved_activation_bytes
+from utils.precision import PrecisionPlan, synchronize
+from utils.prepare import Prepared
 from utils.verdicts import CheckResult, TierResult, Verdict, run_check
 
 
@@ -328,10 +329,8 @@ def check_latency(model: nn.Module, batch_size: int = 1, seq_len: int = 32, warm
     return CheckResult(verdict, df, stats)
 
 
-def run_tier1(model=None, /, *, data=None, **params) -> TierResult:
-    """All Tier 1 checks on `model` (an nn.Module or a load_model spec; default: the `model` parameter).
-    params: the tier's parameters (utils.params); checks run in fp32 on the one resolved device."""
-    run = prepare(1, model, params, data)
+def run_tier1(run: Prepared) -> TierResult:
+    """All Tier 1 checks on a prepared run (utils.prepare): checks run in fp32 on the one resolved device."""
     model, seq_len, seed, data = run.model, run.seq_len, run.params["seed"], run.data
     was_training = model.training
     checks = {"shapes": lambda: check_shapes(model, seed),

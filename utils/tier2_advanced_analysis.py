@@ -15,9 +15,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils.models import count_parameters, forward, get_logits, load_task_data, model_device, model_max_len, model_vocab_size
-from utils.params import prepare
-from utils.training.amp_utils import FP8_PRECISIONS, PrecisionPlan, convert_for, resolve_precision
+from utils.models import count_parameters, forward, load_task_data, model_device, model_max_len, model_vocab_size
+from utils.measure.activations import layer_outputs
+from utils.precision import BF16, FP16, MIXED, PrecisionPlan, convert_for, fp32_plan, resolve, short_label
+from utils.prepare import Prepared
 from utils.verdicts import CheckResult, TierResult, Verdict, run_check
 
 FP16_MAX = 65504.0
@@ -186,26 +187,6 @@ def analyze_robustness(model: nn.Module, x: torch.Tensor, strengths=(0.01, 0.05,
     return CheckResult(verdict, df)
 
 
-def layer_outputs(model: nn.Module, x: torch.Tensor, plan: PrecisionPlan) -> dict:
-    """Each leaf module's first floating output under `plan`, in execution order, as fp32 copies."""
-    outputs, handles = {}, []
-    for name, m in model.named_modules():
-        if name and not list(m.children()):
-            def hook(module, args, output, name=name):
-                t = output if isinstance(output, torch.Tensor) else next(
-                    (o for o in (output if isinstance(output, (tuple, list)) else ()) if isinstance(o, torch.Tensor)), None)
-                if t is not None and t.is_floating_point() and name not in outputs:
-                    outputs[name] = t.detach().float()
-            handles.append(m.register_forward_hook(hook))
-    try:
-        with torch.no_grad(), plan.autocast():
-            outputs["<output>"] = get_logits(model(x)).detach().float()
-    finally:
-        for h in handles:
-            h.remove()
-    return outputs
-
-
 def analyze_amp_readiness(model: nn.Module, x: torch.Tensor, plan: PrecisionPlan, tolerance: float = 0.05) -> CheckResult:
     """Forward in fp32 and under autocast (fp16 and bf16), layer by layer.
 
@@ -215,15 +196,23 @@ def analyze_amp_readiness(model: nn.Module, x: torch.Tensor, plan: PrecisionPlan
     device = model_device(model)
     was_training = model.training
     model.eval()
-    ref = layer_outputs(model, x, resolve_precision("32", device))
+    ref = layer_outputs(model, x, fp32_plan(device))
     if not torch.isfinite(ref["<output>"]).all():
         model.train(was_training)
         return CheckResult(Verdict("amp_readiness", "fail", "the fp32 forward is already NaN/Inf: that is the model, not "
                                    "mixed precision (see Tier 1 numerics); AMP readiness cannot be judged."), pd.DataFrame())
-    runs = {p: layer_outputs(model, x, resolve_precision(p, device)) for p in ("16-mixed", "bf16-mixed")}
-    if plan.precision in FP8_PRECISIONS:  # float8 Linear layers on a copy: the model itself stays as it was
+    runs = {p: layer_outputs(model, x, resolve(p, device)) for p in MIXED}
+    if plan.fp8:  # float8 Linear layers on a copy: the model itself stays as it was
         runs[plan.precision] = layer_outputs(convert_for(plan, copy.deepcopy(model)), x, plan)
     model.train(was_training)
+    df = _layer_errors(ref, runs)
+    df["rel_error"] = df[f"rel_error_{plan.precision}"]
+    df["drifts"] = df["rel_error"] > tolerance
+    return _readiness_verdict(df, list(runs), plan, tolerance)
+
+
+def _layer_errors(ref: dict, runs: dict) -> pd.DataFrame:
+    """One row per layer: its fp32 peak, and per precision its relative error and whether it went non-finite."""
     rows = []
     for name, r in ref.items():
         row = {"layer": name, "fp32_max_abs": float(r.abs().max()) if r.numel() else 0.0}
@@ -235,48 +224,46 @@ def analyze_amp_readiness(model: nn.Module, x: torch.Tensor, plan: PrecisionPlan
         rows.append(row)
     df = pd.DataFrame(rows)
     df["beyond_fp16_range"] = df["fp32_max_abs"] > FP16_MAX
-    df["rel_error"] = df[f"rel_error_{plan.precision}"]
-    df["drifts"] = df["rel_error"] > tolerance
+    return df
 
+
+def _readiness_verdict(df: pd.DataFrame, precisions: list, plan: PrecisionPlan, tolerance: float) -> CheckResult:
+    """Which precisions are safe (no overflow, output error within tolerance), the first layer to blame, the verdict."""
     def first(mask):
         hit = df[mask & (df["layer"] != "<output>")]
         return hit.iloc[0]["layer"] if len(hit) else None
 
+    fp16_overflow = df["beyond_fp16_range"] | df[f"nonfinite_{FP16}"]
     safe, why = {}, {}
-    for p in runs:
+    for p in precisions:
         out_err = float(df[df["layer"] == "<output>"][f"rel_error_{p}"].iloc[0])
-        overflow = first(df["beyond_fp16_range"] | df[f"nonfinite_{p}"]) if p == "16-mixed" else first(df[f"nonfinite_{p}"])
+        overflow = first(fp16_overflow) if p == FP16 else first(df[f"nonfinite_{p}"])
         drift = first(df[f"rel_error_{p}"] > tolerance)
         safe[p] = overflow is None and out_err <= tolerance
         why[p] = (f"overflows at {overflow}" if overflow else f"output error {out_err:.2%}" +
                   (f", first drifting layer {drift}" if drift else ""))
-    label = {"16-mixed": "fp16", "bf16-mixed": "bf16", "fp8": "fp8", "fp8-emulated": "fp8 (emulated)"}
-    ok = [label[p] for p in ("16-mixed", "bf16-mixed") if safe[p]]
-    findings = "; ".join(f"{label[p]}: {why[p]}" for p in why)
-    drift_first = first(df["drifts"])
+    ok = [p for p in MIXED if safe[p]]
+    findings = "; ".join(f"{short_label(p)}: {why[p]}" for p in why)
     extra = {"table_precision": plan.precision, "tolerance": tolerance,
-             "first_drift_layer": drift_first, "first_fp16_overflow_layer": first(df["beyond_fp16_range"] | df["nonfinite_16-mixed"]),
-             "fp16_safe": safe["16-mixed"], "bf16_safe": safe["bf16-mixed"], "fp8_safe": safe.get(plan.precision)
-             if plan.precision in FP8_PRECISIONS else None}
+             "first_drift_layer": first(df["drifts"]), "first_fp16_overflow_layer": first(fp16_overflow),
+             "fp16_safe": safe[FP16], "bf16_safe": safe[BF16], "fp8_safe": safe.get(plan.precision) if plan.fp8 else None}
     if not ok:
         verdict = Verdict("amp_readiness", "fail", f"neither fp16 nor bf16 is safe (tolerance {tolerance:.0%}): {findings}. "
                           "Keep the named layer in fp32 (autocast(enabled=False) around it) or rescale its activations.")
     elif len(ok) == 1:
-        verdict = Verdict("amp_readiness", "warn", f"only {ok[0]} is safe (tolerance {tolerance:.0%}): {findings}. "
-                          f"Use {'bf16-mixed' if ok[0] == 'bf16' else '16-mixed'}.")
+        verdict = Verdict("amp_readiness", "warn", f"only {short_label(ok[0])} is safe (tolerance {tolerance:.0%}): {findings}. "
+                          f"Use {ok[0]}.")
     else:
         verdict = Verdict("amp_readiness", "pass", f"fp16 and bf16 both safe (tolerance {tolerance:.0%}): {findings}; "
                           f"max activation {df['fp32_max_abs'].max():.3g} (fp16 limit 65504).")
     if extra["fp8_safe"] is False and verdict.status == "pass":  # the precision asked for is the one that drifts
-        verdict = Verdict("amp_readiness", "warn", f"fp16 and bf16 are safe but {label[plan.precision]} is not (tolerance "
+        verdict = Verdict("amp_readiness", "warn", f"fp16 and bf16 are safe but {short_label(plan.precision)} is not (tolerance "
                           f"{tolerance:.0%}): {findings}. Keep the named layer out of float8 (module_filter_fn) or use bf16.")
     return CheckResult(verdict, df, extra)
 
 
-def run_tier2(model=None, /, *, data=None, **params) -> TierResult:
-    """All Tier 2 analyses on `model` (an nn.Module or a load_model spec; default: the `model` parameter),
-    on real inputs. params: the tier's parameters (utils.params)."""
-    run = prepare(2, model, params, data)
+def run_tier2(run: Prepared) -> TierResult:
+    """All Tier 2 analyses on a prepared run (utils.prepare), on real inputs."""
     p, model = run.params, run.model
     x = sample_batch(model, run.data, p["batch_size"], run.seq_len, p["seed"])
     checks = {"attention": lambda: analyze_attention(model, x),

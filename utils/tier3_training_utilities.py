@@ -1,433 +1,362 @@
-"""Tier 3: the fine-tuning loop. One code path for fp32 and mixed precision.
+"""Tier 3: fine-tune in fp32 and with AMP. Is AMP safe for this model, and is it worth it here?
 
-Per optimizer step (train_step):
-  for each micro-batch of the accumulation window: forward + loss under autocast, scaled backward
-  unscale_ -> clip -> scaler.step -> scaler.update
-  a drop of the loss scale (fp16), or non-finite gradients (fp32/bf16), means the step was skipped;
-  the LR schedule only advances on steps that really happened.
-The step reads nothing back to the host (utils.training.steps): its record stays on the device and the
-loop reads the records in one transfer at log points (every log_every steps, evaluations, checkpoints,
-the end), where progress, callbacks and the stop checks run.
-With precision '32' autocast and the GradScaler are disabled no-ops, so the fp32 and AMP runs differ
-in precision alone and can be compared like with like.
+Speed: both precisions start from the same weights, data order, seed and schedule; trials are interleaved
+(fp32, AMP, fp32, AMP, ...) so drift in the machine hits both alike; warm-up steps are dropped; the loop times
+each step on the device's clock and reads nothing back within a step, the bare reference loop synchronizes
+around each; the speedup is a ratio of medians with a bootstrap interval. Memory: CUDA peak per trial, and on
+any device the bytes of activations saved for backward. Parity: both precisions train the same steps; the AMP
+loss curve is compared with fp32's. Context: tokens/s and model-FLOPs utilization against matmul peaks measured
+here, and an Amdahl bound on the speedup (only matmuls get faster).
+
+run_tier3(run) is the tier (utils.tiers runs it); test_fine_tuning is the seed's entry point to the loop.
 """
 
-import itertools
-import math
-import signal
-import threading
+import copy
+import statistics
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import replace
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 import torch.nn as nn
-from torch._dynamo.utils import counters as dynamo_counters
-from tqdm.auto import tqdm
 
-from utils.models import compute_loss, load_model, load_task_data
-from utils.tier2_advanced_analysis import layer_outputs
-from utils.training.amp_utils import (PrecisionPlan, amp_summary, convert_for, precision_label, resolve_device,
-                                      resolve_precision, synchronize)
-from utils.training.checkpoint import clear_checkpoints, load_latest, save_checkpoint, structure_digest
-from utils.training.distributed import (PARALLEL_CHOICES, Ranks, full_tensor, gather, grad_scaler, gradient_sync,
-                                        load_training_state, mean_over_ranks, ranks, rows, training_state, wrap)
-from utils.training.steps import (RECORD, LRSchedule, StepTimer, log_interval, loss_scale, optimizer_step, to_device,
-                                  warmup_cosine)
-
-
-@dataclass
-class FineTuneResult:
-    """What a fine-tuning run did, step by step, and where it ended."""
-
-    history: pd.DataFrame       # one row per optimizer step
-    eval_history: pd.DataFrame  # one row per evaluation (step 0 is before training)
-    plan: PrecisionPlan
-    model: nn.Module = field(repr=False)
-    config: dict = field(default_factory=dict)
-    stop: dict = None  # why the run ended early (interrupted, overflow_storm, nonfinite_loss), else None
-    checkpoints: dict = field(default_factory=dict)  # folder, files written, where it resumed from, notes
-    loop_seconds: float = 0.0  # wall time of the training loop: its steps, log points, evaluations, checkpoints
-
-    @property
-    def interrupted(self) -> bool:
-        return bool(self.stop) and self.stop["reason"] == "interrupted"
-
-    def _eval(self, column: str, row: int) -> float:
-        return float(self.eval_history[column].iloc[row]) if len(self.eval_history) else float("nan")  # NaN: no evaluation ran
-
-    @property
-    def initial_eval_loss(self) -> float:
-        return self._eval("eval_loss", 0)
-
-    @property
-    def final_eval_loss(self) -> float:
-        return self._eval("eval_loss", -1)
-
-    @property
-    def final_perplexity(self) -> float:
-        return self._eval("perplexity", -1)
-
-    @property
-    def effective_precision(self) -> str:
-        return self.plan.precision
-
-    @property
-    def precision_reason(self) -> str:
-        return self.plan.reason
-
-    def summary(self) -> dict:
-        """JSON-ready figures for reports and the batch runner."""
-        timed = self.history.iloc[min(2, len(self.history) - 1):]  # the first steps warm up
-        return {"precision": self.plan.to_dict(), **self.config,
-                "initial_eval_loss": self.initial_eval_loss, "final_eval_loss": self.final_eval_loss,
-                "final_perplexity": self.final_perplexity,
-                "median_step_time_s": float(timed["step_time_s"].median()),
-                "median_tokens_per_s": float(timed["tokens_per_s"].median()),
-                "stop": self.stop, "checkpoints": self.checkpoints, **amp_summary(self.history)}
+from utils.loop.config import TrainConfig
+from utils.loop.steps import adamw
+from utils.loop.stops import INTERRUPTED
+from utils.loop.trainer import FineTuneResult, Trainer
+from utils.measure.flops import measured_flops_per_token, training_flops_per_token
+from utils.measure.memory import saved_activation_bytes, state_bytes
+from utils.measure.stats import MIN_TRIALS_FOR_INTERVAL, ratio_of_medians, smooth
+from utils.measure.timing import matmul_time_fraction, measure_matmul_peak
+from utils.models import compute_loss, count_parameters
+from utils.params import TIER3_LOOP, output_folder
+from utils.precision import (FP32, AUTO, PrecisionPlan, baseline_name, convert_for, fp32_plan, label, resolve,
+                             resolve_device, synchronize, tf32_matmuls)
+from utils.prepare import Prepared
+from utils.verdicts import CheckResult, TierResult, Verdict
 
 
-def _param_groups(model: nn.Module, weight_decay: float):
-    """AdamW groups: decay matrices (weights, embeddings), not biases or norm gains (1-D tensors)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def test_fine_tuning(model, *, data=None, precision=AUTO, use_amp=None, plan: PrecisionPlan = None, device=None,
+                     callbacks=(), progress: bool = True, **settings) -> FineTuneResult:
+    """Fine-tune `model` (an nn.Module or a load_model spec) and record every optimizer step: the seed's entry
+    point to utils.loop.trainer.Trainer.
 
-
-FUSED_ADAMW_DEVICES = ("cpu", "cuda")  # where torch (>= 2.4) has a fused AdamW kernel
-
-
-def adamw(param_groups, lr: float, device: torch.device, sharded: bool = False) -> torch.optim.AdamW:
-    """AdamW fused into one kernel per step where the device has one: the optimizer step is time AMP cannot
-    shorten. Measured on gpt-small (3.3M parameters) on a 2-core CPU, interleaved: the optimizer step alone
-    4.4x faster than the foreach default (2.0 vs 9.0 ms); the whole step at batch 16 x 128 unchanged within
-    noise (fp32 1.01x, bf16 1.00x), since the step is 80-240 ms there. FSDP2's sharded parameters keep foreach."""
-    fused = device.type in FUSED_ADAMW_DEVICES and not sharded
-    return torch.optim.AdamW(param_groups, lr=lr, betas=(0.9, 0.95), fused=fused or None)
-
-
-def _training_step(model: nn.Module, batch, plan: PrecisionPlan, scaler: torch.amp.GradScaler, window: int) -> float:
-    """Forward and loss under autocast, then the scaled backward. The loss is divided by the
-    accumulation window so the summed gradients are a mean. Returns the unscaled, undivided loss."""
-    x, y = batch
-    with plan.autocast():
-        loss = compute_loss(model, x, y)
-    scaler.scale(loss / window).backward()
-    return loss.detach()
-
-
-def train_step(net: nn.Module, train_net: nn.Module, batches: list, plan: PrecisionPlan, scaler: torch.amp.GradScaler,
-               optimizer: torch.optim.Optimizer, schedule: LRSchedule, max_grad_norm: float, parallel: str,
-               device: torch.device) -> torch.Tensor:
-    """One optimizer step over the micro-batches of an accumulation window, reading nothing back to the
-    host (where AdamW is fused). Returns the step's record (RECORD) as one device tensor."""
-    loss_sum = 0.0
-    for i, batch in enumerate(batches):
-        with gradient_sync(net, parallel, sync=i == len(batches) - 1):  # all-reduce once per window
-            loss_sum = loss_sum + _training_step(train_net, batch, plan, scaler, len(batches))
-    scaler.unscale_(optimizer)  # clip true gradients, not scaled ones
-    grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(net.parameters(), max_grad_norm))
-    nonfinite = ~torch.isfinite(grad_norm)
-    lr_used, scale_before = schedule.lr.clone(), loss_scale(scaler, device)
-    optimizer_step(optimizer, scaler, nonfinite)
-    scaler.update()
-    # fp16: a lower scale after update() means the GradScaler skipped the step. fp32/bf16 have no
-    # scaler, so non-finite gradients skip it above rather than corrupt the weights.
-    skipped = loss_scale(scaler, device) < scale_before if plan.use_scaler else nonfinite
-    schedule.step(skipped)
-    optimizer.zero_grad(set_to_none=True)
-    values = {"loss": loss_sum.double() / len(batches),  # as float(loss_sum) / window would be
-              "grad_norm": grad_norm, "loss_scale": scale_before, "skipped": skipped, "nonfinite_grads": nonfinite,
-              "lr": lr_used}
-    return torch.stack([values[name].double() for name in RECORD])
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, data, plan: PrecisionPlan, device, batch_size: int, seq_len: int, n_batches: int,
-             r: Ranks = Ranks()) -> float:
-    """Mean loss over fixed validation batches, in the run's precision. Under torchrun each rank takes
-    its rows of the same global batches, and the mean is over all of them."""
-    was_training = model.training
-    model.eval()
-    losses = []
-    for x, y in data.eval_batches(n_batches, batch_size * r.world, seq_len):
-        with plan.autocast():
-            losses.append(compute_loss(model, rows(x, r).to(device), rows(y, r).to(device)).item())
-    model.train(was_training)
-    return mean_over_ranks(sum(losses) / len(losses), r)
-
-
-@contextmanager
-def stop_requests():
-    """Ctrl-C or SIGTERM (a Colab or scheduler stop) during training asks the loop to stop after the
-    current step, checkpoint and return, instead of dying mid-step; a second Ctrl-C interrupts at once.
-    Yields a function that says whether a stop was asked. Python allows handlers only in the main
-    thread; elsewhere signals keep their usual effect."""
-    asked = []
-    if threading.current_thread() is not threading.main_thread():
-        yield lambda: False
-        return
-
-    def handler(signum, frame):
-        if asked and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        asked.append(signum)
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield lambda: bool(asked)
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h if h is not None else signal.SIG_DFL)
-
-
-def largest_activation(model: nn.Module, x: torch.Tensor, plan: PrecisionPlan) -> dict:
-    """The layer whose output is the first non-finite one, else the largest in magnitude, under `plan`:
-    where to look when a run overflows."""
-    outputs = layer_outputs(model, x, plan)
-    peaks = {name: float(t.abs().max()) if t.numel() else 0.0 for name, t in outputs.items()}
-    name = next((n for n, v in peaks.items() if not math.isfinite(v)), None) or max(peaks, key=peaks.get)
-    return {"layer": name, "max_abs": peaks[name]}
-
-
-def _stop_diagnosis(reason: str, step: int, at: int, count: int, records: list, net: nn.Module, x: torch.Tensor,
-                    plan: PrecisionPlan) -> dict:
-    """Why the run stopped at `step`: where it broke (`at`: the NaN loss, or the last of `count` skipped
-    steps in a row), the loss scale trajectory and the layer with the largest activation. The loop sees
-    records at log points, so `at` may come a few steps before the step the run stopped at."""
-    scales = [rec["loss_scale"] for rec in records[-30:]]
-    act = largest_activation(net, x, plan)
-    where = (f"the first non-finite output is {act['layer']!r}" if not math.isfinite(act["max_abs"])
-             else f"the largest activation is {act['layer']!r} at {act['max_abs']:.3g}")
-    seen = "" if at == step else f" (seen at the log point of step {step})"
-    if reason == "overflow_storm":
-        message = (f"overflow storm: {count} optimizer steps in a row skipped for non-finite gradients (to step {at})"
-                   f"{seen}; loss scale {scales[0]:g} -> {scales[-1]:g}; {where} under {plan.precision}. Use bf16-mixed, "
-                   "or find the layer whose activations outgrow fp16's 65504 (Tier 2 AMP readiness).")
-    else:
-        message = (f"the training loss went NaN/Inf at step {at}{seen} in {precision_label(plan.precision)}; {where}. "
-                   "Lower lr, check Tier 1 numerics.")
-    return {"reason": reason, "step": step, "message": message, "loss_scales": scales, "largest_activation": act}
-
-
-def compile_model(net: nn.Module, data, plan: PrecisionPlan, device, global_batch: int, seq_len: int, r: Ranks, seed: int):
-    """torch.compile(net), compiled right away on one batch (forward and backward under the run's autocast)
-    so that compile time is measured apart from step time. A model that fails to compile stays eager, with
-    the reason recorded, never a crash. RNG states and gradients are put back: the run sees the same numbers."""
-    rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    x, y = (rows(t, r).to(device) for t in data.get_batch("train", global_batch, seq_len, torch.Generator().manual_seed(seed + 1)))
-    fast = torch.compile(net)
-    breaks_before = sum(dynamo_counters["graph_break"].values())
-    t0 = time.perf_counter()
-    try:
-        with plan.autocast():
-            loss = compute_loss(fast, x, y)
-        loss.backward()
-        synchronize(device)
-        info = {"compiled": True, "compile_time_s": time.perf_counter() - t0, "fallback": None,
-                "graph_breaks": sum(dynamo_counters["graph_break"].values()) - breaks_before}
-    except Exception as e:  # no C++ compiler, an op the backend cannot lower, ...: train eager instead
-        fast = net
-        info = {"compiled": False, "compile_time_s": time.perf_counter() - t0, "graph_breaks": None,
-                "fallback": f"torch.compile failed, so this run is eager: {type(e).__name__}: {str(e).strip()[:300]}"}
-    net.zero_grad(set_to_none=True)
-    torch.set_rng_state(rng)
-    if cuda_rng is not None:
-        torch.cuda.set_rng_state(cuda_rng, device)
-    return fast, info
-
-
-def test_fine_tuning(model, *, data=None, precision="auto", use_amp=None, steps: int = 200, epochs=None,
-                     batch_size: int = 16, seq_len: int = 64, lr: float = 3e-3, weight_decay: float = 0.01,
-                     warmup_steps=None, grad_accum_steps: int = 1, max_grad_norm: float = 1.0, seed: int = 0,
-                     device=None, callbacks=(), eval_interval: int = 50, eval_batches: int = 8,
-                     progress: bool = True, plan: PrecisionPlan = None, checkpoint_dir=None, checkpoint_every: int = 0,
-                     keep_checkpoints: int = 3, resume: bool = False, max_skipped_in_a_row=20,
-                     parallel: str = "ddp", compile: bool = False, log_every: int = 0) -> FineTuneResult:
-    """Fine-tune `model` (an nn.Module or a load_model spec) and record every optimizer step.
-
-    precision: 'auto' | '32' | '16-mixed' | 'bf16-mixed'; use_amp: the seed's flag (see resolve_precision).
-    steps: optimizer steps; epochs (if given) overrides it as passes over the training tokens.
-    grad_accum_steps: micro-batches per optimizer step. callbacks: objects with an optional
-    on_step_end(record) method. plan: a ready PrecisionPlan, which overrides precision and use_amp.
-    checkpoint_dir: where checkpoints go (utils.training.checkpoint): on Ctrl-C/SIGTERM, and every
-    `checkpoint_every` steps and at the end (0: only on a stop), keeping the newest `keep_checkpoints`. resume: continue
-    from the newest valid checkpoint there (else a fresh run clears the folder). max_skipped_in_a_row:
-    skipped steps in a row that stop the run as an overflow storm (None: never stop, as speed trials
-    want). Under torchrun, batch_size is per rank and `parallel` is 'ddp' or 'fsdp2' (utils.train).
-    compile: train the torch.compile'd model (compiled before the first step; see compile_model).
-    log_every: optimizer steps between reads of the per-step records from the device (0: every step on a
-    CPU, every LOG_EVERY_ACCELERATOR on a GPU; see utils.training.steps). Progress, callbacks (on_step_end,
-    once per step, in order) and the stop checks run at these reads, at evaluations and checkpoints, and at
-    the end; under torchrun a Ctrl-C is honoured at the next of them, in one process after the current step.
+    precision: any accepted spelling ('auto', '32', '16-mixed', 'bf16-mixed', 'fp8', 'fp8-emulated', 'fp16',
+    ...); use_amp: the seed's flag (see utils.precision.resolve); plan: a ready PrecisionPlan, which overrides
+    both. callbacks: objects with an optional on_step_end(record) method, called once per step, in order, at
+    the loop's log points. settings: the loop's (utils.loop.config.TrainConfig: steps, epochs, batch_size,
+    seq_len, lr, weight_decay, warmup_steps, grad_accum_steps, max_grad_norm, seed, eval_interval,
+    eval_batches, max_skipped_in_a_row, checkpoint_every, checkpoint_dir, keep_checkpoints, resume, parallel,
+    compile, log_every), each checked by name before any work starts; their defaults are tier 3's.
     """
-    for name, value in (("steps", steps), ("batch_size", batch_size), ("seq_len", seq_len),
-                        ("grad_accum_steps", grad_accum_steps), ("eval_interval", eval_interval),
-                        ("keep_checkpoints", keep_checkpoints)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer; got {value!r}")
-    for name, value, zero in (("eval_batches", eval_batches, "turns it off"), ("checkpoint_every", checkpoint_every,
-                              "turns it off"), ("log_every", log_every, "the device's default")):
-        if not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be a non-negative integer (0: {zero}); got {value!r}")
-    for name, value, zero_ok in (("lr", lr, False), ("weight_decay", weight_decay, True),
-                                 ("max_grad_norm", max_grad_norm, False), ("epochs", 1 if epochs is None else epochs, False)):
-        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
-                or value < 0 or (value == 0 and not zero_ok)):
-            raise ValueError(f"{name} must be a finite number {'>= 0' if zero_ok else '> 0'}; got {value!r}")
-    if warmup_steps is not None and (not isinstance(warmup_steps, int) or warmup_steps < 0):
-        raise ValueError(f"warmup_steps must be a non-negative integer (or None: 10% of the steps); got {warmup_steps!r}")
-    if max_skipped_in_a_row is not None and (not isinstance(max_skipped_in_a_row, int) or max_skipped_in_a_row < 1):
-        raise ValueError(f"max_skipped_in_a_row must be a positive integer (or None: never stop); got {max_skipped_in_a_row!r}")
-    if (resume or checkpoint_every) and not checkpoint_dir:
-        raise ValueError("resume and checkpoint_every need a checkpoint_dir to read and write checkpoints")
-    if parallel not in PARALLEL_CHOICES:
-        raise ValueError(f"parallel must be one of {PARALLEL_CHOICES}; got {parallel!r}")
-    r = ranks()
-    parallel = parallel if r.world > 1 else "none"
+    config = TrainConfig.from_params(settings, "test_fine_tuning")
     device = resolve_device(device)
-    plan = plan or resolve_precision(precision, device, use_amp)
-    torch.manual_seed(seed + r.rank)  # dropout masks, if the model has any (each rank its own)
-    model = convert_for(plan, load_model(model).to(device)).train()  # fp8: float8 Linear layers
-    data = load_task_data(model, data, seq_len)
-
-    # Micro-batches to run, and optimizer steps as windows of grad_accum_steps (the last may be partial).
-    # Under torchrun every rank draws the same global batch (batch_size x world) and keeps its rows.
-    global_batch = batch_size * r.world
-    if epochs is not None:
-        micro_total = max(1, math.ceil(epochs * data.train_tokens / (global_batch * seq_len)))
-    else:
-        micro_total = steps * grad_accum_steps
-    total_steps = math.ceil(micro_total / grad_accum_steps)
-    warmup_steps = max(1, total_steps // 10) if warmup_steps is None else warmup_steps
-    corpus = getattr(data, "source", "classification")
-    config = {"steps": total_steps, "micro_batches": micro_total, "batch_size": batch_size, "seq_len": seq_len,
-              "lr": lr, "grad_accum_steps": grad_accum_steps, "seed": seed, "device": str(device),
-              "corpus": corpus, "corpus_fingerprint": getattr(data, "fingerprint", None), "world_size": r.world,
-              "parallel": parallel}
-    # What a checkpoint must match to be resumed here: the same model, precision, data and schedule.
-    identity = {"model": structure_digest(model), "precision": plan.precision, "data": f"{corpus}:{config['corpus_fingerprint']}",
-                **{k: config[k] for k in ("steps", "micro_batches", "batch_size", "seq_len", "grad_accum_steps", "seed",
-                                          "world_size", "parallel")},
-                "lr": lr, "weight_decay": weight_decay, "warmup_steps": warmup_steps, "max_grad_norm": max_grad_norm}
-
-    net = wrap(model, parallel, plan, device) if r.world > 1 else model
-    optimizer = adamw(_param_groups(net, weight_decay), lr, device, sharded=parallel == "fsdp2")
-    config["optimizer"] = "AdamW (fused)" if optimizer.defaults["fused"] else "AdamW (foreach)"
-    train_net = net  # what the training steps call: the compiled model when asked; evaluation stays eager
-    if compile:
-        train_net, config["compile"] = compile_model(net, data, plan, device, global_batch, seq_len, r, seed)
-    schedule = LRSchedule(optimizer, lr, warmup_cosine(warmup_steps, total_steps), total_steps, device)
-    scaler = grad_scaler(plan, parallel)
-    generator = torch.Generator().manual_seed(seed)
-    tokens_per_micro = global_batch * seq_len
-
-    def run_eval(step):  # eval_batches=0 turns evaluation off (the benchmark times steps alone)
-        if eval_batches == 0:
-            return []
-        loss = evaluate(net, data, plan, device, batch_size, seq_len, eval_batches, r)
-        return [{"step": step, "eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}]
-
-    def checkpoint(step):  # a collective under FSDP2: every rank gathers, rank 0 writes
-        model_state, optimizer_state = training_state(net, optimizer)
-        rng = {"torch": gather(torch.get_rng_state(), r), "data": generator.get_state(),
-               "cuda": gather(torch.cuda.get_rng_state(device), r) if device.type == "cuda" else []}
-        if r.main:
-            saved.append(str(save_checkpoint(checkpoint_dir, {
-                "identity": identity, "config": config, "step": step, "micro_done": micro_done, "model": model_state,
-                "optimizer": optimizer_state, "scheduler": schedule.state_dict(), "scaler": scaler.state_dict(),
-                "rng": rng, "history": records, "evals": evals}, keep_checkpoints)))
-
-    records, evals, saved, notes, resumed_from, start, micro_done = [], None, [], [], None, 0, 0
-    if checkpoint_dir and resume:
-        state, path, notes = load_latest(checkpoint_dir, identity)
-        for note in notes if r.main else ():
-            print(note)
-        if state is not None:
-            load_training_state(net, optimizer, state["model"], state["optimizer"])
-            schedule.load_state_dict(state["scheduler"])
-            scaler.load_state_dict(state["scaler"])
-            generator.set_state(state["rng"]["data"])
-            torch.set_rng_state(state["rng"]["torch"][r.rank])
-            if device.type == "cuda" and state["rng"]["cuda"]:
-                torch.cuda.set_rng_state(state["rng"]["cuda"][r.rank], device)
-            start, micro_done, records, evals, resumed_from = (state["step"], state["micro_done"], state["history"],
-                                                               state["evals"], str(path))
-    elif checkpoint_dir and r.main:
-        clear_checkpoints(checkpoint_dir)
-    if evals is None:
-        evals = run_eval(0)
-
-    stop, log_every = None, log_interval(log_every, device)
-    in_a_row = sum(1 for _ in itertools.takewhile(lambda rec: rec["skipped"], reversed(records)))
-    pending, windows, timer = [], [], StepTimer(device)  # steps whose records are still on the device
-    bar = tqdm(total=total_steps, initial=start, desc=f"fine-tune [{plan.precision}]", disable=not progress or not r.main,
-               leave=False)
-    loop_start = time.perf_counter()
-    with stop_requests() as stop_asked:
-        for step in range(start + 1, total_steps + 1):
-            window = min(grad_accum_steps, micro_total - micro_done)
-            timer.start()
-            batches = [tuple(to_device(rows(t, r), device) for t in data.get_batch("train", global_batch, seq_len, generator))
-                       for _ in range(window)]
-            pending.append(train_step(net, train_net, batches, plan, scaler, optimizer, schedule, max_grad_norm, parallel,
-                                      device))
-            timer.stop()
-            windows.append(window)
-            micro_done += window
-            evaluating = step % eval_interval == 0 or step == total_steps
-            periodic = checkpoint_every and (step % checkpoint_every == 0 or step == total_steps)
-            if not (step % log_every == 0 or evaluating or periodic or step == total_steps
-                    or (r.world == 1 and stop_asked())):  # under torchrun, ranks agree on a stop at log points
-                continue
-
-            # A log point: the pending records in one transfer (the loss averaged over ranks), then what
-            # needs them: records, callbacks, evaluation, progress, the stop checks, the checkpoint.
-            values, loss = torch.stack(pending), RECORD.index("loss")
-            values[:, loss] = mean_over_ranks(values[:, loss], r)
-            first, broke_at, storm = step - len(pending) + 1, None, None
-            for n, (row, window, dt) in enumerate(zip(values.tolist(), windows, timer.read())):
-                record = {"step": first + n, **dict(zip(RECORD, row)), "micro_batches": window, "step_time_s": dt,
-                          "tokens_per_s": window * tokens_per_micro / dt}
-                record["skipped"], record["nonfinite_grads"] = bool(record["skipped"]), bool(record["nonfinite_grads"])
-                records.append(record)
-                for cb in callbacks if r.main else ():
-                    if hasattr(cb, "on_step_end"):
-                        cb.on_step_end(record)
-                in_a_row = in_a_row + 1 if record["skipped"] else 0
-                if max_skipped_in_a_row and in_a_row >= max_skipped_in_a_row:
-                    storm = (in_a_row, record["step"])
-                if broke_at is None and not math.isfinite(record["loss"]):
-                    broke_at = record["step"]
-            pending, windows = [], []
-            if evaluating:
-                evals += run_eval(step)
-            bar.update(step - first + 1)
-            bar.set_postfix(loss=f"{records[-1]['loss']:.3f}", refresh=False)
-
-            # Stop early: asked to (any rank), or training broke (decided from values every rank shares).
-            if mean_over_ranks(float(stop_asked()), r) > 0:
-                stop = {"reason": "interrupted", "step": step,
-                        "message": f"interrupted at step {step} of {total_steps}"
-                        + (f"; resume=True continues from the checkpoint in {checkpoint_dir}" if checkpoint_dir
-                           else " (no checkpoint_dir, so nothing was saved to resume from)")}
-            elif max_skipped_in_a_row and broke_at is not None and not plan.use_scaler:
-                stop = _stop_diagnosis("nonfinite_loss", step, broke_at, 1, records, net, batches[-1][0], plan)
-            elif storm:
-                stop = _stop_diagnosis("overflow_storm", step, storm[1], storm[0], records, net, batches[-1][0], plan)
-            if checkpoint_dir and (periodic or (stop and stop["reason"] == "interrupted")):
-                checkpoint(step)
-            if stop:
-                break
-    bar.close()
-    eval_history = pd.DataFrame(evals, columns=["step", "eval_loss", "perplexity"])
-    checkpoints = {"dir": str(checkpoint_dir) if checkpoint_dir else None, "saved": saved, "resumed_from": resumed_from,
-                   "notes": notes}
-    return FineTuneResult(pd.DataFrame(records), eval_history, plan, model, config, stop, checkpoints,
-                          time.perf_counter() - loop_start)
+    plan = plan or resolve(precision, device, use_amp)
+    return Trainer(model, config, plan, device, data, callbacks, progress).run()
 
 
 test_fine_tuning.__test__ = False  # a library function, not a pytest test
+
+
+def minimal_loop_step_times(model: nn.Module, plan: PrecisionPlan, data, config: TrainConfig, steps: int, device) -> list:
+    """The plainest correct AMP loop (autocast forward, scaled backward, AdamW step), timed per step:
+    the yardstick for the engine's own overhead."""
+    model = convert_for(plan, model)
+    optimizer = adamw(model.parameters(), config.lr, device)
+    scaler = plan.grad_scaler()
+    generator = torch.Generator().manual_seed(config.seed)
+    times = []
+    for _ in range(steps):
+        synchronize(device)
+        t0 = time.perf_counter()
+        x, y = data.get_batch("train", config.batch_size, config.seq_len, generator)
+        with plan.autocast():
+            loss = compute_loss(model, x.to(device), y.to(device))
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _interrupted(stop: dict, what: str) -> dict:
+    return {**stop, "message": f"{what} was {stop['message']}"}
+
+
+def _speed_trials(run: Prepared, plans, config: TrainConfig, trials: int, warmup: int, timed: int, loops: tuple):
+    """Interleaved timing: in each trial every (loop, precision) runs once from the same initial weights,
+    precisions alternating fp32, AMP. The loops ('ours'; 'compiled', our loop on the torch.compile'd model;
+    'minimal', a bare loop) change order every trial so none always runs first. Returns one row per run with
+    the median of its timed steps (and for 'compiled' the compile time), and the stop of an interrupted run."""
+    rows, device = [], run.device
+    for trial in range(trials):
+        for loop in loops if trial % 2 == 0 else loops[::-1]:
+            for plan in plans:
+                model = copy.deepcopy(run.model)
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                compiled = {}
+                if loop == "minimal":
+                    times = minimal_loop_step_times(model, plan, run.data, config, warmup + timed, device)
+                else:
+                    result = Trainer(model, replace(config, steps=warmup + timed, compile=loop == "compiled"), plan,
+                                     device, run.data, progress=False).run()
+                    if result.interrupted:
+                        return None, _interrupted(result.stop, f"a {label(plan.precision)} speed trial")
+                    times, compiled = list(result.history["step_time_s"]), result.config.get("compile", {})
+                step_time = statistics.median(times[warmup:])
+                rows.append({"trial": trial, "loop": loop, "precision": plan.precision, "step_time_s": step_time,
+                             "tokens_per_s": config.batch_size * config.seq_len / step_time,
+                             "cuda_peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+                             "compile_time_s": compiled.get("compile_time_s"), "compile_fallback": compiled.get("fallback"),
+                             "graph_breaks": compiled.get("graph_breaks")})
+    return pd.DataFrame(rows), None
+
+
+def _median_tokens_per_s(trials: pd.DataFrame, loop: str = "ours") -> dict:
+    """Median tokens/s of one loop's trials, per precision."""
+    rows = trials[trials["loop"] == loop]
+    return {p: float(g.median()) for p, g in rows.groupby("precision", sort=False)["tokens_per_s"]}
+
+
+def _speedup(trials: pd.DataFrame, amp_precision: str, loop: str = "ours") -> dict:
+    """Median speedup of AMP over fp32 and its 95% bootstrap interval."""
+    ours = trials[trials["loop"] == loop]
+    return ratio_of_medians(ours[ours["precision"] == FP32]["step_time_s"], ours[ours["precision"] == amp_precision]["step_time_s"])
+
+
+def _compile_figures(trials: pd.DataFrame, amp_precision: str, gemm_fraction: dict) -> dict:
+    """Compiled against eager, per precision, from the same interleaved trials; compile time apart (the
+    first compile of each precision: later copies of the model reuse the compiled code); and why the gain
+    is what it is. GEMMs run the same library kernels compiled or not, so compiling can only shorten the
+    rest of the step: with GEMMs a share g of it, the gain is at most 1/g (all the rest fused away)."""
+    eager, compiled = _median_tokens_per_s(trials), _median_tokens_per_s(trials, "compiled")
+    rows = trials[trials["loop"] == "compiled"]
+    fallbacks = rows["compile_fallback"].dropna()
+    fallback = fallbacks.iloc[0] if len(fallbacks) else None
+    gain = {p: compiled[p] / eager[p] for p in compiled}
+    ceiling = {p: 1 / g for p, g in gemm_fraction.items()}
+    counted = rows["graph_breaks"].dropna()  # None where compiling failed and the run fell back to eager
+    breaks = int(counted.max()) if len(counted) else None
+    why = fallback or (
+        f"compiled runs {', '.join(f'{gain[p]:.2f}x eager in {label(p)}' for p in gain)} with {breaks} graph "
+        f"break(s). GEMMs take {', '.join(f'{gemm_fraction[p]:.0%} ({label(p)})' for p in gemm_fraction)} of an "
+        "eager step and run the same kernels compiled or not, so fusing all the rest away would give at most "
+        f"{', '.join(f'{ceiling[p]:.2f}x ({label(p)})' for p in ceiling)}; the AdamW step is one fused kernel "
+        "either way.")
+    return {"tokens_per_s": compiled, "speedup_over_eager": gain, "amp_speedup": _speedup(trials, amp_precision, "compiled")["median"],
+            "compile_time_s": {p: float(g.max()) for p, g in rows.groupby("precision", sort=False)["compile_time_s"]},
+            "gemm_time_fraction": gemm_fraction, "gain_ceiling": ceiling, "graph_breaks": breaks,
+            "fallback": fallback, "why": why}
+
+
+DIVERGED = 1.25  # an fp32 eval loss that ends 25% above where it started diverged (short noisy runs wobble ~5%)
+
+
+def _baseline_verdict(ref: FineTuneResult) -> Verdict:
+    """Is the fp32 run itself sound? If not, a gap to it says nothing about AMP."""
+    start, end = ref.initial_eval_loss, ref.final_eval_loss
+    if ref.stop:
+        return Verdict("fp32_baseline", "fail", f"the fp32 run itself stopped: {ref.stop['message']} The model or the "
+                       "learning rate is at fault, not AMP.")
+    bad = ref.history["step"][~np.isfinite(ref.history["loss"])]
+    if len(bad) or not np.isfinite(end):
+        return Verdict("fp32_baseline", "fail", "the fp32 run itself went NaN/Inf" + (f" at step {int(bad.min())}" if len(bad) else "")
+                       + ": the model or the learning rate is at fault, not AMP. Lower lr, check Tier 1 numerics.")
+    if end > DIVERGED * start:
+        return Verdict("fp32_baseline", "fail", f"the fp32 run itself diverged: eval loss {start:.3f} -> {end:.3f}. "
+                       "The learning rate is likely too high; AMP is not judged against a diverging baseline.")
+    return Verdict("fp32_baseline", "pass", f"fp32 trains: eval loss {start:.3f} -> {end:.3f}.")
+
+
+def _parity_problems(p: dict) -> list:
+    tol, skip_frac = p["tolerance"], p["skipped_fraction"]
+    problems = []
+    if p["stop"]:  # a run cut short: its stop says what went wrong; gaps and fractions of it add nothing
+        problems.append(f"the run stopped: {p['stop']['message'].rstrip('.')}")
+    elif not p["finite"]:
+        problems.append("the AMP loss became NaN/Inf")
+    elif p["max_relative_gap"] > tol:
+        problems.append(f"the AMP loss (rolling median of 10 steps) strays {p['max_relative_gap']:.1%} from fp32 "
+                        f"(tolerance {tol:.0%}) at step {p['max_gap_step']}")
+    if p["finite"] and not p["stop"] and p["final_eval_relative_gap"] > tol:
+        problems.append(f"final eval loss differs by {p['final_eval_relative_gap']:.1%} (tolerance {tol:.0%})")
+    if skip_frac > p["max_skipped_fraction"] and not p["stop"]:
+        problems.append(f"{p['skipped_steps']} of {p['steps']} steps were skipped for overflow "
+                        f"({skip_frac:.0%} > {p['max_skipped_fraction']:.0%}): look for activations beyond fp16's range "
+                        "(Tier 2 AMP readiness) or use bf16")
+    return problems
+
+
+def _safe_verdict(p: dict, precision: str, baseline: Verdict) -> Verdict:
+    tol, problems = p["tolerance"], _parity_problems(p)
+    if baseline.status == "fail":
+        return Verdict("amp_safe", "warn", f"not judged: the fp32 baseline failed (see fp32_baseline), so a gap between "
+                       f"{precision} and fp32 says nothing about AMP. Fix the baseline first.")
+    if problems:
+        return Verdict("amp_safe", "fail", f"{precision} is not safe for this model: " + "; ".join(problems) + ".")
+    return Verdict("amp_safe", "pass", f"{precision} tracks fp32 within {tol:.0%} (max gap of 10-step rolling medians "
+                   f"{p['max_relative_gap']:.2%}, final eval gap {p['final_eval_relative_gap']:.2%}), "
+                   f"{p['skipped_steps']} skipped step(s).")
+
+
+def _worth_verdict(speed: dict, plan: PrecisionPlan) -> Verdict:
+    s, act = speed["speedup"], speed["memory"]["activation_saving"]
+    memory = f"activations saved for backward shrink by {act:.0%}" if act > 0 else "no activation memory saved"
+    if plan.emulated:
+        return Verdict("amp_worth_it", "warn", timing=True, reason=f"not judged: {plan.precision} runs torchao's emulated "
+                       f"float8 matmuls ({s['median']:.2f}x here), which says nothing about fp8 hardware; {memory}.")
+    if s["ci_low"] is None:
+        return Verdict("amp_worth_it", "warn", timing=True, reason=f"{s['median']:.2f}x from {speed['trials']} trial(s): "
+                       f"no interval with fewer than {MIN_TRIALS_FOR_INTERVAL} trials, so no verdict on speed; {memory}.")
+    interval = f"95% CI {s['ci_low']:.2f}-{s['ci_high']:.2f}"
+    if s["ci_low"] > 1:
+        return Verdict("amp_worth_it", "pass", timing=True, reason=f"{s['median']:.2f}x faster than {speed['baseline']} "
+                       f"({interval}) at batch {speed['batch_size']} x {speed['seq_len']} tokens; {memory}.")
+    if s["ci_high"] < 1:
+        return Verdict("amp_worth_it", "fail", timing=True, reason=f"{s['median']:.2f}x: slower than {speed['baseline']} "
+                       f"at batch {speed['batch_size']} ({interval}); {memory}. Small batches leave the matmuls too "
+                       "small to gain: try a larger batch (see the batch-size sweep).")
+    return Verdict("amp_worth_it", "warn", timing=True, reason=f"no clear speedup over {speed['baseline']}: "
+                   f"{s['median']:.2f}x ({interval}); {memory}. Worth it only for the memory, or with a larger batch.")
+
+
+def _fine_tune_both(run: Prepared, plans, progress: bool):
+    """Loss parity runs: same weights, data, seed and schedule; only precision differs. Each run checkpoints
+    into its own folder, so an interrupted tier resumes both where they stopped. Returns the runs by
+    precision, and the stop of an interrupted one."""
+    p = run.params
+    folder = Path(p["checkpoint_dir"]) if p["checkpoint_dir"] else output_folder(3, p["output_dir"]) / "checkpoints"
+    settings = {**{name: p[name] for name in TIER3_LOOP}, "seq_len": run.seq_len}
+    runs = {}
+    for plan in plans:
+        config = TrainConfig(**{**settings, "eval_interval": p["steps"], "eval_batches": 4,
+                                "checkpoint_dir": str(folder / plan.precision)})
+        runs[plan.precision] = Trainer(copy.deepcopy(run.model), config, plan, run.device, run.data, progress=progress).run()
+        if runs[plan.precision].interrupted:
+            return runs, _interrupted(runs[plan.precision].stop, f"the {label(plan.precision)} fine-tuning run")
+    return runs, None
+
+
+def _parity(p: dict, ref: FineTuneResult, amp: FineTuneResult, runs: dict):
+    """The AMP loss curve against fp32's: the table behind amp_safe, and its figures."""
+    # Outer join on the step: a run that stopped early (overflow storm, NaN) has fewer rows.
+    df = (ref.history[["step", "loss"]].rename(columns={"loss": "loss_fp32"})
+          .merge(amp.history[["step", "loss", "loss_scale", "skipped"]].rename(columns={"loss": "loss_amp"}),
+                 on="step", how="outer"))
+    gap = (smooth(df["loss_amp"]) - smooth(df["loss_fp32"])).abs() / smooth(df["loss_fp32"])
+    df.insert(3, "relative_gap", gap)
+    judged = gap.fillna(float("inf"))  # a NaN loss is an infinite gap
+    return df, {"amp_precision": amp.plan.precision, "steps": p["steps"], "tolerance": p["parity_tolerance"],
+                "max_skipped_fraction": p["max_skipped_fraction"],
+                "max_relative_gap": float(judged.max()), "max_gap_step": int(df["step"][judged.idxmax()]),
+                "final_relative_gap": float(gap.iloc[-1]),
+                "final_eval_loss": {prec: r.final_eval_loss for prec, r in runs.items()},
+                "final_eval_relative_gap": abs(amp.final_eval_loss - ref.final_eval_loss) / ref.final_eval_loss,
+                "finite": bool(np.isfinite(amp.history["loss"]).all()),
+                "skipped_steps": int(amp.history["skipped"].sum()),
+                "skipped_fraction": float(amp.history["skipped"].mean()),
+                "final_loss_scale": float(amp.history["loss_scale"].iloc[-1]),
+                "stop": amp.stop, "checkpoints": {prec: r.checkpoints for prec, r in runs.items()},
+                "compile": {prec: r.config.get("compile") for prec, r in runs.items()}}
+
+
+def _throughput(run: Prepared, plans, trials: pd.DataFrame, batch) -> dict:
+    """Tokens/s, speedup and its context: model FLOPs against matmul peaks measured now, Amdahl's bound, memory."""
+    fp32, amp = plans
+    model0, device, p = run.model, run.device, run.params
+    peaks = {plan.precision: measure_matmul_peak(device, plan.autocast_dtype or torch.float32) for plan in plans}
+    matmul_ratio = peaks[amp.precision] / peaks[FP32]
+    gemm_fraction = matmul_time_fraction(copy.deepcopy(model0), fp32, batch)
+    amdahl = 1 / ((1 - gemm_fraction) + gemm_fraction / matmul_ratio)
+    flops_per_token = measured_flops_per_token(copy.deepcopy(model0), batch)
+    ours = trials[trials["loop"] == "ours"]
+    tokens, speedup = _median_tokens_per_s(trials), _speedup(trials, amp.precision)
+    act = {plan.precision: saved_activation_bytes(convert_for(plan, copy.deepcopy(model0)), plan, batch) for plan in plans}
+    return {"amp_precision": amp.precision, "batch_size": p["batch_size"], "seq_len": run.seq_len, "trials": p["trials"],
+            "speedup": speedup, "baseline": baseline_name(device, p["tf32"]), "tokens_per_s": tokens,
+            "matmul_peak_flops": peaks, "matmul_ratio": matmul_ratio,
+            "gemm_time_fraction_fp32": gemm_fraction, "amdahl_speedup_bound": amdahl,
+            "speedup_of_amdahl_bound": speedup["median"] / amdahl,
+            "flops_per_token": flops_per_token, "flops_counted_by": "torch.utils.flop_counter.FlopCounterMode",
+            "flops_per_token_analytic": training_flops_per_token(model0, run.seq_len),
+            "mfu": {prec: tokens[prec] * flops_per_token / peaks[prec] for prec in peaks},
+            "memory": {**state_bytes(model0), "activation_bytes": act,
+                       "activation_saving": 1 - act[amp.precision] / act[FP32],
+                       "cuda_peak_bytes": {prec: (int(ours[ours["precision"] == prec]["cuda_peak_bytes"].max())
+                                                  if device.type == "cuda" else None) for prec in peaks}}}
+
+
+def _sweep(run: Prepared, plans, config: TrainConfig) -> list:
+    """The speedup at each of sweep_batch_sizes, with fewer trials: where AMP starts to pay."""
+    p, sweep = run.params, []
+    for bs in p["sweep_batch_sizes"]:
+        t, _ = _speed_trials(run, plans, replace(config, batch_size=bs), max(MIN_TRIALS_FOR_INTERVAL, p["trials"] // 2),
+                             p["warmup_steps"], p["timed_steps"], ("ours",))
+        s = _speedup(t, plans[1].precision)
+        sweep.append({"batch_size": bs, "speedup": s["median"], "ci_low": s["ci_low"], "ci_high": s["ci_high"],
+                      **{f"tokens_per_s_{prec}": v for prec, v in _median_tokens_per_s(t).items()}})
+    return sweep
+
+
+def run_tier3(run: Prepared, progress: bool = False) -> TierResult:
+    """Tier 3 on a prepared run: fp32 against the AMP precision the run resolved, timed, compared and judged."""
+    run.record["tf32"] = run.params["tf32"] if run.device.type == "cuda" else None
+    with tf32_matmuls(run.params["tf32"], run.device):
+        return _benchmark(run, progress)
+
+
+def _interrupted_result(run: Prepared, stop: dict) -> TierResult:
+    """Ctrl-C / SIGTERM: say so, keep the checkpoints, judge nothing."""
+    verdict = Verdict(INTERRUPTED, "warn", f"{stop['message']}. Nothing was judged: run again with resume=True (the batch "
+                      "runner: --resume) to continue from the checkpoints.")
+    return TierResult(3, {INTERRUPTED: CheckResult(verdict, pd.DataFrame())}, run.params, run.record,
+                      {"parameters": count_parameters(run.model), "stop": stop})
+
+
+def _benchmark(run: Prepared, progress: bool) -> TierResult:
+    p, device, amp_plan = run.params, run.device, run.plan
+    plans = (fp32_plan(device), amp_plan)
+    config = TrainConfig(batch_size=p["batch_size"], seq_len=run.seq_len, lr=p["lr"], seed=p["seed"], eval_batches=0,
+                         max_skipped_in_a_row=None)
+    loops = ("ours", *(("compiled",) if p["compile"] else ()), *(("minimal",) if p["minimal_loop"] else ()))
+    trials, stop = _speed_trials(run, plans, config, p["trials"], p["warmup_steps"], p["timed_steps"], loops)
+    runs, stop = (None, stop) if stop else _fine_tune_both(run, plans, progress)
+    if stop:
+        return _interrupted_result(run, stop)
+    ref, amp = runs[FP32], runs[amp_plan.precision]
+    parity_df, parity = _parity(p, ref, amp, runs)
+    batch = tuple(t.to(device) for t in run.data.get_batch("train", p["batch_size"], run.seq_len,
+                                                            torch.Generator().manual_seed(p["seed"])))
+    speed = _throughput(run, plans, trials, batch)
+    if p["compile"]:
+        gemm = {FP32: speed["gemm_time_fraction_fp32"], amp_plan.precision: matmul_time_fraction(copy.deepcopy(run.model),
+                                                                                                   amp_plan, batch)}
+        speed["compile"] = _compile_figures(trials, amp_plan.precision, gemm)
+    if p["minimal_loop"]:
+        speed["minimal_loop_tokens_per_s"] = _median_tokens_per_s(trials, "minimal")
+        speed["loop_efficiency"] = {prec: speed["tokens_per_s"][prec] / speed["minimal_loop_tokens_per_s"][prec]
+                                    for prec in speed["tokens_per_s"]}
+    speed["sweep"] = _sweep(run, plans, config)
+    baseline = _baseline_verdict(ref)
+    checks = {"fp32_baseline": CheckResult(baseline, ref.history[["step", "loss", "grad_norm", "skipped"]],
+                                           {"initial_eval_loss": ref.initial_eval_loss, "final_eval_loss": ref.final_eval_loss,
+                                            "stop": ref.stop}),
+              "amp_safe": CheckResult(_safe_verdict(parity, amp_plan.precision, baseline), parity_df, parity),
+              "amp_worth_it": CheckResult(_worth_verdict(speed, amp_plan), trials, speed)}
+    return TierResult(3, checks, p, run.record, _figures(run, speed, parity, ref, amp))
+
+
+def _figures(run: Prepared, speed: dict, parity: dict, ref: FineTuneResult, amp: FineTuneResult) -> dict:
+    s, tokens, amp_precision = speed["speedup"], speed["tokens_per_s"], speed["amp_precision"]
+    return {"parameters": count_parameters(run.model), "amp_precision": amp_precision, "speedup": s["median"],
+            "speedup_ci_low": s["ci_low"], "speedup_ci_high": s["ci_high"],
+            "tokens_per_s_fp32": tokens[FP32], "tokens_per_s_amp": tokens[amp_precision],
+            "activation_saving": speed["memory"]["activation_saving"], "matmul_ratio": speed["matmul_ratio"],
+            "amdahl_speedup_bound": speed["amdahl_speedup_bound"], "mfu_fp32": speed["mfu"][FP32],
+            "mfu_amp": speed["mfu"][amp_precision], "final_eval_loss_fp32": ref.final_eval_loss,
+            "final_eval_loss_amp": amp.final_eval_loss, "skipped_steps": parity["skipped_steps"]}

@@ -22,11 +22,14 @@ from pathlib import Path
 import matplotlib
 import torch.distributed as dist
 
-from utils.params import TRAIN_PARAMS, ParamError, add_arguments, prepare_training
+from utils.loop.config import TrainConfig
+from utils.loop.distributed import fsdp2_unavailable, gather, init_from_env, ranks
+from utils.loop.stops import INTERRUPTED
+from utils.loop.trainer import Trainer
+from utils.params import FINE_TUNING, TRAIN_PARAMS, ParamError, add_arguments
 from utils.plotting import plot_training
+from utils.prepare import prepare_training
 from utils.results import read_json, write_json_atomic
-from utils.tier3_training_utilities import test_fine_tuning
-from utils.training.distributed import fsdp2_unavailable, gather, init_from_env, ranks
 from utils.verdicts import Verdict
 
 EXIT_INTERRUPTED = 130  # what a shell reports for a process stopped by Ctrl-C
@@ -47,7 +50,7 @@ def _reference(path: str) -> dict:
 
 def _verdict(result) -> Verdict:
     stop = result.stop
-    if stop and stop["reason"] == "interrupted":
+    if stop and stop["reason"] == INTERRUPTED:
         return Verdict("training", "warn", stop["message"])
     if stop:
         return Verdict("training", "fail", stop["message"])
@@ -74,12 +77,9 @@ def main(argv=None) -> int:
     except ParamError as e:
         parser.error(str(e))
     p, out = run.params, Path(run.params["output_dir"])
-    result = test_fine_tuning(
-        run.model, data=run.data, plan=run.plan, steps=p["steps"], batch_size=p["batch_size"], seq_len=run.seq_len,
-        lr=p["lr"], seed=p["seed"], device=run.device, grad_accum_steps=p["grad_accum_steps"],
-        eval_interval=p["eval_interval"], progress=True, checkpoint_dir=p["checkpoint_dir"] or out / "checkpoints",
-        checkpoint_every=p["checkpoint_every"], resume=p["resume"], max_skipped_in_a_row=p["max_skipped_in_a_row"],
-        parallel=p["parallel"], compile=p["compile"], log_every=p["log_every"])
+    loop = {q.name: p[q.name] for q in FINE_TUNING if q.name in p}
+    config = TrainConfig(**{**loop, "seq_len": run.seq_len, "checkpoint_dir": p["checkpoint_dir"] or str(out / "checkpoints")})
+    result = Trainer(run.model, config, run.plan, run.device, run.data).run()
     summary = result.summary()
     tokens_per_step = p["batch_size"] * p["grad_accum_steps"] * run.seq_len  # one rank's
     per_rank = [tokens_per_step / t for t in gather(summary["median_step_time_s"], r)]
@@ -109,7 +109,7 @@ def main(argv=None) -> int:
         gc.collect()
         dist.barrier()
         dist.destroy_process_group()
-    return EXIT_INTERRUPTED if stop_reason == "interrupted" else 1 if verdict.status == "fail" else 0
+    return EXIT_INTERRUPTED if stop_reason == INTERRUPTED else 1 if verdict.status == "fail" else 0
 
 
 if __name__ == "__main__":

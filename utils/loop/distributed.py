@@ -15,7 +15,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
-from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 from torch.nn.parallel import DistributedDataParallel
 
 try:  # FSDP2 is torch.distributed.fsdp.fully_shard from torch 2.6 on; older torch runs DDP only
@@ -23,9 +22,7 @@ try:  # FSDP2 is torch.distributed.fsdp.fully_shard from torch 2.6 on; older tor
 except ImportError:
     fully_shard = MixedPrecisionPolicy = None
 
-from utils.training.amp_utils import PrecisionPlan
-
-PARALLEL_CHOICES = ("ddp", "fsdp2")
+from utils.precision import PrecisionPlan
 
 
 @dataclass(frozen=True)
@@ -82,13 +79,6 @@ def wrap(model: nn.Module, parallel: str, plan: PrecisionPlan, device: torch.dev
                 fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     return model
-
-
-def grad_scaler(plan: PrecisionPlan, parallel: str):
-    """The loop's GradScaler: under FSDP2 the sharded one, whose skip decision is agreed across ranks."""
-    if parallel == "fsdp2" and plan.use_scaler:
-        return ShardedGradScaler(device=plan.device_type)
-    return plan.grad_scaler()
 
 
 def gradient_sync(model: nn.Module, parallel: str, sync: bool):

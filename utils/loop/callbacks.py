@@ -1,0 +1,95 @@
+"""AmpWandbCallback: AMP state to Weights & Biases, from a Lightning Trainer or from this project's loop."""
+
+import functools
+import warnings
+
+from utils.precision import PrecisionPlan, is_fp16
+
+
+@functools.cache
+def _lightning_callback_base():
+    """Lightning's Callback class, or None where Lightning is not installed. Imported on first use,
+    not at module import: Lightning is optional and takes seconds to import."""
+    try:
+        from lightning.pytorch import Callback  # optional dependency
+    except ImportError:
+        try:
+            from pytorch_lightning import Callback  # optional dependency, the older package name
+        except ImportError:
+            return None
+    return Callback
+
+
+@functools.cache
+def _with_base(cls, base):
+    return type(cls.__name__, (cls, base), {"__module__": cls.__module__, "__doc__": cls.__doc__})
+
+
+class AmpWandbCallback:
+    """Logs AMP state to Weights & Biases: amp/enabled (0/1), amp/precision (as given) and, for fp16
+    precisions, amp/loss_scale.
+
+    AmpWandbCallback(enabled, precision) is a Lightning Callback where Lightning is installed (a plain
+    class otherwise, so importing never needs Lightning): on_train_epoch_end(trainer, pl_module) logs
+    with the epoch as the step, reading the scale through self._get_loss_scale(trainer). The same object
+    serves this project's loop (test_fine_tuning(callbacks=[...])): on_step_end(record) also logs
+    amp/skipped_steps, with the optimizer step as the step. AmpWandbCallback.from_plan(plan) builds it
+    from a PrecisionPlan.
+
+    `log` is any callable(dict, step=int); by default wandb.log while a W&B run is active. Without a
+    run nothing is logged, and a logging error is warned about, never raised into training."""
+
+    def __new__(cls, *args, **kwargs):
+        base = _lightning_callback_base()
+        return super().__new__(_with_base(cls, base) if base is not None and not issubclass(cls, base) else cls)
+
+    def __init__(self, enabled: bool, precision: str, log=None):
+        self.enabled, self.precision = bool(enabled), str(precision)
+        self.skipped_steps = 0
+        self._log = log
+
+    @classmethod
+    def from_plan(cls, plan: PrecisionPlan, log=None) -> "AmpWandbCallback":
+        return cls(plan.enabled, plan.precision, log)
+
+    def _get_loss_scale(self, trainer):
+        """The GradScaler's current scale in a Lightning trainer (trainer.strategy.precision_plugin.scaler),
+        as a float, unrounded; None when any piece is missing (no strategy, no plugin, no scaler)."""
+        scaler = getattr(getattr(getattr(trainer, "strategy", None), "precision_plugin", None), "scaler", None)
+        get_scale = getattr(scaler, "get_scale", None)
+        if get_scale is None:
+            return None
+        try:
+            return float(get_scale())
+        except Exception:
+            return None
+
+    def _logger(self):
+        if self._log is not None:
+            return self._log
+        try:
+            import wandb  # optional dependency: only needed when a user tracks runs in W&B
+        except ImportError:
+            return None
+        return wandb.log if wandb.run is not None else None
+
+    def _emit(self, metrics: dict, loss_scale, step: int):
+        log = self._logger()
+        if log is None:
+            return
+        metrics = {"amp/enabled": int(self.enabled), "amp/precision": self.precision, **metrics}
+        if is_fp16(self.precision) and loss_scale is not None:
+            metrics["amp/loss_scale"] = float(loss_scale)
+        try:
+            log(metrics, step=int(step))
+        except Exception as e:  # a logging failure must never stop training
+            warnings.warn(f"AmpWandbCallback could not log at step {step}: {type(e).__name__}: {e}", stacklevel=2)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        """Lightning's hook: once per training epoch."""
+        self._emit({}, self._get_loss_scale(trainer), getattr(trainer, "current_epoch", 0))
+
+    def on_step_end(self, record: dict):
+        """test_fine_tuning's hook: once per optimizer step, in order, at the loop's log points."""
+        self.skipped_steps += int(record["skipped"])
+        self._emit({"amp/skipped_steps": self.skipped_steps}, record["loss_scale"], record["step"])

@@ -1,0 +1,290 @@
+"""The fine-tuning loop: one code path for fp32 and mixed precision, read top to bottom as named phases.
+
+    result = Trainer(model, TrainConfig(steps=60), plan, device).run()
+
+set up     the model on its device (fp8: float8 Linear layers), its data, the step counts, DDP/FSDP2, AdamW, the
+           LR schedule, the plan's loss scaler, the data generator
+resume     the newest valid checkpoint of this same run, or a fresh folder
+train      per optimizer step: the window's micro-batches, forward + loss under autocast, scaled backward,
+           unscale, clip, step (skipped for non-finite gradients), schedule (utils.loop.steps). Nothing is
+           read back to the host: the step's record stays on the device
+log point  every log_every steps, at evaluations, checkpoints and the end: the pending records in one
+           transfer, callbacks (once per step, in order), evaluation, progress
+stop       Ctrl-C/SIGTERM (any rank), a NaN loss, or an overflow storm stops the run with a diagnosis
+checkpoint every checkpoint_every steps, at the end, and on a stop that can be resumed
+With precision '32' autocast and the GradScaler are disabled no-ops, so the fp32 and AMP runs differ in
+precision alone and can be compared like with like.
+"""
+
+import itertools
+import math
+import time
+from dataclasses import dataclass, field
+
+import pandas as pd
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from utils.loop import stops
+from utils.loop.compile import compile_model
+from utils.loop.checkpoint import clear_checkpoints, load_latest, save_checkpoint, structure_digest
+from utils.loop.config import TrainConfig
+from utils.loop.distributed import gather, load_training_state, mean_over_ranks, ranks, rows, training_state, wrap
+from utils.loop.steps import RECORD, LRSchedule, adamw, evaluate, log_interval, param_groups, to_device, train_step, warmup_cosine
+from utils.measure.timing import StepTimer
+from utils.models import load_model, load_task_data
+from utils.precision import PrecisionPlan, convert_for
+
+
+@dataclass
+class FineTuneResult:
+    """What a fine-tuning run did, step by step, and where it ended."""
+
+    history: pd.DataFrame       # one row per optimizer step
+    eval_history: pd.DataFrame  # one row per evaluation (step 0 is before training)
+    plan: PrecisionPlan
+    model: nn.Module = field(repr=False)
+    config: dict = field(default_factory=dict)
+    stop: dict = None  # why the run ended early (interrupted, overflow_storm, nonfinite_loss), else None
+    checkpoints: dict = field(default_factory=dict)  # folder, files written, where it resumed from, notes
+    loop_seconds: float = 0.0  # wall time of the training loop: its steps, log points, evaluations, checkpoints
+
+    @property
+    def interrupted(self) -> bool:
+        return bool(self.stop) and self.stop["reason"] == stops.INTERRUPTED
+
+    def _eval(self, column: str, row: int) -> float:
+        return float(self.eval_history[column].iloc[row]) if len(self.eval_history) else float("nan")  # NaN: no evaluation ran
+
+    @property
+    def initial_eval_loss(self) -> float:
+        return self._eval("eval_loss", 0)
+
+    @property
+    def final_eval_loss(self) -> float:
+        return self._eval("eval_loss", -1)
+
+    @property
+    def final_perplexity(self) -> float:
+        return self._eval("perplexity", -1)
+
+    @property
+    def effective_precision(self) -> str:
+        return self.plan.precision
+
+    @property
+    def precision_reason(self) -> str:
+        return self.plan.reason
+
+    def summary(self) -> dict:
+        """JSON-ready figures for reports and the batch runner."""
+        timed = self.history.iloc[min(2, len(self.history) - 1):]  # the first steps warm up
+        return {"precision": self.plan.to_dict(), **self.config,
+                "initial_eval_loss": self.initial_eval_loss, "final_eval_loss": self.final_eval_loss,
+                "final_perplexity": self.final_perplexity,
+                "median_step_time_s": float(timed["step_time_s"].median()),
+                "median_tokens_per_s": float(timed["tokens_per_s"].median()),
+                "stop": self.stop, "checkpoints": self.checkpoints, **amp_summary(self.history)}
+
+
+def amp_summary(history: pd.DataFrame) -> dict:
+    """AMP statistics over a run's per-step history (loss_scale and skipped per step)."""
+    if len(history) == 0:
+        return {"steps": 0, "skipped_steps": 0, "nonfinite_grad_steps": 0, "final_loss_scale": None, "min_loss_scale": None}
+    return {"steps": int(len(history)), "skipped_steps": int(history["skipped"].sum()),
+            "nonfinite_grad_steps": int(history["nonfinite_grads"].sum()),
+            "final_loss_scale": float(history["loss_scale"].iloc[-1]), "min_loss_scale": float(history["loss_scale"].min())}
+
+
+class Trainer:
+    """One fine-tuning run of `model` (an nn.Module or a load_model spec) under `plan` on `device`.
+    callbacks: objects with an optional on_step_end(record), called once per step, in order, at log points."""
+
+    def __init__(self, model, config: TrainConfig, plan: PrecisionPlan, device: torch.device, data=None, callbacks=(),
+                 progress: bool = True):
+        self.cfg, self.plan, self.device, self.callbacks, self.progress = config, plan, device, callbacks, progress
+        self.r = ranks()
+        self.parallel = config.parallel if self.r.world > 1 else "none"
+        torch.manual_seed(config.seed + self.r.rank)  # dropout masks, if the model has any (each rank its own)
+        self.model = convert_for(plan, load_model(model).to(device)).train()  # fp8: float8 Linear layers
+        self.data = load_task_data(self.model, data, config.seq_len)
+        self._count_steps()
+        self._build()
+        self.records, self.evals, self.saved, self.notes, self.resumed_from = [], None, [], [], None
+        self.start, self.micro_done, self.stop = 0, 0, None
+
+    def _count_steps(self):
+        """Micro-batches to run, and optimizer steps as windows of grad_accum_steps (the last may be partial).
+        Under torchrun every rank draws the same global batch (batch_size x world) and keeps its rows."""
+        cfg = self.cfg
+        self.global_batch = cfg.batch_size * self.r.world
+        if cfg.epochs is not None:
+            self.micro_total = max(1, math.ceil(cfg.epochs * self.data.train_tokens / (self.global_batch * cfg.seq_len)))
+        else:
+            self.micro_total = cfg.steps * cfg.grad_accum_steps
+        self.total_steps = math.ceil(self.micro_total / cfg.grad_accum_steps)
+        self.warmup_steps = max(1, self.total_steps // 10) if cfg.warmup_steps is None else cfg.warmup_steps
+
+    def _build(self):
+        """What the run reports and what a checkpoint must match; then the wrapped model, AdamW, the schedule,
+        the loss scaler and the data generator."""
+        cfg, r, device = self.cfg, self.r, self.device
+        corpus = getattr(self.data, "source", "classification")
+        self.config = {"steps": self.total_steps, "micro_batches": self.micro_total, "batch_size": cfg.batch_size,
+                       "seq_len": cfg.seq_len, "lr": cfg.lr, "grad_accum_steps": cfg.grad_accum_steps, "seed": cfg.seed,
+                       "device": str(device), "corpus": corpus, "corpus_fingerprint": getattr(self.data, "fingerprint", None),
+                       "world_size": r.world, "parallel": self.parallel}
+        # What a checkpoint must match to be resumed here: the same model, precision, data and schedule.
+        self.identity = {"model": structure_digest(self.model), "precision": self.plan.precision,
+                         "data": f"{corpus}:{self.config['corpus_fingerprint']}",
+                         **{k: self.config[k] for k in ("steps", "micro_batches", "batch_size", "seq_len", "grad_accum_steps",
+                                                        "seed", "world_size", "parallel")},
+                         "lr": cfg.lr, "weight_decay": cfg.weight_decay, "warmup_steps": self.warmup_steps,
+                         "max_grad_norm": cfg.max_grad_norm}
+        self.net = wrap(self.model, self.parallel, self.plan, device) if r.world > 1 else self.model
+        self.optimizer = adamw(param_groups(self.net, cfg.weight_decay), cfg.lr, device, sharded=self.parallel == "fsdp2")
+        self.config["optimizer"] = "AdamW (fused)" if self.optimizer.defaults["fused"] else "AdamW (foreach)"
+        self.train_net = self.net  # what the training steps call: the compiled model when asked; evaluation stays eager
+        if cfg.compile:
+            self.train_net, self.config["compile"] = compile_model(self.net, self.data, self.plan, device,
+                                                                   self.global_batch, cfg.seq_len, r, cfg.seed)
+        self.schedule = LRSchedule(self.optimizer, cfg.lr, warmup_cosine(self.warmup_steps, self.total_steps),
+                                   self.total_steps, device)
+        self.scaler = self.plan.loss_scaler(sharded=self.parallel == "fsdp2")
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+
+    # --- resume and checkpoint -------------------------------------------------------------------------------
+
+    def resume(self):
+        """Continue from the newest valid checkpoint of this run (resume=True), else start a fresh folder."""
+        folder = self.cfg.checkpoint_dir
+        if folder and self.cfg.resume:
+            state, path, self.notes = load_latest(folder, self.identity)
+            for note in self.notes if self.r.main else ():
+                print(note)
+            if state is not None:
+                self._load(state)
+                self.resumed_from = str(path)
+        elif folder and self.r.main:
+            clear_checkpoints(folder)
+        if self.evals is None:
+            self.evals = self.evaluate(0)
+
+    def _load(self, state: dict):
+        r, device = self.r, self.device
+        load_training_state(self.net, self.optimizer, state["model"], state["optimizer"])
+        self.schedule.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.generator.set_state(state["rng"]["data"])
+        torch.set_rng_state(state["rng"]["torch"][r.rank])
+        if device.type == "cuda" and state["rng"]["cuda"]:
+            torch.cuda.set_rng_state(state["rng"]["cuda"][r.rank], device)
+        self.start, self.micro_done, self.records, self.evals = (state["step"], state["micro_done"], state["history"],
+                                                                 state["evals"])
+
+    def checkpoint(self, step: int):
+        """A collective under FSDP2: every rank gathers, rank 0 writes."""
+        r, device = self.r, self.device
+        model_state, optimizer_state = training_state(self.net, self.optimizer)
+        rng = {"torch": gather(torch.get_rng_state(), r), "data": self.generator.get_state(),
+               "cuda": gather(torch.cuda.get_rng_state(device), r) if device.type == "cuda" else []}
+        if r.main:
+            self.saved.append(str(save_checkpoint(self.cfg.checkpoint_dir, {
+                "identity": self.identity, "config": self.config, "step": step, "micro_done": self.micro_done,
+                "model": model_state, "optimizer": optimizer_state, "scheduler": self.schedule.state_dict(),
+                "scaler": self.scaler.state_dict(), "rng": rng, "history": self.records, "evals": self.evals},
+                self.cfg.keep_checkpoints)))
+
+    def evaluate(self, step: int) -> list:
+        """[the evaluation at `step`], or [] with eval_batches=0 (the benchmark times steps alone)."""
+        if self.cfg.eval_batches == 0:
+            return []
+        loss = evaluate(self.net, self.data, self.plan, self.device, self.cfg.batch_size, self.cfg.seq_len,
+                        self.cfg.eval_batches, self.r)
+        return [{"step": step, "eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}]
+
+    # --- the loop --------------------------------------------------------------------------------------------
+
+    def run(self) -> FineTuneResult:
+        self.resume()
+        cfg, log_every = self.cfg, log_interval(self.cfg.log_every, self.device)
+        self.in_a_row = sum(1 for _ in itertools.takewhile(lambda rec: rec["skipped"], reversed(self.records)))
+        self.pending, self.windows, self.timer = [], [], StepTimer(self.device)  # records still on the device
+        self.bar = tqdm(total=self.total_steps, initial=self.start, desc=f"fine-tune [{self.plan.precision}]",
+                        disable=not self.progress or not self.r.main, leave=False)
+        loop_start = time.perf_counter()
+        with stops.stop_requests() as stop_asked:
+            for step in range(self.start + 1, self.total_steps + 1):
+                batches = self.train_step()
+                evaluating = step % cfg.eval_interval == 0 or step == self.total_steps
+                periodic = cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == self.total_steps)
+                if not (step % log_every == 0 or evaluating or periodic or step == self.total_steps
+                        or (self.r.world == 1 and stop_asked())):  # under torchrun, ranks agree on a stop at log points
+                    continue
+                broke_at, storm = self.log_point(step, evaluating)
+                self.stop = self.stop_check(step, stop_asked, broke_at, storm, batches[-1][0])
+                if cfg.checkpoint_dir and (periodic or (self.stop and self.stop["reason"] == stops.INTERRUPTED)):
+                    self.checkpoint(step)
+                if self.stop:
+                    break
+        self.bar.close()
+        return self.result(time.perf_counter() - loop_start)
+
+    def train_step(self) -> list:
+        """One optimizer step over this window's micro-batches; its record stays pending on the device."""
+        window = min(self.cfg.grad_accum_steps, self.micro_total - self.micro_done)
+        self.timer.start()
+        batches = [tuple(to_device(rows(t, self.r), self.device)
+                         for t in self.data.get_batch("train", self.global_batch, self.cfg.seq_len, self.generator))
+                   for _ in range(window)]
+        self.pending.append(train_step(self.net, self.train_net, batches, self.scaler, self.optimizer, self.schedule,
+                                       self.cfg.max_grad_norm, self.parallel, self.device))
+        self.timer.stop()
+        self.windows.append(window)
+        self.micro_done += window
+        return batches
+
+    def log_point(self, step: int, evaluating: bool):
+        """The pending records in one transfer (the loss averaged over ranks), then what needs them: records,
+        callbacks, evaluation, progress. Returns where the loss first broke and an overflow storm, if any."""
+        values, loss = torch.stack(self.pending), RECORD.index("loss")
+        values[:, loss] = mean_over_ranks(values[:, loss], self.r)
+        first, broke_at, storm = step - len(self.pending) + 1, None, None
+        tokens_per_micro = self.global_batch * self.cfg.seq_len
+        for n, (row, window, dt) in enumerate(zip(values.tolist(), self.windows, self.timer.read())):
+            record = {"step": first + n, **dict(zip(RECORD, row)), "micro_batches": window, "step_time_s": dt,
+                      "tokens_per_s": window * tokens_per_micro / dt}
+            record["skipped"], record["nonfinite_grads"] = bool(record["skipped"]), bool(record["nonfinite_grads"])
+            self.records.append(record)
+            for cb in self.callbacks if self.r.main else ():
+                if hasattr(cb, "on_step_end"):
+                    cb.on_step_end(record)
+            self.in_a_row = self.in_a_row + 1 if record["skipped"] else 0
+            if self.cfg.max_skipped_in_a_row and self.in_a_row >= self.cfg.max_skipped_in_a_row:
+                storm = (self.in_a_row, record["step"])
+            if broke_at is None and not math.isfinite(record["loss"]):
+                broke_at = record["step"]
+        self.pending, self.windows = [], []
+        if evaluating:
+            self.evals += self.evaluate(step)
+        self.bar.update(step - first + 1)
+        self.bar.set_postfix(loss=f"{self.records[-1]['loss']:.3f}", refresh=False)
+        return broke_at, storm
+
+    def stop_check(self, step: int, stop_asked, broke_at, storm, x: torch.Tensor):
+        """Stop early: asked to (any rank), or training broke (decided from values every rank shares)."""
+        if mean_over_ranks(float(stop_asked()), self.r) > 0:
+            return stops.interrupted(step, self.total_steps, self.cfg.checkpoint_dir)
+        if self.cfg.max_skipped_in_a_row and broke_at is not None and not self.plan.use_scaler:
+            return stops.diagnosis(stops.NONFINITE_LOSS, step, broke_at, 1, self.records, self.net, x, self.plan)
+        if storm:
+            return stops.diagnosis(stops.OVERFLOW_STORM, step, storm[1], storm[0], self.records, self.net, x, self.plan)
+        return None
+
+    def result(self, loop_seconds: float) -> FineTuneResult:
+        eval_history = pd.DataFrame(self.evals, columns=["step", "eval_loss", "perplexity"])
+        checkpoints = {"dir": str(self.cfg.checkpoint_dir) if self.cfg.checkpoint_dir else None, "saved": self.saved,
+                       "resumed_from": self.resumed_from, "notes": self.notes}
+        return FineTuneResult(pd.DataFrame(self.records), eval_history, self.plan, self.model, self.config, self.stop,
+                              checkpoints, loop_seconds)
