@@ -9,9 +9,11 @@ import torch
 from tests.user_models import EmitsNaN, OverflowsFp16, TinyGPTWrapper
 from utils.models import build_model
 from utils.plotting import plot_loss_curves, plot_loss_scale, plot_memory, plot_speedup_sweep, plot_throughput
-from utils.training.amp_benchmark import (bootstrap_ratio, main, matmul_params, measured_flops_per_token,
-                                         test_amp_speedup_benchmark, training_flops_per_token)
-from utils.training.amp_utils import resolve_precision, saved_activation_bytes, tf32_matmuls
+from utils.measure import (bootstrap_ratio, matmul_params, measured_flops_per_token, saved_activation_bytes,
+                           training_flops_per_token)
+from utils.precision import resolve as resolve_precision
+from utils.precision import tf32_matmuls
+from utils.training.amp_benchmark import main, test_amp_speedup_benchmark
 from utils.verdicts import TierResult
 
 matplotlib.use("Agg")

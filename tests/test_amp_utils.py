@@ -2,23 +2,25 @@ import pandas as pd
 import pytest
 import torch
 
-from utils.training import amp_utils
-from utils.training.amp_utils import AmpWandbCallback, amp_summary, resolve_precision
+from utils import precision
+from utils.loop.trainer import amp_summary
+from utils.precision import resolve as resolve_precision
+from utils.training.amp_utils import AmpWandbCallback
 
 
 @pytest.fixture
 def gpu(monkeypatch):
     """Pretend a CUDA device of a given compute capability is present (only the resolver asks)."""
     def install(major, minor, name):
-        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, minor))
-        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+        monkeypatch.setattr(precision, "device_capability", lambda device: (major, minor))
+        monkeypatch.setattr(precision, "device_name", lambda device: name)
     return install
 
 
 @pytest.fixture
 def cpu_bf16(monkeypatch):
     def install(native):
-        monkeypatch.setattr(amp_utils, "cpu_has_native_bf16", lambda: native)
+        monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
     return install
 
 

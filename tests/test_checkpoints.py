@@ -19,7 +19,7 @@ from utils.results import read_json
 from utils.run import main
 from utils.tier3_training_utilities import test_fine_tuning
 from utils.tiers import run_tier
-from utils.training.checkpoint import CheckpointMismatch, load_latest
+from utils.loop.checkpoint import CheckpointMismatch, load_latest
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = dict(steps=60, batch_size=8, seq_len=32, eval_interval=20, eval_batches=2, progress=False, device="cpu")
@@ -163,7 +163,7 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_and_resume_wo
     """The process dies while writing the step-40 checkpoint (after half its bytes): step 20's is intact."""
     script = textwrap.dedent(f"""
         import os, sys, time, torch
-        import utils.training.checkpoint as checkpoint
+        import utils.loop.checkpoint as checkpoint
         from utils.models import build_model
         from utils.tier3_training_utilities import test_fine_tuning
         real_save = torch.save
@@ -230,7 +230,7 @@ def test_tier3_interrupted_in_fine_tuning_keeps_its_checkpoint_and_resume_gives_
     FaultOnce.forwards = 0
     stopped = run_tier(3, params, model=FaultOnce())
     assert list(stopped.checks) == ["interrupted"] and stopped.status == "warn"
-    assert "the fp32 fine-tuning run was interrupted at step 5 of 12; resume=True" in stopped.figures["interrupted"]
+    assert "the fp32 fine-tuning run was interrupted at step 5 of 12; resume=True" in stopped.figures["stop"]["message"]
     assert "resume=True" in stopped.verdicts[0].reason
     assert [p.name for p in (tmp_path / "32").iterdir()] == ["step_00000005.pt"]
     monkeypatch.delenv("SUITE_TEST_FAULT")

@@ -1,5 +1,5 @@
 """A training step that never waits for the host: its record stays on the device and the loop reads the
-records in one transfer at log points (utils.training.steps). Every record, skipped step, LR and weight is
+records in one transfer at log points (utils.loop.steps). Every record, skipped step, LR and weight is
 what a step-by-step read gives, whatever log_every is; the stops still happen, at log points.
 
 On a CPU nothing waits, but the reads that would make a GPU wait (.item(), float(), bool() of a tensor)
@@ -16,10 +16,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.user_models import EmitsNaN, OverflowsFp16
 from utils.models import build_model, load_task_data
-from utils.tier3_training_utilities import _param_groups, adamw, test_fine_tuning, train_step
-from utils.training.amp_utils import resolve_precision
-from utils.training.distributed import grad_scaler
-from utils.training.steps import LOG_EVERY_ACCELERATOR, RECORD, LRSchedule, log_interval, to_device, warmup_cosine
+from utils.loop.steps import RECORD, LRSchedule, adamw, log_interval, param_groups, to_device, train_step, warmup_cosine
+from utils.params import LOG_EVERY_ACCELERATOR
+from utils.precision import resolve as resolve_precision
+from utils.tier3_training_utilities import test_fine_tuning
 
 RUN = dict(steps=24, batch_size=4, seq_len=16, eval_interval=12, eval_batches=2, progress=False, device="cpu")
 COLUMNS = ["step", "loss", "lr", "grad_norm", "loss_scale", "skipped", "nonfinite_grads", "micro_batches"]
@@ -64,12 +64,12 @@ def gpt(faults=None, factor=1e6):
 def step_parts(model, precision, device, steps=8):
     """What test_fine_tuning builds around train_step, for calling it directly."""
     plan = resolve_precision(precision, device)
-    optimizer = adamw(_param_groups(model, 0.01), 1e-3, device)
+    optimizer = adamw(param_groups(model, 0.01), 1e-3, device)
     schedule = LRSchedule(optimizer, 1e-3, warmup_cosine(2, steps), steps, device)
     data = load_task_data(model, None, 16)
     generator = torch.Generator().manual_seed(0)
     batches = [[tuple(to_device(t, device) for t in data.get_batch("train", 4, 16, generator))] for _ in range(steps)]
-    return plan, grad_scaler(plan, "none"), optimizer, schedule, batches
+    return plan, plan.loss_scaler(), optimizer, schedule, batches
 
 
 @pytest.mark.parametrize("precision", ["32", "bf16-mixed", "16-mixed"])
@@ -78,7 +78,7 @@ def test_a_training_step_reads_nothing_back_to_the_host(precision):
     model, _ = gpt(faults={2}, factor=float("inf") if precision != "16-mixed" else 1e6)  # step 2 is skipped
     plan, scaler, optimizer, schedule, batches = step_parts(model, precision, device)
     with HostReads() as reads:
-        records = [train_step(model, model, batch, plan, scaler, optimizer, schedule, 1.0, "none", device)
+        records = [train_step(model, model, batch, scaler, optimizer, schedule, 1.0, "none", device)
                    for batch in batches[:4]]
     assert reads.count == 0
     skipped = [bool(r[RECORD.index("skipped")]) for r in records]
@@ -180,7 +180,7 @@ def test_on_a_gpu_a_training_step_never_synchronizes(precision):
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")  # any host wait inside a step raises
     try:
-        records = [train_step(model, model, batch, plan, scaler, optimizer, schedule, 1.0, "none", device)
+        records = [train_step(model, model, batch, scaler, optimizer, schedule, 1.0, "none", device)
                    for batch in batches]
     finally:
         torch.cuda.set_sync_debug_mode("default")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from utils import train
-from utils.training import distributed
+from utils.loop import distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["--model", "gpt-tiny", "--precision", "bf16-mixed", "--steps", "40", "--seq-len", "32", "--eval-interval", "20"]

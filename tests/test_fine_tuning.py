@@ -7,9 +7,10 @@ import torch
 
 from utils.data import load_corpus
 from utils.models import ModelLoadError, build_model, compute_loss
-from utils.tier3_training_utilities import _training_step, test_fine_tuning
-from utils.training.amp_utils import AmpWandbCallback, resolve_precision
-from utils.training.steps import warmup_cosine
+from utils.loop.callbacks import AmpWandbCallback
+from utils.loop.steps import forward_backward, warmup_cosine
+from utils.precision import resolve as resolve_precision
+from utils.tier3_training_utilities import test_fine_tuning
 
 FAST = dict(steps=6, batch_size=4, seq_len=16, eval_interval=3, eval_batches=2, progress=False)
 
@@ -106,11 +107,11 @@ def test_accumulation_divides_by_the_window():
     corpus = load_corpus()
     x, y = corpus.get_batch("train", 8, 16, torch.Generator().manual_seed(0))
     plan = resolve_precision("32", "cpu")
-    scaler = plan.grad_scaler()
+    scaler = plan.loss_scaler()
     whole, halves = fresh_gpt(), fresh_gpt()
-    _training_step(whole, (x, y), plan, scaler, window=1)
-    _training_step(halves, (x[:4], y[:4]), plan, scaler, window=2)
-    _training_step(halves, (x[4:], y[4:]), plan, scaler, window=2)
+    forward_backward(whole, (x, y), plan, scaler, window=1)
+    forward_backward(halves, (x[:4], y[:4]), plan, scaler, window=2)
+    forward_backward(halves, (x[4:], y[4:]), plan, scaler, window=2)
     for (name, p), q in zip(whole.named_parameters(), halves.parameters()):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-4, msg=name)
 

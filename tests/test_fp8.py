@@ -9,7 +9,8 @@ import torch
 
 from utils.models import build_model
 from utils.tiers import run_tier
-from utils.training.amp_utils import UnsupportedPrecision, convert_for, resolve_precision
+from utils.precision import UnsupportedPrecision, convert_for
+from utils.precision import resolve as resolve_precision
 
 TIER3 = dict(model="gpt-tiny", device="cpu", steps=30, batch_size=8, seq_len=32, lr=3e-3, trials=1, warmup_steps=1,
              timed_steps=1)

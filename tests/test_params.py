@@ -5,9 +5,9 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 
-from utils import params as spec_module
+from utils import precision
+from utils import prepare as prepare_module
 from utils.params import TIER_PARAMS, ParamError, check_params, coerce, defaults, markdown_table
 from utils.run import main as run_main
 from utils.tiers import run_tier
@@ -49,7 +49,7 @@ def test_run_help_and_benchmark_help_list_every_parameter_with_its_default(capsy
     (3, "sweep_batch_sizes", [4, "8"], "got [4, '8'] (list)"),
     (1, "batch_sizes", {1, 2}, "got {1, 2} (set)"),
     (1, "model", b"gpt-tiny", "parameter 'model' expects a string; got b'gpt-tiny' (bytes)"),
-    (2, "precision", "fp4", "expects a string in 'auto', '32', '16-mixed', 'bf16-mixed', 'fp8', 'fp8-emulated'; got 'fp4'"),
+    (2, "precision", "fp4", "expects a string in 'auto', '32', '16-mixed', 'bf16-mixed', 'fp8', 'fp8-emulated' (or an alias); got 'fp4'"),
     (2, "model_kwargs", [1], "expects a mapping of names to JSON values; got [1] (list)"),
     (1, "model_kwargs", {"a": (1, 2)}, "expects a mapping of names to JSON values; got {'a': (1, 2)} (dict)"),
     (3, "minimal_loop", 1, "expects true or false; got 1 (int)"),
@@ -90,12 +90,12 @@ TINY = {1: {"seq_len": 16, "latency_iters": 3, "batch_sizes": [1]},
 
 @pytest.mark.parametrize("tier", [1, 2, 3])
 def test_device_cpu_means_cpu_in_every_check_even_where_cuda_is_available(tier, monkeypatch):
-    """Pretend this machine has CUDA: any check that resolved its own device would pick it and fail
-    (this torch has no CUDA). With device='cpu' resolved once, every check runs on the CPU."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    """Pretend this machine has CUDA, at the project's device seam: any check that resolved its own device
+    would pick it and fail (this torch has no CUDA). With device='cpu' resolved once, every check runs on the CPU."""
+    monkeypatch.setattr(precision, "cuda_available", lambda: True)
     resolved = []
-    real = spec_module.resolve_device
-    monkeypatch.setattr(spec_module, "resolve_device", lambda d: resolved.append(d) or real(d))
+    real = prepare_module.resolve_device
+    monkeypatch.setattr(prepare_module, "resolve_device", lambda d: resolved.append(d) or real(d))
     result = run_tier(tier, {**TINY[tier], "device": "cpu"})
     assert resolved == ["cpu"] and result.record["device"] == "cpu"
     assert not [v for v in result.verdicts if v.reason.startswith("the check crashed")], result.verdict_table().to_string()

@@ -16,7 +16,7 @@ from utils.results import read_json
 from utils.run import main
 from utils.tier3_training_utilities import test_fine_tuning
 from utils.tiers import run_tier
-from utils.training.amp_benchmark import matmul_params, measured_flops_per_token, training_flops_per_token
+from utils.measure import matmul_params, measured_flops_per_token, training_flops_per_token
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")

@@ -11,10 +11,10 @@ from tests.user_models import DetachedLayer, EmitsNaN, IgnoresSequenceLength, Ov
 from utils import plotting
 from utils import tier1_critical_validation as t1
 from utils.models import build_model
-from utils.tier1_critical_validation import check_memory, run_tier1
-from utils.tier2_advanced_analysis import analyze_amp_readiness, analyze_attention, run_tier2, sample_batch
+from utils.tier1_critical_validation import check_memory
+from utils.tier2_advanced_analysis import analyze_amp_readiness, analyze_attention, sample_batch
 from utils.tiers import run_tier, save_tier
-from utils.training.amp_utils import resolve_precision
+from utils.precision import resolve as resolve_precision
 from utils.verdicts import TierResult
 
 BF16 = resolve_precision("bf16-mixed", "cpu")
@@ -29,7 +29,7 @@ def statuses(result):
 @pytest.fixture(scope="module")
 def reference_results():
     """Tiers 1 and 2 on both reference models, run once for every test that reads them."""
-    return {name: (run_tier1(name, device="cpu"), run_tier2(name, device="cpu")) for name in ("gpt-tiny", "encoder-tiny")}
+    return {name: (run_tier(1, {"device": "cpu"}, model=name), run_tier(2, {"device": "cpu"}, model=name)) for name in ("gpt-tiny", "encoder-tiny")}
 
 
 def non_timing(result):
@@ -50,13 +50,13 @@ def test_reference_models_pass_every_non_timing_check(name, reference_results):
 
 @pytest.mark.parametrize("spec", ["tests.user_models:make_hf_style", "tests.user_models:make_tuple_lm"])
 def test_user_output_forms_work_in_every_check(spec):
-    for result in (run_tier1(spec), run_tier2(spec)):
+    for result in (run_tier(1, model=spec), run_tier(2, model=spec)):
         assert set(non_timing(result).values()) == {"pass"}, result.verdict_table().to_string()
-    assert len(run_tier2(spec).checks["attention"].data) == 4  # found the wrapped model's heads
+    assert len(run_tier(2, model=spec).checks["attention"].data) == 4  # found the wrapped model's heads
 
 
 def test_detached_layer_fails_gradient_flow_naming_it():
-    r = run_tier1(DetachedLayer())
+    r = run_tier(1, model=DetachedLayer())
     assert non_timing(r) == {"shapes": "pass", "causality": "pass", "gradient_flow": "fail", "numerics": "pass", "initialization": "pass",
                              "memory": "pass"}
     v = r.checks["gradient_flow"].verdict
@@ -65,7 +65,7 @@ def test_detached_layer_fails_gradient_flow_naming_it():
 
 
 def test_non_finite_values_fail_every_tier2_analysis_that_sees_them():
-    r = run_tier2(EmitsNaN(), device="cpu")  # NaN logits; the attention inside is finite, and is not blamed
+    r = run_tier(2, {"device": "cpu"}, model=EmitsNaN())  # NaN logits; the attention inside is finite, and is not blamed
     assert non_timing(r) == {"attention": "pass", "robustness": "fail", "amp_readiness": "fail"}
     assert "NaN/Inf" in r.checks["robustness"].verdict.reason and "not mixed precision" in r.checks["amp_readiness"].verdict.reason
     model = build_model("gpt-tiny")
@@ -76,7 +76,7 @@ def test_non_finite_values_fail_every_tier2_analysis_that_sees_them():
 
 
 def test_nan_model_fails_numerics_and_gradients():
-    r = run_tier1(EmitsNaN())
+    r = run_tier(1, model=EmitsNaN())
     assert non_timing(r) == {"shapes": "pass", "causality": "fail", "gradient_flow": "fail", "numerics": "fail", "initialization": "pass",
                              "memory": "pass"}
     assert statuses(r)["numerics"] == "fail" and "NaN" in r.checks["numerics"].verdict.reason
@@ -84,7 +84,7 @@ def test_nan_model_fails_numerics_and_gradients():
 
 
 def test_zero_initialized_weight_fails_initialization_naming_it():
-    r = run_tier1(zero_initialized())
+    r = run_tier(1, model=zero_initialized())
     # a zero matrix also starves the gradients behind it: gradient flow warns (vanishing), naming them
     assert non_timing(r) == {"shapes": "pass", "causality": "pass", "gradient_flow": "warn", "numerics": "pass", "initialization": "fail",
                              "memory": "pass"}
@@ -93,7 +93,7 @@ def test_zero_initialized_weight_fails_initialization_naming_it():
 
 
 def test_output_ignoring_sequence_length_fails_shapes():
-    r = run_tier1(IgnoresSequenceLength())
+    r = run_tier(1, model=IgnoresSequenceLength())
     # its every position is the last one, which saw the whole input: causality fails too, rightly
     assert non_timing(r) == {"shapes": "fail", "causality": "fail", "gradient_flow": "fail", "numerics": "pass", "initialization": "pass",
                              "memory": "fail"}

@@ -177,7 +177,7 @@ TIER_PARAMS = {
         Param("tf32", bool, False, "let the fp32 baseline's CUDA matmuls run as TF32 (faster, 10-bit mantissa); off, "
               "AMP is measured against true fp32. The record says which"),
         replace(_LOOP["max_skipped_in_a_row"], optional=False),
-        *_loop("checkpoint_every", "checkpoint_dir", "resume"),
+        _LOOP["checkpoint_every"], replace(_LOOP["checkpoint_dir"], optional=False), _LOOP["resume"],
         *_TAIL),
 }
 # Tier 3's fine-tuning runs: the loop's settings it takes from its parameters (the rest are the loop's defaults).

@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from utils.models import (compute_loss, count_parameters, forward, load_task_data, model_device, model_max_len, model_task,
                           model_vocab_size)
-from utils.measure.memory import saved_activation_bytes
+from utils.measure import saved_activation_bytes
 from utils.precision import PrecisionPlan, synchronize
 from utils.prepare import Prepared
 from utils.verdicts import CheckResult, TierResult, Verdict, run_check

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from utils.models import count_parameters, forward, load_task_data, model_device, model_max_len, model_vocab_size
-from utils.measure.activations import layer_outputs
+from utils.measure import layer_outputs
 from utils.precision import BF16, FP16, MIXED, PrecisionPlan, convert_for, fp32_plan, resolve, short_label
 from utils.prepare import Prepared
 from utils.verdicts import CheckResult, TierResult, Verdict, run_check

@@ -26,10 +26,8 @@ from utils.loop.config import TrainConfig
 from utils.loop.steps import adamw
 from utils.loop.stops import INTERRUPTED
 from utils.loop.trainer import FineTuneResult, Trainer
-from utils.measure.flops import measured_flops_per_token, training_flops_per_token
-from utils.measure.memory import saved_activation_bytes, state_bytes
-from utils.measure.stats import MIN_TRIALS_FOR_INTERVAL, ratio_of_medians, smooth
-from utils.measure.timing import matmul_time_fraction, measure_matmul_peak
+from utils.measure import (MIN_TRIALS_FOR_INTERVAL, matmul_time_fraction, measure_matmul_peak, measured_flops_per_token,
+                           ratio_of_medians, saved_activation_bytes, smooth, state_bytes, training_flops_per_token)
 from utils.models import compute_loss, count_parameters
 from utils.params import TIER3_LOOP, output_folder
 from utils.precision import (FP32, AUTO, PrecisionPlan, baseline_name, convert_for, fp32_plan, label, resolve,

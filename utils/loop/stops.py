@@ -10,7 +10,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
-from utils.measure.activations import largest_activation
+from utils.measure import largest_activation
 from utils.precision import PrecisionPlan, label
 
 INTERRUPTED, NONFINITE_LOSS, OVERFLOW_STORM = "interrupted", "nonfinite_loss", "overflow_storm"

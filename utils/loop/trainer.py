@@ -32,7 +32,7 @@ from utils.loop.checkpoint import clear_checkpoints, load_latest, save_checkpoin
 from utils.loop.config import TrainConfig
 from utils.loop.distributed import gather, load_training_state, mean_over_ranks, ranks, rows, training_state, wrap
 from utils.loop.steps import RECORD, LRSchedule, adamw, evaluate, log_interval, param_groups, to_device, train_step, warmup_cosine
-from utils.measure.timing import StepTimer
+from utils.measure import StepTimer
 from utils.models import load_model, load_task_data
 from utils.precision import PrecisionPlan, convert_for
 
@@ -68,14 +68,6 @@ class FineTuneResult:
     @property
     def final_perplexity(self) -> float:
         return self._eval("perplexity", -1)
-
-    @property
-    def effective_precision(self) -> str:
-        return self.plan.precision
-
-    @property
-    def precision_reason(self) -> str:
-        return self.plan.reason
 
     def summary(self) -> dict:
         """JSON-ready figures for reports and the batch runner."""

@@ -1,0 +1,91 @@
+"""The shape of the code, held by tests: short functions with few parameters, precision names in one module,
+one set of loop defaults, and the spellings the runner and the Python API accept being the same."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from utils import precision
+from utils.loop.config import TrainConfig
+from utils.params import FINE_TUNING, check_params
+from utils.run import run_digest
+from utils.tier3_training_utilities import test_fine_tuning
+from utils.training.amp_utils import AmpWandbCallback
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCES = sorted((ROOT / "utils").rglob("*.py"))
+MAX_LINES, MAX_PARAMS = 60, 10
+# The seed's entry points keep its keywords (test_fine_tuning takes the loop's settings as **settings).
+SEED_ENTRY_POINTS = {"test_fine_tuning", "test_amp_speedup_benchmark"}
+
+
+def functions():
+    for path in SOURCES:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                yield path.relative_to(ROOT), node
+
+
+def test_no_function_in_utils_is_longer_than_a_screen_or_takes_too_many_parameters():
+    long = [f"{path}:{f.lineno} {f.name} ({f.end_lineno - f.lineno + 1} lines)" for path, f in functions()
+            if f.end_lineno - f.lineno + 1 > MAX_LINES]
+    assert not long, f"functions over {MAX_LINES} lines: split them: {long}"
+    wide = []
+    for path, f in functions():
+        a = f.args
+        count = len(a.posonlyargs) + len(a.args) + len(a.kwonlyargs) - int(bool(a.args) and a.args[0].arg in ("self", "cls"))
+        if count > MAX_PARAMS and f.name not in SEED_ENTRY_POINTS:
+            wide.append(f"{path}:{f.lineno} {f.name} ({count} parameters)")
+    assert not wide, f"functions over {MAX_PARAMS} parameters: group them in a config: {wide}"
+
+
+def _docstrings(tree) -> set:
+    return {id(node.body[0].value) for node in ast.walk(tree)
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+
+
+def test_precision_names_are_written_in_one_module_only():
+    """Outside utils/precision.py no code writes a precision's name as a string to compare, map or label it
+    (prose in messages and docstrings may mention one; 'auto' is also a device and a task word)."""
+    spellings = {name for name in precision._ALIASES if name != precision.AUTO} | precision._FP16_SPELLINGS
+    found = []
+    for path in SOURCES:
+        if path.name == "precision.py":
+            continue
+        tree = ast.parse(path.read_text())
+        skip = _docstrings(tree)
+        found += [f"{path.relative_to(ROOT)}:{n.lineno} {n.value!r}" for n in ast.walk(tree)
+                  if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in skip
+                  and n.value.strip().lower() in spellings]
+    assert not found, f"precision names outside utils/precision.py (ask the plan, or use its constants): {found}"
+
+
+def test_a_planted_precision_literal_is_found(tmp_path):
+    """The check above can fail: the same scan finds a literal written the way the old modules did."""
+    tree = ast.parse('PRECISION_COLORS = {"32": "tab:blue", "16-mixed": "tab:red"}\n')
+    hits = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and n.value in precision._ALIASES]
+    assert hits == ["32", "16-mixed"]
+
+
+def test_the_loop_config_is_the_spec_one_field_per_parameter_with_its_default():
+    config = TrainConfig()
+    assert list(config.__dataclass_fields__) == [p.name for p in FINE_TUNING]
+    assert {p.name: getattr(config, p.name) for p in FINE_TUNING} == {p.name: p.default for p in FINE_TUNING}
+
+
+@pytest.mark.parametrize("spelling", ["fp16", "16", "float16", "16-mixed", "FP16"])
+def test_the_runner_and_the_python_api_accept_the_same_spellings(spelling):
+    assert check_params(3, {"precision": spelling})["precision"] == precision.FP16
+    assert run_digest(3, {"precision": spelling}) == run_digest(3, {"precision": precision.FP16})  # the same run
+    r = test_fine_tuning("gpt-tiny", precision=spelling, steps=1, batch_size=2, seq_len=8, eval_batches=1, progress=False,
+                         device="cpu")
+    assert r.plan.precision == precision.FP16 and r.plan.use_scaler
+
+
+def test_the_callback_reads_a_lightning_trainers_scale_through_its_method():
+    scaler = type("Scaler", (), {"get_scale": lambda self: 1024.0})()
+    trainer = type("Trainer", (), {})()
+    trainer.strategy = type("Strategy", (), {"precision_plugin": type("Plugin", (), {"scaler": scaler})()})()
+    assert AmpWandbCallback(enabled=True, precision="16")._get_loss_scale(trainer) == 1024.0

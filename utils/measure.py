@@ -1,0 +1,238 @@
+"""Measurement, below the tiers and the loop: training FLOPs counted on the actual model, a matmul peak measured
+on this machine, the GEMM share of a step (what autocast can speed up, by Amdahl's law), per-step timers that
+never make the device wait, memory (activations saved for backward, parameter and optimizer state), statistics
+of repeated trials (a ratio of medians with its bootstrap interval), and every layer's output under a precision."""
+
+import math
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+from utils.models import compute_loss, get_logits
+from utils.precision import PrecisionPlan, synchronize
+
+def matmul_params(model: nn.Module) -> int:
+    """Parameters that take part in matmuls (2-D weights not only used as embedding lookups).
+    A weight tied between an embedding and the output layer counts once, as a matmul."""
+    counted = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            if p.dim() >= 2 and not isinstance(module, nn.Embedding):
+                counted[id(p)] = p.numel()
+    return sum(counted.values()) or sum(p.numel() for p in model.parameters())
+
+
+def training_flops_per_token(model: nn.Module, seq_len: int):
+    """The analytic count for this project's GPT layout: 6 N per token (forward 2N, backward 4N) plus
+    attention's 12 * layers * seq_len * d_model (PaLM, appendix B). None for a model without n_layer and
+    d_model on its config: the formula would be a guess there. A cross-check of measured_flops_per_token."""
+    cfg = getattr(model, "config", None)
+    if not (hasattr(cfg, "n_layer") and hasattr(cfg, "d_model")):
+        return None
+    return 6 * matmul_params(model) + 12 * cfg.n_layer * seq_len * cfg.d_model
+
+
+def _sdpa_cpu(query, key, value, *args, out_shape=None, **kwargs):
+    return sdpa_flop_count(query, key, value)
+
+
+def _sdpa_cpu_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs):
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+# FlopCounterMode knows the CUDA attention kernels; the CPU one (what SDPA runs here) gets the same formula.
+_CPU_ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu,
+                        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_backward}
+
+
+def measured_flops_per_token(model: nn.Module, batch) -> float:
+    """Training FLOPs per token of the actual model, counted by torch's FlopCounterMode over one forward
+    and backward of `batch`: right for any architecture, where a formula assumes one layout."""
+    x, y = batch
+    counter = FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION_FLOPS)
+    with counter:
+        compute_loss(model, x, y).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / x.numel()
+
+
+GEMM_OPS = ("mm", "addmm", "bmm", "baddbmm", "addbmm")
+
+
+def measure_matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 0.5) -> float:
+    """FLOP/s of a large square matmul in `dtype` on `device`: the practical ceiling for this run.
+    A dtype the device only emulates (fp16 on most CPUs: ~2 GFLOP/s) gets a smaller problem, so the
+    measurement stays within about `seconds` instead of taking minutes."""
+    def matmul_time(n):
+        a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+        a @ b  # warm-up
+        synchronize(device)
+        t0 = time.perf_counter()
+        a @ b
+        synchronize(device)
+        return time.perf_counter() - t0
+
+    n, probe = (8192 if device.type == "cuda" else 2048), 512
+    if matmul_time(probe) * (n / probe) ** 3 > seconds / 4:
+        n = probe
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    a @ b
+    synchronize(device)
+    count, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        count += 1
+        if count % 4 == 0:
+            synchronize(device)
+    synchronize(device)
+    return 2 * n ** 3 * count / (time.perf_counter() - t0)
+
+
+class _OpTimer(TorchDispatchMode):
+    """Times every aten op run under it (synchronized on CUDA), and the GEMMs among them. Unlike
+    torch.profiler it prints nothing, so notebook outputs stay clean."""
+
+    def __init__(self, device: torch.device):
+        super().__init__()
+        self.device, self.total, self.gemm = device, 0.0, 0.0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        synchronize(self.device)
+        t0 = time.perf_counter()
+        out = func(*args, **(kwargs or {}))
+        synchronize(self.device)
+        dt = time.perf_counter() - t0
+        self.total += dt
+        if func.overloadpacket.__name__ in GEMM_OPS:
+            self.gemm += dt
+        return out
+
+
+def matmul_time_fraction(model: nn.Module, plan: PrecisionPlan, batch, repeats: int = 3) -> float:
+    """Share of forward+backward op time spent in GEMMs, over `repeats` passes. By Amdahl's law
+    only this share speeds up under autocast."""
+    x, y = batch
+    compute_loss(model, x, y).backward()  # warm-up, untimed
+    timer = _OpTimer(x.device)
+    with timer:
+        for _ in range(repeats):
+            with plan.autocast():
+                loss = compute_loss(model, x, y)
+            loss.backward()
+    model.zero_grad(set_to_none=True)
+    return timer.gemm / timer.total if timer.total else float("nan")
+
+
+class StepTimer:
+    """Per-step times, read at log points: CUDA events on a GPU (the device's own clock; recording one
+    does not wait), the wall clock elsewhere."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.spans = device, []
+
+    def _mark(self):
+        if self.device.type != "cuda":
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+    def start(self):
+        self._begun = self._mark()
+
+    def stop(self):
+        self.spans.append((self._begun, self._mark()))
+
+    def read(self) -> list:
+        """Seconds of each step since the last read (on a GPU, waits for the last one to finish)."""
+        if self.device.type == "cuda":
+            self.spans[-1][1].synchronize()
+            times = [begun.elapsed_time(end) / 1000 for begun, end in self.spans]
+        else:
+            times = [end - begun for begun, end in self.spans]
+        self.spans = []
+        return times
+
+
+def saved_activation_bytes(model: nn.Module, plan: PrecisionPlan, batch) -> int:
+    """Bytes of tensors autograd saves for backward in one forward + loss (counted once per storage;
+    parameters excluded, they are memory either way). Meaningful on a CPU, where no allocator peak exists."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    x, y = batch
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), plan.autocast():
+        loss = compute_loss(model, x, y)
+    del loss
+    return sum(seen.values())
+
+
+def state_bytes(model: nn.Module) -> dict:
+    """Parameter and AdamW state bytes. Autocast keeps fp32 master weights, so these are the same
+    for fp32 and AMP: AMP saves activation memory, not weight memory."""
+    param = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {"parameter_bytes": param, "optimizer_state_bytes": 2 * sum(p.numel() * 4 for p in model.parameters())}
+
+
+MIN_TRIALS_FOR_INTERVAL = 3  # fewer trials give a bootstrap interval of (almost) zero width: no interval at all
+
+
+def bootstrap_ratio(numerator, denominator, n_resamples: int = 2000, seed: int = 0):
+    """95% bootstrap interval of median(numerator) / median(denominator), resampling trials."""
+    rng = np.random.default_rng(seed)
+    num, den = np.asarray(numerator, float), np.asarray(denominator, float)
+    ratios = [np.median(rng.choice(num, len(num))) / np.median(rng.choice(den, len(den))) for _ in range(n_resamples)]
+    return float(np.percentile(ratios, 2.5)), float(np.percentile(ratios, 97.5))
+
+
+def ratio_of_medians(numerator, denominator) -> dict:
+    """median(numerator) / median(denominator) and its 95% bootstrap interval (None below
+    MIN_TRIALS_FOR_INTERVAL trials)."""
+    num, den = pd.Series(numerator, dtype=float), pd.Series(denominator, dtype=float)
+    low, high = bootstrap_ratio(num, den) if len(num) >= MIN_TRIALS_FOR_INTERVAL else (None, None)
+    return {"median": float(num.median() / den.median()), "ci_low": low, "ci_high": high}
+
+
+def smooth(series: pd.Series, window: int = 10) -> pd.Series:
+    """Rolling median: a one-step loss spike that recovers does not count, a lasting drift does."""
+    return series.rolling(min(window, len(series)), min_periods=1).median()
+
+
+def layer_outputs(model: nn.Module, x: torch.Tensor, plan: PrecisionPlan) -> dict:
+    """Each leaf module's first floating output under `plan`, in execution order, as fp32 copies."""
+    outputs, handles = {}, []
+    for name, m in model.named_modules():
+        if name and not list(m.children()):
+            def hook(module, args, output, name=name):
+                t = output if isinstance(output, torch.Tensor) else next(
+                    (o for o in (output if isinstance(output, (tuple, list)) else ()) if isinstance(o, torch.Tensor)), None)
+                if t is not None and t.is_floating_point() and name not in outputs:
+                    outputs[name] = t.detach().float()
+            handles.append(m.register_forward_hook(hook))
+    try:
+        with torch.no_grad(), plan.autocast():
+            outputs["<output>"] = get_logits(model(x)).detach().float()
+    finally:
+        for h in handles:
+            h.remove()
+    return outputs
+
+
+def largest_activation(model: nn.Module, x: torch.Tensor, plan: PrecisionPlan) -> dict:
+    """The layer whose output is the first non-finite one, else the largest in magnitude, under `plan`:
+    where to look when a run overflows."""
+    outputs = layer_outputs(model, x, plan)
+    peaks = {name: float(t.abs().max()) if t.numel() else 0.0 for name, t in outputs.items()}
+    name = next((n for n, v in peaks.items() if not math.isfinite(v)), None) or max(peaks, key=peaks.get)
+    return {"layer": name, "max_abs": peaks[name]}
