@@ -145,7 +145,7 @@ def test_a_checkpoint_holding_code_is_refused_not_run(tmp_path):
     (dict(precision="32"), "precision"),
     (dict(model=lambda: gpt(n_layer=3)), "model"),
     (dict(data="other text"), "data"),
-    (dict(lr=1e-3), "lr"),
+    (dict(lr=3e-3), "lr"),  # the default is 1e-3
 ])
 def test_a_checkpoint_of_another_run_is_refused_naming_the_field(tmp_path, change, field):
     folder = tmp_path / "ckpt"

@@ -14,9 +14,9 @@ from utils.data import load_corpus
 from utils.models import load_model, model_max_len, probe_model
 from utils.results import read_json
 from utils.run import main
+from utils.measure import matmul_params, measured_flops_per_token, training_flops_per_token
 from utils.tier3_training_utilities import test_fine_tuning
 from utils.tiers import run_tier
-from utils.measure import matmul_params, measured_flops_per_token, training_flops_per_token
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -186,6 +186,23 @@ def test_flops_of_a_hugging_face_gpt2_are_counted_not_assumed(attention):
     analytic = 6 * matmul_params(model) + 12 * cfg.n_layer * 128 * cfg.n_embd
     assert measured_flops_per_token(model, (x, x)) == pytest.approx(analytic, rel=0.05)
     assert training_flops_per_token(model, 128) is None  # the formula is for this project's models only
+
+
+def test_flops_of_grouped_query_attention_are_counted_alike_fused_or_explicit():
+    """A Llama whose keys and values have fewer heads than its queries (Llama, Mistral, Qwen do): SDPA's fused
+    kernel is counted by the project's own formula (torch 2.11's refused these shapes, crashing tier 3) and
+    gives exactly the count of the explicit matmuls of the eager path, which repeats the key and value heads, plus
+    the scores the fused backward computes again (one q k^T per layer, with all 4 query heads)."""
+    x = torch.randint(0, 512, (2, 64))
+    counts = {}
+    for attention in ("sdpa", "eager"):
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**TINY, "num_attention_heads": 4}, num_key_value_heads=1,
+                                                                       attn_implementation=attention))
+        counts[attention] = measured_flops_per_token(model, (x, x))
+    batch, seq, layers, heads, head_dim = 2, 64, TINY["num_hidden_layers"], 4, TINY["hidden_size"] // 4
+    recomputed_scores = layers * 2 * batch * heads * seq * seq * head_dim / (batch * seq)
+    assert counts["sdpa"] == counts["eager"] + recomputed_scores and counts["eager"] > 6 * matmul_params(model)
 
 
 def test_a_hugging_face_model_resumes_bitwise_from_its_checkpoint(zoo, tmp_path):

@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode
 
 from utils.models import compute_loss, get_logits
 from utils.precision import PrecisionPlan, synchronize
@@ -37,24 +37,38 @@ def training_flops_per_token(model: nn.Module, seq_len: int):
     return 6 * matmul_params(model) + 12 * cfg.n_layer * seq_len * cfg.d_model
 
 
-def _sdpa_cpu(query, key, value, *args, out_shape=None, **kwargs):
-    return sdpa_flop_count(query, key, value)
+def _attention_flops(query, key, value, backward: bool = False) -> int:
+    """FLOPs of softmax(q k^T) v over shapes (batch, heads, seq, dim), or of its backward (the scores again, then
+    the gradients of the scores, v, q and k: torch's own count). Keys and values may have fewer heads than
+    queries (grouped-query attention: Llama, Mistral, Qwen); each serves a group of query heads, so the work is
+    the query heads'. Written here because torch's formula refuses that case in versions users run (2.11)."""
+    b, h, s_q, d = query
+    s_k, d_v = key[-2], value[-1]
+    return 2 * b * h * s_q * s_k * ((3 * d + 2 * d_v) if backward else (d + d_v))
 
 
-def _sdpa_cpu_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs):
-    return sdpa_backward_flop_count(grad_out, query, key, value)
+def _sdpa_forward(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return _attention_flops(query, key, value)
 
 
-# FlopCounterMode knows the CUDA attention kernels; the CPU one (what SDPA runs here) gets the same formula.
-_CPU_ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu,
-                        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_backward}
+def _sdpa_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return _attention_flops(query, key, value, backward=True)
+
+
+# FlopCounterMode knows the CUDA attention kernels but not the CPU one, and not grouped-query attention in every
+# torch: every SDPA kernel of this torch gets the formula above.
+_SDPA_KERNELS = ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+                 "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")
+_ATTENTION_FLOPS = {**{getattr(torch.ops.aten, k): _sdpa_forward for k in _SDPA_KERNELS if hasattr(torch.ops.aten, k)},
+                    **{getattr(torch.ops.aten, k + "_backward"): _sdpa_backward for k in _SDPA_KERNELS
+                       if hasattr(torch.ops.aten, k + "_backward")}}
 
 
 def measured_flops_per_token(model: nn.Module, batch) -> float:
     """Training FLOPs per token of the actual model, counted by torch's FlopCounterMode over one forward
     and backward of `batch`: right for any architecture, where a formula assumes one layout."""
     x, y = batch
-    counter = FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION_FLOPS)
+    counter = FlopCounterMode(display=False, custom_mapping=_ATTENTION_FLOPS)
     with counter:
         compute_loss(model, x, y).backward()
     model.zero_grad(set_to_none=True)

@@ -1,9 +1,6 @@
-"""Precision: the one home of every precision name, the device a run takes, and the plan that says how a
-run computes and why.
+"""Precision: every precision name, the device a run takes, and the plan that says how a run computes and why.
 
-    plan = resolve("auto", device)        # a PrecisionPlan: precision, reason, autocast, GradScaler, label
-    with plan.autocast(): loss = ...
-    scaler = plan.loss_scaler()           # scale + backward, unscale, step (skips non-finite), state
+    plan = resolve("auto", device)   # a PrecisionPlan: precision, reason, autocast, loss scaler, label, colour
 
 The rules (a person reads the reason; nothing falls back silently):
   CUDA sm_80+ (A100, H100, L4, RTX 30xx+)  bf16 autocast, no GradScaler (bf16 has fp32's range)
@@ -14,9 +11,8 @@ The rules (a person reads the reason; nothing falls back silently):
 fp8 (torchao float8 Linear matmuls inside bf16 autocast) runs on sm_89+; fp8-emulated runs the same path on
 any device, slowly: it tests the path and says nothing about speed.
 
-No other module writes a precision name: they ask a plan, or use the constants and functions here. The
-device seam (cuda_available, device_capability, device_name) is the one place a test pretends a GPU.
-Only torch.amp APIs are used (torch.autocast, torch.amp.GradScaler); torch.cuda.amp is deprecated.
+No other module writes a precision name. Tests pretend a GPU at the device seam (cuda_available,
+device_capability, device_name). Only torch.amp APIs are used; torch.cuda.amp is deprecated.
 """
 
 import os
@@ -48,7 +44,6 @@ _ALIASES = {
 # fp16 spellings whose runs carry a loss scale, Lightning's true-half ones included (AmpWandbCallback).
 _FP16_SPELLINGS = {"16", FP16, "16_true", "16-true", "fp16", "float16"}
 _DTYPES = {FP32: None, FP16: torch.float16, BF16: torch.bfloat16, FP8: torch.bfloat16, FP8_EMULATED: torch.bfloat16}
-_LABELS = {FP32: "fp32", FP16: "16-mixed", BF16: "bf16-mixed", FP8: "fp8", FP8_EMULATED: "fp8-emulated"}
 _SHORT = {FP32: "fp32", FP16: "fp16", BF16: "bf16", FP8: "fp8", FP8_EMULATED: "fp8 (emulated)"}
 _COLORS = {FP32: "tab:blue", FP16: "tab:red", BF16: "tab:orange"}
 FP8_MIN_CAPABILITY = (8, 9)  # L4, H100, H200: float8 tensor cores
@@ -69,7 +64,7 @@ def canonical(requested) -> str:
 
 def label(precision: str) -> str:
     """A precision as people say it: fp32 for '32', the others as they are."""
-    return _LABELS.get(precision, precision)
+    return _SHORT[FP32] if precision == FP32 else precision
 
 
 def short_label(precision: str) -> str:
