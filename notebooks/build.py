@@ -11,12 +11,12 @@ import sys
 from pathlib import Path
 
 import nbformat
-import papermill
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from utils.tiers import TIERS  # noqa: E402  (the checkout's utils, found through the line above)
+from utils.run import run_notebook  # noqa: E402  (the checkout's utils, found through the line above)
+from utils.tiers import TIERS  # noqa: E402
 # Where the repository is published: Colab badges and the Colab set-up cell clone from here.
 GITHUB_REPO = "transformer-amp-suite/transformer-amp-suite"
 CHECKOUT = "transformer-amp-suite"
@@ -210,7 +210,7 @@ def main(argv=None):
         build(path, cells())
         if args.execute:
             print(f"executing {name} ...", flush=True)
-            papermill.execute_notebook(str(path), str(path), cwd=str(HERE), progress_bar=False, kernel_name="python3")
+            run_notebook(path, path, cwd=str(HERE), progress_bar=False)
         print(f"wrote {path.relative_to(HERE.parent)}")
     return 0
 

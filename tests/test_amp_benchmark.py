@@ -239,3 +239,47 @@ def test_a_failed_compile_is_reported_by_the_benchmark_not_raised(monkeypatch):
     compiled = r.checks["amp_worth_it"].extra["compile"]
     assert "no working C++ compiler" in compiled["fallback"] and compiled["why"] == compiled["fallback"]
     assert compiled["graph_breaks"] is None
+
+
+class Wrapped(torch.Tensor):
+    """A wrapper tensor subclass, as torchao's Float8Tensor is one: its data lives in an inner tensor, and its own
+    storage has no data pointer to read."""
+
+    @staticmethod
+    def __new__(cls, inner):
+        return torch.Tensor._make_wrapper_subclass(cls, inner.shape, dtype=inner.dtype, device=inner.device)
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __tensor_flatten__(self):
+        return ["inner"], None
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        unwrap = lambda t: t.inner if isinstance(t, Wrapped) else t  # noqa: E731
+        return func(*[unwrap(a) for a in args], **{k: unwrap(v) for k, v in (kwargs or {}).items()})
+
+
+class SavesWrapped(torch.autograd.Function):
+    """Doubles its input and saves a wrapped copy for backward, as a float8 matmul saves its float8 operands."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(Wrapped(torch.zeros(1000, dtype=torch.float64)))
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 2
+
+
+def test_activation_memory_counts_a_tensor_subclass_by_the_tensors_it_holds():
+    model = build_model("gpt-tiny")
+    x = torch.randint(0, 256, (2, 16))
+    plan = resolve_precision("32", "cpu")
+    with pytest.raises(RuntimeError):  # what the probe read before: torchao 0.10's Float8Tensor crashed it
+        Wrapped(torch.zeros(3)).untyped_storage().data_ptr()
+    plain = saved_activation_bytes(model, plan, (x, x))
+    model.blocks[0].register_forward_hook(lambda module, args, out: SavesWrapped.apply(out))
+    assert saved_activation_bytes(model, plan, (x, x)) >= plain + 8000  # the 1000 float64 inside the wrapper

@@ -38,10 +38,10 @@ def test_clean_tree_passes_the_static_gates(tree):
 
 
 def test_name_imported_inside_another_function_fails_ruff(tree):
-    # The seed's NameError: autocast imported only inside test_fine_tuning, used in _training_step.
+    # The seed's NameError: autocast imported only inside test_fine_tuning, used in another function of the module.
     module = tree / "utils" / "tier3_training_utilities.py"
-    plant(module, "    with plan.autocast():\n        loss = compute_loss(model, x, y)",
-          "    with autocast():\n        loss = compute_loss(model, x, y)")
+    plant(module, "        with plan.autocast():\n            loss = compute_loss(model, x.to(device), y.to(device))",
+          "        with autocast():\n            loss = compute_loss(model, x.to(device), y.to(device))")
     plant(module, '    device = resolve_device(device)\n', '    from torch.amp import autocast  # noqa: F401\n    device = resolve_device(device)\n')
     result = gate(tree, "ruff", "check", "utils", "tests")
     assert result.returncode != 0 and "F821" in result.stdout and "autocast" in result.stdout
@@ -49,9 +49,9 @@ def test_name_imported_inside_another_function_fails_ruff(tree):
 
 def test_cycle_between_engine_and_benchmark_fails_import_linter(tree):
     # The seed's cycle: the engine importing the benchmark, which imports the engine (even inside a function).
-    plant(tree / "utils" / "tier3_training_utilities.py", "def _param_groups",
+    plant(tree / "utils" / "tier3_training_utilities.py", "def minimal_loop_step_times",
           "def _uses_benchmark():\n    from utils.training.amp_benchmark import test_amp_speedup_benchmark\n"
-          "    return test_amp_speedup_benchmark\n\n\ndef _param_groups")
+          "    return test_amp_speedup_benchmark\n\n\ndef minimal_loop_step_times")
     result = gate(tree, "lint-imports")
     assert result.returncode != 0 and "BROKEN" in result.stdout
 

@@ -166,7 +166,7 @@ def test_ctrl_c_in_one_process_stops_at_the_end_of_the_current_step_whatever_log
 def test_log_every_defaults_to_every_step_on_a_cpu_and_is_checked():
     assert log_interval(0, torch.device("cpu")) == 1 and log_interval(7, torch.device("cpu")) == 7
     assert log_interval(0, torch.device("cuda")) == LOG_EVERY_ACCELERATOR
-    with pytest.raises(ValueError, match=r"log_every must be a non-negative integer \(0: the device's default\); got -1"):
+    with pytest.raises(ValueError, match=r"parameter 'log_every' expects an integer >= 0; got -1"):
         test_fine_tuning(gpt()[0], log_every=-1, **RUN)
 
 

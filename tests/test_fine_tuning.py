@@ -171,10 +171,10 @@ def test_user_text_file_as_data(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"steps": 0}, "steps must be a positive integer; got 0"),
-    ({"batch_size": 2.5}, "batch_size must be a positive integer; got 2.5"),
+    ({"steps": 0}, "parameter 'steps' expects an integer >= 1; got 0"),
+    ({"batch_size": 2.5}, "parameter 'batch_size' expects an integer >= 1; got 2.5"),
     ({"precision": "int8"}, "unknown precision 'int8'"),
-    ({"seq_len": 65}, "exceeds the model's max_len=64"),
+    ({"stepz": 5}, r"unknown parameter\(s\) 'stepz' for test_fine_tuning; known: \['batch_size'"),
 ])
 def test_bad_arguments_get_clear_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -189,12 +189,12 @@ def test_loss_is_computed_in_fp32_under_autocast():
     assert loss.dtype == torch.float32
 
 
-@pytest.mark.parametrize("kwargs, message", [({"lr": float("nan")}, "lr must be a finite number > 0; got nan"),
-                                             ({"lr": 0}, "lr must be a finite number > 0; got 0"),
-                                             ({"epochs": -1}, "epochs must be a finite number > 0; got -1"),
-                                             ({"warmup_steps": -5}, "warmup_steps must be a non-negative integer"),
-                                             ({"max_grad_norm": float("nan")}, "max_grad_norm must be a finite number > 0"),
-                                             ({"weight_decay": -0.1}, "weight_decay must be a finite number >= 0")])
+@pytest.mark.parametrize("kwargs, message", [({"lr": float("nan")}, "parameter 'lr' expects a number from 1e-12 to 10; got nan"),
+                                             ({"lr": 0}, "parameter 'lr' expects a number from 1e-12 to 10; got 0"),
+                                             ({"epochs": -1}, "parameter 'epochs' expects a number >= 1e-12, or None; got -1"),
+                                             ({"warmup_steps": -5}, "parameter 'warmup_steps' expects an integer >= 0, or None; got -5"),
+                                             ({"max_grad_norm": float("nan")}, "parameter 'max_grad_norm' expects a number >= 1e-12; got nan"),
+                                             ({"weight_decay": -0.1}, "parameter 'weight_decay' expects a number >= 0; got -0.1")])
 def test_bad_numbers_are_refused_by_name_before_training(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         test_fine_tuning("gpt-tiny", **{**FAST, **kwargs})
@@ -218,3 +218,9 @@ def test_a_model_that_fails_to_compile_trains_eager_with_the_reason_recorded(mon
     info = r.config["compile"]
     assert info["compiled"] is False and "no working C++ compiler" in info["fallback"] and "eager" in info["fallback"]
     pd.testing.assert_frame_equal(r.history[["loss", "grad_norm"]], eager.history[["loss", "grad_norm"]], check_exact=True)
+
+
+def test_seq_len_is_capped_at_the_models_maximum_as_in_the_tiers():
+    """The default seq_len (128, tier 3's) on a model of max_len 64 trains at 64 and says so, as the tiers do."""
+    r = test_fine_tuning(fresh_gpt(), precision="32", **{**FAST, "seq_len": 128})
+    assert r.config["seq_len"] == 64 and r.summary()["seq_len"] == 64

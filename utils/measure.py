@@ -173,16 +173,29 @@ class StepTimer:
         return times
 
 
+# How saved_activation_bytes counts, as results record it.
+ACTIVATION_BYTES_METHOD = ("saved-tensor hooks over one forward and loss: each storage once, parameters excluded; a "
+                           "tensor subclass (torchao's Float8Tensor, a DTensor) counted by the plain tensors it holds")
+
+
+def _storages(t: torch.Tensor) -> list:
+    """(address, bytes) of each plain storage behind `t`. A tensor subclass keeps its data in inner tensors that
+    __tensor_flatten__ names; its own storage may have no data pointer (torchao 0.10's Float8Tensor raises)."""
+    if type(t) is not torch.Tensor and hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return [s for name in names for s in _storages(getattr(t, name))]
+    storage = t.untyped_storage()
+    return [(storage.data_ptr(), storage.nbytes())]
+
+
 def saved_activation_bytes(model: nn.Module, plan: PrecisionPlan, batch) -> int:
-    """Bytes of tensors autograd saves for backward in one forward + loss (counted once per storage;
-    parameters excluded, they are memory either way). Meaningful on a CPU, where no allocator peak exists."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    """Bytes of tensors autograd saves for backward in one forward + loss (ACTIVATION_BYTES_METHOD). Meaningful
+    on a CPU, where no allocator peak exists."""
+    params = {ptr for p in model.parameters() for ptr, _ in _storages(p)}
     seen = {}
 
     def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
-            seen[ptr] = t.untyped_storage().nbytes()
+        seen.update((ptr, n) for ptr, n in _storages(t) if ptr not in params)
         return t
 
     x, y = batch

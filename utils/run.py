@@ -51,7 +51,9 @@ import nbformat
 import pandas as pd
 import papermill
 import yaml
+from jupyter_client.manager import AsyncKernelManager
 from matplotlib import pyplot as plt
+from traitlets import CaselessStrEnum
 
 from utils.params import ROOT, RUN_CONTROL, TIER_PARAMS, ParamError, check_params, coerce, spec
 from utils.loop.stops import INTERRUPTED
@@ -60,6 +62,18 @@ from utils.results import read_json, write_json_atomic
 from utils.tiers import TIERS
 
 NOTEBOOK_DIR = ROOT / "notebooks"
+
+
+class LocalKernelManager(AsyncKernelManager):
+    """The notebooks' kernel talks to this process over local sockets (ZeroMQ ipc) where the OS has them, not over
+    TCP: nothing outside the machine needs to reach it, and a TCP kernel prints a transport warning into every run."""
+    transport = CaselessStrEnum(["tcp", "ipc"], default_value="ipc" if os.name == "posix" else "tcp")
+
+
+def run_notebook(source: Path, target: Path, **kwargs):
+    """papermill.execute_notebook on the python3 kernel of this environment, over local sockets."""
+    return papermill.execute_notebook(str(source), str(target), kernel_name="python3",
+                                      kernel_manager_class=LocalKernelManager, **kwargs)
 
 
 class UsageError(ValueError):
@@ -186,9 +200,9 @@ def execute(run_id: str, tier: int, params: dict, out_dir: Path, progress: bool 
     try:
         tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{run_id}."))
         try:
-            papermill.execute_notebook(str(NOTEBOOK_DIR / TIERS[tier].notebook), str(tmp / TIERS[tier].notebook),
-                                       parameters={**keep, **params, "output_dir": "."}, cwd=str(tmp),
-                                       progress_bar=progress, kernel_name="python3", execution_timeout=timeout)
+            run_notebook(NOTEBOOK_DIR / TIERS[tier].notebook, tmp / TIERS[tier].notebook,
+                         parameters={**keep, **params, "output_dir": "."}, cwd=str(tmp), progress_bar=progress,
+                         execution_timeout=timeout)
             results = read_json(tmp / "results.json")
             stop = results.get("figures", {}).get("stop") or {}
             interrupted = stop.get("reason") == INTERRUPTED

@@ -26,7 +26,7 @@ from utils.loop.config import TrainConfig
 from utils.loop.steps import adamw
 from utils.loop.stops import INTERRUPTED
 from utils.loop.trainer import FineTuneResult, Trainer
-from utils.measure import (MIN_TRIALS_FOR_INTERVAL, matmul_time_fraction, measure_matmul_peak, measured_flops_per_token,
+from utils.measure import (ACTIVATION_BYTES_METHOD, MIN_TRIALS_FOR_INTERVAL, matmul_time_fraction, measure_matmul_peak, measured_flops_per_token,
                            ratio_of_medians, saved_activation_bytes, smooth, state_bytes, training_flops_per_token)
 from utils.models import compute_loss, count_parameters
 from utils.params import TIER3_LOOP, output_folder
@@ -263,7 +263,7 @@ def _parity(p: dict, ref: FineTuneResult, amp: FineTuneResult, runs: dict):
                 "compile": {prec: r.config.get("compile") for prec, r in runs.items()}}
 
 
-def _throughput(run: Prepared, plans, trials: pd.DataFrame, batch) -> dict:
+def _throughput(run: Prepared, plans, trials: pd.DataFrame, batch, act: dict) -> dict:
     """Tokens/s, speedup and its context: model FLOPs against matmul peaks measured now, Amdahl's bound, memory."""
     fp32, amp = plans
     model0, device, p = run.model, run.device, run.params
@@ -274,7 +274,6 @@ def _throughput(run: Prepared, plans, trials: pd.DataFrame, batch) -> dict:
     flops_per_token = measured_flops_per_token(copy.deepcopy(model0), batch)
     ours = trials[trials["loop"] == "ours"]
     tokens, speedup = _median_tokens_per_s(trials), _speedup(trials, amp.precision)
-    act = {plan.precision: saved_activation_bytes(convert_for(plan, copy.deepcopy(model0)), plan, batch) for plan in plans}
     return {"amp_precision": amp.precision, "batch_size": p["batch_size"], "seq_len": run.seq_len, "trials": p["trials"],
             "speedup": speedup, "baseline": baseline_name(device, p["tf32"]), "tokens_per_s": tokens,
             "matmul_peak_flops": peaks, "matmul_ratio": matmul_ratio,
@@ -283,7 +282,7 @@ def _throughput(run: Prepared, plans, trials: pd.DataFrame, batch) -> dict:
             "flops_per_token": flops_per_token, "flops_counted_by": "torch.utils.flop_counter.FlopCounterMode",
             "flops_per_token_analytic": training_flops_per_token(model0, run.seq_len),
             "mfu": {prec: tokens[prec] * flops_per_token / peaks[prec] for prec in peaks},
-            "memory": {**state_bytes(model0), "activation_bytes": act,
+            "memory": {**state_bytes(model0), "activation_bytes": act, "activation_bytes_method": ACTIVATION_BYTES_METHOD,
                        "activation_saving": 1 - act[amp.precision] / act[FP32],
                        "cuda_peak_bytes": {prec: (int(ours[ours["precision"] == prec]["cuda_peak_bytes"].max())
                                                   if device.type == "cuda" else None) for prec in peaks}}}
@@ -323,14 +322,18 @@ def _benchmark(run: Prepared, progress: bool) -> TierResult:
                          max_skipped_in_a_row=None)
     loops = ("ours", *(("compiled",) if p["compile"] else ()), *(("minimal",) if p["minimal_loop"] else ()))
     trials, stop = _speed_trials(run, plans, config, p["trials"], p["warmup_steps"], p["timed_steps"], loops)
-    runs, stop = (None, stop) if stop else _fine_tune_both(run, plans, progress)
+    if stop:
+        return _interrupted_result(run, stop)
+    # Memory, on one fixed batch from the same initial weights.
+    batch = tuple(t.to(device) for t in run.data.get_batch("train", p["batch_size"], run.seq_len,
+                                                            torch.Generator().manual_seed(p["seed"])))
+    act = {plan.precision: saved_activation_bytes(convert_for(plan, copy.deepcopy(run.model)), plan, batch) for plan in plans}
+    runs, stop = _fine_tune_both(run, plans, progress)
     if stop:
         return _interrupted_result(run, stop)
     ref, amp = runs[FP32], runs[amp_plan.precision]
     parity_df, parity = _parity(p, ref, amp, runs)
-    batch = tuple(t.to(device) for t in run.data.get_batch("train", p["batch_size"], run.seq_len,
-                                                            torch.Generator().manual_seed(p["seed"])))
-    speed = _throughput(run, plans, trials, batch)
+    speed = _throughput(run, plans, trials, batch, act)
     if p["compile"]:
         gemm = {FP32: speed["gemm_time_fraction_fp32"], amp_plan.precision: matmul_time_fraction(copy.deepcopy(run.model),
                                                                                                    amp_plan, batch)}

@@ -19,7 +19,7 @@ precision alone and can be compared like with like.
 import itertools
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pandas as pd
 import torch
@@ -33,7 +33,7 @@ from utils.loop.config import TrainConfig
 from utils.loop.distributed import gather, load_training_state, mean_over_ranks, ranks, rows, training_state, wrap
 from utils.loop.steps import RECORD, LRSchedule, adamw, evaluate, log_interval, param_groups, to_device, train_step, warmup_cosine
 from utils.measure import StepTimer
-from utils.models import load_model, load_task_data
+from utils.models import load_model, load_task_data, model_max_len
 from utils.precision import PrecisionPlan, convert_for
 
 
@@ -49,6 +49,14 @@ class FineTuneResult:
     stop: dict = None  # why the run ended early (interrupted, overflow_storm, nonfinite_loss), else None
     checkpoints: dict = field(default_factory=dict)  # folder, files written, where it resumed from, notes
     loop_seconds: float = 0.0  # wall time of the training loop: its steps, log points, evaluations, checkpoints
+
+    @property
+    def effective_precision(self) -> str:
+        return self.plan.precision
+
+    @property
+    def precision_reason(self) -> str:
+        return self.plan.reason
 
     @property
     def interrupted(self) -> bool:
@@ -100,6 +108,7 @@ class Trainer:
         self.parallel = config.parallel if self.r.world > 1 else "none"
         torch.manual_seed(config.seed + self.r.rank)  # dropout masks, if the model has any (each rank its own)
         self.model = convert_for(plan, load_model(model).to(device)).train()  # fp8: float8 Linear layers
+        self.cfg = config = replace(config, seq_len=min(config.seq_len, model_max_len(self.model)))  # as the tiers cap it
         self.data = load_task_data(self.model, data, config.seq_len)
         self._count_steps()
         self._build()
