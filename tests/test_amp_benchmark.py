@@ -214,6 +214,7 @@ def test_on_a_gpu_the_speedup_says_what_fp32_it_is_measured_against(tf32, baseli
     assert baseline in r.checks["amp_worth_it"].verdict.reason
 
 
+@pytest.mark.versions
 @pytest.mark.slow
 def test_compiled_and_eager_are_timed_in_the_same_interleaved_trials():
     r = test_amp_speedup_benchmark("gpt-tiny", precision="bf16-mixed", compile=True, **{**TINY, "trials": 1, "steps": 4})
@@ -274,6 +275,7 @@ class SavesWrapped(torch.autograd.Function):
         return grad * 2
 
 
+@pytest.mark.versions
 def test_activation_memory_counts_a_tensor_subclass_by_the_tensors_it_holds():
     model = build_model("gpt-tiny")
     x = torch.randint(0, 256, (2, 16))

@@ -7,6 +7,8 @@ from utils.loop.trainer import amp_summary
 from utils.precision import resolve as resolve_precision
 from utils.training.amp_utils import AmpWandbCallback
 
+pytestmark = pytest.mark.versions  # what differs between versions: run in every environment (.ci/run)
+
 
 @pytest.fixture
 def gpu(monkeypatch):

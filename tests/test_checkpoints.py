@@ -67,6 +67,7 @@ def straight():
     return {prec: test_fine_tuning(gpt(), precision=prec, **RUN) for prec in ("bf16-mixed", "32")}
 
 
+@pytest.mark.versions
 def test_ctrl_c_at_step_30_checkpoints_there_and_resume_is_bitwise_the_straight_run(straight, tmp_path):
     stopped = test_fine_tuning(gpt(), precision="bf16-mixed", checkpoint_dir=tmp_path, callbacks=[SignalAt(30)], **RUN)
     assert stopped.interrupted and stopped.stop["step"] == 30 and len(stopped.history) == 30
@@ -131,6 +132,7 @@ class Payload:
         return (Path.touch, (self.marker,))
 
 
+@pytest.mark.versions
 def test_a_checkpoint_holding_code_is_refused_not_run(tmp_path):
     marker = tmp_path / "code-ran"
     folder = tmp_path / "ckpt"

@@ -72,6 +72,7 @@ def step_parts(model, precision, device, steps=8):
     return plan, plan.loss_scaler(), optimizer, schedule, batches
 
 
+@pytest.mark.versions
 @pytest.mark.parametrize("precision", ["32", "bf16-mixed", "16-mixed"])
 def test_a_training_step_reads_nothing_back_to_the_host(precision):
     device = torch.device("cpu")
@@ -101,6 +102,7 @@ def test_the_loops_host_reads_do_not_grow_with_its_steps():
     ("bf16-mixed", float("inf"), {"max_skipped_in_a_row": None}),  # non-finite gradients: the kernel skips
     ("32", 1.0, {"grad_accum_steps": 2}),
 ])
+@pytest.mark.versions
 def test_records_are_the_same_whatever_log_every(precision, factor, extra):
     runs = {}
     for log_every in (1, 10):

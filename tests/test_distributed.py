@@ -36,6 +36,7 @@ def one(tmp_path_factory):
     return results
 
 
+@pytest.mark.versions
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
 def test_two_ranks_of_half_the_batch_train_like_one_process_and_only_rank_0_writes(one, tmp_path, parallel):
     out = tmp_path / "out"
@@ -98,6 +99,7 @@ def test_an_fp16_overflow_on_one_rank_skips_the_step_on_every_rank(tmp_path, par
     assert scales[5] == scales[4] / 2
 
 
+@pytest.mark.versions
 def test_fsdp2_missing_from_torch_is_a_clear_message_not_a_crash(monkeypatch, capsys):
     monkeypatch.setattr(distributed, "fully_shard", None)
     with pytest.raises(SystemExit) as exit_:

@@ -16,6 +16,7 @@ TIER3 = dict(model="gpt-tiny", device="cpu", steps=30, batch_size=8, seq_len=32,
              timed_steps=1)
 
 
+@pytest.mark.versions
 def test_fp8_on_a_cpu_is_refused_with_the_reason():
     with pytest.raises(UnsupportedPrecision, match="fp8 needs a CUDA GPU with float8 tensor cores .sm_89"):
         resolve_precision("fp8", "cpu")
@@ -42,6 +43,7 @@ def test_a_model_without_float8_sized_layers_is_refused():
 
 
 @needs_torchao
+@pytest.mark.versions
 def test_only_linear_layers_of_float8_size_are_converted_and_once():
     model = build_model("gpt-tiny")
     plan = resolve_precision("fp8-emulated", "cpu")
@@ -58,6 +60,7 @@ def fp8_tier3():
 
 
 @needs_torchao
+@pytest.mark.versions
 def test_fp8_emulated_trains_and_its_parity_with_fp32_is_judged(fp8_tier3):
     verdicts = {v.check: v for v in fp8_tier3.verdicts}
     assert fp8_tier3.record["precision"] == "fp8-emulated" and "float8" in fp8_tier3.record["reason"]
@@ -70,6 +73,7 @@ def test_fp8_emulated_trains_and_its_parity_with_fp32_is_judged(fp8_tier3):
 
 
 @needs_torchao
+@pytest.mark.versions
 def test_tier2_readiness_tabulates_fp8_beside_fp16_and_bf16():
     r = run_tier(2, {"model": "gpt-tiny", "device": "cpu", "precision": "fp8-emulated"})
     check = r.checks["amp_readiness"]

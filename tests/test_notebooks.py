@@ -76,6 +76,7 @@ def test_parameters_cell_is_the_tiers_spec(tier, name):
     assert list(found) == [p.name for p in TIER_PARAMS[tier]]
 
 
+@pytest.mark.versions
 @pytest.mark.parametrize("tier, name", TIER_NOTEBOOKS)
 def test_notebook_runs_under_papermill_with_parameters(tier, name, tmp_path, capfd):
     out = tmp_path / name

@@ -88,6 +88,7 @@ TINY = {1: {"seq_len": 16, "latency_iters": 3, "batch_sizes": [1]},
             "timed_steps": 1}}
 
 
+@pytest.mark.versions
 @pytest.mark.parametrize("tier", [1, 2, 3])
 def test_device_cpu_means_cpu_in_every_check_even_where_cuda_is_available(tier, monkeypatch):
     """Pretend this machine has CUDA, at the project's device seam: any check that resolved its own device

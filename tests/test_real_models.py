@@ -16,7 +16,7 @@ from utils.results import read_json
 from utils.run import main
 from utils.measure import matmul_params, measured_flops_per_token, training_flops_per_token
 from utils.tier3_training_utilities import test_fine_tuning
-from utils.tiers import run_tier
+from utils.tiers import TIERS, run_tier
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -188,6 +188,21 @@ def test_flops_of_a_hugging_face_gpt2_are_counted_not_assumed(attention):
     assert training_flops_per_token(model, 128) is None  # the formula is for this project's models only
 
 
+@pytest.mark.versions
+def test_a_grouped_query_attention_llama_goes_through_every_tier(zoo, tmp_path):
+    """Keys and values with fewer heads than queries (Llama, Mistral, Qwen): Colab's torch crashed tier 3 on it.
+    Every check of every tier runs (none crashes, none refuses), and tier 3 counts its FLOPs."""
+    small = {1: {"seq_len": 32, "latency_iters": 3, "batch_sizes": [1, 2]},
+             2: {"seq_len": 32, "batch_size": 2},
+             3: {"seq_len": 32, "batch_size": 4, "steps": 6, "trials": 1, "warmup_steps": 1, "timed_steps": 1}}
+    for tier, params in small.items():
+        r = run_tier(tier, {"model": f"hf:{zoo / 'llama'}", "device": "cpu", "output_dir": str(tmp_path), **params})
+        crashed = [v.reason for v in r.verdicts if v.reason.startswith("the check crashed") or v.check == "supported"]
+        assert not crashed and list(r.checks) == list(TIERS[tier].sections), (tier, crashed)
+    assert r.checks["amp_worth_it"].extra["flops_per_token"] > 6 * r.figures["parameters"] / 2
+
+
+@pytest.mark.versions
 def test_flops_of_grouped_query_attention_are_counted_alike_fused_or_explicit():
     """A Llama whose keys and values have fewer heads than its queries (Llama, Mistral, Qwen do): SDPA's fused
     kernel is counted by the project's own formula (torch 2.11's refused these shapes, crashing tier 3) and
@@ -205,6 +220,7 @@ def test_flops_of_grouped_query_attention_are_counted_alike_fused_or_explicit():
     assert counts["sdpa"] == counts["eager"] + recomputed_scores and counts["eager"] > 6 * matmul_params(model)
 
 
+@pytest.mark.versions
 def test_a_hugging_face_model_resumes_bitwise_from_its_checkpoint(zoo, tmp_path):
     """Llama (grouped-query attention) from its folder: stopped by Ctrl-C at step 10, resumed, equal to the run that
     never stopped: HF state dicts go through the weights_only checkpoint like ours."""

@@ -13,6 +13,8 @@ from utils.data import load_corpus
 from utils.tier3_training_utilities import test_fine_tuning
 from utils.training.amp_utils import AmpWandbCallback, compute_effective_precision
 
+pytestmark = pytest.mark.versions  # what differs between versions: run in every environment (.ci/run)
+
 
 def contract(requested, use_amp, cuda_available, use_gpu):
     """The seed's table, written out independently of the implementation."""

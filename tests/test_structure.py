@@ -89,3 +89,11 @@ def test_the_callback_reads_a_lightning_trainers_scale_through_its_method():
     trainer = type("Trainer", (), {})()
     trainer.strategy = type("Strategy", (), {"precision_plugin": type("Plugin", (), {"scaler": scaler})()})()
     assert AmpWandbCallback(enabled=True, precision="16")._get_loss_scale(trainer) == 1024.0
+
+
+def test_a_deprecation_warned_from_the_projects_code_fails_the_tests():
+    """pyproject.toml turns a DeprecationWarning or FutureWarning attributed to a utils module into an error."""
+    for category in (DeprecationWarning, FutureWarning):
+        with pytest.raises(category):
+            exec(compile(f"import warnings; warnings.warn('removed next release', {category.__name__})", "utils/x.py", "exec"),
+                 {"__name__": "utils.planted"})
