@@ -109,9 +109,9 @@ def test_accumulation_divides_by_the_window():
     plan = resolve_precision("32", "cpu")
     scaler = plan.loss_scaler()
     whole, halves = fresh_gpt(), fresh_gpt()
-    forward_backward(whole, (x, y), plan, scaler, window=1)
-    forward_backward(halves, (x[:4], y[:4]), plan, scaler, window=2)
-    forward_backward(halves, (x[4:], y[4:]), plan, scaler, window=2)
+    forward_backward(whole, (x, y), scaler, window=1)
+    forward_backward(halves, (x[:4], y[:4]), scaler, window=2)
+    forward_backward(halves, (x[4:], y[4:]), scaler, window=2)
     for (name, p), q in zip(whole.named_parameters(), halves.parameters()):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-4, msg=name)
 

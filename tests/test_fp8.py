@@ -9,6 +9,7 @@ import torch
 
 from utils.models import build_model
 from utils.tiers import run_tier
+from utils.training.amp_benchmark import test_amp_speedup_benchmark
 from utils.precision import UnsupportedPrecision, convert_for
 from utils.precision import resolve as resolve_precision
 
@@ -82,3 +83,12 @@ def test_tier2_readiness_tabulates_fp8_beside_fp16_and_bf16():
     # float8's 3 mantissa bits: more error than bf16's 7, layer by layer
     out = check.data.set_index("layer").loc["<output>"]
     assert out["rel_error_fp8-emulated"] > out["rel_error_bf16-mixed"]
+
+
+def test_the_seed_benchmark_raises_a_refusal_and_the_tier_makes_it_its_verdict():
+    """test_amp_speedup_benchmark (the seed's path) raises as it always has; run_tier and the benchmark command
+    line give the tier's one 'supported' verdict instead."""
+    with pytest.raises(UnsupportedPrecision, match="fp8 needs a CUDA GPU"):
+        test_amp_speedup_benchmark("gpt-tiny", precision="fp8", device="cpu")
+    result = run_tier(3, {"model": "gpt-tiny", "precision": "fp8", "device": "cpu"})
+    assert list(result.checks) == ["supported"] and "fp8 needs a CUDA GPU" in result.checks["supported"].verdict.reason

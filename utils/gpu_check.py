@@ -28,12 +28,11 @@ from matplotlib import pyplot as plt
 from utils.environment import run_record
 from utils.params import LOG_EVERY_ACCELERATOR, ROOT
 from utils.plotting import plot_check_speedups
-from utils.precision import BF16, FP8, FP16, fp32_plan, resolve_device
+from utils.precision import BF16, GPU_CHECKED, fp32_plan, resolve_device
 from utils.results import write_json_atomic
 from utils.tier3_training_utilities import test_fine_tuning
 from utils.tiers import run_tier
 
-PRECISIONS = (FP16, BF16, FP8)
 SIZES = {"full": dict(steps=30, batch_size=16, seq_len=256, trials=3, warmup_steps=3, timed_steps=5),
          "quick": dict(steps=4, batch_size=2, seq_len=32, trials=1, warmup_steps=1, timed_steps=1)}
 
@@ -111,7 +110,7 @@ def main(argv=None) -> int:
         if why_not:
             check["results"].append({"model": "gpt2-small", "skipped": why_not})
         for model in models:
-            for precision in PRECISIONS:
+            for precision in GPU_CHECKED:
                 row = benchmark(model, precision, device, sizes)
                 row["model"] = "gpt2-small" if model == gpt2 else model
                 check["results"].append(row)

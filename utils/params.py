@@ -138,7 +138,7 @@ FINE_TUNING = (
     Param("log_every", int, 0, "optimizer steps between reads of the per-step records from the device, where "
           f"progress, callbacks and stop checks run (0: every step on a CPU, every {LOG_EVERY_ACCELERATOR} on a GPU)", low=0),
 )
-_LOOP = {p.name: p for p in FINE_TUNING}
+LOOP_SPEC = _LOOP = {p.name: p for p in FINE_TUNING}
 
 
 def _loop(*names):
@@ -188,8 +188,8 @@ TIER3_LOOP = ("steps", "batch_size", "seq_len", "lr", "seed", "compile", "max_sk
 TRAIN_PARAMS = (
     *(p for p in _common("gpt-small")),
     replace(PRECISION, help="the precision to train in ('auto': the best for the device, fp32 where AMP would not pay)"),
-    *_loop("steps", "seq_len", "lr", "seed", "max_skipped_in_a_row", "checkpoint_every", "checkpoint_dir", "resume",
-           "compile"),
+    *_loop("steps", "seq_len", "lr", "seed", "checkpoint_every", "resume", "compile"),
+    replace(_LOOP["max_skipped_in_a_row"], optional=False), replace(_LOOP["checkpoint_dir"], optional=False),
     replace(_LOOP["batch_size"], help="sequences per step on each rank (the global batch is batch_size x ranks)"),
     *_loop("grad_accum_steps", "eval_interval", "parallel", "log_every"),
     Param("reference", str, "", "results.json of a one-process run: the scaling efficiency is measured against it"),

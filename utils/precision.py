@@ -11,7 +11,7 @@ The rules (a person reads the reason; nothing falls back silently):
 fp8 (torchao float8 Linear matmuls inside bf16 autocast) runs on sm_89+; fp8-emulated runs the same path on
 any device, slowly: it tests the path and says nothing about speed.
 
-No other module writes a precision name. Tests pretend a GPU at the device seam (cuda_available,
+No other module writes a precision name in code. Tests pretend a GPU at the device seam (cuda_available,
 device_capability, device_name). Only torch.amp APIs are used; torch.cuda.amp is deprecated.
 """
 
@@ -30,6 +30,7 @@ from utils.models import UnsupportedModel
 AUTO, FP32, FP16, BF16, FP8, FP8_EMULATED = "auto", "32", "16-mixed", "bf16-mixed", "fp8", "fp8-emulated"
 FP8_PRECISIONS = (FP8, FP8_EMULATED)
 MIXED = (FP16, BF16)  # the autocast precisions every device can run (tier 2 compares both)
+GPU_CHECKED = (FP16, BF16, FP8)  # what python -m utils.gpu_check benchmarks against fp32
 PRECISIONS = (FP32, FP16, BF16, *FP8_PRECISIONS)
 PRECISION_CHOICES = (AUTO, *PRECISIONS)
 # Every accepted spelling: the seed's "16", Lightning's "32-true", dtype names. The runner and the Python
@@ -42,7 +43,7 @@ _ALIASES = {
     FP8: FP8, "float8": FP8, FP8_EMULATED: FP8_EMULATED,
 }
 # fp16 spellings whose runs carry a loss scale, Lightning's true-half ones included (AmpWandbCallback).
-_FP16_SPELLINGS = {"16", FP16, "16_true", "16-true", "fp16", "float16"}
+_FP16_SPELLINGS = {"16", FP16, "16_true", "16-true"}
 _DTYPES = {FP32: None, FP16: torch.float16, BF16: torch.bfloat16, FP8: torch.bfloat16, FP8_EMULATED: torch.bfloat16}
 _SHORT = {FP32: "fp32", FP16: "fp16", BF16: "bf16", FP8: "fp8", FP8_EMULATED: "fp8 (emulated)"}
 _COLORS = {FP32: "tab:blue", FP16: "tab:red", BF16: "tab:orange"}
@@ -78,8 +79,8 @@ def color(precision: str, default: str = "gray") -> str:
 
 
 def is_fp16(spelling: str) -> bool:
-    """An fp16 precision (mixed or true half, in any spelling): its runs carry a GradScaler's loss scale."""
-    return str(spelling).strip().lower() in _FP16_SPELLINGS
+    """An fp16 precision as Lightning and the seed spell it (mixed or true half): its runs carry a loss scale."""
+    return spelling in _FP16_SPELLINGS
 
 
 # --- The device seam: the only place this project asks torch which accelerator it has -------------------
@@ -161,14 +162,6 @@ class PrecisionPlan:
     def emulated(self) -> bool:
         """Emulated float8 matmuls: the path is tested, its speed means nothing."""
         return self.precision == FP8_EMULATED
-
-    @property
-    def label(self) -> str:
-        return label(self.precision)
-
-    @property
-    def color(self) -> str:
-        return color(self.precision)
 
     def autocast(self):
         """The autocast context for this plan; a no-op when the plan is fp32."""

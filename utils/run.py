@@ -209,7 +209,7 @@ def execute(run_id: str, tier: int, params: dict, out_dir: Path, progress: bool 
             row.update(run_status=INTERRUPTED if interrupted else "ok", error=stop.get("message", ""), verdict=results["status"],
                        timing_failed=any(v["timing"] and v["status"] == "fail" for v in results["verdicts"]))
             row.update({f"verdict.{v['check']}": v["status"] for v in results["verdicts"]})
-            row.update(results.get("figures", {}))
+            row.update({k: v for k, v in results.get("figures", {}).items() if k != "stop"})  # its message is the error
         except Exception as e:  # a failing notebook must not stop the others
             timed_out = isinstance(e, TimeoutError) or "timed out" in str(e).lower()
             message = getattr(e, "evalue", None) or str(e)

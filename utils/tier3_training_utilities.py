@@ -288,16 +288,19 @@ def _throughput(run: Prepared, plans, trials: pd.DataFrame, batch, act: dict) ->
                                                   if device.type == "cuda" else None) for prec in peaks}}}
 
 
-def _sweep(run: Prepared, plans, config: TrainConfig) -> list:
-    """The speedup at each of sweep_batch_sizes, with fewer trials: where AMP starts to pay."""
+def _sweep(run: Prepared, plans, config: TrainConfig):
+    """The speedup at each of sweep_batch_sizes, with fewer trials: where AMP starts to pay. Returns the rows, and
+    the stop of an interrupted trial."""
     p, sweep = run.params, []
     for bs in p["sweep_batch_sizes"]:
-        t, _ = _speed_trials(run, plans, replace(config, batch_size=bs), max(MIN_TRIALS_FOR_INTERVAL, p["trials"] // 2),
-                             p["warmup_steps"], p["timed_steps"], ("ours",))
+        t, stop = _speed_trials(run, plans, replace(config, batch_size=bs), max(MIN_TRIALS_FOR_INTERVAL, p["trials"] // 2),
+                                p["warmup_steps"], p["timed_steps"], ("ours",))
+        if stop:
+            return sweep, stop
         s = _speedup(t, plans[1].precision)
         sweep.append({"batch_size": bs, "speedup": s["median"], "ci_low": s["ci_low"], "ci_high": s["ci_high"],
                       **{f"tokens_per_s_{prec}": v for prec, v in _median_tokens_per_s(t).items()}})
-    return sweep
+    return sweep, None
 
 
 def run_tier3(run: Prepared, progress: bool = False) -> TierResult:
@@ -319,7 +322,7 @@ def _benchmark(run: Prepared, progress: bool) -> TierResult:
     p, device, amp_plan = run.params, run.device, run.plan
     plans = (fp32_plan(device), amp_plan)
     config = TrainConfig(batch_size=p["batch_size"], seq_len=run.seq_len, lr=p["lr"], seed=p["seed"], eval_batches=0,
-                         max_skipped_in_a_row=None)
+                         eval_interval=p["warmup_steps"] + p["timed_steps"], max_skipped_in_a_row=None)
     loops = ("ours", *(("compiled",) if p["compile"] else ()), *(("minimal",) if p["minimal_loop"] else ()))
     trials, stop = _speed_trials(run, plans, config, p["trials"], p["warmup_steps"], p["timed_steps"], loops)
     if stop:
@@ -342,7 +345,9 @@ def _benchmark(run: Prepared, progress: bool) -> TierResult:
         speed["minimal_loop_tokens_per_s"] = _median_tokens_per_s(trials, "minimal")
         speed["loop_efficiency"] = {prec: speed["tokens_per_s"][prec] / speed["minimal_loop_tokens_per_s"][prec]
                                     for prec in speed["tokens_per_s"]}
-    speed["sweep"] = _sweep(run, plans, config)
+    speed["sweep"], stop = _sweep(run, plans, config)
+    if stop:
+        return _interrupted_result(run, stop)
     baseline = _baseline_verdict(ref)
     checks = {"fp32_baseline": CheckResult(baseline, ref.history[["step", "loss", "grad_norm", "skipped"]],
                                            {"initial_eval_loss": ref.initial_eval_loss, "final_eval_loss": ref.final_eval_loss,

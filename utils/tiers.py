@@ -60,15 +60,19 @@ TIERS = {
 }
 
 
-def run_tier(tier: int, params: dict = None, *, model=None, data=None, progress: bool = False) -> TierResult:
+def run_tier(tier: int, params: dict = None, *, model=None, data=None, progress: bool = False,
+             refusal_as_verdict: bool = True) -> TierResult:
     """Run tier 1, 2 or 3 with `params` (names, types and defaults: utils.params). `model` may be an
-    nn.Module: it overrides the `model` parameter. The run is prepared here, once (utils.prepare)."""
+    nn.Module: it overrides the `model` parameter. The run is prepared here, once (utils.prepare). A model or
+    precision the suite cannot run is the tier's one 'supported' verdict (refusal_as_verdict=False: raised)."""
     if tier not in TIERS:
         raise ValueError(f"unknown tier {tier!r}; expected one of {sorted(TIERS)}")
     params = params or {}
     try:
         return TIERS[tier].runner(prepare(tier, model, params, data), progress)
     except UnsupportedModel as e:  # an honest refusal is the tier's one verdict, not a traceback
+        if not refusal_as_verdict:
+            raise
         refusal = CheckResult(Verdict("supported", "fail", str(e)), pd.DataFrame())
         return TierResult(tier, {"supported": refusal}, {k: v for k, v in params.items() if is_data(v)}, {},
                           {"unsupported": str(e)})

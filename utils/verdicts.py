@@ -59,7 +59,7 @@ class TierResult:
     tier: int
     checks: dict                                  # check name -> CheckResult
     parameters: dict = field(default_factory=dict)
-    record: dict = field(default_factory=dict)    # device, precision, versions: see amp_utils.run_record
+    record: dict = field(default_factory=dict)    # device, precision, versions: see utils.environment.run_record
     figures: dict = field(default_factory=dict)   # headline numbers, one summary column each
 
     @property

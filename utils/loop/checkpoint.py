@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-FORMAT = 2  # 2: the LR schedule is saved as the count of steps applied (utils.training.steps)
+FORMAT = 2  # 2: the LR schedule is saved as the count of steps applied (utils.loop.steps)
 PATTERN = "step_*.pt"
 KEYS = ("format", "identity", "step", "micro_done", "model", "optimizer", "scheduler", "scaler", "rng", "history", "evals")
 

@@ -4,9 +4,7 @@ with its default, type and range, so tier 3, utils.train and test_fine_tuning sh
 import os
 from dataclasses import field, make_dataclass
 
-from utils.params import FINE_TUNING, ParamError
-
-_SPEC = {p.name: p for p in FINE_TUNING}
+from utils.params import FINE_TUNING, LOOP_SPEC as _SPEC, ParamError
 
 
 def _from_params(cls, params: dict, where: str = "the fine-tuning loop"):

@@ -5,12 +5,9 @@ every queued kernel has run, and the device then idles while Python prepares the
 model that is most of the time. So a step's record (loss, gradient norm, loss scale, skipped) stays on
 the device and the loop reads the records in one transfer at its log points; the LR schedule is a table
 on the device, indexed by a device count of the steps that really happened; a step with non-finite
-gradients is skipped inside the fused AdamW kernel (its found_inf argument), as the GradScaler already
-does for fp16; and steps are timed with CUDA events. A CPU runs the same code: there every op has
-finished when it returns, so the wall clock times a step and a read costs nothing.
-
-One exception: an AdamW that is not fused (FSDP2's sharded parameters, devices without the kernel)
-cannot skip a step by itself, so there the skip is decided on the host, one read per step.
+gradients is skipped inside the fused AdamW kernel (utils.precision.LossScaler.step; an unfused AdamW reads
+the flag on the host); and steps are timed with CUDA events (utils.measure.StepTimer). A CPU runs the same
+code: there every op has finished when it returns, so the wall clock times a step and a read costs nothing.
 """
 
 import math
@@ -102,11 +99,11 @@ def adamw(param_groups, lr: float, device: torch.device, sharded: bool = False) 
     return torch.optim.AdamW(param_groups, lr=lr, betas=(0.9, 0.95), fused=fused or None)
 
 
-def forward_backward(model: nn.Module, batch, plan: PrecisionPlan, scaler: LossScaler, window: int) -> torch.Tensor:
+def forward_backward(model: nn.Module, batch, scaler: LossScaler, window: int) -> torch.Tensor:
     """Forward and loss under autocast, then the scaled backward. The loss is divided by the
     accumulation window so the summed gradients are a mean. Returns the unscaled, undivided loss."""
     x, y = batch
-    with plan.autocast():
+    with scaler.plan.autocast():
         loss = compute_loss(model, x, y)
     scaler.backward(loss / window)
     return loss.detach()
@@ -120,7 +117,7 @@ def train_step(net: nn.Module, train_net: nn.Module, batches: list, scaler: Loss
     loss_sum = 0.0
     for i, batch in enumerate(batches):
         with gradient_sync(net, parallel, sync=i == len(batches) - 1):  # all-reduce once per window
-            loss_sum = loss_sum + forward_backward(train_net, batch, scaler.plan, scaler, len(batches))
+            loss_sum = loss_sum + forward_backward(train_net, batch, scaler, len(batches))
     scaler.unscale(optimizer)
     grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(net.parameters(), max_grad_norm))
     nonfinite = ~torch.isfinite(grad_norm)

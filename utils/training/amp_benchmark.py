@@ -19,8 +19,9 @@ def test_amp_speedup_benchmark(model=None, /, *, data=None, progress: bool = Fal
     """Tier 3: benchmark fp32 against the AMP precision `precision` resolves to, on `model` (module
     or spec; default: the `model` parameter). params: tier 3's parameters (utils.params), e.g.
     steps, batch_size, trials, sweep_batch_sizes (also measure the speedup at each batch size, with
-    fewer trials, to show where AMP pays), minimal_loop (also time a bare hand-written loop)."""
-    return run_tier(3, params, model=model, data=data, progress=progress)
+    fewer trials, to show where AMP pays), minimal_loop (also time a bare hand-written loop). A model or precision
+    the suite cannot run raises UnsupportedModel (or UnsupportedPrecision) with the reason, as it always has."""
+    return run_tier(3, params, model=model, data=data, progress=progress, refusal_as_verdict=False)
 
 
 test_amp_speedup_benchmark.__test__ = False  # a library function, not a pytest test
@@ -54,7 +55,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     try:
-        result = test_amp_speedup_benchmark(**{p.name: getattr(args, p.name) for p in cli_params})
+        result = run_tier(3, {p.name: getattr(args, p.name) for p in cli_params})  # a refusal is a verdict here
     except ParamError as e:
         parser.error(str(e))
     result.figures["wall_time_s"] = time.perf_counter() - t0
