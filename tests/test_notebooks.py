@@ -56,11 +56,11 @@ def test_notebook_is_valid_and_colab_ready(name):
     assert nb.metadata["kernelspec"]["name"] == "python3"
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_committed_notebook_matches_its_builder_and_carries_outputs(name):
+@pytest.mark.parametrize("tier, name", TIER_NOTEBOOKS)
+def test_committed_notebook_matches_its_builder_and_carries_outputs(tier, name):
     """Edits go through notebooks/build.py; the committed file is its output, executed."""
     committed = nbformat.read(NOTEBOOKS / name, as_version=4)
-    built = load_builder().NOTEBOOKS[name]()
+    built = load_builder().NOTEBOOKS[tier]()
     assert [c.source for c in committed.cells] == [c.source for c in built], \
         "notebook differs from notebooks/build.py: run `python notebooks/build.py --execute`"
     code = [c for c in committed.cells if c.cell_type == "code"]
