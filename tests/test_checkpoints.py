@@ -3,6 +3,7 @@ is bitwise the run that never stopped, Ctrl-C/SIGTERM that checkpoint and return
 themselves with a diagnosis when training breaks (an overflow storm, a NaN loss)."""
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -185,7 +186,8 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_and_resume_wo
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
-        assert proc.stdout.readline().strip() == "WRITING"
+        ready, _, _ = select.select([proc.stdout], [], [], 120)  # a child that never writes fails here, never hangs
+        assert ready and proc.stdout.readline().strip() == "WRITING"
         proc.kill()  # SIGKILL: no handler, no cleanup
     finally:
         proc.wait(timeout=60)

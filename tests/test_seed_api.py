@@ -147,8 +147,7 @@ def lightning_run(precision: str, callback, epochs: int = 2):
 
 def test_is_a_real_lightning_callback():
     L = pytest.importorskip("lightning.pytorch")
-    assert isinstance(AmpWandbCallback(True, "bf16-mixed"), L.Callback)
-    assert isinstance(AmpWandbCallback(True, "bf16-mixed"), AmpWandbCallback)
+    assert isinstance(AmpWandbCallback(True, "bf16-mixed"), L.Callback)  # not a plain class: Lightning can call it
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])

@@ -181,6 +181,7 @@ TIER_PARAMS = {
         *_TAIL),
 }
 # Tier 3's fine-tuning runs: the loop's settings it takes from its parameters (the rest are the loop's defaults).
+# Tier 3's own warmup_steps is the timing warm-up of its speed trials; the loop's LR warm-up keeps its default.
 TIER3_LOOP = ("steps", "batch_size", "seq_len", "lr", "seed", "compile", "max_skipped_in_a_row", "checkpoint_every",
               "checkpoint_dir", "resume")
 
