@@ -7,9 +7,11 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 name=$1 want=$2 budget=$3
-# Python $want: on PATH, or under pyenv (this machine keeps 3.10-3.13 there); none: skipped, and said so.
-python=$(command -v "python$want" || ls -d "$(pyenv root 2>/dev/null || echo /root/.pyenv)"/versions/"$want".*/bin/python 2>/dev/null | tail -n 1)
-if [ -z "$python" ]; then
+# Python $want: under pyenv (this machine keeps 3.10-3.13 there), else on PATH (a pyenv shim of an inactive
+# version is on PATH but does not run: hence the check); none: skipped, and said so.
+python=$(ls -d "$(pyenv root 2>/dev/null || echo "$HOME/.pyenv")"/versions/"$want".*/bin/python 2>/dev/null | tail -n 1)
+[ -n "$python" ] || python=$(command -v "python$want" || true)
+if [ -z "$python" ] || ! "$python" -c "pass" 2>/dev/null; then
     echo "environment $name: SKIPPED: no Python $want here (pyenv install $want, or put python$want on PATH)"
     exit 3
 fi
