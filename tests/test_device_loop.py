@@ -28,16 +28,35 @@ HOST_READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonz
               torch.ops.aten.equal.default, torch.ops.aten.nonzero.default}
 
 
+# Reads that never reach the dispatcher as an op on a CPU (a copy to the CPU is no copy there), counted by name.
+HOST_METHODS = ("tolist", "numpy", "cpu")
+
+
 class HostReads(TorchDispatchMode):
-    """Counts the host reads of tensor values made under it."""
+    """Counts the host reads of tensor values made under it: value reads seen by the dispatcher, and calls of the
+    tensor methods that hand values to the host (HOST_METHODS), which on a CPU bypass it."""
 
     def __init__(self):
         super().__init__()
-        self.count = 0
+        self.count, self.methods = 0, {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.count += func in HOST_READS
         return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        for name in HOST_METHODS:
+            self.methods[name] = method = getattr(torch.Tensor, name)
+            setattr(torch.Tensor, name, lambda t, *a, _m=method, **k: (self._seen(), _m(t, *a, **k))[1])
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for name, method in self.methods.items():
+            setattr(torch.Tensor, name, method)
+        return super().__exit__(*exc)
+
+    def _seen(self):
+        self.count += 1
 
 
 class FaultsAt:
@@ -82,6 +101,9 @@ def test_a_training_step_reads_nothing_back_to_the_host(precision):
         records = [train_step(model, model, batch, scaler, optimizer, schedule, 1.0, "none", device)
                    for batch in batches[:4]]
     assert reads.count == 0
+    with HostReads() as reads:  # the counter sees every kind of read, those that bypass the dispatcher on a CPU too
+        torch.ones(2).tolist(), torch.ones(2).cpu(), torch.ones(2).numpy(), float(torch.ones(()))
+    assert reads.count == 4
     skipped = [bool(r[RECORD.index("skipped")]) for r in records]
     assert skipped == [False, True, False, False]
     assert int(schedule.applied) == 3  # the LR schedule advanced on the three real steps only
@@ -92,7 +114,7 @@ def test_the_loops_host_reads_do_not_grow_with_its_steps():
     for steps in (8, 24):
         with HostReads() as reads:
             test_fine_tuning(gpt()[0], precision="16-mixed", **{**RUN, "steps": steps, "eval_batches": 0,
-                                                                  "log_every": steps})
+                                                                  "eval_interval": steps, "log_every": steps})
         counts[steps] = reads.count
     assert counts[8] == counts[24], counts  # a read per step (3 to 5 before this loop) would add 48 to 80
 
