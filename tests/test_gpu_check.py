@@ -7,6 +7,7 @@ import json
 import pytest
 
 from utils import gpu_check
+from utils.precision import GPU_CHECKED
 
 
 @pytest.mark.slow
@@ -16,7 +17,7 @@ def test_the_gpu_check_runs_end_to_end_on_a_cpu_at_tiny_sizes(tmp_path):
     check = json.loads((tmp_path / "gpu_check.json").read_text())
     assert check["gpu_tests"] == {"skipped": "no CUDA device: the gpu tests need one"}
     rows = {(r["model"], r["precision"]): r for r in check["results"]}
-    assert set(rows) == {(m, p) for m in ("gpt-tiny", "gpt2-small") for p in gpu_check.PRECISIONS}
+    assert set(rows) == {(m, p) for m in ("gpt-tiny", "gpt2-small") for p in GPU_CHECKED}
     for model in ("gpt-tiny", "gpt2-small"):
         assert rows[(model, "bf16-mixed")]["speedup"]["median"] > 0 and rows[(model, "bf16-mixed")]["baseline"] == "fp32"
         assert "fp8 needs a CUDA GPU" in rows[(model, "fp8")]["verdicts"]["supported"][1]
