@@ -5,6 +5,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -110,9 +111,10 @@ class OverflowsFp16(TinyGPTWrapper):
 class FaultOnce(TinyGPTWrapper):
     """Plants one fault on its Nth training forward (counted over all copies of the model in a process):
     SUITE_TEST_FAULT='interrupt:N' presses Ctrl-C (SIGINT to its own process), as a user stopping a run
-    would; 'overflow:N' scales that forward's activations beyond fp16's range. 'interrupt:N:R' and
-    'overflow:N:R' do it on torchrun rank R only. The environment reaches a runner's notebook kernels
-    and torchrun's ranks alike; unset, the model is the tiny GPT."""
+    would; 'overflow:N' scales that forward's activations beyond fp16's range; 'pause:N' creates the file
+    SUITE_TEST_MARK and waits 5 s there, for a test to stop the runner from outside at a known step.
+    'interrupt:N:R' and 'overflow:N:R' do it on torchrun rank R only. The environment reaches a runner's
+    notebook kernels and torchrun's ranks alike; unset, the model is the tiny GPT."""
 
     forwards = 0
 
@@ -123,6 +125,9 @@ class FaultOnce(TinyGPTWrapper):
             FaultOnce.forwards += 1
             if FaultOnce.forwards == int(n) and kind == "interrupt":
                 os.kill(os.getpid(), signal.SIGINT)
+            if FaultOnce.forwards == int(n) and kind == "pause":
+                Path(os.environ["SUITE_TEST_MARK"]).touch()
+                time.sleep(5)  # a signal's handler runs and the sleep goes on: the stop is seen after this step
             if FaultOnce.forwards == int(n) and kind == "overflow":
                 return self.inner(input_ids) * 1e6
         return self.inner(input_ids)

@@ -67,6 +67,11 @@ class TextCorpus:
     def train_tokens(self) -> int:
         return len(self.train)
 
+    @property
+    def top_id(self) -> int:
+        """The largest token id: a target a causal or masked LM's logits must cover."""
+        return int(max(self.train.max(), self.val.max()))
+
     def check_fits(self, seq_len: int, model_vocab_size=None):
         """Raise a clear error when a split is too short for seq_len or tokens exceed the model's vocabulary."""
         for name, split in (("train", self.train), ("validation", self.val)):
@@ -74,7 +79,7 @@ class TextCorpus:
                 raise ValueError(f"{name} split of corpus {self.source!r} has {len(split)} tokens; "
                                  f"expected at least seq_len + 2 = {seq_len + 2}. Use a longer text or a shorter seq_len")
         if model_vocab_size is not None:
-            top = int(max(self.train.max(), self.val.max()))
+            top = self.top_id
             if top >= model_vocab_size:
                 raise ValueError(f"corpus {self.source!r} has token id {top} but the model's vocabulary is "
                                  f"{model_vocab_size}; expected a model with vocab_size >= {self.vocab_size} "
@@ -181,6 +186,10 @@ class MaskedLMData:
     @property
     def train_tokens(self) -> int:
         return self.corpus.train_tokens
+
+    @property
+    def top_id(self) -> int:
+        return self.corpus.top_id
 
     def _mask(self, x: torch.Tensor, generator: torch.Generator):
         masked = torch.rand(x.shape, generator=generator) < self.mask_prob

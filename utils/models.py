@@ -8,11 +8,14 @@ Two built-in families, each in named sizes:
 into an nn.Module. `get_logits(output)` finds the logits in whatever a model returns.
 """
 
+import functools
 import importlib
 import importlib.util
 import inspect
 import math
 import sys
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -49,6 +52,34 @@ def _transformers():
     return transformers
 
 
+HUB_TIMEOUT_S = 5  # how long a hub that does not answer may hold a run before hf: is refused
+
+
+@functools.lru_cache(maxsize=None)
+def _hub_access(name: str) -> tuple:
+    """from_pretrained's extra keywords for `name`: none when it is a folder or the hub answers; local files
+    only when the hub does not answer within HUB_TIMEOUT_S but the files are cached; else a ModelLoadError
+    within seconds, where a machine with no network would otherwise wait on the hub's retries."""
+    from huggingface_hub import constants  # installed with transformers (optional)
+    if Path(name).is_dir() or constants.HF_HUB_OFFLINE:
+        return ()
+    try:
+        urllib.request.urlopen(urllib.request.Request(f"{constants.ENDPOINT}/api/models/{name}", method="HEAD"),
+                               timeout=HUB_TIMEOUT_S).close()
+        return ()
+    except urllib.error.HTTPError:
+        return ()  # the hub answered: a missing or gated model is from_pretrained's to explain
+    except (OSError, ValueError) as e:
+        reason = str(getattr(e, "reason", None) or e) or type(e).__name__
+    try:
+        _transformers().AutoConfig.from_pretrained(name, local_files_only=True)
+    except Exception:
+        raise ModelLoadError(f"cannot download hf:{name}: {constants.ENDPOINT} did not answer within {HUB_TIMEOUT_S} s "
+                             f"({reason}) and the model is not in the local cache; connect to the network, or give a "
+                             "local folder (hf:path/to/model)") from None
+    return (("local_files_only", True),)
+
+
 def _load_hf(name: str, task: str, kwargs: dict) -> nn.Module:
     """A Hugging Face model by hub name or local path, with the Auto class of its task."""
     for refused in ("torch_dtype", "dtype"):
@@ -56,8 +87,9 @@ def _load_hf(name: str, task: str, kwargs: dict) -> nn.Module:
             raise ModelLoadError(f"model_kwargs {refused}={kwargs[refused]!r} refused for hf:{name}: training keeps fp32 "
                                  "master weights and autocast casts per op; drop it and choose precision instead")
     transformers = _transformers()
+    hub = dict(_hub_access(name))
     try:
-        config = transformers.AutoConfig.from_pretrained(name)
+        config = transformers.AutoConfig.from_pretrained(name, **hub)
     except Exception as e:
         raise ModelLoadError(f"cannot load the config of hf:{name}: {type(e).__name__}: {e}") from e
     if getattr(config, "is_encoder_decoder", False):
@@ -74,7 +106,7 @@ def _load_hf(name: str, task: str, kwargs: dict) -> nn.Module:
     auto = {"causal-lm": transformers.AutoModelForCausalLM, "classification": transformers.AutoModelForSequenceClassification,
             "masked-lm": transformers.AutoModelForMaskedLM}[task]
     try:
-        model = auto.from_pretrained(name, **kwargs)
+        model = auto.from_pretrained(name, **{**hub, **kwargs})
     except Exception as e:
         raise ModelLoadError(f"cannot load hf:{name} as a {task} model: {type(e).__name__}: {e}") from e
     model.task = task
@@ -85,7 +117,7 @@ def load_tokenizer(spec: str):
     """A Hugging Face tokenizer by name or path ('hf:' prefix optional)."""
     name = spec.removeprefix("hf:")
     try:
-        return _transformers().AutoTokenizer.from_pretrained(name)
+        return _transformers().AutoTokenizer.from_pretrained(name, **dict(_hub_access(name)))
     except ModelLoadError:
         raise
     except Exception as e:
@@ -245,6 +277,50 @@ SPEC_FORMS = ("a registry name (" + ", ".join(REGISTRY) + "), 'hf:NAME_OR_PATH' 
               "or 'path/to/file.py:factory'")
 
 
+# A guard against an obvious misuse, not a sandbox: a spec naming os:system would run a command with model_kwargs
+# as its arguments. A model spec is code by design (README: trust boundary); this refuses only Python's own library.
+_STANDARD_LIBRARY = frozenset(sys.stdlib_module_names) | {"builtins"}
+
+
+def check_spec(spec: str):
+    """The model parameter's form, before anything is imported or built: a ValueError says what is expected."""
+    if spec in REGISTRY or (spec.startswith("hf:") and spec[3:].strip()):
+        return
+    target, sep, attr = spec.rpartition(":")
+    if not sep or not target or not attr.isidentifier():
+        raise ValueError(f"{spec!r} is not a model spec; expected {SPEC_FORMS}")
+    if not target.endswith(".py"):
+        _refuse_standard_library(target, spec)
+
+
+def _refuse_standard_library(module: str, spec: str):
+    if module.split(".")[0] in _STANDARD_LIBRARY:
+        raise ModelLoadError(f"model spec {spec!r} names {module!r}, part of Python's standard library, not a model factory; "
+                         "expected a factory that returns an nn.Module (a guard against misuse, not a sandbox: a model "
+                         "spec is code, see the README's trust boundary)")
+
+
+def config_parameters(cls, cfg: ModelConfig) -> int:
+    """A built-in model's parameter count from its config alone, before anything is allocated."""
+    d = cfg.d_model
+    per_block = 12 * d * d + 13 * d  # two norms, qkv, proj, the 4x MLP
+    head = 0 if cls is GPT else d * cfg.num_classes + cfg.num_classes  # the GPT's head is the tied embedding
+    return (cfg.vocab_size + cfg.max_len) * d + cfg.n_layer * per_block + 2 * d + head
+
+
+def check_config(name: str, overrides: dict, memory: int):
+    """A built-in model's config with overrides (already checked by field, type and range): a ValueError when its
+    heads do not divide its width, or its fp32 weights alone exceed `memory` bytes."""
+    cls, cfg = REGISTRY[name]
+    cfg = replace(cfg, **overrides)
+    if cfg.d_model % cfg.n_head:
+        raise ValueError(f"{name!r} with {overrides}: d_model={cfg.d_model} must be divisible by n_head={cfg.n_head}")
+    weights = 4 * config_parameters(cls, cfg)
+    if weights > memory:
+        raise ValueError(f"{name!r} with {overrides} has {weights / 4:,.0f} parameters, {weights / 2**30:,.1f} GiB of "
+                         f"fp32 weights alone, more than the device's {memory / 2**30:,.1f} GiB; expected a smaller config")
+
+
 def build_model(name: str, **overrides) -> nn.Module:
     """A reference model by registry name; keyword arguments override fields of its ModelConfig."""
     if name not in REGISTRY:
@@ -269,15 +345,22 @@ def _resolve_factory(spec: str):
         mod_spec = importlib.util.spec_from_file_location(module_name, path)
         module = importlib.util.module_from_spec(mod_spec)
         sys.modules[module_name] = module  # lets dataclasses and pickling inside the file resolve it
-        mod_spec.loader.exec_module(module)
+        try:
+            mod_spec.loader.exec_module(module)
+        except SyntaxError as e:
+            raise ModelLoadError(f"model file {str(path)!r} (from spec {spec!r}) has a syntax error at line {e.lineno}: "
+                                 f"{e.msg}") from None
     else:
+        _refuse_standard_library(target, spec)
         try:
             module = importlib.import_module(target)
         except ImportError as e:
             raise ModelLoadError(f"cannot import module {target!r} from spec {spec!r}: {e}") from e
     if not hasattr(module, attr):
         raise ModelLoadError(f"module {target!r} has no attribute {attr!r} (from spec {spec!r})")
-    return getattr(module, attr)
+    factory = getattr(module, attr)
+    _refuse_standard_library(str(getattr(factory, "__module__", None) or ""), spec)  # re-exported: from os import system
+    return factory
 
 
 def load_model(spec, task=None, **kwargs) -> nn.Module:
@@ -302,9 +385,12 @@ def load_model(spec, task=None, **kwargs) -> nn.Module:
             raise ModelLoadError(f"factory {spec!r} raised {type(e).__name__}: {e}") from e
         if not isinstance(model, nn.Module):
             raise ModelLoadError(f"factory {spec!r} returned {type(model).__name__}; expected a torch.nn.Module")
+    where = f"model {type(model).__name__} (from {spec if isinstance(spec, str) else 'the module given'})"
     if next(model.parameters(), None) is None:
-        raise ModelLoadError(f"model {type(model).__name__} (from {spec if isinstance(spec, str) else 'the module given'}) "
-                             "has no parameters; expected a model with weights to validate and train")
+        raise ModelLoadError(f"{where} has no parameters; expected a model with weights to validate and train")
+    if any(p.is_meta for p in model.parameters()):
+        raise ModelLoadError(f"{where} has its parameters on the meta device, which holds no values; expected a model "
+                             "built on the CPU (or with its weights loaded: to_empty() then load_state_dict())")
     return model
 
 
@@ -337,11 +423,16 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def model_task(model: nn.Module, logits: torch.Tensor) -> str:
-    """The model's `task` attribute (set by probe_model, or a class's own), else from the logits' shape:
-    (B, T, vocab) a causal LM, (B, classes) a classifier."""
+    """The model's `task` attribute (set by probe_model, or a class's own), else a Hugging Face class's name
+    (...ForMaskedLM, ...ForCausalLM, ...ForSequenceClassification), else the logits' shape: (B, T, vocab) a
+    causal LM, (B, classes) a classifier."""
     task = getattr(model, "task", None)
     if task in TASKS:
         return task
+    found = [t for c in type(model).__mro__ if c.__module__.startswith("transformers.")
+             for suffix, t in _HF_TASK_SUFFIXES.items() if c.__name__.endswith(suffix)]
+    if found:  # a Hugging Face model's class says its task (RobertaForMaskedLM gives (B, T, vocab) like a causal LM)
+        return found[0]
     if logits.dim() == 3:
         return "causal-lm"
     if logits.dim() == 2:
@@ -382,6 +473,8 @@ def probe_model(model: nn.Module, task: str = "auto") -> str:
     model.task = task
     if task == "classification":
         model.suite_num_classes = int(logits.shape[-1])
+    else:
+        model.suite_output_width = int(logits.shape[-1])  # must cover every token id of the data (load_task_data)
     return task
 
 
@@ -472,4 +565,10 @@ def load_task_data(model: nn.Module, data, seq_len: int, tokenizer=None):
                 if data.mask_id is None:
                     raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no mask token; a masked LM needs one")
     data.check_fits(seq_len, model_vocab_size(model))
+    width = getattr(model, "suite_output_width", None)
+    if task != "classification" and width is not None and data.top_id >= width:
+        raise UnsupportedModel(f"{type(model).__name__} returns {width} logits per position, but the data "
+                               f"({data.source}) has token ids up to "
+                               f"{data.top_id}: a {task}'s logits must score every token id (expected a width of at "
+                               f"least {data.top_id + 1}); check the model's output layer, or the tokenizer parameter")
     return data

@@ -11,8 +11,8 @@ import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from utils.models import TASKS
-from utils.precision import AUTO, PRECISION_CHOICES, canonical
+from utils.models import REGISTRY, TASKS, check_config, check_spec
+from utils.precision import AUTO, DEVICE_FORMS, PRECISION_CHOICES, canonical, check_device, memory_bytes, resolve_device
 
 PARALLEL_CHOICES = ("ddp", "fsdp2")  # utils.train under torchrun: each rank a replica, or parameters sharded
 LOG_EVERY_ACCELERATOR = 10  # optimizer steps between reads of the loop's records on a GPU (utils.loop.steps)
@@ -53,15 +53,19 @@ class Param:
     choices: tuple = ()
     optional: bool = False  # None is accepted too (its meaning is in the help)
     canonical: object = None  # maps every accepted spelling to the one name stored (precision aliases)
+    min_items: int = 0  # a list's shortest length
+    validate: object = None  # value -> None, or a ValueError saying what is wrong (what this machine has, say)
 
     def expected(self) -> str:
         what = f"a list of {_ITEM_NAMES[self.item]}" if self.type is list else _TYPE_NAMES[self.type]
+        if self.min_items:
+            what = f"a list of at least {self.min_items} {_ITEM_NAMES[self.item]}"
         if self.choices:
             what += " in " + ", ".join(map(repr, self.choices)) + (" (or an alias)" if self.canonical else "")
         if self.low is not None and self.high is not None:
-            what += f" from {self.low:g} to {self.high:g}"
+            what += f" from {_number(self.low)} to {_number(self.high)}"
         elif self.low is not None:
-            what += f" >= {self.low:g}"
+            what += f" >= {_number(self.low)}"
         return what + (", or None" if self.optional else "")
 
     def _number_ok(self, value, kind) -> bool:
@@ -83,26 +87,42 @@ class Param:
         if self.type in (int, float):
             ok = self._number_ok(value, self.type)
         elif self.type is list:
-            ok = isinstance(value, list) and all(self._number_ok(v, self.item) if self.item in (int, float)
-                                                 else isinstance(v, self.item) for v in value)
+            ok = isinstance(value, list) and len(value) >= self.min_items and all(
+                self._number_ok(v, self.item) if self.item in (int, float) else isinstance(v, self.item) for v in value)
         else:
             ok = isinstance(value, self.type) and is_data(value) and (not self.choices or value in self.choices)
         if not ok:
             raise ParamError(f"parameter {self.name!r} expects {self.expected()}; got {value!r} ({type(value).__name__})")
+        if self.validate is not None:
+            try:
+                self.validate(value)
+            except ValueError as e:
+                raise ParamError(f"parameter {self.name!r}: {e}") from None
         return float(value) if self.type is float else value
 
 
+def _number(x) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}"
+
+
 def _common(model: str):
-    return (Param("model", str, model, "registry name, 'hf:NAME_OR_PATH', 'package.module:factory' or 'path/to/file.py:factory'"),
+    return (Param("model", str, model, "registry name, 'hf:NAME_OR_PATH', 'package.module:factory' or "
+                  "'path/to/file.py:factory'", validate=check_spec),
             Param("model_kwargs", dict, {}, "keyword arguments for the model factory (registry: config overrides; hf: "
                   "from_pretrained arguments such as num_labels)"),
             Param("task", str, "auto", "'auto' (an hf: model's architectures, else the logits' shape), 'causal-lm', "
                   "'classification' or 'masked-lm'", choices=("auto", *TASKS)),
             Param("tokenizer", str, "", "a Hugging Face tokenizer name or folder (empty: an hf: model's own, else bytes)"),
-            Param("device", str, "auto", "'auto' (CUDA if available), 'cpu', 'cuda' or 'cuda:N'"))
+            Param("device", str, "auto", f"{DEVICE_FORMS} ('auto': CUDA if available); checked against this machine",
+                  validate=check_device))
 
 
-SEED = Param("seed", int, 0, "seeds weights, data order and probes", low=0)
+SEED = Param("seed", int, 0, "seeds weights, data order and probes", low=0, high=2**32 - 1)
+
+# A built-in model's config fields that model_kwargs may set (utils.models.ModelConfig), checked as parameters are.
+MODEL_CONFIG = {field: Param(f"model_kwargs[{field!r}]", kind, None, "", low=low, high=high) for field, kind, low, high in (
+    ("n_layer", int, 1, None), ("n_head", int, 1, None), ("d_model", int, 1, None), ("max_len", int, 1, None),
+    ("vocab_size", int, 1, None), ("num_classes", int, 2, None), ("dropout", float, 0, 1))}
 _TAIL = (SEED, Param("output_dir", str, "", "where results.json and charts go (empty: runs/interactive/tier<N>)"))
 PRECISION = Param("precision", str, AUTO, "the AMP precision compared with fp32 ('auto': the best for the device)",
                   choices=PRECISION_CHOICES, canonical=canonical)
@@ -148,7 +168,8 @@ def _loop(*names):
 TIER_PARAMS = {
     1: (*_common("gpt-tiny"),
         Param("seq_len", int, 32, "tokens per sequence for the checks (capped at the model's maximum)", low=1),
-        Param("batch_sizes", list, [1, 2, 4, 8, 16], "batch sizes the memory check tries, smallest first", item=int, low=1),
+        Param("batch_sizes", list, [1, 2, 4, 8, 16], "batch sizes the memory check tries, smallest first", item=int, low=1,
+              min_items=1),
         Param("latency_iters", int, 30, "timed forwards for the latency percentiles", low=1),
         *_TAIL),
     2: (*_common("gpt-tiny"),
@@ -157,7 +178,7 @@ TIER_PARAMS = {
         Param("batch_size", int, 4, "sequences analyzed", low=1),
         Param("seq_len", int, 32, "tokens per sequence (capped at the model's maximum)", low=1),
         Param("strengths", list, [0.01, 0.05, 0.1, 0.2], "perturbation strengths for the robustness curves",
-              item=float, low=0, high=1),
+              item=float, low=0, high=1, min_items=1),
         Param("amp_tolerance", float, 0.05, "relative error beyond which a layer counts as drifting under autocast",
               low=1e-6, high=1),
         *_TAIL),
@@ -224,7 +245,24 @@ def check_values(params: dict, known: dict, where: str) -> dict:
     for name in params:
         if name not in known:
             raise ParamError(f"unknown parameter {name!r} for {where}; known parameters: {sorted(known)}")
-    return {**{name: p.default for name, p in known.items()}, **{name: known[name].check(value) for name, value in params.items()}}
+    checked = {**{name: p.default for name, p in known.items()}, **{name: known[name].check(value) for name, value in params.items()}}
+    if checked.get("model") in REGISTRY:
+        _check_model_config(checked["model"], checked["model_kwargs"], checked["device"])
+    return checked
+
+
+def _check_model_config(name: str, kwargs: dict, device: str):
+    """A built-in model's model_kwargs by field, type and range, and its size against the device's memory: a
+    model that cannot be built is refused before anything is allocated."""
+    for field, value in kwargs.items():
+        if field not in MODEL_CONFIG:
+            raise ParamError(f"parameter 'model_kwargs': unknown field {field!r} of {name!r}; expected some of "
+                             f"{sorted(MODEL_CONFIG)}")
+        MODEL_CONFIG[field].check(value)
+    try:
+        check_config(name, kwargs, memory_bytes(resolve_device(device)))
+    except ValueError as e:
+        raise ParamError(f"parameter 'model_kwargs': {e}") from None
 
 
 def check_params(tier: int, params: dict) -> dict:

@@ -16,6 +16,7 @@ device_capability, device_name). Only torch.amp APIs are used; torch.cuda.amp is
 """
 
 import os
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +96,35 @@ def device_capability(device: torch.device) -> tuple:
 
 def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device)
+
+
+def cuda_device_count() -> int:
+    return torch.cuda.device_count() if cuda_available() else 0
+
+
+DEVICE_FORMS = "'auto', 'cpu', 'cuda' or 'cuda:N'"
+
+
+def check_device(text: str):
+    """A device this machine has, or a ValueError naming what it has: checked before any work starts, so a
+    run never dies inside torch on a device that is not there (or on 'meta', which holds no data)."""
+    match = re.fullmatch(r"(auto|cpu|cuda)(?::(\d+))?", text)
+    if not match or (match[2] is not None and match[1] != "cuda"):
+        raise ValueError(f"expects {DEVICE_FORMS}; got {text!r}")
+    count = cuda_device_count()
+    if match[1] == "cuda" and count == 0:
+        raise ValueError(f"{text!r} asks for CUDA, but this machine has no CUDA device (torch {torch.__version__}, "
+                         "torch.cuda.is_available() is False); expected 'auto' or 'cpu'")
+    if match[2] is not None and int(match[2]) >= count:
+        raise ValueError(f"{text!r} asks for CUDA device {match[2]}, but this machine has {count} "
+                         f"(cuda:0 to cuda:{count - 1})")
+
+
+def memory_bytes(device: torch.device) -> int:
+    """The memory a model's weights must fit in: the GPU's, or this machine's RAM."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def resolve_device(device=None) -> torch.device:

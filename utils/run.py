@@ -38,12 +38,16 @@ import contextlib
 import hashlib
 import itertools
 import json
+import math
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
+import weakref
 from pathlib import Path
 
 import matplotlib
@@ -62,18 +66,79 @@ from utils.results import read_json, write_json_atomic
 from utils.tiers import TIERS
 
 NOTEBOOK_DIR = ROOT / "notebooks"
+MAX_RUNS = 1000  # a grid larger than this is a typo more often than a plan: --max-runs raises it
+KERNEL_LOG = "kernel.log"  # a run's kernel process's own log, kept in its folder when it wrote anything
+
+
+_KERNELS = weakref.WeakSet()  # the kernel managers of this process's running notebooks: a stop is passed to them
+_STOP = []  # the signals that asked this runner to stop (SIGINT, SIGTERM), in order
 
 
 class LocalKernelManager(AsyncKernelManager):
     """The notebooks' kernel talks to this process over local sockets (ZeroMQ ipc) where the OS has them, not over
-    TCP: nothing outside the machine needs to reach it, and a TCP kernel prints a transport warning into every run."""
+    TCP: nothing outside the machine needs to reach it, and a TCP kernel prints a transport warning into every run.
+    With `stderr_path` set, the kernel process's own stderr (ipykernel's log; a cell's output goes to the notebook)
+    goes to that file, not to the runner's terminal: a kernel shut down mid-cell logs a ZMQError traceback there."""
     transport = CaselessStrEnum(["tcp", "ipc"], default_value="ipc" if os.name == "posix" else "tcp")
+    stderr_path = None
+
+    async def _async_launch_kernel(self, kernel_cmd, **kw):
+        _KERNELS.add(self)
+        with open(self.stderr_path or os.devnull, "ab") as log:
+            await super()._async_launch_kernel(kernel_cmd, **kw, **({"stderr": log} if self.stderr_path else {}))
 
 
-def run_notebook(source: Path, target: Path, **kwargs):
-    """papermill.execute_notebook on the python3 kernel of this environment, over local sockets."""
+def run_notebook(source: Path, target: Path, kernel_log: Path = None, **kwargs):
+    """papermill.execute_notebook on the python3 kernel of this environment, over local sockets; the kernel's
+    own log goes to `kernel_log` when given."""
+    manager = type("RunKernelManager", (LocalKernelManager,), {"stderr_path": kernel_log}) if kernel_log else LocalKernelManager
     return papermill.execute_notebook(str(source), str(target), kernel_name="python3",
-                                      kernel_manager_class=LocalKernelManager, **kwargs)
+                                      kernel_manager_class=manager, **kwargs)
+
+
+def _interrupt_kernels():
+    """Ctrl-C for every running notebook, as a user at its keyboard would press it: SIGINT to the kernel's process
+    group. Tier 3's loop then checkpoints and returns (utils.loop.stops); a cell elsewhere ends in KeyboardInterrupt."""
+    for km in list(_KERNELS):
+        pgid = getattr(km.provisioner, "pgid", None) if km.has_kernel else None
+        with contextlib.suppress(OSError):
+            os.killpg(pgid, signal.SIGINT) if pgid else None
+
+
+@contextlib.contextmanager
+def stops_passed_to_notebooks():
+    """SIGINT (Ctrl-C) and SIGTERM (a scheduler's preemption, Colab's stop) of the runner: said in one line, passed
+    to the running notebook as Ctrl-C, and no further run starts. A second signal stops the runner at once
+    (KeyboardInterrupt). Python allows signal handlers only in the main thread; elsewhere signals act as usual."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if _STOP:
+            raise KeyboardInterrupt
+        _STOP.append(signal.Signals(signum).name)
+        os.write(sys.stderr.fileno(), f"{_STOP[0]}: the running notebook is stopped as by Ctrl-C (a fine-tuning run "
+                 "checkpoints first) and no further run starts; press Ctrl-C again to stop at once\n".encode())
+        _interrupt_kernels()
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        _STOP.clear()
+
+
+def _no_cell_after_a_stop(run_folder: Path):
+    """nbclient's on_cell_start hook: once a stop was asked, no cell starts before the run has written its results
+    (a Ctrl-C between two cells would be lost: the kernel ignores it while idle). After, the cells that only
+    show the results still run, so an interrupted tier 3 notebook shows its stop."""
+    def hook(cell, cell_index):
+        if _STOP and not (run_folder / "results.json").exists():
+            raise KeyboardInterrupt(f"{_STOP[0]} before cell {cell_index}")
+    return hook
 
 
 class UsageError(ValueError):
@@ -89,6 +154,46 @@ def parse_assignments(pairs) -> dict:
             raise UsageError(f"parameter {pair!r} is not name=value")
         params[name.strip()] = coerce(value)
     return params
+
+
+class _GridLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a parameter given twice is an error, not the later value silently."""
+
+    def construct_mapping(self, node, deep=False):
+        lines = {}
+        for key_node, _ in node.value:
+            key, line = key_node.value, key_node.start_mark.line + 1
+            if isinstance(key_node, yaml.ScalarNode) and key in lines:
+                raise UsageError(f"parameter {key!r} is given twice (lines {lines[key]} and {line}); expected each once")
+            lines[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def read_grid(path: Path) -> dict:
+    """A grid file's mapping, or a UsageError that names the file and what is wrong with it."""
+    if not path.exists():
+        raise UsageError(f"grid file {str(path)!r} does not exist")
+    if not path.is_file():
+        raise UsageError(f"grid file {str(path)!r} is a folder, not a file; expected a YAML file")
+    try:
+        grid = yaml.load(path.read_bytes().decode("utf-8"), Loader=_GridLoader)
+    except UnicodeDecodeError as e:
+        raise UsageError(f"grid file {str(path)!r} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                         "expected a YAML file saved as UTF-8") from None
+    except UsageError as e:
+        raise UsageError(f"grid file {str(path)!r}: {e}") from None
+    except yaml.YAMLError as e:
+        raise UsageError(f"grid file {str(path)!r} is not valid YAML: {e}") from None
+    grid = {} if grid is None else grid
+    if not isinstance(grid, dict) or not all(isinstance(k, str) for k in grid):
+        raise UsageError(f"grid file {str(path)!r} holds {type(grid).__name__} {str(grid)[:60]!r}; expected a mapping of "
+                         "parameter names to values (name: [value, ...])")
+    return grid
+
+
+def grid_size(grid: dict) -> int:
+    """How many runs the grid's cross product holds, counted without expanding it."""
+    return math.prod(len(v) if isinstance(v, list) else 1 for v in grid.values())
 
 
 def expand_grid(grid: dict) -> list:
@@ -114,18 +219,26 @@ def run_digest(tier: int, params: dict) -> str:
     return hashlib.sha256(json.dumps({"tier": tier, "parameters": full}, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def _absolute_model_file(params: dict) -> dict:
-    """A 'path/to/file.py:factory' spec relative to where the runner was started, made absolute: notebooks
-    run in their own folders."""
+def _absolute_paths(params: dict) -> dict:
+    """A 'path/to/file.py:factory' spec and a checkpoint_dir relative to where the runner was started, made
+    absolute once, here: notebooks run in their own folders, and a resume must find the same checkpoints."""
     target, sep, attr = str(params.get("model", "")).rpartition(":")
     if sep and target.endswith(".py") and Path(target).is_file():
-        return {**params, "model": f"{Path(target).resolve()}:{attr}"}
+        params = {**params, "model": f"{Path(target).resolve()}:{attr}"}
+    if isinstance(params.get("checkpoint_dir"), str) and params["checkpoint_dir"]:
+        params = {**params, "checkpoint_dir": str(Path(params["checkpoint_dir"]).resolve())}
     return params
 
 
-def plan_runs(tiers, params: dict, grid: dict) -> list:
+def plan_runs(tiers, params: dict, grid: dict, max_runs: int = None) -> list:
     """One (run_id, tier, parameters) per tier and distinct grid point; every name and value checked up
-    front. The run id ends in the content digest, so two different runs never share a folder."""
+    front. The run id ends in the content digest, so two different runs never share a folder. A grid of more
+    than max_runs runs is refused before it is expanded."""
+    count = grid_size(grid) * len(tiers)
+    if max_runs is not None and count > max_runs:
+        axes = " x ".join(f"{len(v)} {k}" for k, v in grid.items() if isinstance(v, list))
+        raise UsageError(f"the grid makes {count:,} runs ({axes}, x {len(tiers)} tier(s)), more than --max-runs "
+                         f"{max_runs:,}; raise --max-runs to run them all, or make the grid smaller")
     known = {tier: spec(tier) for tier in tiers}
     everything = set().union(*known.values())
     for name in [*params, *grid]:
@@ -136,7 +249,7 @@ def plan_runs(tiers, params: dict, grid: dict) -> list:
     runs, seen = [], set()
     for point in expand_grid(grid):
         for tier in tiers:
-            chosen = _absolute_model_file({k: v for k, v in {**params, **point}.items() if k in known[tier]})
+            chosen = _absolute_paths({k: v for k, v in {**params, **point}.items() if k in known[tier]})
             try:
                 digest = run_digest(tier, chosen)
             except ParamError as e:
@@ -200,24 +313,18 @@ def execute(run_id: str, tier: int, params: dict, out_dir: Path, progress: bool 
     try:
         tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{run_id}."))
         try:
-            run_notebook(NOTEBOOK_DIR / TIERS[tier].notebook, tmp / TIERS[tier].notebook,
+            run_notebook(NOTEBOOK_DIR / TIERS[tier].notebook, tmp / TIERS[tier].notebook, kernel_log=tmp / KERNEL_LOG,
                          parameters={**keep, **params, "output_dir": "."}, cwd=str(tmp), progress_bar=progress,
-                         execution_timeout=timeout)
-            results = read_json(tmp / "results.json")
-            stop = results.get("figures", {}).get("stop") or {}
-            interrupted = stop.get("reason") == INTERRUPTED
-            row.update(run_status=INTERRUPTED if interrupted else "ok", error=stop.get("message", ""), verdict=results["status"],
-                       timing_failed=any(v["timing"] and v["status"] == "fail" for v in results["verdicts"]))
-            row.update({f"verdict.{v['check']}": v["status"] for v in results["verdicts"]})
-            row.update({k: v for k, v in results.get("figures", {}).items() if k != "stop"})  # its message is the error
-        except Exception as e:  # a failing notebook must not stop the others
-            timed_out = isinstance(e, TimeoutError) or "timed out" in str(e).lower()
-            message = getattr(e, "evalue", None) or str(e)
-            row.update(run_status="timeout" if timed_out else "crashed", verdict=None, timing_failed=False,
-                       error=(f"no cell may run longer than --timeout {timeout} s" if timed_out else
-                              f"{getattr(e, 'ename', type(e).__name__)}: {message}".strip()[:500]))
+                         execution_timeout=timeout, on_cell_start=_no_cell_after_a_stop(tmp))
+            row.update(_finished(read_json(tmp / "results.json")))
+        except (Exception, KeyboardInterrupt) as e:  # a failing notebook must not stop the others
+            if isinstance(e, KeyboardInterrupt) and not _STOP:
+                raise  # not a stop this runner passed on: the user's own
+            row.update(_failed(e, timeout, tier))
         row["duration_s"] = round(time.perf_counter() - t0, 2)
         write_json_atomic(tmp / "run.json", row)
+        if (tmp / KERNEL_LOG).exists() and not (tmp / KERNEL_LOG).stat().st_size:
+            (tmp / KERNEL_LOG).unlink()
         _replace_dir(tmp, out_dir / run_id)
     except OSError as e:  # the file system failed this run: its problem, not the batch's
         row.update(run_status="crashed", verdict=None, timing_failed=False, error=f"file system: {e}",
@@ -225,6 +332,28 @@ def execute(run_id: str, tier: int, params: dict, out_dir: Path, progress: bool 
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
     return row
+
+
+def _finished(results: dict) -> dict:
+    """A row's fields from a run's results.json: its verdicts, figures and, when it stopped early, why."""
+    stop = results.get("figures", {}).get("stop") or {}
+    row = {"run_status": INTERRUPTED if stop.get("reason") == INTERRUPTED else "ok", "error": stop.get("message", ""),
+           "verdict": results["status"], "timing_failed": any(v["timing"] and v["status"] == "fail" for v in results["verdicts"])}
+    row.update({f"verdict.{v['check']}": v["status"] for v in results["verdicts"]})
+    return {**row, **{k: v for k, v in results.get("figures", {}).items() if k != "stop"}}  # its message is the error
+
+
+def _failed(e: BaseException, timeout: int, tier: int) -> dict:
+    """A row's fields for a notebook that did not finish: stopped by this runner, timed out or crashed."""
+    timed_out = isinstance(e, TimeoutError) or "timed out" in str(e).lower()
+    if _STOP:
+        status, error = INTERRUPTED, (f"{_STOP[0]} stopped it before it wrote its results (--resume runs it again"
+                                      + (", from its checkpoints)" if "resume" in spec(tier) else ")"))
+    elif timed_out:
+        status, error = "timeout", f"no cell may run longer than --timeout {timeout} s"
+    else:
+        status, error = "crashed", f"{getattr(e, 'ename', type(e).__name__)}: {getattr(e, 'evalue', None) or e}".strip()[:500]
+    return {"run_status": status, "verdict": None, "timing_failed": False, "error": error}
 
 
 def write_summary(rows: list, out_dir: Path, log=print) -> pd.DataFrame:
@@ -257,6 +386,9 @@ def run_all(runs, out_dir: Path, resume: bool = False, progress: bool = False, t
                 (f", verdict {row['verdict']}" if row["verdict"] else f" ({row['error']})") + f" in {row['duration_s']:.1f}s")
             rows.append(row)
         summary = write_summary(rows, out_dir, log)
+        if _STOP and i < len(runs):
+            log(f"{_STOP[0]}: {len(runs) - i} run(s) not started; --resume runs them")
+            break
     return summary
 
 
@@ -281,7 +413,10 @@ def batch_lock(out_dir: Path):
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             break
         except FileExistsError:
-            text = lock.read_text().strip() if lock.exists() else ""
+            if lock.is_dir() or (lock.exists() and not lock.is_file()):
+                raise UsageError(f"{lock} is a folder (or another non-file), not a runner's lock file; remove it and "
+                                 "run again") from None
+            text = lock.read_text(errors="replace").strip() if lock.exists() else ""
             fresh = lock.exists() and time.time() - lock.stat().st_mtime < 10
             if (text.isdigit() and _alive(int(text))) or (not text and fresh):  # an empty lock is being written
                 raise UsageError(f"another runner (pid {text or '?'}) is writing {out_dir}; wait for it to finish, "
@@ -309,9 +444,13 @@ def parameters_help() -> str:
 
 def _output_folder(out: Path, name: str) -> Path:
     """--out/--name, checked before anything runs: the name stays inside --out, and --out can be written."""
-    if not name or Path(name).name != name or name in (".", ".."):
-        raise UsageError(f"--name {name!r} must be a plain folder name inside --out (no '/', '..' or absolute path)")
+    if not re.fullmatch(r"\w[\w.+-]*", name):
+        raise UsageError(f"--name {name!r} must be a plain folder name inside --out: letters, digits, '_', '.', '+' "
+                         "or '-', not starting with '.' (no '/', '..', spaces or control characters)")
     out_dir = out / name
+    if out_dir.is_symlink() or (out_dir.exists() and out_dir.resolve().parent != out.resolve()):
+        raise UsageError(f"--name {name!r}: {str(out_dir)!r} is a link to {str(out_dir.resolve())!r}, outside --out; "
+                         "expected a folder inside --out")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=out_dir).close()
@@ -338,30 +477,31 @@ def main(argv=None) -> int:
                         help="exit 1 when a non-timing check fails, not only on crashes and timeouts")
     parser.add_argument("--fail-on-timing", action="store_true",
                         help="exit 1 when a timing check (latency, amp_worth_it) fails too: results vary with machine load")
+    parser.add_argument("--max-runs", type=int, default=MAX_RUNS,
+                        help=f"refuse a grid of more runs than this, counted before it is expanded (default {MAX_RUNS})")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and exit")
     args = parser.parse_args(argv)
     matplotlib.use("Agg")  # the summary chart is written to a file, never shown
     try:
-        grid = {}
-        if args.grid:
-            if not args.grid.is_file():
-                raise UsageError(f"grid file {str(args.grid)!r} does not exist")
-            grid = yaml.safe_load(args.grid.read_text()) or {}
-        runs = plan_runs(args.tiers, parse_assignments(args.param), grid)
-        if args.timeout < 1:
-            raise UsageError(f"--timeout must be at least 1 second; got {args.timeout}")
+        if args.timeout < 1 or args.max_runs < 1:
+            raise UsageError(f"--timeout and --max-runs must be at least 1; got {args.timeout} and {args.max_runs}")
+        runs = plan_runs(args.tiers, parse_assignments(args.param), read_grid(args.grid) if args.grid else {}, args.max_runs)
         if args.dry_run:
             for run_id, tier, params in runs:
                 print(f"{run_id}: {TIERS[tier].notebook} {params}")
             return 0
-        out_dir = _output_folder(args.out, args.name)
-        with batch_lock(out_dir):
+        out_dir = _output_folder(args.out.resolve(), args.name)  # absolute once: notebooks run in their own folders
+        with batch_lock(out_dir), stops_passed_to_notebooks():
             print(f"{len(runs)} run(s) into {out_dir}")
             os.environ.setdefault("SUITE_ROOT", str(ROOT))  # the notebooks' set-up cell finds utils/ here
             summary = run_all(runs, out_dir, args.resume, args.progress, args.timeout)
-    except (UsageError, yaml.YAMLError) as e:
+    except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("stopped at once: the running notebook did not finish; finished runs are kept, --resume runs the rest",
+              file=sys.stderr)
+        return 130
     broken = summary[summary["run_status"] != "ok"]
     failed = summary[summary["verdict"] == "fail"]
     timing = summary[summary["timing_failed"].fillna(False).astype(bool)]

@@ -13,6 +13,7 @@ names the input, parameter or batch size at fault and what to try:
 `run_tier1` runs them all and returns one table of verdicts.
 """
 
+import math
 import re
 import time
 
@@ -101,13 +102,19 @@ def check_causality(model: nn.Module, seq_len: int = 32, seed: int = 0) -> Check
     changed = x.clone()
     changed[:, cut:] = (x[:, cut:] + 1 + _random_tokens(vocab - 1, 2, T - cut, g, device)) % vocab  # every later token differs
     model.eval()
-    with torch.no_grad():
-        a, b = forward(model, x).float(), forward(model, changed).float()
+    with torch.no_grad():  # the same input twice first: a model whose outputs move by themselves leaks nothing
+        a, again, b = forward(model, x).float(), forward(model, x).float(), forward(model, changed).float()
+    empty = pd.DataFrame(columns=["position", "max_abs_change", "leaked"])
     if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
         return CheckResult(Verdict("causality", "fail", "the outputs are NaN/Inf, so causality cannot be judged "
-                                   "(see numerics)."), pd.DataFrame(columns=["position", "max_abs_change", "leaked"]))
-    change = (a - b).abs().amax(dim=(0, 2)).cpu()
+                                   "(see numerics)."), empty)
     tolerance = 1e-5 * max(1.0, float(a.abs().max()))
+    noise = float((a - again).abs().max()) if torch.isfinite(again).all() else math.inf
+    if noise > tolerance:
+        return CheckResult(Verdict("causality", "fail", f"the same input, twice in eval mode, gave logits {noise:.2g} apart: "
+                                   "the model is nondeterministic (dropout or noise active in eval()?), so whether it sees "
+                                   "future tokens cannot be judged. Make eval() deterministic."), empty)
+    change = (a - b).abs().amax(dim=(0, 2)).cpu()
     df = pd.DataFrame({"position": range(T), "max_abs_change": change.numpy(), "leaked": (change > tolerance).numpy()})
     df.loc[df["position"] >= cut, "leaked"] = False  # those positions saw the change legitimately
     leaked = df[df["leaked"]]

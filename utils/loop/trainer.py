@@ -62,19 +62,20 @@ class FineTuneResult:
     def interrupted(self) -> bool:
         return bool(self.stop) and self.stop["reason"] == stops.INTERRUPTED
 
-    def _eval(self, column: str, row: int) -> float:
-        return float(self.eval_history[column].iloc[row]) if len(self.eval_history) else float("nan")  # NaN: no evaluation ran
+    def _eval(self, column: str, row: int):
+        """None when no evaluation ran (eval_batches=0): there is no loss to report, and NaN would read as a diverged run."""
+        return float(self.eval_history[column].iloc[row]) if len(self.eval_history) else None
 
     @property
-    def initial_eval_loss(self) -> float:
+    def initial_eval_loss(self):
         return self._eval("eval_loss", 0)
 
     @property
-    def final_eval_loss(self) -> float:
+    def final_eval_loss(self):
         return self._eval("eval_loss", -1)
 
     @property
-    def final_perplexity(self) -> float:
+    def final_perplexity(self):
         return self._eval("perplexity", -1)
 
     def summary(self) -> dict:
