@@ -65,14 +65,14 @@ def test_grid_of_precisions_and_batch_sizes_and_resume(tmp_path, capsys):
 
 def test_a_crashing_notebook_does_not_stop_the_others(tmp_path, capsys):
     grid = tmp_path / "grid.yaml"
-    grid.write_text("model: [no-such-model, gpt-tiny]\n")
+    grid.write_text("model: ['tests.user_models:no_such_model', gpt-tiny]\n")  # well-formed: found missing in the run
     code = main(["--tiers", "1", "--grid", str(grid), "--out", str(tmp_path), "--name", "mixed",
                  "-p", "seq_len=16", "-p", "latency_iters=5", "-p", "batch_sizes=[1, 2]"])
     assert code == 1
     summary = pd.read_csv(tmp_path / "mixed" / "summary.csv")
     summary.index = summary["run_id"].str.rsplit("_", n=1).str[0]
-    bad, good = summary.loc["tier1_model-no-such-model"], summary.loc["tier1_model-gpt-tiny"]
-    assert bad["run_status"] == "crashed" and "ModelLoadError" in bad["error"] and "no-such-model" in bad["error"]
+    bad, good = summary.loc["tier1_model-tests.user-models-no-suc"], summary.loc["tier1_model-gpt-tiny"]
+    assert bad["run_status"] == "crashed" and "ModelLoadError" in bad["error"] and "no_such_model" in bad["error"]
     assert pd.isna(bad["verdict"])
     assert good["run_status"] == "ok" and good["verdict"] == "pass"
     executed = (tmp_path / "mixed" / bad["run_id"] / "tier1_validation.ipynb").read_text()

@@ -181,3 +181,29 @@ class BidirectionalEncoderLM(TransformerEncoderLM):
         T = input_ids.size(1)
         return self.head(self.encoder(self.tok(input_ids) + self.pos(torch.arange(T, device=input_ids.device))))
 
+
+
+class NarrowLogits(TinyGPTWrapper):
+    """Takes byte ids (0..255) but scores only 10 tokens: its logits cannot cover the targets."""
+
+    task = None
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(256, 10)
+
+    def forward(self, input_ids):
+        return self.head(self.inner(input_ids))
+
+
+class NoisyLM(TinyGPTWrapper):
+    """Fresh noise on every forward, even in eval mode: nondeterministic, yet it sees no future token."""
+
+    def forward(self, input_ids):
+        logits = self.inner(input_ids)
+        return logits + torch.randn_like(logits)
+
+
+def on_meta_device():
+    with torch.device("meta"):
+        return build_model("gpt-tiny")

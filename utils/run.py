@@ -16,8 +16,9 @@ A grid file is YAML: each key a notebook parameter, each list an axis of the cro
     batch_size: [8, 16]
     lr: 0.001            # a scalar is the same for every run
 To pass a list-valued parameter (batch_sizes, strengths) as one value, nest it: [[1, 2, 4]].
-Parameters that a tier does not have are not passed to it; a name no selected tier knows, or a value
-of the wrong type, is rejected before anything runs.
+Parameters that a tier does not have are not passed to it; a name no selected tier knows, a value of the
+wrong type or range, a device this machine lacks, or a grid of more than --max-runs runs (counted before it
+is expanded) is rejected before anything runs.
 
 Each run's folder name ends in a digest of its tier and full parameters: its identity is its content.
 A run executes in a temporary folder and replaces its previous outputs only when it finishes, so an
@@ -25,8 +26,10 @@ interrupted batch loses nothing that had finished; summary.csv is rewritten afte
 skips a run only when its recorded digest, run.json, results.json and notebook are complete, valid and
 agree; any other run is redone and its summary row says why, and tier 3 continues its fine-tuning
 runs from their newest checkpoints (resume=True; kept in runs/<name>/checkpoints/<run>, see
-checkpoint_every). A run stopped by Ctrl-C or SIGTERM is recorded as 'interrupted'. One runner per output folder at a time
-(a lock file with the runner's pid; a stale one is taken over).
+checkpoint_every). Ctrl-C or SIGTERM of the runner is passed to the running notebook as Ctrl-C (a fine-tuning
+run checkpoints first); the run is recorded as 'interrupted' and no further run starts; a second Ctrl-C stops
+at once. A kernel's own log goes to its run's kernel.log. One runner per output folder at a time (a lock file
+with the runner's pid; a stale one is taken over).
 
 Exit code: 0 when every notebook ran, 1 when any was interrupted, crashed or timed out (its executed notebook keeps the
 error cell, its summary row names the exception), 2 for bad arguments. --fail-on-verdict also exits 1
@@ -183,7 +186,9 @@ def read_grid(path: Path) -> dict:
     except UsageError as e:
         raise UsageError(f"grid file {str(path)!r}: {e}") from None
     except yaml.YAMLError as e:
-        raise UsageError(f"grid file {str(path)!r} is not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UsageError(f"grid file {str(path)!r} is not valid YAML: {getattr(e, 'problem', None) or e}{where}") from None
     grid = {} if grid is None else grid
     if not isinstance(grid, dict) or not all(isinstance(k, str) for k in grid):
         raise UsageError(f"grid file {str(path)!r} holds {type(grid).__name__} {str(grid)[:60]!r}; expected a mapping of "
@@ -345,11 +350,10 @@ def _finished(results: dict) -> dict:
 
 def _failed(e: BaseException, timeout: int, tier: int) -> dict:
     """A row's fields for a notebook that did not finish: stopped by this runner, timed out or crashed."""
-    timed_out = isinstance(e, TimeoutError) or "timed out" in str(e).lower()
     if _STOP:
         status, error = INTERRUPTED, (f"{_STOP[0]} stopped it before it wrote its results (--resume runs it again"
                                       + (", from its checkpoints)" if "resume" in spec(tier) else ")"))
-    elif timed_out:
+    elif isinstance(e, TimeoutError):  # nbclient's CellTimeoutError; a cell's own error is PapermillExecutionError
         status, error = "timeout", f"no cell may run longer than --timeout {timeout} s"
     else:
         status, error = "crashed", f"{getattr(e, 'ename', type(e).__name__)}: {getattr(e, 'evalue', None) or e}".strip()[:500]

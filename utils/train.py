@@ -16,6 +16,7 @@ import argparse
 import gc
 import os
 import sys
+from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import asdict
 from pathlib import Path
 
@@ -26,13 +27,16 @@ from utils.loop.config import TrainConfig
 from utils.loop.distributed import fsdp2_unavailable, gather, init_from_env, ranks
 from utils.loop.stops import INTERRUPTED
 from utils.loop.trainer import Trainer
-from utils.params import FINE_TUNING, TRAIN_PARAMS, ParamError, add_arguments
+from utils.models import ModelLoadError, UnsupportedModel
+from utils.params import FINE_TUNING, TRAIN_PARAMS, ParamError, add_arguments, check_values
 from utils.plotting import plot_training
+from utils.precision import resolve, resolve_device
 from utils.prepare import prepare_training
 from utils.results import read_json, write_json_atomic
 from utils.verdicts import Verdict
 
 EXIT_INTERRUPTED = 130  # what a shell reports for a process stopped by Ctrl-C
+EXIT_USAGE = 2  # bad arguments, as argparse exits
 
 
 def _reference(path: str) -> dict:
@@ -58,24 +62,40 @@ def _verdict(result) -> Verdict:
                    f"in {len(result.history)} steps")
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Fine-tune with tier 3's loop on one or several processes (torchrun).")
+def _checked_arguments(argv) -> tuple:
+    """Every argument checked before a process group starts (a rank that waits for others that have exited
+    would hang): on a usage error every rank exits 2, and only rank 0 says why, in one line (--help too)."""
+    quiet = os.environ.get("RANK", "0") != "0"
+    parser = argparse.ArgumentParser(prog="python -m utils.train",
+                                     description="Fine-tune with tier 3's loop on one or several processes (torchrun).")
     add_arguments(parser, TRAIN_PARAMS)
-    args = parser.parse_args(argv)
+    with open(os.devnull, "w") as devnull, redirect_stdout(devnull if quiet else sys.stdout), \
+            redirect_stderr(devnull if quiet else sys.stderr):
+        args = parser.parse_args(argv)
     params = {p.name: getattr(args, p.name) for p in TRAIN_PARAMS}
     try:
-        reference = _reference(params["reference"])
-    except ParamError as e:
-        parser.error(str(e))
-    if params["parallel"] == "fsdp2" and fsdp2_unavailable():
-        parser.error(fsdp2_unavailable())
+        checked = check_values(params, {p.name: p for p in TRAIN_PARAMS}, "utils.train")
+        if checked["parallel"] == "fsdp2" and fsdp2_unavailable():
+            raise ParamError(fsdp2_unavailable())
+        resolve(checked["precision"], resolve_device(checked["device"]))  # fp8 on a CPU: refused here, not on every rank
+        return params, _reference(params["reference"])
+    except (ParamError, UnsupportedModel) as e:
+        if not quiet:
+            print(f"utils.train: error: {e}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
+
+
+def main(argv=None) -> int:
+    params, reference = _checked_arguments(argv)
     if "RANK" in os.environ:  # started by torchrun: join its process group, take this rank's device
         params["device"] = str(init_from_env(str(params["device"])))
     r = ranks()
     try:
         run = prepare_training(None, params)
-    except ParamError as e:
-        parser.error(str(e))
+    except (ParamError, ModelLoadError) as e:  # what only the factory can tell: it cannot build
+        if r.main:
+            print(f"utils.train: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     p, out = run.params, Path(run.params["output_dir"])
     loop = {q.name: p[q.name] for q in FINE_TUNING if q.name in p}
     config = TrainConfig(**{**loop, "seq_len": run.seq_len, "checkpoint_dir": p["checkpoint_dir"] or str(out / "checkpoints")})

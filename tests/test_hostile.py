@@ -1,0 +1,344 @@
+"""Careless and hostile input, and stops from outside: each gets one clear line that names what was given and what
+is expected, exit 2 before any kernel starts where it is a usage error, and nothing lost or left hanging."""
+
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from tests.user_models import NarrowLogits, NoisyLM
+from utils import run as runner
+from utils.loop.config import TrainConfig
+from utils.models import ModelLoadError, load_model, probe_model
+from utils.params import ParamError
+from utils.results import read_json
+from utils.run import main
+from utils.tier1_critical_validation import check_causality
+from utils.tiers import run_tier
+from utils.tier3_training_utilities import test_fine_tuning
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY1 = ["--tiers", "1", "-p", "seq_len=16", "-p", "latency_iters=3", "-p", "batch_sizes=[1]"]
+
+
+@pytest.fixture
+def no_kernel(monkeypatch):
+    """Any notebook started fails the test: a usage error must be found before a kernel starts."""
+    def started(*args, **kwargs):
+        raise AssertionError("a notebook ran")
+    monkeypatch.setattr(runner, "run_notebook", started)
+
+
+def refused(args, tmp_path, capsys) -> str:
+    """The runner's exit 2 and its one line; nothing was created under --out."""
+    assert main([*args, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+    return err.removeprefix("error: ")
+
+
+@pytest.mark.parametrize("value, message", [
+    ("cuda", "parameter 'device': 'cuda' asks for CUDA, but this machine has no CUDA device"),
+    ("cuda:99", "parameter 'device': 'cuda:99' asks for CUDA, but this machine has no CUDA device"),
+    ("cüda", "parameter 'device': expects 'auto', 'cpu', 'cuda' or 'cuda:N'; got 'cüda'"),
+    ("tpu", "parameter 'device': expects 'auto', 'cpu', 'cuda' or 'cuda:N'; got 'tpu'"),
+    ("", "parameter 'device': expects 'auto', 'cpu', 'cuda' or 'cuda:N'; got ''"),
+    ("mps", "parameter 'device': expects 'auto', 'cpu', 'cuda' or 'cuda:N'; got 'mps'"),
+    ("meta", "parameter 'device': expects 'auto', 'cpu', 'cuda' or 'cuda:N'; got 'meta'"),
+    ("cpu:1", "parameter 'device': expects 'auto', 'cpu', 'cuda' or 'cuda:N'; got 'cpu:1'"),
+])
+def test_a_device_this_machine_lacks_is_refused_before_a_kernel_starts(value, message, tmp_path, capsys, no_kernel):
+    if value.startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert refused([*TINY1, "-p", f"device={value}"], tmp_path, capsys).startswith(message)
+
+
+@pytest.mark.parametrize("assignment, message", [
+    ("seed=99999999999999999999999999999",
+     "parameter 'seed' expects an integer from 0 to 4294967295; got 99999999999999999999999999999 (int)"),
+    ("batch_sizes=[]", "parameter 'batch_sizes' expects a list of at least 1 integers >= 1; got [] (list)"),
+    ("model_kwargs={'n_layer': -1}", "parameter \"model_kwargs['n_layer']\" expects an integer >= 1; got -1 (int)"),
+    ("model_kwargs={'d_model': 96, 'n_head': 5}",
+     "parameter 'model_kwargs': 'gpt-tiny' with {'d_model': 96, 'n_head': 5}: d_model=96 must be divisible by n_head=5"),
+    ("model_kwargs={'d_model': 1000000}", "parameter 'model_kwargs': 'gpt-tiny' with {'d_model': 1000000} has "
+     "24,000,348,000,000 parameters, 89,408.3 GiB of fp32 weights alone, more than the device's"),
+    ("model_kwargs={'n_layers': 2}", "parameter 'model_kwargs': unknown field 'n_layers' of 'gpt-tiny'; expected some of"),
+    ("model=nosuch-model", "parameter 'model': 'nosuch-model' is not a model spec; expected a registry name (gpt-tiny"),
+    ("model=hf:", "parameter 'model': 'hf:' is not a model spec"),
+])
+def test_a_value_that_would_fail_in_the_notebook_is_refused_before_it(assignment, message, tmp_path, capsys, no_kernel):
+    assert refused([*TINY1, "-p", assignment], tmp_path, capsys).startswith(message)
+
+
+def test_strengths_need_one_value_too(tmp_path, capsys, no_kernel):
+    err = refused(["--tiers", "2", "-p", "strengths=[]"], tmp_path, capsys)
+    assert err == "parameter 'strengths' expects a list of at least 1 numbers from 0 to 1; got [] (list)"
+
+
+def test_a_standard_library_callable_is_never_called_as_a_model(tmp_path, capsys, no_kernel):
+    """os:system with model_kwargs {command: ...} would run the command: refused before any call, by the runner and
+    by the loader, also when a user's file re-exports it."""
+    mark = tmp_path / "PWNED"
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(f"model: ['os:system']\nmodel_kwargs: [{{command: 'touch {mark}'}}]\n")
+    err = refused([*TINY1, "--grid", str(grid)], tmp_path, capsys)
+    assert err.startswith("parameter 'model': model spec 'os:system' names 'os', part of Python's standard library, "
+                          "not a model factory;") and "not a sandbox" in err
+    factory = tmp_path / "reexport.py"
+    factory.write_text("from os import system as make\n")
+    for spec in ("builtins:exec", "subprocess:run", f"{factory}:make"):
+        with pytest.raises(ModelLoadError, match="part of Python's standard library"):
+            load_model(spec, command=f"touch {mark}")
+    assert not mark.exists()
+
+
+def test_a_factory_file_with_a_syntax_error_names_the_spec_and_the_line(tmp_path):
+    factory = tmp_path / "broken.py"
+    factory.write_text("import torch\ndef make(:\n    pass\n")
+    with pytest.raises(ModelLoadError) as e:
+        load_model(f"{factory}:make")
+    assert str(e.value) == f"model file {str(factory)!r} (from spec '{factory}:make') has a syntax error at line 2: " \
+                           "invalid syntax"
+
+
+def test_a_factory_that_builds_on_the_meta_device_is_refused_by_name():
+    with pytest.raises(ModelLoadError, match=r"model GPT \(from tests.user_models:on_meta_device\) has its parameters on "
+                                             "the meta device, which holds no values"):
+        load_model("tests.user_models:on_meta_device")
+
+
+@pytest.mark.parametrize("text, message", [
+    (b"model: [gpt-tiny]\nlr: \xff\xfe\n", "is not UTF-8 text (byte 0xff at offset 22); expected a YAML file saved as UTF-8"),
+    (b"just a string\n", "holds str 'just a string'; expected a mapping of parameter names to values"),
+    (b"- 1\n- 2\n", "holds list '[1, 2]'; expected a mapping of parameter names to values"),
+    (b"lr: [0.1]\nseed: 1\nlr: [0.2]\n", "parameter 'lr' is given twice (lines 1 and 3); expected each once"),
+    (b"lr: [0.1\n", "is not valid YAML: expected ',' or ']', but got '<stream end>' at line 2, column 1"),
+])
+def test_a_bad_grid_file_is_named_with_what_is_wrong(text, message, tmp_path, capsys, no_kernel):
+    grid = tmp_path / "grid.yaml"
+    grid.write_bytes(text)
+    err = refused([*TINY1, "--grid", str(grid)], tmp_path, capsys)
+    assert err.startswith(f"grid file {str(grid)!r}") and message in err
+
+
+def test_a_grid_folder_is_not_a_grid_file(tmp_path, capsys, no_kernel):
+    assert refused([*TINY1, "--grid", str(tmp_path)], tmp_path, capsys) == \
+        f"grid file {str(tmp_path)!r} is a folder, not a file; expected a YAML file"
+
+
+def test_a_grid_of_ten_million_runs_is_refused_before_it_is_expanded(tmp_path, capsys, monkeypatch, no_kernel):
+    def expanded(grid):
+        raise AssertionError("the grid was expanded")
+    monkeypatch.setattr(runner, "expand_grid", expanded)
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("".join(f"{k}: {list(range(1, 11))}\n" for k in
+                            ("seed", "seq_len", "latency_iters", "batch_sizes", "lr", "steps", "trials")))
+    start = time.perf_counter()
+    err = refused(["--tiers", "1", "--grid", str(grid), "--dry-run"], tmp_path, capsys)
+    print(f"refused in {time.perf_counter() - start:.3f} s")  # the closing note quotes it; no test asserts a time
+    assert err == ("the grid makes 10,000,000 runs (10 seed x 10 seq_len x 10 latency_iters x 10 batch_sizes x 10 lr x "
+                   "10 steps x 10 trials, x 1 tier(s)), more than --max-runs 1,000; raise --max-runs to run them all, "
+                   "or make the grid smaller")
+    monkeypatch.undo()
+    small = tmp_path / "small.yaml"
+    small.write_text("seed: [1, 2, 3]\n")
+    assert main([*TINY1, "--grid", str(small), "--max-runs", "2", "--dry-run"]) == 2
+    assert main([*TINY1, "--grid", str(small), "--max-runs", "3", "--dry-run"]) == 0
+
+
+def test_a_lock_that_is_a_folder_is_named(tmp_path, capsys, no_kernel):
+    (tmp_path / "out" / "default" / ".lock").mkdir(parents=True)
+    assert main([*TINY1, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {tmp_path / 'out' / 'default' / '.lock'} is a folder (or another non-file), not a runner's " \
+                  "lock file; remove it and run again\n"
+
+
+@pytest.mark.parametrize("name", ["a\nb", "tab\tname", ".hidden", "a b"])
+def test_a_name_with_control_characters_or_a_leading_dot_is_refused(name, tmp_path, capsys, no_kernel):
+    assert refused([*TINY1, "--name", name], tmp_path, capsys).startswith(f"--name {name!r} must be a plain folder name")
+
+
+def test_a_name_that_links_out_of_out_is_refused(tmp_path, capsys, no_kernel):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "out" / "escape").symlink_to(tmp_path / "elsewhere")
+    assert main([*TINY1, "--out", str(tmp_path / "out"), "--name", "escape"]) == 2
+    assert f"is a link to {str(tmp_path / 'elsewhere')!r}, outside --out" in capsys.readouterr().err
+    assert not list((tmp_path / "elsewhere").iterdir())
+
+
+def test_relative_paths_are_made_absolute_once_at_the_edge(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m.py").write_text("from tests.user_models import TinyGPTWrapper as make\n")
+    [(_, _, params)] = runner.plan_runs([3], {"model": "m.py:make", "checkpoint_dir": "ck"}, {})
+    assert params["model"] == f"{tmp_path / 'm.py'}:make" and params["checkpoint_dir"] == str(tmp_path / "ck")
+    assert TrainConfig.from_params({"checkpoint_dir": "ck"}).checkpoint_dir == str(tmp_path / "ck")
+
+
+def test_a_checkpoint_dir_that_is_a_file_is_named(tmp_path):
+    (tmp_path / "f").write_text("")
+    with pytest.raises(ParamError) as e:
+        TrainConfig.from_params({"checkpoint_dir": str(tmp_path / "f"), "checkpoint_every": 2})
+    assert str(e.value) == f"parameter 'checkpoint_dir' is {str(tmp_path / 'f')!r}, which is a file; expected a folder " \
+                           "(created when missing)"
+
+
+def test_no_evaluation_is_none_not_nan(tiny_gpt):
+    r = test_fine_tuning(tiny_gpt, precision="32", steps=2, batch_size=2, seq_len=16, eval_batches=0, device="cpu")
+    assert r.final_eval_loss is None and r.initial_eval_loss is None and r.summary()["final_eval_loss"] is None
+    assert len(r.history) == 2
+
+
+@pytest.mark.parametrize("tier", [1, 2, 3])
+def test_logits_narrower_than_the_token_ids_are_refused_in_the_run_never_a_pass(tier):
+    params = {1: {"seq_len": 16, "latency_iters": 2, "batch_sizes": [1]}, 2: {"seq_len": 16},
+              3: {"steps": 2, "batch_size": 2, "seq_len": 16, "trials": 1, "timed_steps": 1}}[tier]
+    result = run_tier(tier, {**params, "device": "cpu"}, model=NarrowLogits())
+    assert result.status == "fail" and list(result.checks) == ["supported"]
+    assert re.fullmatch(r"NarrowLogits returns 10 logits per position, but the data \(.+\) has token ids up to (\d+): a "
+                        r"causal-lm's logits must score every token id \(expected a width of at least (\d+)\); check the "
+                        r"model's output layer, or the tokenizer parameter", result.verdicts[0].reason)
+
+
+def test_a_nondeterministic_model_is_not_blamed_for_seeing_the_future():
+    model = NoisyLM()
+    probe_model(model)
+    verdict = check_causality(model, seq_len=16).verdict
+    assert verdict.status == "fail" and "the model is nondeterministic" in verdict.reason
+    assert "the model sees future tokens" not in verdict.reason
+
+
+def test_a_masked_lm_built_in_code_is_read_as_a_masked_lm_by_its_class():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.RobertaConfig(vocab_size=300, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                        intermediate_size=64, max_position_embeddings=70)
+    model = transformers.RobertaForMaskedLM(config)
+    assert probe_model(model, "auto") == "masked-lm"
+    verdict = check_causality(model, seq_len=16).verdict
+    assert verdict.status == "pass" and verdict.reason.startswith("not applicable: a masked-lm model")
+
+
+# --- utils.train: every argument checked before a process group starts ------------------------------------------
+
+@pytest.mark.parametrize("args, message", [
+    (["--steps", "ten"], "parameter 'steps' expects an integer >= 1; got 'ten' (str)"),
+    (["--parallel", "zero3"], "parameter 'parallel' expects a string in 'ddp', 'fsdp2'; got 'zero3' (str)"),
+    (["--model", "nosuch-model"], "parameter 'model': 'nosuch-model' is not a model spec"),
+    (["--precision", "fp8", "--device", "cpu"], "fp8 needs a CUDA GPU with float8 tensor cores"),
+    (["--model", "tests.user_models:make_failing"], "factory 'tests.user_models:make_failing' raised RuntimeError: "
+                                                    "weights file missing"),
+])
+def test_utils_train_says_one_line_and_exits_2(args, message, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "utils.train", *args, "--output-dir", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith(f"utils.train: error: {message}") and proc.stderr.count("\n") == 1
+
+
+def test_utils_train_help_is_printed_by_rank_0_only():
+    for rank, lines in (("0", True), ("1", False)):
+        proc = subprocess.run([sys.executable, "-m", "utils.train", "--help"], cwd=ROOT, capture_output=True, text=True,
+                              env={**os.environ, "RANK": rank}, timeout=300)
+        assert proc.returncode == 0 and bool(proc.stdout) is lines and proc.stderr == ""
+
+
+@pytest.mark.slow
+def test_under_torchrun_a_bad_argument_is_said_once_and_no_rank_trains(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "utils.train",
+                           "--steps", "ten", "--output-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0
+    assert (proc.stdout + proc.stderr).count("utils.train: error: parameter 'steps' expects an integer >= 1") == 1
+    assert "exitcode  : 2" in proc.stdout + proc.stderr and not (tmp_path / "results.json").exists()
+
+
+# --- stops from outside, and a hub that never answers ----------------------------------------------------------
+
+TIER3 = ["--tiers", "3", "-p", f"model={ROOT}/tests/user_models.py:FaultOnce", "-p", "batch_size=4", "-p", "seq_len=32",
+         "-p", "trials=1", "-p", "warmup_steps=1", "-p", "timed_steps=1", "-p", "steps=12", "-p", "device=cpu",
+         "-p", "precision=bf16-mixed", "--name", "b"]
+PAUSE_STEP = 3  # FaultOnce's pause at training forward 9: after 6 speed-trial forwards, fp32 fine-tuning's step 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, first, then", [(signal.SIGTERM, "relative", "absolute"),
+                                                  (signal.SIGINT, "absolute", "relative")])
+def test_a_stopped_runner_checkpoints_records_interrupted_and_resume_continues(signum, first, then, tmp_path):
+    out = {"relative": "out", "absolute": str(tmp_path / "out")}
+    env = {**os.environ, "SUITE_TEST_FAULT": f"pause:{6 + PAUSE_STEP}", "SUITE_TEST_MARK": str(tmp_path / "mark"),
+           "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "utils.run", *TIER3, "--out", out[first]], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (tmp_path / "mark").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signum)  # to the runner alone, as a scheduler or a terminal's Ctrl-C sends it
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 1, stdout + stderr
+    assert stderr == f"{signum.name}: the running notebook is stopped as by Ctrl-C (a fine-tuning run checkpoints " \
+                     "first) and no further run starts; press Ctrl-C again to stop at once\n"
+    batch = tmp_path / "out" / "b"
+    row = pd.read_csv(batch / "summary.csv").iloc[0]
+    assert row["run_status"] == "interrupted"
+    assert f"the fp32 fine-tuning run was interrupted at step {PAUSE_STEP} of 12" in row["error"]
+    kept = batch / "checkpoints" / row["run_id"] / "32"
+    assert [p.name for p in kept.iterdir()] == [f"step_{PAUSE_STEP:08d}.pt"]
+    assert not (batch / ".lock").exists() and not list(batch.glob(".tier3*"))
+
+    resumed = subprocess.run([sys.executable, "-m", "utils.run", *TIER3, "--out", out[then], "--resume"], cwd=tmp_path,
+                             env={k: v for k, v in env.items() if k != "SUITE_TEST_FAULT"}, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    results = read_json(batch / row["run_id"] / "results.json")
+    assert results["extra"]["amp_safe"]["checkpoints"]["32"]["resumed_from"].endswith(f"step_{PAUSE_STEP:08d}.pt")
+
+
+class _SilentHub:
+    """An endpoint on 127.0.0.1 that accepts connections and never answers: a network that hangs."""
+
+    def __enter__(self):
+        self.server = socket.socket()
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen(16)
+        self.held = []
+        threading.Thread(target=self._accept, daemon=True).start()
+        return f"http://127.0.0.1:{self.server.getsockname()[1]}"
+
+    def _accept(self):
+        with contextlib.suppress(OSError):
+            while True:
+                self.held.append(self.server.accept()[0])
+
+    def __exit__(self, *exc):
+        self.server.close()
+        for conn in self.held:
+            conn.close()
+
+
+@pytest.mark.slow
+def test_hf_with_a_hub_that_never_answers_is_refused_within_seconds_and_recorded_crashed(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("transformers")
+    with _SilentHub() as endpoint:
+        for name, value in {"HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "hf")}.items():
+            monkeypatch.setenv(name, value)
+        for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+            monkeypatch.delenv(name, raising=False)
+        assert main([*TINY1, "-p", "model=hf:gpt2", "--out", str(tmp_path), "--timeout", "600"]) == 1
+    row = pd.read_csv(tmp_path / "default" / "summary.csv").iloc[0]
+    assert row["run_status"] == "crashed"  # not 'timeout': it did not wait for the runner's limit
+    assert row["error"] == f"ModelLoadError: cannot download hf:gpt2: {endpoint} did not answer within 5 s (timed out) " \
+                           "and the model is not in the local cache; connect to the network, or give a local folder " \
+                           "(hf:path/to/model)"
+    print(f"refused in {row['duration_s']} s")
