@@ -14,8 +14,7 @@ import importlib.util
 import inspect
 import math
 import sys
-import urllib.error
-import urllib.request
+import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -63,14 +62,9 @@ def _hub_access(name: str) -> tuple:
     from huggingface_hub import constants  # installed with transformers (optional)
     if Path(name).is_dir() or constants.HF_HUB_OFFLINE:
         return ()
-    try:
-        urllib.request.urlopen(urllib.request.Request(f"{constants.ENDPOINT}/api/models/{name}", method="HEAD"),
-                               timeout=HUB_TIMEOUT_S).close()
-        return ()
-    except urllib.error.HTTPError:
+    reason = _hub_silence(f"{constants.ENDPOINT}/api/models/{name}")
+    if reason is None:
         return ()  # the hub answered: a missing or gated model is from_pretrained's to explain
-    except (OSError, ValueError) as e:
-        reason = str(getattr(e, "reason", None) or e) or type(e).__name__
     try:
         _transformers().AutoConfig.from_pretrained(name, local_files_only=True)
     except Exception:
@@ -78,6 +72,25 @@ def _hub_access(name: str) -> tuple:
                              f"({reason}) and the model is not in the local cache; connect to the network, or give a "
                              "local folder (hf:path/to/model)") from None
     return (("local_files_only", True),)
+
+
+def _hub_silence(url: str):
+    """None when `url` answers anything within HUB_TIMEOUT_S (asked through huggingface_hub's own HTTP session:
+    its proxies and certificates), else why not. A thread bounds the name lookup too, which no socket timeout does."""
+    from huggingface_hub.utils import get_session  # optional, as above
+    outcome = []
+
+    def ask():
+        try:
+            get_session().head(url, timeout=HUB_TIMEOUT_S)
+            outcome.append(None)
+        except Exception as e:
+            outcome.append(f"{type(e).__name__}: {e}".rstrip(": "))
+
+    asking = threading.Thread(target=ask, daemon=True)
+    asking.start()
+    asking.join(HUB_TIMEOUT_S + 1)
+    return outcome[0] if outcome else "no answer, not even a name lookup"
 
 
 def _load_hf(name: str, task: str, kwargs: dict) -> nn.Module:
@@ -308,15 +321,15 @@ def config_parameters(cls, cfg: ModelConfig) -> int:
     return (cfg.vocab_size + cfg.max_len) * d + cfg.n_layer * per_block + 2 * d + head
 
 
-def check_config(name: str, overrides: dict, memory: int):
+def check_config(name: str, overrides: dict, memory):
     """A built-in model's config with overrides (already checked by field, type and range): a ValueError when its
-    heads do not divide its width, or its fp32 weights alone exceed `memory` bytes."""
+    heads do not divide its width, or its fp32 weights alone exceed `memory` bytes (None: not known, not checked)."""
     cls, cfg = REGISTRY[name]
     cfg = replace(cfg, **overrides)
     if cfg.d_model % cfg.n_head:
         raise ValueError(f"{name!r} with {overrides}: d_model={cfg.d_model} must be divisible by n_head={cfg.n_head}")
     weights = 4 * config_parameters(cls, cfg)
-    if weights > memory:
+    if memory is not None and weights > memory:
         raise ValueError(f"{name!r} with {overrides} has {weights / 4:,.0f} parameters, {weights / 2**30:,.1f} GiB of "
                          f"fp32 weights alone, more than the device's {memory / 2**30:,.1f} GiB; expected a smaller config")
 
@@ -354,12 +367,15 @@ def _resolve_factory(spec: str):
         _refuse_standard_library(target, spec)
         try:
             module = importlib.import_module(target)
-        except ImportError as e:
+        except (ImportError, SyntaxError) as e:
             raise ModelLoadError(f"cannot import module {target!r} from spec {spec!r}: {e}") from e
     if not hasattr(module, attr):
         raise ModelLoadError(f"module {target!r} has no attribute {attr!r} (from spec {spec!r})")
     factory = getattr(module, attr)
-    _refuse_standard_library(str(getattr(factory, "__module__", None) or ""), spec)  # re-exported: from os import system
+    inner = factory
+    while isinstance(inner, functools.partial):  # a partial of a user's class is the class's
+        inner = inner.func
+    _refuse_standard_library(str(getattr(inner, "__module__", None) or ""), spec)  # re-exported: from os import system
     return factory
 
 

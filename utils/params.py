@@ -8,6 +8,7 @@ parameter, the type it expects and what it got, before any work starts.
 
 import ast
 import math
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -105,6 +106,11 @@ def _number(x) -> str:
     return str(x) if isinstance(x, int) else f"{x:g}"
 
 
+def _a_folder(path: str):
+    if path and os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{os.path.abspath(path)!r} is a file; expected a folder (created when missing)")
+
+
 def _common(model: str):
     return (Param("model", str, model, "registry name, 'hf:NAME_OR_PATH', 'package.module:factory' or "
                   "'path/to/file.py:factory'", validate=check_spec),
@@ -148,7 +154,7 @@ FINE_TUNING = (
     Param("checkpoint_every", int, 0, "checkpoint each fine-tuning run every N steps and at its end (0: only when "
           "Ctrl-C or SIGTERM stops it)", low=0),
     Param("checkpoint_dir", str, "", "where checkpoints go (empty: <output_dir>/checkpoints; the batch runner keeps "
-          "them in runs/<name>/checkpoints/<run>)", optional=True),
+          "them in runs/<name>/checkpoints/<run>)", optional=True, validate=_a_folder),
     Param("keep_checkpoints", int, 3, "newest checkpoints kept", low=1),
     Param("resume", bool, False, "continue each fine-tuning run from its newest valid checkpoint in checkpoint_dir"),
     Param("parallel", str, "ddp", "'ddp' (each rank a full replica) or 'fsdp2' (parameters, gradients and optimizer "

@@ -116,15 +116,21 @@ def check_device(text: str):
         raise ValueError(f"{text!r} asks for CUDA, but this machine has no CUDA device (torch {torch.__version__}, "
                          "torch.cuda.is_available() is False); expected 'auto' or 'cpu'")
     if match[2] is not None and int(match[2]) >= count:
-        raise ValueError(f"{text!r} asks for CUDA device {match[2]}, but this machine has {count} "
-                         f"(cuda:0 to cuda:{count - 1})")
+        have = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
+        raise ValueError(f"{text!r} asks for CUDA device {match[2]}, but this machine has {count} ({have})")
 
 
-def memory_bytes(device: torch.device) -> int:
-    """The memory a model's weights must fit in: the GPU's, or this machine's RAM."""
+def memory_bytes(device: torch.device):
+    """The memory a model's weights must fit in: the GPU's, or this machine's RAM (a container's limit where one is
+    set); None where the OS does not say."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if not hasattr(os, "sysconf"):
+        return None
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    limit = Path("/sys/fs/cgroup/memory.max")  # cgroup v2: 'max' or a number of bytes
+    text = limit.read_text().strip() if limit.is_file() else ""
+    return min(ram, int(text)) if text.isdigit() else ram
 
 
 def resolve_device(device=None) -> torch.device:

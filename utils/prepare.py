@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from utils.environment import run_record
-from utils.models import load_model, load_task_data, load_tokenizer, model_max_len, probe_model
+from utils.models import UnsupportedModel, load_model, load_task_data, load_tokenizer, model_max_len, probe_model
 from utils.params import TRAIN_PARAMS, check_params, check_values
 from utils.precision import PrecisionPlan, comparison_plan, fp32_plan, resolve, resolve_device
 
@@ -55,7 +55,10 @@ def _load(p: dict, model, device: torch.device, plan: PrecisionPlan, data) -> Pr
     own = isinstance(spec, str) and spec.startswith("hf:") and _has_tokenizer(spec)  # an hf: model's own tokenizer
     tokenizer = load_tokenizer(p["tokenizer"]) if p["tokenizer"] else load_tokenizer(spec) if own else None
     seq_len = min(p["seq_len"], model_max_len(model))
-    data = load_task_data(model, data, seq_len, tokenizer)
+    try:
+        data = load_task_data(model, data, seq_len, tokenizer)
+    except UnsupportedModel as e:  # found only now, from the model's outputs: say which model parameter it was
+        raise UnsupportedModel(f"parameter 'model' {spec if isinstance(spec, str) else type(model).__name__!r}: {e}") from None
     record = {**run_record(device, plan), "task": task, "seq_len": seq_len, "max_len": model_max_len(model),
               "data": getattr(data, "source", type(data).__name__), "vocab": getattr(data, "vocab_size", None)}
     return Prepared(p, model, device, plan, data, seq_len, record)

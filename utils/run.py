@@ -103,9 +103,14 @@ def _interrupt_kernels():
     """Ctrl-C for every running notebook, as a user at its keyboard would press it: SIGINT to the kernel's process
     group. Tier 3's loop then checkpoints and returns (utils.loop.stops); a cell elsewhere ends in KeyboardInterrupt."""
     for km in list(_KERNELS):
-        pgid = getattr(km.provisioner, "pgid", None) if km.has_kernel else None
+        if not km.has_kernel:
+            continue
+        pgid, pid = getattr(km.provisioner, "pgid", None), getattr(km.provisioner, "pid", None)
         with contextlib.suppress(OSError):
-            os.killpg(pgid, signal.SIGINT) if pgid else None
+            if pgid and hasattr(os, "killpg"):
+                os.killpg(pgid, signal.SIGINT)
+            elif pid:
+                os.kill(pid, signal.SIGINT)
 
 
 @contextlib.contextmanager
@@ -140,8 +145,12 @@ def _no_cell_after_a_stop(run_folder: Path):
     show the results still run, so an interrupted tier 3 notebook shows its stop."""
     def hook(cell, cell_index):
         if _STOP and not (run_folder / "results.json").exists():
-            raise KeyboardInterrupt(f"{_STOP[0]} before cell {cell_index}")
+            raise RunStopped(f"{_STOP[0]} before cell {cell_index}")
     return hook
+
+
+class RunStopped(Exception):
+    """A notebook not continued because this runner was asked to stop."""
 
 
 class UsageError(ValueError):
@@ -196,9 +205,9 @@ def read_grid(path: Path) -> dict:
     return grid
 
 
-def grid_size(grid: dict) -> int:
-    """How many runs the grid's cross product holds, counted without expanding it."""
-    return math.prod(len(v) if isinstance(v, list) else 1 for v in grid.values())
+def grid_size(grid: dict, tiers) -> int:
+    """How many runs the grid makes, counted without expanding it: per tier, the product of the axes it takes."""
+    return sum(math.prod(len(v) for k, v in grid.items() if isinstance(v, list) and k in spec(t)) for t in tiers)
 
 
 def expand_grid(grid: dict) -> list:
@@ -225,13 +234,19 @@ def run_digest(tier: int, params: dict) -> str:
 
 
 def _absolute_paths(params: dict) -> dict:
-    """A 'path/to/file.py:factory' spec and a checkpoint_dir relative to where the runner was started, made
-    absolute once, here: notebooks run in their own folders, and a resume must find the same checkpoints."""
+    """A 'path/to/file.py:factory' spec, an hf: model or tokenizer folder and a checkpoint_dir relative to where the
+    runner was started, made absolute once, here: notebooks run in their own folders, and a resume must find the
+    same checkpoints."""
     target, sep, attr = str(params.get("model", "")).rpartition(":")
     if sep and target.endswith(".py") and Path(target).is_file():
         params = {**params, "model": f"{Path(target).resolve()}:{attr}"}
     if isinstance(params.get("checkpoint_dir"), str) and params["checkpoint_dir"]:
         params = {**params, "checkpoint_dir": str(Path(params["checkpoint_dir"]).resolve())}
+    for name, prefix in (("model", "hf:"), ("tokenizer", "")):  # a Hugging Face model or tokenizer folder
+        value = params.get(name)
+        folder = value[len(prefix):] if isinstance(value, str) and value.startswith(prefix) else ""
+        if folder and Path(folder).is_dir():
+            params = {**params, name: prefix + str(Path(folder).resolve())}
     return params
 
 
@@ -239,11 +254,8 @@ def plan_runs(tiers, params: dict, grid: dict, max_runs: int = None) -> list:
     """One (run_id, tier, parameters) per tier and distinct grid point; every name and value checked up
     front. The run id ends in the content digest, so two different runs never share a folder. A grid of more
     than max_runs runs is refused before it is expanded."""
-    count = grid_size(grid) * len(tiers)
-    if max_runs is not None and count > max_runs:
-        axes = " x ".join(f"{len(v)} {k}" for k, v in grid.items() if isinstance(v, list))
-        raise UsageError(f"the grid makes {count:,} runs ({axes}, x {len(tiers)} tier(s)), more than --max-runs "
-                         f"{max_runs:,}; raise --max-runs to run them all, or make the grid smaller")
+    if not isinstance(grid, dict):
+        raise UsageError(f"a grid must be a mapping of parameter names to values; got {type(grid).__name__}")
     known = {tier: spec(tier) for tier in tiers}
     everything = set().union(*known.values())
     for name in [*params, *grid]:
@@ -251,6 +263,11 @@ def plan_runs(tiers, params: dict, grid: dict, max_runs: int = None) -> list:
             raise UsageError("output_dir is set by the runner (runs/<name>/<run>/); use --out and --name instead")
         if name not in everything:
             raise UsageError(f"unknown parameter {name!r} for tier(s) {list(tiers)}; known parameters: {sorted(everything)}")
+    count = grid_size(grid, tiers)
+    if max_runs is not None and count > max_runs:
+        axes = " x ".join(f"{len(v)} {k}" for k, v in grid.items() if isinstance(v, list))
+        raise UsageError(f"the grid makes {count:,} runs ({axes}, on tier(s) {', '.join(map(str, tiers))}), more than "
+                         f"--max-runs {max_runs:,}; raise --max-runs to run them all, or make the grid smaller")
     runs, seen = [], set()
     for point in expand_grid(grid):
         for tier in tiers:
@@ -308,8 +325,8 @@ def _replace_dir(new: Path, final: Path):
 
 def execute(run_id: str, tier: int, params: dict, out_dir: Path, progress: bool = False, timeout: int = None) -> dict:
     """Execute one notebook in a temporary folder, then move it to out_dir/run_id. A crash, a timeout or a
-    file-system error is recorded in the returned row, never raised; an interrupted run leaves the
-    previous out_dir/run_id as it was."""
+    file-system error is recorded in the returned row, never raised; an interrupted run replaces an earlier
+    run there only when that one was not complete."""
     row = {"run_id": run_id, "tier": tier, "notebook": TIERS[tier].notebook, "digest": run_digest(tier, params),
            **{f"param.{k}": v for k, v in params.items()}}
     t0, tmp = time.perf_counter(), None
@@ -322,15 +339,16 @@ def execute(run_id: str, tier: int, params: dict, out_dir: Path, progress: bool 
                          parameters={**keep, **params, "output_dir": "."}, cwd=str(tmp), progress_bar=progress,
                          execution_timeout=timeout, on_cell_start=_no_cell_after_a_stop(tmp))
             row.update(_finished(read_json(tmp / "results.json")))
-        except (Exception, KeyboardInterrupt) as e:  # a failing notebook must not stop the others
-            if isinstance(e, KeyboardInterrupt) and not _STOP:
-                raise  # not a stop this runner passed on: the user's own
+        except Exception as e:  # a failing notebook must not stop the others (a second Ctrl-C is no Exception)
             row.update(_failed(e, timeout, tier))
         row["duration_s"] = round(time.perf_counter() - t0, 2)
         write_json_atomic(tmp / "run.json", row)
         if (tmp / KERNEL_LOG).exists() and not (tmp / KERNEL_LOG).stat().st_size:
             (tmp / KERNEL_LOG).unlink()
-        _replace_dir(tmp, out_dir / run_id)
+        if row["run_status"] == INTERRUPTED and why_rerun(out_dir / run_id, tier, params) is None:
+            shutil.rmtree(tmp)  # a complete earlier run of the same parameters stays: nothing finished is lost
+        else:
+            _replace_dir(tmp, out_dir / run_id)
     except OSError as e:  # the file system failed this run: its problem, not the batch's
         row.update(run_status="crashed", verdict=None, timing_failed=False, error=f"file system: {e}",
                    duration_s=round(time.perf_counter() - t0, 2))

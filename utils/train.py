@@ -62,12 +62,19 @@ def _verdict(result) -> Verdict:
                    f"in {len(result.history)} steps")
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse's own errors (an unknown option, a missing value) in the one-line form of the others."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"utils.train: error: {message}\n")
+
+
 def _checked_arguments(argv) -> tuple:
     """Every argument checked before a process group starts (a rank that waits for others that have exited
     would hang): on a usage error every rank exits 2, and only rank 0 says why, in one line (--help too)."""
     quiet = os.environ.get("RANK", "0") != "0"
-    parser = argparse.ArgumentParser(prog="python -m utils.train",
-                                     description="Fine-tune with tier 3's loop on one or several processes (torchrun).")
+    parser = _OneLineParser(prog="python -m utils.train",
+                            description="Fine-tune with tier 3's loop on one or several processes (torchrun).")
     add_arguments(parser, TRAIN_PARAMS)
     with open(os.devnull, "w") as devnull, redirect_stdout(devnull if quiet else sys.stdout), \
             redirect_stderr(devnull if quiet else sys.stderr):

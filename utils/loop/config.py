@@ -16,9 +16,6 @@ def _from_params(cls, params: dict, where: str = "the fine-tuning loop"):
     values = {name: _SPEC[name].check(os.fspath(v) if isinstance(v, os.PathLike) else v) for name, v in params.items()}
     if values.get("checkpoint_dir"):  # absolute once, here: a resume finds its checkpoints however the folder was spelled
         values["checkpoint_dir"] = os.path.abspath(values["checkpoint_dir"])
-        if os.path.exists(values["checkpoint_dir"]) and not os.path.isdir(values["checkpoint_dir"]):
-            raise ParamError(f"parameter 'checkpoint_dir' is {values['checkpoint_dir']!r}, which is a file; expected a "
-                             "folder (created when missing)")
     config = cls(**values)
     if (config.resume or config.checkpoint_every) and not config.checkpoint_dir:
         raise ParamError("resume and checkpoint_every need a checkpoint_dir to read and write checkpoints")
