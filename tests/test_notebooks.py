@@ -134,7 +134,7 @@ def test_nbval_ignores_new_timings_but_not_a_flipped_timing_free_verdict(tmp_pat
     # a planted layer cut off from the graph: gradient flow flips to fail
     ("model = 'gpt-tiny'", "model = 'tests.user_models:DetachedLayer'", ('present(result, "gradient_flow", charts)',)),
     # a planted exception in the library call the notebook makes
-    ("model_kwargs = {}", "model_kwargs = {'no_such_field': 1}", ("ModelLoadError", "unknown config field")),
+    ("model_kwargs = {}", "model_kwargs = {'no_such_field': 1}", ("ParamError", "unknown field 'no_such_field'")),
 ])
 def test_nbval_catches_a_real_regression(tmp_path, old, new, failing):
     result = run_nbval(planted(tmp_path, "tier1_validation.ipynb", old, new), tmp_path)

@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from utils.models import compute_loss, get_logits
-from utils.precision import PrecisionPlan, synchronize
+from utils.precision import FP16_MAX, PrecisionPlan, synchronize
 
 def matmul_params(model: nn.Module) -> int:
     """Parameters that take part in matmuls (2-D weights not only used as embedding lookups).
@@ -254,6 +254,22 @@ def layer_outputs(model: nn.Module, x: torch.Tensor, plan: PrecisionPlan) -> dic
         for h in handles:
             h.remove()
     return outputs
+
+
+def layer_errors(ref: dict, runs: dict) -> pd.DataFrame:
+    """One row per layer: its fp32 peak, and per precision its relative error and whether it went non-finite."""
+    rows = []
+    for name, r in ref.items():
+        row = {"layer": name, "fp32_max_abs": float(r.abs().max()) if r.numel() else 0.0}
+        for p, outs in runs.items():
+            o = outs.get(name)
+            err = float("nan") if o is None or o.shape != r.shape else float((o - r).norm() / r.norm().clamp(min=1e-12))
+            row[f"rel_error_{p}"] = err if math.isfinite(err) else float("inf")
+            row[f"nonfinite_{p}"] = bool(o is not None and not torch.isfinite(o).all())
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    df["beyond_fp16_range"] = df["fp32_max_abs"] > FP16_MAX
+    return df
 
 
 def largest_activation(model: nn.Module, x: torch.Tensor, plan: PrecisionPlan) -> dict:

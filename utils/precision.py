@@ -48,6 +48,7 @@ _FP16_SPELLINGS = {"16", FP16, "16_true", "16-true"}
 _DTYPES = {FP32: None, FP16: torch.float16, BF16: torch.bfloat16, FP8: torch.bfloat16, FP8_EMULATED: torch.bfloat16}
 _SHORT = {FP32: "fp32", FP16: "fp16", BF16: "bf16", FP8: "fp8", FP8_EMULATED: "fp8 (emulated)"}
 _COLORS = {FP32: "tab:blue", FP16: "tab:red", BF16: "tab:orange"}
+FP16_MAX = 65504.0  # fp16's largest finite value: an activation or scaled gradient beyond it overflows
 FP8_MIN_CAPABILITY = (8, 9)  # L4, H100, H200: float8 tensor cores
 
 
@@ -176,6 +177,9 @@ class PrecisionPlan:
     precision: str  # one of PRECISIONS
     device_type: str
     reason: str
+    fp32_modules: tuple = ()  # modules run with autocast off and fp32 inputs (keep_in_fp32): a layer AMP overflows
+    init_scale: float = None  # the GradScaler's first scale (None: torch's, 2**16)
+    growth_interval: int = None  # steps without overflow before the scale doubles (None: torch's, 2000)
 
     @property
     def autocast_dtype(self):
@@ -207,17 +211,20 @@ class PrecisionPlan:
     def grad_scaler(self, sharded: bool = False) -> torch.amp.GradScaler:
         """A GradScaler that is live for fp16 and a pass-through otherwise, so one loop serves all. Under
         FSDP2 (sharded) the sharded one, whose skip decision is agreed across ranks."""
+        tuned = {k: v for k, v in (("init_scale", self.init_scale), ("growth_interval", self.growth_interval)) if v}
         if sharded and self.use_scaler:
-            return ShardedGradScaler(device=self.device_type)
-        return torch.amp.GradScaler(self.device_type, enabled=self.use_scaler)
+            return ShardedGradScaler(device=self.device_type, **tuned)
+        return torch.amp.GradScaler(self.device_type, enabled=self.use_scaler, **tuned)
 
     def loss_scaler(self, sharded: bool = False) -> "LossScaler":
         return LossScaler(self, self.grad_scaler(sharded))
 
     def to_dict(self) -> dict:
+        remedies = {k: v for k, v in (("fp32_modules", list(self.fp32_modules)), ("init_scale", self.init_scale),
+                                      ("growth_interval", self.growth_interval)) if v}  # only where set: records stay as they were
         return {"requested": self.requested, "precision": self.precision, "device_type": self.device_type,
                 "autocast_dtype": str(self.autocast_dtype).replace("torch.", "") if self.enabled else "float32",
-                "grad_scaler": self.use_scaler, "reason": self.reason}
+                "grad_scaler": self.use_scaler, "reason": self.reason, **remedies}
 
 
 class LossScaler:
@@ -357,8 +364,10 @@ def _fp8_reason(want: str, device: torch.device) -> str:
 
 
 def convert_for(plan: PrecisionPlan, model: nn.Module) -> nn.Module:
-    """The model as `plan` trains it: for fp8, every Linear whose in and out features are multiples of 16
-    (what float8 matmuls need) swapped for torchao's Float8Linear, in place; otherwise the model as it is."""
+    """The model as `plan` trains it, in place: its fp32_modules kept in fp32 (keep_in_fp32), and for fp8 every
+    Linear whose in and out features are multiples of 16 (what float8 matmuls need) swapped for torchao's
+    Float8Linear; otherwise the model as it is."""
+    model = keep_in_fp32(model, plan.fp32_modules) if plan.fp32_modules else model
     if not plan.fp8 or any(type(m).__name__ == "Float8Linear" for m in model.modules()):
         return model  # not fp8, or converted already
     config_cls, convert = _torchao_float8()
@@ -368,6 +377,49 @@ def convert_for(plan: PrecisionPlan, model: nn.Module) -> nn.Module:
         raise UnsupportedPrecision(f"fp8: none of the model's {len(linears)} nn.Linear layers has in and out features "
                                    "divisible by 16, which float8 matmuls need, so nothing would run in fp8")
     return convert(model, config=config_cls(emulate=plan.emulated), module_filter_fn=lambda m, name: any(m is f for f in fits))
+
+
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def keep_in_fp32(model: nn.Module, names) -> nn.Module:
+    """Run each named module (model.named_modules()'s names) with autocast off and its floating inputs cast to
+    fp32: the remedy for a layer whose output leaves fp16's range, as T5's feed-forward does. Hooks, in place, so
+    state_dict, deepcopy and checkpoints are unchanged; idempotent. An unknown name is refused, with examples."""
+    modules = dict(model.named_modules())
+    unknown = [n for n in names if n not in modules]
+    if unknown:
+        raise UnsupportedPrecision(f"fp32_modules {unknown} name no module of {type(model).__name__}; expected names "
+                                   f"from model.named_modules(), such as {[n for n in modules if n][:4]}")
+    for name in names:
+        module = modules[name]
+        if not module.__dict__.get("_suite_fp32"):
+            module.register_forward_pre_hook(_autocast_off, with_kwargs=True)
+            module.register_forward_hook(_autocast_back, always_call=True)
+            module.__dict__["_suite_fp32"], module.__dict__["_suite_autocast"] = True, []
+    return model
+
+
+def _as_fp32(value):
+    return value.float() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+
+
+def _autocast_off(module, args, kwargs):
+    enabled = [d for d in _AUTOCAST_DEVICES if torch.is_autocast_enabled(d)]
+    module._suite_autocast.append(enabled)  # a stack: the module may run inside itself
+    for d in enabled:
+        torch.set_autocast_enabled(d, False)
+    return tuple(_as_fp32(a) for a in args), {k: _as_fp32(v) for k, v in kwargs.items()}
+
+
+def _autocast_back(module, args, output):
+    for d in module._suite_autocast.pop():
+        torch.set_autocast_enabled(d, True)
+
+
+def runs_bf16(device: torch.device) -> bool:
+    """bf16 autocast runs here: any CPU (emulated where not native), a GPU from sm_80."""
+    return device.type == "cpu" or (device.type == "cuda" and device_capability(device)[0] >= 8)
 
 
 @contextmanager

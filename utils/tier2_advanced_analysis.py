@@ -8,7 +8,6 @@
 """
 
 import copy
-import math
 
 import pandas as pd
 import torch
@@ -16,12 +15,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from utils.models import count_parameters, forward, load_task_data, model_device, model_max_len, model_vocab_size
-from utils.measure import layer_outputs
+from utils.measure import layer_errors, layer_outputs
 from utils.precision import BF16, FP16, MIXED, PrecisionPlan, convert_for, fp32_plan, resolve, short_label
 from utils.prepare import Prepared
 from utils.verdicts import CheckResult, TierResult, Verdict, run_check
 
-FP16_MAX = 65504.0
 
 
 def sample_batch(model: nn.Module, data=None, batch_size: int = 4, seq_len: int = 32, seed: int = 0):
@@ -205,26 +203,10 @@ def analyze_amp_readiness(model: nn.Module, x: torch.Tensor, plan: PrecisionPlan
     if plan.fp8:  # float8 Linear layers on a copy: the model itself stays as it was
         runs[plan.precision] = layer_outputs(convert_for(plan, copy.deepcopy(model)), x, plan)
     model.train(was_training)
-    df = _layer_errors(ref, runs)
+    df = layer_errors(ref, runs)
     df["rel_error"] = df[f"rel_error_{plan.precision}"]
     df["drifts"] = df["rel_error"] > tolerance
     return _readiness_verdict(df, list(runs), plan, tolerance)
-
-
-def _layer_errors(ref: dict, runs: dict) -> pd.DataFrame:
-    """One row per layer: its fp32 peak, and per precision its relative error and whether it went non-finite."""
-    rows = []
-    for name, r in ref.items():
-        row = {"layer": name, "fp32_max_abs": float(r.abs().max()) if r.numel() else 0.0}
-        for p, outs in runs.items():
-            o = outs.get(name)
-            err = float("nan") if o is None or o.shape != r.shape else float((o - r).norm() / r.norm().clamp(min=1e-12))
-            row[f"rel_error_{p}"] = err if math.isfinite(err) else float("inf")
-            row[f"nonfinite_{p}"] = bool(o is not None and not torch.isfinite(o).all())
-        rows.append(row)
-    df = pd.DataFrame(rows)
-    df["beyond_fp16_range"] = df["fp32_max_abs"] > FP16_MAX
-    return df
 
 
 def _readiness_verdict(df: pd.DataFrame, precisions: list, plan: PrecisionPlan, tolerance: float) -> CheckResult:
