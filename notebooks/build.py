@@ -183,9 +183,17 @@ for backward per precision beside parameters and AdamW state (which autocast lea
 allocator's peak; with `sweep_batch_sizes`, the speedup per batch size (small batches leave matmuls too small to
 profit). MFU, the matmul peak ratio and Amdahl's bound are in the figures above. This is a **timing** verdict: it
 does not decide the tier's status and nbval does not compare it.""", "amp_worth_it"),
+        ("Diagnosis: why AMP failed, and which remedy works", """Only when amp_safe fails (on a healthy run it says there is nothing to diagnose). The failing AMP run is run again
+with probes on every layer and parameter (never in the speed trials): the cause is the first layer whose output leaves
+the precision's range (fp16: beyond 65504) with its step, else the first parameters whose gradients overflow before
+unscaling (and the step the loss scale collapsed), else the layers that drift most from fp32. Then remedies, each a
+parity run of its own, until one passes or `remedy_runs` are spent: the blamed layer in fp32 (`fp32_modules` asks for
+it by name), bf16 instead of fp16, a gentler loss scale. The chart: each run's largest loss gap against the
+tolerance, and its skipped steps; green passes.""", "diagnosis"),
     ], "**fp32_baseline**: fp32 itself trains. **amp_safe**: loss parity within the tolerance, finite losses, no runaway "
        "skipped steps and no overflow storm. **amp_worth_it**: the speedup interval lies above 1 (a timing verdict). "
-       "**interrupted** (instead of the three): the run was stopped and can be resumed.")
+       "**diagnosis**: the cause of an amp_safe failure and the remedy that passes parity (warn), or none (fail). "
+       "**interrupted** (instead of the four): the run was stopped and can be resumed.")
 
 
 NOTEBOOKS = {1: tier1, 2: tier2, 3: tier3}

@@ -207,3 +207,48 @@ class NoisyLM(TinyGPTWrapper):
 def on_meta_device():
     with torch.device("meta"):
         return build_model("gpt-tiny")
+
+
+class LoudInputLinear(nn.Linear):
+    """The same function as a Linear in fp32 and bf16 (input scaled by 1e5, output scaled back), but under fp16
+    autocast its input is cast beyond 65504: its own output is not finite."""
+
+    def forward(self, x):
+        return super().forward(x * 1e5) / 1e5
+
+
+class OverflowsOneLayerFp16(TinyGPTWrapper):
+    """inner.blocks.1.mlp.0 is a LoudInputLinear: fp16 fails there alone, and keeping that layer in fp32 fixes it."""
+
+    def __init__(self):
+        super().__init__()
+        old = self.inner.blocks[1].mlp[0]
+        self.inner.blocks[1].mlp[0] = LoudInputLinear(old.in_features, old.out_features)
+        self.inner.blocks[1].mlp[0].load_state_dict(old.state_dict())
+
+
+class _LoudGradient(torch.autograd.Function):
+    """Identity forward; the gradient comes back 1e9 times larger."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 1e9
+
+
+class GradientOverflowsFp16(TinyGPTWrapper):
+    """inner.blocks.1.mlp.0's output is unchanged, but its gradient is 1e9 times too large: in fp16 it overflows at
+    any loss scale above ~0.06, so steps are skipped until the scale collapses; fp32 and bf16 hold it (AdamW
+    normalizes each parameter's step)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner.blocks[1].mlp[0].register_forward_hook(lambda module, args, output: _LoudGradient.apply(output))
+
+
+def bf16_weights():
+    """A model converted to bf16 before training: no fp32 master weights."""
+    return TinyGPTWrapper().to(torch.bfloat16)

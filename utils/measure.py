@@ -236,15 +236,21 @@ def smooth(series: pd.Series, window: int = 10) -> pd.Series:
     return series.rolling(min(window, len(series)), min_periods=1).median()
 
 
+def first_floating(output):
+    """A module's output tensor: the output itself, or the first tensor of a tuple or list; None if not floating."""
+    t = output if isinstance(output, torch.Tensor) else next(
+        (o for o in (output if isinstance(output, (tuple, list)) else ()) if isinstance(o, torch.Tensor)), None)
+    return t if t is not None and t.is_floating_point() else None
+
+
 def layer_outputs(model: nn.Module, x: torch.Tensor, plan: PrecisionPlan) -> dict:
     """Each leaf module's first floating output under `plan`, in execution order, as fp32 copies."""
     outputs, handles = {}, []
     for name, m in model.named_modules():
         if name and not list(m.children()):
             def hook(module, args, output, name=name):
-                t = output if isinstance(output, torch.Tensor) else next(
-                    (o for o in (output if isinstance(output, (tuple, list)) else ()) if isinstance(o, torch.Tensor)), None)
-                if t is not None and t.is_floating_point() and name not in outputs:
+                t = first_floating(output)
+                if t is not None and name not in outputs:
                     outputs[name] = t.detach().float()
             handles.append(m.register_forward_hook(hook))
     try:

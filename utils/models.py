@@ -118,8 +118,12 @@ def _load_hf(name: str, task: str, kwargs: dict) -> nn.Module:
         task = found[0]
     auto = {"causal-lm": transformers.AutoModelForCausalLM, "classification": transformers.AutoModelForSequenceClassification,
             "masked-lm": transformers.AutoModelForMaskedLM}[task]
+    # fp32 master weights, whatever the checkpoint was saved in (transformers 5 loads a bf16 checkpoint as bf16 by
+    # default); the keyword's name changed in 4.56.
+    version = tuple(int(v) for v in transformers.__version__.split(".")[:2])
+    fp32 = {"dtype" if version >= (4, 56) else "torch_dtype": torch.float32}
     try:
-        model = auto.from_pretrained(name, **{**hub, **kwargs})
+        model = auto.from_pretrained(name, **{**hub, **fp32, **kwargs})
     except Exception as e:
         raise ModelLoadError(f"cannot load hf:{name} as a {task} model: {type(e).__name__}: {e}") from e
     model.task = task
@@ -408,6 +412,21 @@ def load_model(spec, task=None, **kwargs) -> nn.Module:
         raise ModelLoadError(f"{where} has its parameters on the meta device, which holds no values; expected a model "
                              "built on the CPU (or with its weights loaded: to_empty() then load_state_dict())")
     return model
+
+
+def check_fp32_master_weights(model: nn.Module):
+    """Training keeps fp32 master weights: a model whose parameters are already 16-bit is refused before training,
+    with the reason."""
+    low = [(n, p.dtype) for n, p in model.named_parameters() if p.is_floating_point() and p.dtype != torch.float32]
+    if low:
+        dtype = str(low[0][1]).replace("torch.", "")
+        raise UnsupportedModel(
+            f"{type(model).__name__} has {dtype} parameters ({low[0][0]!r}" + (f" and {len(low) - 1} more" if len(low) > 1
+                                                                             else "") + "): training needs fp32 master "
+            "weights. AMP keeps the weights, their gradients and AdamW's moments in fp32 and casts each op's inputs, "
+            "because an update (lr x gradient) is often below a 16-bit weight's last digit and would be rounded away, "
+            "and AdamW's second moment underflows in 16 bits. Load the model in fp32 (no .half(), .to(dtype) or "
+            "dtype=) and choose the precision parameter instead")
 
 
 def get_logits(output) -> torch.Tensor:

@@ -56,6 +56,7 @@ class Param:
     canonical: object = None  # maps every accepted spelling to the one name stored (precision aliases)
     min_items: int = 0  # a list's shortest length
     validate: object = None  # value -> None, or a ValueError saying what is wrong (what this machine has, say)
+    added: bool = False  # added after runs were recorded: left out of a run's identity while at its default (utils.run)
 
     def expected(self) -> str:
         what = f"a list of {_ITEM_NAMES[self.item]}" if self.type is list else _TYPE_NAMES[self.type]
@@ -204,6 +205,11 @@ TIER_PARAMS = {
         Param("tf32", bool, False, "let the fp32 baseline's CUDA matmuls run as TF32 (faster, 10-bit mantissa); off, "
               "AMP is measured against true fp32. The record says which"),
         replace(_LOOP["max_skipped_in_a_row"], optional=False),
+        Param("remedy_runs", int, 2, "when amp_safe fails: parity runs the diagnosis may spend trying remedies (keep "
+              "the blamed layers in fp32, bf16 instead of fp16, a gentler loss scale); 0 turns them off", low=0,
+              added=True),
+        Param("fp32_modules", list, [], "modules (model.named_modules() names) the AMP run keeps in fp32, autocast off "
+              "around them: a remedy the diagnosis may name", item=str, added=True),
         _LOOP["checkpoint_every"], replace(_LOOP["checkpoint_dir"], optional=False), _LOOP["resume"],
         *_TAIL),
 }

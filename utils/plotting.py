@@ -139,6 +139,25 @@ def plot_loss_scale(parity: pd.DataFrame, path=None):
     return save_figure(fig, path)
 
 
+def plot_remedies(remedies: pd.DataFrame, tolerance: float, path=None):
+    """The diagnosis's remedy table: each run's largest parity gap against the tolerance (left; a NaN loss is an
+    infinite gap, drawn at the top) and its skipped steps (right), the run as asked first."""
+    fig, (gap_ax, skip_ax) = plt.subplots(1, 2, figsize=(10, 0.6 * len(remedies) + 1.8), sharey=True)
+    names = [r[:45] for r in remedies["remedy"]][::-1]
+    gaps = remedies["max_relative_gap"].replace(np.inf, np.nan)[::-1]
+    top = max(2 * tolerance, float(np.nanmax(gaps.to_numpy())) if gaps.notna().any() else 0.0) * 1.1
+    colors = ["tab:green" if ok else "tab:red" for ok in remedies["passed"][::-1]]
+    gap_ax.barh(names, gaps.fillna(top).clip(upper=top), color=colors)
+    gap_ax.axvline(tolerance, color="gray", linestyle="--", label=f"tolerance {tolerance:.0%}")
+    gap_ax.set_xlim(0, top)
+    gap_ax.set_xlabel("largest relative loss gap to fp32")
+    gap_ax.legend(loc="lower right")
+    skip_ax.barh(names, remedies["skipped_steps"][::-1], color=colors)
+    skip_ax.set_xlabel("skipped steps")
+    fig.suptitle("Diagnosis: AMP as asked, then each remedy (green passes parity)")
+    return save_figure(fig, path)
+
+
 def plot_speedup_sweep(sweep: pd.DataFrame, path=None):
     """AMP speedup over fp32 per batch size, with 95% bootstrap intervals; above 1 AMP pays."""
     fig, ax = plt.subplots(figsize=(6, 4))

@@ -1,13 +1,13 @@
 """What a run resolves once, before any check or step: checked parameters, the device, the precision plan,
 the model on that device with its task probed, its data, and the record of what ran."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from utils.environment import run_record
-from utils.models import UnsupportedModel, load_model, load_task_data, load_tokenizer, model_max_len, probe_model
+from utils.models import UnsupportedModel, check_fp32_master_weights, load_model, load_task_data, load_tokenizer, model_max_len, probe_model
 from utils.params import TRAIN_PARAMS, check_params, check_values
 from utils.precision import PrecisionPlan, comparison_plan, fp32_plan, resolve, resolve_device
 
@@ -33,14 +33,21 @@ def prepare(tier: int, model, params: dict, data=None) -> Prepared:
     device = resolve_device(p["device"])
     plan = (comparison_plan(p["precision"], device) if "precision" in p
             else fp32_plan(device, f"tier {tier} runs its checks in fp32"))
-    return _load(p, model, device, plan, data)
+    if p.get("fp32_modules"):
+        plan = replace(plan, fp32_modules=tuple(p["fp32_modules"]))
+    run = _load(p, model, device, plan, data)
+    if tier == 3:  # it trains: refused here, before any trial
+        check_fp32_master_weights(run.model)
+    return run
 
 
 def prepare_training(model, params: dict, data=None) -> Prepared:
     """prepare() for utils.train: its parameters, and the precision asked for (fp32 too), not a comparison."""
     p = check_values(_device_as_text(params), {q.name: q for q in TRAIN_PARAMS}, "utils.train")
     device = resolve_device(p["device"])
-    return _load(p, model, device, resolve(p["precision"], device), data)
+    run = _load(p, model, device, resolve(p["precision"], device), data)
+    check_fp32_master_weights(run.model)
+    return run
 
 
 def _device_as_text(params: dict) -> dict:

@@ -229,7 +229,9 @@ def _slug(value) -> str:
 def run_digest(tier: int, params: dict) -> str:
     """A run's identity is its content: the tier and every parameter, defaults filled in (where it keeps
     its files aside: RUN_CONTROL)."""
-    full = {k: v for k, v in check_params(tier, params).items() if k not in RUN_CONTROL}
+    known = spec(tier)  # a parameter added later, at its default, leaves the ids of finished runs as they were
+    full = {k: v for k, v in check_params(tier, params).items()
+            if k not in RUN_CONTROL and not (known[k].added and v == known[k].default)}
     return hashlib.sha256(json.dumps({"tier": tier, "parameters": full}, sort_keys=True).encode()).hexdigest()[:10]
 
 

@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
+from utils.diagnosis import candidates, cause, drifting_layers, probe_rerun, remedy_row, scale_collapse, try_remedies
 from utils.loop.config import TrainConfig
 from utils.loop.steps import adamw
 from utils.loop.stops import INTERRUPTED
@@ -229,15 +230,62 @@ def _fine_tune_both(run: Prepared, plans, progress: bool):
     precision, and the stop of an interrupted one."""
     p = run.params
     folder = Path(p["checkpoint_dir"]) if p["checkpoint_dir"] else output_folder(3, p["output_dir"]) / "checkpoints"
-    settings = {**{name: p[name] for name in TIER3_LOOP}, "seq_len": run.seq_len}
     runs = {}
     for plan in plans:
-        config = TrainConfig(**{**settings, "eval_interval": p["steps"], "eval_batches": 4,
-                                "checkpoint_dir": str(folder / plan.precision)})
+        config = _parity_config(run, checkpoint_dir=str(folder / plan.precision))
         runs[plan.precision] = Trainer(copy.deepcopy(run.model), config, plan, run.device, run.data, progress=progress).run()
         if runs[plan.precision].interrupted:
             return runs, _interrupted(runs[plan.precision].stop, f"the {label(plan.precision)} fine-tuning run")
     return runs, None
+
+
+def _parity_config(run: Prepared, **changes) -> TrainConfig:
+    """The loop's settings of a parity run: tier 3's, one evaluation at the start and one at the end."""
+    p = run.params
+    return TrainConfig(**{**{name: p[name] for name in TIER3_LOOP}, "seq_len": run.seq_len, "eval_interval": p["steps"],
+                          "eval_batches": 4, **changes})
+
+
+def _rerun(run: Prepared, plan: PrecisionPlan, model=None, callbacks=()) -> FineTuneResult:
+    """A parity run again, for the diagnosis: the same steps under `plan` (or with a probed model), no checkpoints."""
+    config = _parity_config(run, checkpoint_every=0, checkpoint_dir=None, resume=False)
+    return Trainer(model or copy.deepcopy(run.model), config, plan, run.device, run.data, callbacks, progress=False).run()
+
+
+def _judge(p: dict, ref: FineTuneResult, amp: FineTuneResult) -> tuple:
+    """An AMP run's parity figures against fp32, and the problems amp_safe would name (none: it passes)."""
+    parity = _parity(p, ref, amp, {FP32: ref, amp.plan.precision: amp})[1]
+    return parity, _parity_problems(parity)
+
+
+def _diagnose(run: Prepared, ref: FineTuneResult, amp: FineTuneResult, parity: dict, safe: Verdict, x) -> tuple:
+    """The diagnosis check. Nothing to do when amp_safe passed; else the cause, from a probed re-run of the failing
+    run, and the remedies tried (utils.diagnosis). Returns the check, amp_safe's verdict with the diagnosis added,
+    and the stop of an interrupted re-run."""
+    p = run.params
+    if safe.status != "fail":
+        ok = safe.status == "pass"
+        return CheckResult(Verdict("diagnosis", "pass" if ok else "warn", "nothing to diagnose: amp_safe passed." if ok
+                                   else "not diagnosed: the fp32 baseline failed."), pd.DataFrame()), safe, None
+    until = (amp.stop or {}).get("step") or (parity["max_gap_step"] if parity["max_relative_gap"] > p["parity_tolerance"]
+                                             else p["steps"])
+    activation, gradients, stop = probe_rerun(run.model, amp.plan, until, lambda *a: _rerun(run, *a))
+    if stop:
+        return None, safe, stop
+    drift = None if activation or gradients else drifting_layers(run.model, x, amp.plan)
+    found = cause(amp.plan, activation, gradients, scale_collapse(amp.history), drift)
+    rows, stop = try_remedies(candidates(found, amp.plan, run.device), p["remedy_runs"], lambda *a: _rerun(run, *a),
+                              lambda result: _judge(p, ref, result))
+    if stop:
+        return None, safe, stop
+    passed = next((r["remedy"] for r in rows if r["passed"]), None)
+    remedy = ("remedies are off (remedy_runs=0)" if not p["remedy_runs"] else f"the remedy that passes parity: {passed}"
+              if passed else "no remedy passed parity" + (f" (tried: {'; '.join(r['remedy'] for r in rows)})" if rows else ""))
+    text = f"cause: {found['text']}; {remedy}."
+    before = remedy_row(f"none: {amp.plan.precision} as asked", amp, parity, _parity_problems(parity))
+    return (CheckResult(Verdict("diagnosis", "warn" if passed else "fail", text), pd.DataFrame([before, *rows]),
+                        {"cause": found, "remedy": passed, "tolerance": p["parity_tolerance"]}),
+            replace(safe, reason=f"{safe.reason} Diagnosis: {text}"), None)
 
 
 def _parity(p: dict, ref: FineTuneResult, amp: FineTuneResult, runs: dict):
@@ -349,12 +397,17 @@ def _benchmark(run: Prepared, progress: bool) -> TierResult:
     if stop:
         return _interrupted_result(run, stop)
     baseline = _baseline_verdict(ref)
+    diagnosis, safe, stop = _diagnose(run, ref, amp, parity, _safe_verdict(parity, amp_plan.precision, baseline), batch[0])
+    if stop:
+        return _interrupted_result(run, _interrupted(stop, "a diagnosis run"))
     checks = {"fp32_baseline": CheckResult(baseline, ref.history[["step", "loss", "grad_norm", "skipped"]],
                                            {"initial_eval_loss": ref.initial_eval_loss, "final_eval_loss": ref.final_eval_loss,
                                             "stop": ref.stop}),
-              "amp_safe": CheckResult(_safe_verdict(parity, amp_plan.precision, baseline), parity_df, parity),
-              "amp_worth_it": CheckResult(_worth_verdict(speed, amp_plan), trials, speed)}
-    return TierResult(3, checks, p, run.record, _figures(run, speed, parity, ref, amp))
+              "amp_safe": CheckResult(safe, parity_df, parity),
+              "amp_worth_it": CheckResult(_worth_verdict(speed, amp_plan), trials, speed), "diagnosis": diagnosis}
+    return TierResult(3, checks, p, run.record, {**_figures(run, speed, parity, ref, amp),
+                                                 "diagnosis": (diagnosis.extra or {}).get("cause", {}).get("text"),
+                                                 "remedy": (diagnosis.extra or {}).get("remedy")})
 
 
 def _figures(run: Prepared, speed: dict, parity: dict, ref: FineTuneResult, amp: FineTuneResult) -> dict:

@@ -17,7 +17,8 @@ from utils.models import UnsupportedModel
 from utils.params import TIER_PARAMS, is_data, output_folder
 from utils.plotting import (plot_amp_layer_error, plot_attention_entropy, plot_attention_maps, plot_gradient_norms,
                             plot_init_std, plot_latency, plot_loss_curves, plot_loss_scale, plot_memory,
-                            plot_memory_vs_batch, plot_robustness, plot_speedup_sweep, plot_throughput, save_figure)
+                            plot_memory_vs_batch, plot_remedies, plot_robustness, plot_speedup_sweep, plot_throughput,
+                            save_figure)
 from utils.prepare import prepare
 from utils.tier1_critical_validation import run_tier1
 from utils.tier2_advanced_analysis import run_tier2
@@ -50,13 +51,14 @@ TIERS = {
                       ("attention_entropy.png", lambda c, r: plot_attention_entropy(c.data) if len(c.data) else None)],
         "robustness": [("robustness.png", lambda c, r: plot_robustness(c.data))],
         "amp_readiness": [("amp_layer_error.png", lambda c, r: plot_amp_layer_error(c.data, r.parameters["amp_tolerance"]))]}),
-    3: Tier(3, "tier3_training.ipynb", run_tier3, ("fp32_baseline", "amp_safe", "amp_worth_it"), {
+    3: Tier(3, "tier3_training.ipynb", run_tier3, ("fp32_baseline", "amp_safe", "amp_worth_it", "diagnosis"), {
         "amp_safe": [("loss_curves.png", lambda c, r: plot_loss_curves(c.data, c.extra["amp_precision"], c.extra["tolerance"])),
                      ("loss_scale.png", lambda c, r: plot_loss_scale(c.data))],
         "amp_worth_it": [("throughput.png", lambda c, r: plot_throughput(c.data)),
                          ("memory.png", lambda c, r: plot_memory(c.extra["memory"])),
                          ("speedup_sweep.png", lambda c, r: plot_speedup_sweep(pd.DataFrame(c.extra["sweep"]))
-                          if c.extra["sweep"] else None)]}),
+                          if c.extra["sweep"] else None)],
+        "diagnosis": [("remedies.png", lambda c, r: plot_remedies(c.data, c.extra["tolerance"]))]}),
 }
 
 

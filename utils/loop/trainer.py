@@ -33,7 +33,7 @@ from utils.loop.config import TrainConfig
 from utils.loop.distributed import gather, load_training_state, mean_over_ranks, ranks, rows, training_state, wrap
 from utils.loop.steps import RECORD, LRSchedule, adamw, evaluate, log_interval, param_groups, to_device, train_step, warmup_cosine
 from utils.measure import StepTimer
-from utils.models import load_model, load_task_data, model_max_len
+from utils.models import check_fp32_master_weights, load_model, load_task_data, model_max_len
 from utils.precision import PrecisionPlan, convert_for
 
 
@@ -108,7 +108,9 @@ class Trainer:
         self.r = ranks()
         self.parallel = config.parallel if self.r.world > 1 else "none"
         torch.manual_seed(config.seed + self.r.rank)  # dropout masks, if the model has any (each rank its own)
-        self.model = convert_for(plan, load_model(model).to(device)).train()  # fp8: float8 Linear layers
+        self.model = load_model(model).to(device)
+        check_fp32_master_weights(self.model)  # before any step: a 16-bit model would train on rounded weights
+        self.model = convert_for(plan, self.model).train()  # fp8: float8 Linear layers; fp32_modules kept in fp32
         self.cfg = config = replace(config, seq_len=min(config.seq_len, model_max_len(self.model)))  # as the tiers cap it
         self.data = load_task_data(self.model, data, config.seq_len)
         self._count_steps()

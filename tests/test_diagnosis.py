@@ -1,0 +1,148 @@
+"""When AMP is not safe: the diagnosis names the layer or parameter to blame and the step, the remedies are re-run on
+the same model and data, and the one that passes parity is named. Planted models, each with its exact cause."""
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from tests.user_models import GradientOverflowsFp16, OverflowsOneLayerFp16, bf16_weights
+from utils.models import UnsupportedModel, build_model
+from utils.precision import BF16, FP16, keep_in_fp32, resolve
+from utils.run import run_digest
+from utils.tier3_training_utilities import test_fine_tuning
+from utils.tiers import run_tier, save_tier
+
+ROOT = Path(__file__).resolve().parents[1]
+TIER3 = dict(batch_size=4, seq_len=32, trials=1, warmup_steps=1, timed_steps=1, device="cpu")
+LAYER = "inner.blocks.1.mlp.0"
+
+
+@pytest.fixture(scope="module")
+def overflowing_layer():
+    return run_tier(3, {**TIER3, "steps": 8, "max_skipped_in_a_row": 3, "precision": FP16}, model=OverflowsOneLayerFp16())
+
+
+def test_the_layer_that_overflows_fp16_is_named_with_its_step_and_keeping_it_in_fp32_passes(overflowing_layer):
+    r = overflowing_layer
+    assert r.checks["amp_safe"].verdict.status == "fail"
+    text = (f"cause: {LAYER!r} output Inf/NaN at step 1 under 16-mixed (a value in it passed fp16's largest, 65504); "
+            f"the remedy that passes parity: {LAYER} in fp32.")
+    assert r.checks["diagnosis"].verdict.status == "warn" and r.checks["diagnosis"].verdict.reason == text
+    assert r.checks["amp_safe"].verdict.reason.endswith(f" Diagnosis: {text}")
+    found = r.checks["diagnosis"].extra["cause"]
+    assert (found["kind"], found["layer"], found["step"], found["layers"]) == ("activation", LAYER, 1, [LAYER])
+    table = r.checks["diagnosis"].data
+    assert list(table["remedy"]) == ["none: 16-mixed as asked", f"{LAYER} in fp32"]
+    assert list(table["passed"]) == [False, True] and list(table["fp32_modules"]) == ["", LAYER]
+    assert table["skipped_steps"].iloc[1] == 0 and table["max_relative_gap"].iloc[1] <= 0.05
+    assert r.figures["remedy"] == f"{LAYER} in fp32" and r.figures["diagnosis"] == found["text"]
+
+
+def test_the_diagnosis_is_in_results_json_and_its_chart_is_drawn(overflowing_layer, tmp_path):
+    r = copy.copy(overflowing_layer)
+    r.parameters = {**r.parameters, "output_dir": str(tmp_path)}
+    charts = save_tier(r)
+    assert charts["diagnosis"] == [tmp_path / "remedies.png"] and (tmp_path / "remedies.png").read_bytes()[:4] == b"\x89PNG"
+    saved = (tmp_path / "results.json").read_text()
+    assert f"the remedy that passes parity: {LAYER} in fp32" in saved
+
+
+def test_bf16_passes_the_same_model_without_a_remedy():
+    r = run_tier(3, {**TIER3, "steps": 8, "precision": BF16}, model=OverflowsOneLayerFp16())
+    assert r.checks["amp_safe"].verdict.status == "pass"
+    assert r.checks["diagnosis"].verdict.reason == "nothing to diagnose: amp_safe passed."
+    assert r.checks["diagnosis"].data.empty and r.figures["remedy"] is None
+
+
+def test_asking_for_the_layer_in_fp32_by_name_makes_fp16_safe():
+    r = run_tier(3, {**TIER3, "steps": 8, "max_skipped_in_a_row": 3, "precision": FP16, "fp32_modules": [LAYER]},
+                 model=OverflowsOneLayerFp16())
+    assert r.checks["amp_safe"].verdict.status == "pass" and r.checks["amp_safe"].extra["skipped_steps"] == 0
+
+
+def test_a_gradient_that_overflows_in_one_parameter_is_named_and_the_scale_collapse_dated():
+    r = run_tier(3, {**TIER3, "steps": 24, "precision": FP16}, model=GradientOverflowsFp16())
+    found = r.checks["diagnosis"].extra["cause"]
+    assert found["kind"] == "gradient" and found["step"] == 1
+    assert set(found["parameters"][:2]) == {f"{LAYER}.weight", f"{LAYER}.bias"}  # backward reaches them first
+    assert found["collapse"] == {"step": 18, "from": 65536.0, "to": 0.125}  # 65536 halved 17 times is 0.5
+    reason = r.checks["diagnosis"].verdict.reason
+    assert f"below 1 at step 18: {found['parameters'][0]!r} overflows even unscaled" in reason
+    assert reason.endswith("the remedy that passes parity: bf16 instead of fp16.")
+    assert list(r.checks["diagnosis"].data["remedy"]) == ["none: 16-mixed as asked", f"{LAYER} in fp32",
+                                                         "bf16 instead of fp16"]
+
+
+def test_remedy_runs_0_diagnoses_but_runs_no_remedy():
+    r = run_tier(3, {**TIER3, "steps": 8, "max_skipped_in_a_row": 3, "precision": FP16, "remedy_runs": 0},
+                 model=OverflowsOneLayerFp16())
+    assert r.checks["diagnosis"].verdict.status == "fail"
+    assert r.checks["diagnosis"].verdict.reason.endswith("; remedies are off (remedy_runs=0).")
+    assert list(r.checks["diagnosis"].data["remedy"]) == ["none: 16-mixed as asked"]
+
+
+def test_new_tier3_parameters_leave_the_ids_of_finished_runs_unchanged():
+    """The ids these runs had before remedy_runs and fp32_modules existed (computed at d43150a)."""
+    assert run_digest(3, {}) == "838bb6bf20"
+    assert run_digest(3, {"precision": "16-mixed", "steps": 12}) == "13bdeac0fa"
+    assert run_digest(3, {"remedy_runs": 0}) != run_digest(3, {})  # set, they are part of the run
+
+
+BF16_REASON = ("TinyGPTWrapper has bfloat16 parameters ('inner.tok_emb.weight' and 27 more): training needs fp32 master "
+               "weights.")
+
+
+def test_a_model_already_in_bf16_is_refused_before_training_by_tier3_and_test_fine_tuning():
+    r = run_tier(3, {**TIER3, "steps": 2}, model=bf16_weights())
+    assert list(r.checks) == ["supported"] and r.checks["supported"].verdict.reason.startswith(BF16_REASON)
+    assert "an update (lr x gradient) is often below a 16-bit weight's last digit" in r.checks["supported"].verdict.reason
+    with pytest.raises(UnsupportedModel, match=r"training needs fp32 master weights"):
+        test_fine_tuning(bf16_weights(), precision="bf16-mixed", steps=2, batch_size=2, seq_len=16, device="cpu")
+
+
+def test_a_model_already_in_bf16_is_refused_by_utils_train_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "utils.train", "--model", "tests.user_models:bf16_weights", "--steps",
+                           "2", "--output-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 2 and proc.stderr.startswith(f"utils.train: error: {BF16_REASON}")
+    assert proc.stderr.count("\n") == 1 and not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.versions
+@pytest.mark.parametrize("precision", [FP16, BF16])
+def test_a_module_kept_in_fp32_runs_in_fp32_inside_autocast_and_nothing_else_changes(precision):
+    torch.manual_seed(0)
+    model = build_model("gpt-tiny")
+    keys = list(model.state_dict())
+    seen = {}
+    for name in ("blocks.0.mlp.0", "blocks.0.mlp.2"):
+        model.get_submodule(name).register_forward_hook(
+            lambda m, args, out, name=name: seen.__setitem__(name, (args[0].dtype, out.dtype)))
+    keep_in_fp32(model, ["blocks.0.mlp.0"])
+    keep_in_fp32(model, ["blocks.0.mlp.0"])  # idempotent: one pair of hooks
+    x = torch.randint(256, (2, 16))
+    for m in (model, copy.deepcopy(model)):  # a copy (the tiers copy models) keeps the behaviour
+        with resolve(precision, "cpu").autocast():
+            m(x)
+            assert torch.is_autocast_enabled("cpu")  # put back after the module
+        low = torch.float16 if precision == FP16 else torch.bfloat16
+        assert seen == {"blocks.0.mlp.0": (torch.float32, torch.float32), "blocks.0.mlp.2": (torch.float32, low)}
+    assert list(model.state_dict()) == keys
+    with pytest.raises(UnsupportedModel, match=r"fp32_modules \['blocks.9'\] name no module of GPT; expected names from "
+                                               r"model.named_modules\(\), such as \['tok_emb', 'pos_emb', 'blocks'"):
+        keep_in_fp32(model, ["blocks.9"])
+
+
+@pytest.mark.versions
+def test_autocast_is_back_after_a_module_in_fp32_raises():
+    model = keep_in_fp32(nn.Sequential(nn.Linear(4, 4)), ["0"])
+    with resolve(BF16, "cpu").autocast():
+        with pytest.raises(RuntimeError):
+            model(torch.ones(2, 5))  # the wrong width
+        assert torch.is_autocast_enabled("cpu") is True

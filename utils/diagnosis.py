@@ -1,0 +1,170 @@
+"""When AMP is not safe for a model: why, and which remedy works.
+
+The probes run on a re-run of the failing AMP parity run (the same weights, data, seed and schedule, so the same
+steps), never in the speed trials. Forward hooks find the first layer whose output leaves the precision's range
+(fp16: beyond 65504; any: non-finite) and the step; gradient hooks find the first parameters whose gradients are
+non-finite before unscaling; the run's own loss-scale history says when the scale collapsed. With neither, the
+layers whose outputs drift most from fp32 on one batch are to blame. Then remedies, each a parity run of its own
+judged by the tier's rule, in order, within a budget of runs: the blamed layers in fp32, bf16 instead of fp16,
+a gentler GradScaler. The first that passes is the answer; none passing is an answer too.
+"""
+
+import copy
+import math
+from dataclasses import replace
+
+import torch
+import torch.nn as nn
+
+from utils.measure import first_floating, layer_errors, layer_outputs
+from utils.precision import BF16, FP16, FP16_MAX, PrecisionPlan, convert_for, fp32_plan, label, resolve, runs_bf16
+
+GENTLE_SCALER = {"init_scale": 2.0 ** 8, "growth_interval": 500}  # a scale that starts low and grows rarely
+DRIFT_LAYERS = 3  # layers reported when outputs drift without overflowing
+
+
+class _Seen(Exception):
+    """The probe saw the failing step: the rest of the re-run would add nothing."""
+
+
+class Probe:
+    """Hooks on a model for a diagnostic re-run: every module's output and every parameter's gradient, per training
+    step (a host read per module: too slow for the speed trials, fine here). on_step_end is the loop's callback."""
+
+    def __init__(self, model: nn.Module, plan: PrecisionPlan, until: int):
+        self.step, self.until, self.limit = 0, until, FP16_MAX if plan.precision == FP16 else math.inf
+        self.activation = self.gradients = None
+        self.handles = [model.register_forward_pre_hook(self._count)]
+        self.handles += [m.register_forward_hook(self._watch(name)) for name, m in model.named_modules() if name]
+        self.handles += [p.register_hook(self._grad(name)) for name, p in model.named_parameters() if p.requires_grad]
+
+    def _count(self, module, args):
+        if torch.is_grad_enabled() and module.training:  # a training forward: evaluation runs under no_grad
+            self.step += 1
+
+    def _watch(self, name: str):
+        def hook(module, args, output):
+            t = first_floating(output)
+            if self.activation is not None or t is None or not t.numel() or not torch.is_grad_enabled():
+                return
+            peak = float(t.detach().abs().max())
+            if not math.isfinite(peak) or peak > self.limit:  # a child finishes before its parent: the innermost
+                self.activation = {"layer": name, "max_abs": peak, "step": self.step}
+        return hook
+
+    def _grad(self, name: str):
+        def hook(grad):
+            if self.gradients and self.gradients["step"] != self.step or torch.isfinite(grad).all():
+                return
+            self.gradients = self.gradients or {"step": self.step, "parameters": []}
+            if name not in self.gradients["parameters"]:  # in the order backward made them
+                self.gradients["parameters"].append(name)
+        return hook
+
+    def on_step_end(self, record: dict):
+        if record["step"] >= self.until or self.activation or self.gradients:
+            raise _Seen
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def probe_rerun(model: nn.Module, plan: PrecisionPlan, until: int, train) -> tuple:
+    """Re-run the failing run with a Probe until its first finding (or step `until`). train(plan, model, callbacks)
+    runs the parity run's loop. Returns (activation, gradients) findings, and the stop of an interrupted re-run."""
+    model = convert_for(plan, copy.deepcopy(model))
+    probe = Probe(model, plan, until)
+    try:
+        result = train(plan, model, [probe])
+        stop = result.stop if result.interrupted else None
+    except _Seen:
+        stop = None
+    finally:
+        probe.remove()
+    return probe.activation, probe.gradients, stop
+
+
+def drifting_layers(model: nn.Module, x: torch.Tensor, plan: PrecisionPlan) -> list:
+    """The layers whose outputs differ most from fp32 under `plan` on batch x: [{layer, rel_error}], worst first."""
+    was_training = model.training
+    model.eval()
+    ref = layer_outputs(model, x, fp32_plan(x.device))
+    amp = layer_outputs(convert_for(plan, copy.deepcopy(model)), x, plan)
+    model.train(was_training)
+    column = f"rel_error_{plan.precision}"
+    df = layer_errors(ref, {plan.precision: amp})
+    df = df[df["layer"] != "<output>"].nlargest(DRIFT_LAYERS, column)
+    return [{"layer": layer, "rel_error": float(err)} for layer, err in zip(df["layer"], df[column])]
+
+
+def scale_collapse(history) -> dict:
+    """The step where the loss scale first fell below 1 (a GradScaler that halved it 17 times or more), or None."""
+    low = history[history["loss_scale"] < 1]
+    if not len(low):
+        return None
+    return {"step": int(low["step"].iloc[0]), "from": float(history["loss_scale"].iloc[0]),
+            "to": float(history["loss_scale"].min())}
+
+
+def cause(plan: PrecisionPlan, activation, gradients, collapse, drift) -> dict:
+    """What failed, why, and the modules a remedy keeps in fp32: from the first finding that explains it."""
+    precision = label(plan.precision)
+    if activation:
+        if math.isfinite(activation["max_abs"]):
+            text = (f"{activation['layer']!r} output {activation['max_abs']:.3g} at step {activation['step']} under "
+                    f"{precision}, beyond fp16's largest value, 65504")
+        else:
+            text = (f"{activation['layer']!r} output Inf/NaN at step {activation['step']} under {precision}"
+                    + (" (a value in it passed fp16's largest, 65504)" if plan.precision == FP16 else ""))
+        return {"kind": "activation", "text": text, "layers": [activation["layer"]], **activation}
+    if gradients:
+        first = gradients["parameters"][0]
+        text = (f"the gradients of {', '.join(map(repr, gradients['parameters'][:3]))} were non-finite before unscaling "
+                f"from step {gradients['step']}")
+        if collapse:
+            text += (f"; the loss scale collapsed {collapse['from']:g} -> {collapse['to']:g}, below 1 at step "
+                     f"{collapse['step']}: {first!r} overflows even unscaled")
+        return {"kind": "gradient", "text": text, "layers": [first.rpartition(".")[0]] if "." in first else [],
+                "step": gradients["step"], "parameters": gradients["parameters"], "collapse": collapse}
+    if drift:
+        text = "no overflow; the outputs that drift most from fp32 are " + ", ".join(
+            f"{d['layer']!r} ({d['rel_error']:.1%})" for d in drift)
+        return {"kind": "drift", "text": text, "layers": [drift[0]["layer"]], "drift": drift}
+    return {"kind": "unknown", "text": "no layer overflowed or drifted on the probed steps", "layers": []}
+
+
+def candidates(found: dict, plan: PrecisionPlan, device: torch.device) -> list:
+    """The remedies worth a run for this cause, most specific first: [(what, plan)]."""
+    out = []
+    if found["layers"]:
+        out.append((f"{', '.join(found['layers'])} in fp32", replace(plan, fp32_modules=tuple(found["layers"]))))
+    if plan.precision == FP16 and runs_bf16(device):
+        out.append(("bf16 instead of fp16", resolve(BF16, device)))
+    if plan.use_scaler:
+        out.append((f"a gentler loss scale (initial {GENTLE_SCALER['init_scale']:g}, doubling after "
+                    f"{GENTLE_SCALER['growth_interval']} clean steps)", replace(plan, **GENTLE_SCALER)))
+    return out
+
+
+def try_remedies(options: list, budget: int, train, judge) -> tuple:
+    """Each remedy's parity run, in order, until one passes or `budget` runs are spent. judge(result) returns the
+    parity figures and their problems (none: it passes). Returns the rows, and the stop of an interrupted run."""
+    rows = []
+    for what, plan in options[:budget]:
+        result = train(plan, None, ())
+        if result.interrupted:
+            return rows, result.stop
+        rows.append(remedy_row(what, result, *judge(result)))
+        if rows[-1]["passed"]:
+            break
+    return rows, None
+
+
+def remedy_row(what: str, result, parity: dict, problems: list) -> dict:
+    """One line of the remedy table: its parity figures and the step time of its parity run (one run, not an
+    interleaved trial: a hint of the cost, not a speed measurement)."""
+    return {"remedy": what, "precision": result.plan.precision, "fp32_modules": ", ".join(result.plan.fp32_modules),
+            "max_relative_gap": parity["max_relative_gap"], "final_eval_relative_gap": parity["final_eval_relative_gap"],
+            "skipped_steps": parity["skipped_steps"], "median_step_time_s": float(result.history["step_time_s"].median()),
+            "passed": not problems, "problems": "; ".join(problems)}
