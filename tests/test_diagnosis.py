@@ -12,9 +12,11 @@ import torch
 import torch.nn as nn
 
 from tests.user_models import GradientOverflowsFp16, OverflowsOneLayerFp16, bf16_weights
+from utils.measure import op_time_shares
 from utils.models import UnsupportedModel, build_model
 from utils.precision import BF16, FP16, keep_in_fp32, resolve
 from utils.run import run_digest
+from utils.tier3_training_utilities import where_time_goes
 from utils.tier3_training_utilities import test_fine_tuning
 from utils.tiers import run_tier, save_tier
 
@@ -146,3 +148,35 @@ def test_autocast_is_back_after_a_module_in_fp32_raises():
         with pytest.raises(RuntimeError):
             model(torch.ones(2, 5))  # the wrong width
         assert torch.is_autocast_enabled("cpu") is True
+
+
+# --- why AMP does not pay: where a step's time goes ------------------------------------------------------------
+
+def test_op_time_is_sorted_into_what_autocast_speeds_up_and_what_it_costs():
+    a = torch.randn(64, 64)
+    assert op_time_shares(lambda: a @ a, torch.device("cpu")) == {"matmul_attention": 1.0, "casts": 0.0,
+                                                                 "optimizer": 0.0, "other": 0.0}
+    assert op_time_shares(lambda: a.to(torch.bfloat16), torch.device("cpu"))["casts"] == 1.0
+    assert op_time_shares(lambda: torch._foreach_mul([a], 2.0), torch.device("cpu"))["optimizer"] == 1.0
+    shares = op_time_shares(lambda: (a @ a).relu().to(torch.bfloat16), torch.device("cpu"))
+    assert sum(shares.values()) == pytest.approx(1.0) and all(v > 0 for k, v in shares.items() if k != "optimizer")
+
+
+def test_tier3_records_where_each_precisions_step_goes(overflowing_layer):
+    shares = overflowing_layer.checks["amp_worth_it"].extra["time_shares"]
+    assert set(shares) == {"32", FP16}
+    for kinds in shares.values():
+        assert set(kinds) == {"matmul_attention", "casts", "optimizer", "other"} and sum(kinds.values()) == pytest.approx(1)
+    assert shares[FP16]["casts"] > 0 and shares["32"]["optimizer"] > 0
+
+
+def test_the_reason_amp_does_not_pay_quotes_the_share_that_limits_it():
+    speed = {"amp_precision": BF16, "amdahl_speedup_bound": 1.31,
+             "time_shares": {"32": {"matmul_attention": 0.4, "casts": 0.0, "optimizer": 0.2, "other": 0.4},
+                             BF16: {"matmul_attention": 0.3, "casts": 0.15, "optimizer": 0.25, "other": 0.3}},
+             "sweep": [{"batch_size": 4, "ci_low": 0.8}, {"batch_size": 32, "ci_low": 1.1}]}
+    assert where_time_goes(speed) == (
+        "what limits it: 60% of an fp32 step's op time is outside matmuls and attention, which autocast does not speed "
+        "up (Amdahl's bound here 1.31x); under bf16-mixed, casts take 15% and the optimizer 25%; AMP starts to win at "
+        "batch 32 (the sweep)")
+    assert where_time_goes({**speed, "sweep": []}).endswith("the optimizer 25%")

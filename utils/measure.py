@@ -107,24 +107,50 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float
     return 2 * n ** 3 * count / (time.perf_counter() - t0)
 
 
+# Where a training step's time goes, by aten op: what autocast speeds up (GEMMs and attention kernels), what it adds
+# (dtype casts), the optimizer with clipping and the GradScaler's checks, and the rest (elementwise, norms, loss).
+OP_KINDS = ("matmul_attention", "casts", "optimizer", "other")
+
+
+def op_kind(name: str) -> str:
+    if name in GEMM_OPS or "scaled_dot_product" in name or name.startswith("_flash_attention"):
+        return "matmul_attention"
+    if name in ("_to_copy", "copy_", "to"):
+        return "casts"
+    if name.startswith(("_fused_adam", "_foreach_", "_amp_")):
+        return "optimizer"
+    return "other"
+
+
 class _OpTimer(TorchDispatchMode):
-    """Times every aten op run under it (synchronized on CUDA), and the GEMMs among them. Unlike
-    torch.profiler it prints nothing, so notebook outputs stay clean."""
+    """Times every aten op run under it (synchronized on CUDA), by kind (OP_KINDS). Unlike torch.profiler it prints
+    nothing, so notebook outputs stay clean."""
 
     def __init__(self, device: torch.device):
         super().__init__()
-        self.device, self.total, self.gemm = device, 0.0, 0.0
+        self.device, self.kinds = device, dict.fromkeys(OP_KINDS, 0.0)
+
+    @property
+    def total(self) -> float:
+        return sum(self.kinds.values())
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         synchronize(self.device)
         t0 = time.perf_counter()
         out = func(*args, **(kwargs or {}))
         synchronize(self.device)
-        dt = time.perf_counter() - t0
-        self.total += dt
-        if func.overloadpacket.__name__ in GEMM_OPS:
-            self.gemm += dt
+        self.kinds[op_kind(func.overloadpacket.__name__)] += time.perf_counter() - t0
         return out
+
+
+def op_time_shares(step, device: torch.device, repeats: int = 3) -> dict:
+    """Each op kind's share of the aten op time of `repeats` calls of step() (a whole training step, warmed up by
+    the caller): where the time goes, and so what autocast can gain (matmul_attention) and what it costs (casts)."""
+    timer = _OpTimer(device)
+    with timer:
+        for _ in range(repeats):
+            step()
+    return {kind: t / timer.total if timer.total else float("nan") for kind, t in timer.kinds.items()}
 
 
 def matmul_time_fraction(model: nn.Module, plan: PrecisionPlan, batch, repeats: int = 3) -> float:
@@ -139,7 +165,7 @@ def matmul_time_fraction(model: nn.Module, plan: PrecisionPlan, batch, repeats: 
                 loss = compute_loss(model, x, y)
             loss.backward()
     model.zero_grad(set_to_none=True)
-    return timer.gemm / timer.total if timer.total else float("nan")
+    return timer.kinds["matmul_attention"] / timer.total if timer.total else float("nan")
 
 
 class StepTimer:

@@ -27,8 +27,9 @@ from utils.loop.config import TrainConfig
 from utils.loop.steps import adamw
 from utils.loop.stops import INTERRUPTED
 from utils.loop.trainer import FineTuneResult, Trainer
-from utils.measure import (ACTIVATION_BYTES_METHOD, MIN_TRIALS_FOR_INTERVAL, matmul_time_fraction, measure_matmul_peak, measured_flops_per_token,
-                           ratio_of_medians, saved_activation_bytes, smooth, state_bytes, training_flops_per_token)
+from utils.measure import (ACTIVATION_BYTES_METHOD, MIN_TRIALS_FOR_INTERVAL, matmul_time_fraction, measure_matmul_peak,
+                           measured_flops_per_token, op_time_shares, ratio_of_medians, saved_activation_bytes, smooth,
+                           state_bytes, training_flops_per_token)
 from utils.models import compute_loss, count_parameters
 from utils.params import TIER3_LOOP, output_folder
 from utils.precision import (FP32, AUTO, PrecisionPlan, baseline_name, convert_for, fp32_plan, label, resolve,
@@ -71,15 +72,41 @@ def minimal_loop_step_times(model: nn.Module, plan: PrecisionPlan, data, config:
         synchronize(device)
         t0 = time.perf_counter()
         x, y = data.get_batch("train", config.batch_size, config.seq_len, generator)
-        with plan.autocast():
-            loss = compute_loss(model, x.to(device), y.to(device))
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        _minimal_step(model, plan, optimizer, scaler, x.to(device), y.to(device))
         synchronize(device)
         times.append(time.perf_counter() - t0)
     return times
+
+
+def _minimal_step(model: nn.Module, plan: PrecisionPlan, optimizer, scaler, x, y):
+    with plan.autocast():
+        loss = compute_loss(model, x, y)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _time_shares(run: Prepared, plan: PrecisionPlan, batch) -> dict:
+    """Where a training step's op time goes under `plan` (utils.measure.op_time_shares), on the real model and batch:
+    matmuls and attention (what autocast speeds up), casts (what it adds), the optimizer and the rest."""
+    model = convert_for(plan, copy.deepcopy(run.model))
+    optimizer, scaler = adamw(model.parameters(), run.params["lr"], run.device), plan.grad_scaler()
+    _minimal_step(model, plan, optimizer, scaler, *batch)  # warm-up: first-call costs are not a step's
+    return op_time_shares(lambda: _minimal_step(model, plan, optimizer, scaler, *batch), run.device)
+
+
+def where_time_goes(speed: dict) -> str:
+    """Why AMP gains what it does, for amp_worth_it's reason: the share of a step autocast cannot speed up, the
+    casts and the optimizer under AMP, and the batch from which AMP wins (with a sweep)."""
+    shares, amp = speed["time_shares"], speed["amp_precision"]
+    text = (f"what limits it: {1 - shares[FP32]['matmul_attention']:.0%} of an fp32 step's op time is outside matmuls "
+            f"and attention, which autocast does not speed up (Amdahl's bound here {speed['amdahl_speedup_bound']:.2f}x); "
+            f"under {label(amp)}, casts take {shares[amp]['casts']:.0%} and the optimizer {shares[amp]['optimizer']:.0%}")
+    wins = [row["batch_size"] for row in speed["sweep"] if row["ci_low"] and row["ci_low"] > 1]
+    if speed["sweep"]:
+        text += f"; AMP starts to win at batch {wins[0]} (the sweep)" if wins else "; no batch of the sweep wins"
+    return text
 
 
 def _interrupted(stop: dict, what: str) -> dict:
@@ -218,10 +245,11 @@ def _worth_verdict(speed: dict, plan: PrecisionPlan) -> Verdict:
                        f"({interval}) at batch {speed['batch_size']} x {speed['seq_len']} tokens; {memory}.")
     if s["ci_high"] < 1:
         return Verdict("amp_worth_it", "fail", timing=True, reason=f"{s['median']:.2f}x: slower than {speed['baseline']} "
-                       f"at batch {speed['batch_size']} ({interval}); {memory}. Small batches leave the matmuls too "
-                       "small to gain: try a larger batch (see the batch-size sweep).")
+                       f"at batch {speed['batch_size']} ({interval}); {memory}; {where_time_goes(speed)}. Small batches "
+                       "leave the matmuls too small to gain: try a larger batch (see the batch-size sweep).")
     return Verdict("amp_worth_it", "warn", timing=True, reason=f"no clear speedup over {speed['baseline']}: "
-                   f"{s['median']:.2f}x ({interval}); {memory}. Worth it only for the memory, or with a larger batch.")
+                   f"{s['median']:.2f}x ({interval}); {memory}; {where_time_goes(speed)}. Worth it only for the "
+                   "memory, or with a larger batch.")
 
 
 def _fine_tune_both(run: Prepared, plans, progress: bool):
@@ -326,6 +354,8 @@ def _throughput(run: Prepared, plans, trials: pd.DataFrame, batch, act: dict) ->
             "speedup": speedup, "baseline": baseline_name(device, p["tf32"]), "tokens_per_s": tokens,
             "matmul_peak_flops": peaks, "matmul_ratio": matmul_ratio,
             "gemm_time_fraction_fp32": gemm_fraction, "amdahl_speedup_bound": amdahl,
+            "time_shares": {plan.precision: _time_shares(run, plan, batch) for plan in plans},
+            "time_shares_method": "aten ops timed one by one (utils.measure.op_time_shares), 3 steps after a warm-up",
             "speedup_of_amdahl_bound": speedup["median"] / amdahl,
             "flops_per_token": flops_per_token, "flops_counted_by": "torch.utils.flop_counter.FlopCounterMode",
             "flops_per_token_analytic": training_flops_per_token(model0, run.seq_len),
