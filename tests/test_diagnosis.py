@@ -180,3 +180,17 @@ def test_the_reason_amp_does_not_pay_quotes_the_share_that_limits_it():
         "up (Amdahl's bound here 1.31x); under bf16-mixed, casts take 15% and the optimizer 25%; AMP starts to win at "
         "batch 32 (the sweep)")
     assert where_time_goes({**speed, "sweep": []}).endswith("the optimizer 25%")
+
+
+# --- where the memory goes ------------------------------------------------------------------------------------
+
+def test_weights_gradients_and_adamw_state_are_measured_apart_and_only_activations_shrink(overflowing_layer):
+    memory = overflowing_layer.checks["amp_worth_it"].extra["memory"]
+    model = OverflowsOneLayerFp16()
+    tensors = list(model.parameters())
+    weights = sum(p.numel() * 4 for p in tensors)
+    for precision, parts in memory["parts"].items():
+        assert parts["weights"] == weights and parts["gradients"] == weights  # fp32 master weights, fp32 gradients
+        assert parts["optimizer_state"] == 2 * weights + 4 * len(tensors)  # AdamW: two moments and a step count each
+        assert parts["activations"] == memory["activation_bytes"][precision] and parts["cuda_peak"] is None  # a CPU
+    assert memory["parts"][FP16]["activations"] < memory["parts"]["32"]["activations"]

@@ -231,13 +231,6 @@ def saved_activation_bytes(model: nn.Module, plan: PrecisionPlan, batch) -> int:
     return sum(seen.values())
 
 
-def state_bytes(model: nn.Module) -> dict:
-    """Parameter and AdamW state bytes. Autocast keeps fp32 master weights, so these are the same
-    for fp32 and AMP: AMP saves activation memory, not weight memory."""
-    param = sum(p.numel() * p.element_size() for p in model.parameters())
-    return {"parameter_bytes": param, "optimizer_state_bytes": 2 * sum(p.numel() * 4 for p in model.parameters())}
-
-
 MIN_TRIALS_FOR_INTERVAL = 3  # fewer trials give a bootstrap interval of (almost) zero width: no interval at all
 
 

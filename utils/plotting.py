@@ -102,25 +102,24 @@ def plot_throughput(trials: pd.DataFrame, path=None):
 
 
 def plot_memory(memory: dict, path=None):
-    """Activation bytes saved for backward per precision, beside parameter and optimizer state
-    (the same in both: autocast keeps fp32 master weights). CUDA peaks when measured."""
-    names, values, colors = [], [], []
-    for p, b in memory["activation_bytes"].items():
-        names.append(f"activations\n{label(p)}")
-        values.append(b)
-        colors.append(color(p))
-    names += ["parameters", "AdamW state"]
-    values += [memory["parameter_bytes"], memory["optimizer_state_bytes"]]
-    colors += ["lightgray", "darkgray"]
-    for p, b in memory.get("cuda_peak_bytes", {}).items():
-        if b is not None:  # None on CPU: no allocator peak
-            names.append(f"CUDA peak\n{label(p)}")
-            values.append(b)
-            colors.append(color(p))
+    """Per precision, the bytes of weights, gradients, AdamW state and activations saved for backward, each measured
+    on its own and stacked (autocast keeps the first three in fp32: AMP shrinks the activations); on a GPU, the
+    allocator's peak over a step as a marker beside their sum."""
+    parts, kinds = memory["parts"], ("weights", "gradients", "optimizer_state", "activations")
+    names = [label(p) for p in parts]
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.bar(names, np.array(values) / 2**20, color=colors)
+    bottom = np.zeros(len(parts))
+    for kind, shade in zip(kinds, ("lightgray", "darkgray", "dimgray", None)):
+        values = np.array([parts[p][kind] for p in parts]) / 2**20
+        ax.bar(names, values, bottom=bottom, label=kind.replace("_", " "),
+               color=shade or [color(p) for p in parts])
+        bottom += values
+    peaks = [(n, parts[p]["cuda_peak"] / 2**20) for n, p in zip(names, parts) if parts[p].get("cuda_peak")]
+    if peaks:
+        ax.scatter(*zip(*peaks), marker="_", s=2000, color="black", zorder=3, label="CUDA peak")
     ax.set_ylabel("MiB")
-    ax.set_title(f"Memory: activations shrink by {memory['activation_saving']:.0%} under AMP")
+    ax.legend(fontsize=8)
+    ax.set_title(f"Memory: activations shrink by {memory['activation_saving']:.0%} under AMP; the rest stays fp32")
     return save_figure(fig, path)
 
 

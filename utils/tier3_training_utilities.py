@@ -29,7 +29,7 @@ from utils.loop.stops import INTERRUPTED
 from utils.loop.trainer import FineTuneResult, Trainer
 from utils.measure import (ACTIVATION_BYTES_METHOD, MIN_TRIALS_FOR_INTERVAL, matmul_time_fraction, measure_matmul_peak,
                            measured_flops_per_token, op_time_shares, ratio_of_medians, saved_activation_bytes, smooth,
-                           state_bytes, training_flops_per_token)
+                           training_flops_per_token)
 from utils.models import compute_loss, count_parameters
 from utils.params import TIER3_LOOP, output_folder
 from utils.precision import (FP32, AUTO, PrecisionPlan, baseline_name, convert_for, fp32_plan, label, resolve,
@@ -94,6 +94,25 @@ def _time_shares(run: Prepared, plan: PrecisionPlan, batch) -> dict:
     optimizer, scaler = adamw(model.parameters(), run.params["lr"], run.device), plan.grad_scaler()
     _minimal_step(model, plan, optimizer, scaler, *batch)  # warm-up: first-call costs are not a step's
     return op_time_shares(lambda: _minimal_step(model, plan, optimizer, scaler, *batch), run.device)
+
+
+def _memory_parts(run: Prepared, plan: PrecisionPlan, batch) -> dict:
+    """Weights, gradients and AdamW state after one step under `plan`, each the bytes of its own tensors; on a GPU the
+    allocator's peak over that step too (beside the parts' sum: the rest is temporaries and autocast's weight copies)."""
+    model = convert_for(plan, copy.deepcopy(run.model))
+    optimizer, scaler, cuda = adamw(model.parameters(), run.params["lr"], run.device), plan.grad_scaler(), run.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(run.device)
+    with plan.autocast():
+        loss = compute_loss(model, *batch)
+    scaler.scale(loss).backward()
+    gradients = sum(p.grad.nbytes for p in model.parameters() if p.grad is not None)
+    scaler.step(optimizer)
+    scaler.update()
+    return {"weights": sum(p.nbytes for p in model.parameters()), "gradients": gradients,
+            "optimizer_state": sum(t.nbytes for state in optimizer.state.values() for t in state.values()
+                                   if isinstance(t, torch.Tensor)),
+            "cuda_peak": torch.cuda.max_memory_allocated(run.device) if cuda else None}
 
 
 def where_time_goes(speed: dict) -> str:
@@ -360,7 +379,9 @@ def _throughput(run: Prepared, plans, trials: pd.DataFrame, batch, act: dict) ->
             "flops_per_token": flops_per_token, "flops_counted_by": "torch.utils.flop_counter.FlopCounterMode",
             "flops_per_token_analytic": training_flops_per_token(model0, run.seq_len),
             "mfu": {prec: tokens[prec] * flops_per_token / peaks[prec] for prec in peaks},
-            "memory": {**state_bytes(model0), "activation_bytes": act, "activation_bytes_method": ACTIVATION_BYTES_METHOD,
+            "memory": {"parts": {plan.precision: {**_memory_parts(run, plan, batch), "activations": act[plan.precision]}
+                                 for plan in plans},
+                       "activation_bytes": act, "activation_bytes_method": ACTIVATION_BYTES_METHOD,
                        "activation_saving": 1 - act[amp.precision] / act[FP32],
                        "cuda_peak_bytes": {prec: (int(ours[ours["precision"] == prec]["cuda_peak_bytes"].max())
                                                   if device.type == "cuda" else None) for prec in peaks}}}
