@@ -12,8 +12,8 @@ import torch
 import torch.nn as nn
 
 from tests.user_models import GradientOverflowsFp16, OverflowsOneLayerFp16, bf16_weights
-from utils.measure import op_time_shares
-from utils.models import UnsupportedModel, build_model
+from utils.measure import op_time_shares, peak_activation_bytes, saved_activation_bytes
+from utils.models import UnsupportedModel, build_model, checkpoint_blocks
 from utils.precision import BF16, FP16, keep_in_fp32, resolve
 from utils.run import run_digest
 from utils.tier3_training_utilities import where_time_goes
@@ -194,3 +194,39 @@ def test_weights_gradients_and_adamw_state_are_measured_apart_and_only_activatio
         assert parts["optimizer_state"] == 2 * weights + 4 * len(tensors)  # AdamW: two moments and a step count each
         assert parts["activations"] == memory["activation_bytes"][precision] and parts["cuda_peak"] is None  # a CPU
     assert memory["parts"][FP16]["activations"] < memory["parts"]["32"]["activations"]
+
+
+# --- activation checkpointing ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def checkpointed():
+    # gpt-tiny at 8 x 64 tokens: activations outweigh the step's weight-sized temporaries (at 4 x 32 they do not, and
+    # checkpointing saves nothing: the measurement says so)
+    return run_tier(3, {**TIER3, "model": "gpt-tiny", "batch_size": 8, "seq_len": 64, "steps": 6, "precision": BF16,
+                        "activation_checkpointing": True})
+
+
+def test_checkpointing_trains_the_same_losses_and_its_memory_is_measured_inside_the_blocks(checkpointed):
+    r = checkpointed
+    assert r.checks["amp_safe"].verdict.status == "pass"
+    ckpt = r.checks["amp_worth_it"].extra["memory"]["checkpointing"]
+    assert ckpt["amp_loss_max_abs_diff_vs_plain"] == 0.0  # recomputation gives the same numbers on a CPU
+    assert set(ckpt["peak_activation_bytes"]) == {"32", BF16}
+    for peaks in ckpt["peak_activation_bytes"].values():
+        assert 0 < peaks["checkpointed"] < peaks["plain"]
+    assert "sees what activation checkpointing recomputes" in ckpt["method"]
+
+
+def test_saved_tensor_hooks_alone_cannot_see_inside_checkpointed_blocks_the_peak_can():
+    torch.manual_seed(0)
+    plain = build_model("gpt-tiny")
+    inside = checkpoint_blocks(copy.deepcopy(plain))
+    plan, batch = resolve(BF16, "cpu"), (torch.randint(256, (4, 32)), torch.randint(256, (4, 32)))
+    saved = {name: saved_activation_bytes(m, plan, batch) for name, m in (("plain", plain), ("checkpointed", inside))}
+    peak = {name: peak_activation_bytes(m, plan, batch) for name, m in (("plain", plain), ("checkpointed", inside))}
+    assert saved["checkpointed"] < peak["checkpointed"] < peak["plain"]  # the hooks see only what lives between blocks
+
+
+def test_a_model_without_blocks_is_refused_for_checkpointing():
+    with pytest.raises(UnsupportedModel, match=r"activation checkpointing: Sequential has no nn.ModuleList of blocks"):
+        checkpoint_blocks(nn.Sequential(nn.Linear(4, 4)))

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn as nn
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -229,6 +230,47 @@ def saved_activation_bytes(model: nn.Module, plan: PrecisionPlan, batch) -> int:
         loss = compute_loss(model, x, y)
     del loss
     return sum(seen.values())
+
+
+# How peak_activation_bytes counts, as results record it.
+PEAK_ACTIVATION_METHOD = ("the peak of tensor bytes alive at once during one forward and backward: every storage an aten "
+                          "op creates, from its creation until it is freed (a dispatch mode, so it also sees what "
+                          "activation checkpointing recomputes inside its blocks, which saved-tensor hooks cannot): "
+                          "activations and a step's temporaries (autocast's weight copies, each weight's gradient "
+                          "before it is accumulated in place into a preallocated buffer, which is not counted)")
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Bytes of the storages aten ops create, alive at once, and their peak: an allocator's peak, on any device."""
+
+    def __init__(self):
+        super().__init__()
+        self.alive, self.live, self.peak = {}, 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for key in [k for k, (ref, _) in self.alive.items() if ref.expired()]:
+            self.live -= self.alive.pop(key)[1]
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and type(t) is torch.Tensor and t.untyped_storage().data_ptr() not in self.alive:
+                storage = t.untyped_storage()
+                self.alive[storage.data_ptr()] = (StorageWeakRef(storage), storage.nbytes())
+                self.live += storage.nbytes()
+        self.peak = max(self.peak, self.live)
+        return out
+
+
+def peak_activation_bytes(model: nn.Module, plan: PrecisionPlan, batch) -> int:
+    """PEAK_ACTIVATION_METHOD over one forward, loss and backward of `model` under `plan`."""
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)  # accumulated in place: the gradients are not activations
+    x, y = batch
+    with _LiveBytes() as counter:
+        with plan.autocast():
+            loss = compute_loss(model, x, y)
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.peak
 
 
 MIN_TRIALS_FOR_INTERVAL = 3  # fewer trials give a bootstrap interval of (almost) zero width: no interval at all

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed._composable import checkpoint as composable_checkpoint
 
 from utils.data import BYTE_MASK_ID, MaskedLMData, load_classification_set, load_corpus
 
@@ -427,6 +428,29 @@ def check_fp32_master_weights(model: nn.Module):
             "because an update (lr x gradient) is often below a 16-bit weight's last digit and would be rounded away, "
             "and AdamW's second moment underflows in 16 bits. Load the model in fp32 (no .half(), .to(dtype) or "
             "dtype=) and choose the precision parameter instead")
+
+
+def blocks(model: nn.Module) -> list:
+    """The model's repeated blocks: the elements of its outermost nn.ModuleLists (ours, and Hugging Face's h/layers)."""
+    found, inside = [], set()
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and id(module) not in inside:
+            found += list(module)
+            inside.update(id(m) for block in module for m in block.modules())
+    return found
+
+
+def checkpoint_blocks(model: nn.Module) -> nn.Module:
+    """Activation checkpointing per block, in place: each block's activations are recomputed in backward instead of
+    kept (torch's composable, non-reentrant checkpoint: hooks, so parameter names and checkpoints are unchanged; the
+    recomputation restores the forward's autocast state and RNG). Refused, with the reason, for a model without blocks."""
+    found = blocks(model)
+    if not found:
+        raise UnsupportedModel(f"activation checkpointing: {type(model).__name__} has no nn.ModuleList of blocks to "
+                               "checkpoint; expected its repeated layers in an nn.ModuleList")
+    for block in found:
+        composable_checkpoint(block)
+    return model
 
 
 def get_logits(output) -> torch.Tensor:

@@ -162,6 +162,9 @@ FINE_TUNING = (
           "state sharded: for models that do not fit one device)", choices=PARALLEL_CHOICES),
     Param("compile", bool, False, "torch.compile: time compiled training beside eager (compile time apart) and "
           "fine-tune compiled; a model that fails to compile runs eager, the reason recorded"),
+    Param("activation_checkpointing", bool, False, "recompute each block's activations in backward instead of keeping "
+          "them (non-reentrant, per block: the model's nn.ModuleList elements): less memory, about a third more "
+          "compute; tier 3 measures both beside each other", added=True),
     Param("log_every", int, 0, "optimizer steps between reads of the per-step records from the device, where "
           f"progress, callbacks and stop checks run (0: every step on a CPU, every {LOG_EVERY_ACCELERATOR} on a GPU)", low=0),
 )
@@ -210,13 +213,14 @@ TIER_PARAMS = {
               added=True),
         Param("fp32_modules", list, [], "modules (model.named_modules() names) the AMP run keeps in fp32, autocast off "
               "around them: a remedy the diagnosis may name", item=str, added=True),
+        _LOOP["activation_checkpointing"],
         _LOOP["checkpoint_every"], replace(_LOOP["checkpoint_dir"], optional=False), _LOOP["resume"],
         *_TAIL),
 }
 # Tier 3's fine-tuning runs: the loop's settings it takes from its parameters (the rest are the loop's defaults).
 # Tier 3's own warmup_steps is the timing warm-up of its speed trials; the loop's LR warm-up keeps its default.
 TIER3_LOOP = ("steps", "batch_size", "seq_len", "lr", "seed", "compile", "max_skipped_in_a_row", "checkpoint_every",
-              "checkpoint_dir", "resume")
+              "checkpoint_dir", "resume", "activation_checkpointing")
 
 # utils.train (torchrun): the loop's settings and tier 3's model and precision, plus what a multi-process run adds.
 TRAIN_PARAMS = (

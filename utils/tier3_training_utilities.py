@@ -28,9 +28,9 @@ from utils.loop.steps import adamw
 from utils.loop.stops import INTERRUPTED
 from utils.loop.trainer import FineTuneResult, Trainer
 from utils.measure import (ACTIVATION_BYTES_METHOD, MIN_TRIALS_FOR_INTERVAL, matmul_time_fraction, measure_matmul_peak,
-                           measured_flops_per_token, op_time_shares, ratio_of_medians, saved_activation_bytes, smooth,
-                           training_flops_per_token)
-from utils.models import compute_loss, count_parameters
+                           measured_flops_per_token, op_time_shares, peak_activation_bytes, PEAK_ACTIVATION_METHOD,
+                           ratio_of_medians, saved_activation_bytes, smooth, training_flops_per_token)
+from utils.models import UnsupportedModel, checkpoint_blocks, compute_loss, count_parameters
 from utils.params import TIER3_LOOP, output_folder
 from utils.precision import (FP32, AUTO, PrecisionPlan, baseline_name, convert_for, fp32_plan, label, resolve,
                              resolve_device, synchronize, tf32_matmuls)
@@ -113,6 +113,22 @@ def _memory_parts(run: Prepared, plan: PrecisionPlan, batch) -> dict:
             "optimizer_state": sum(t.nbytes for state in optimizer.state.values() for t in state.values()
                                    if isinstance(t, torch.Tensor)),
             "cuda_peak": torch.cuda.max_memory_allocated(run.device) if cuda else None}
+
+
+def _checkpointing_peaks(run: Prepared, plans, batch) -> dict:
+    """Per precision, the peak activation bytes of one step with and without activation checkpointing
+    (PEAK_ACTIVATION_METHOD: it sees inside checkpointed blocks). The checkpointed AMP step is also the check that
+    checkpointing runs under autocast: a failure is a refusal with the reason, before any trial."""
+    peaks = {}
+    for plan in plans:
+        plain = convert_for(plan, copy.deepcopy(run.model))
+        try:
+            checkpointed = peak_activation_bytes(checkpoint_blocks(copy.deepcopy(plain)), plan, batch)
+        except RuntimeError as e:
+            raise UnsupportedModel(f"activation checkpointing fails for this model under {label(plan.precision)}: "
+                                   f"{type(e).__name__}: {e}") from None
+        peaks[plan.precision] = {"plain": peak_activation_bytes(plain, plan, batch), "checkpointed": checkpointed}
+    return peaks
 
 
 def where_time_goes(speed: dict) -> str:
@@ -293,9 +309,9 @@ def _parity_config(run: Prepared, **changes) -> TrainConfig:
                           "eval_batches": 4, **changes})
 
 
-def _rerun(run: Prepared, plan: PrecisionPlan, model=None, callbacks=()) -> FineTuneResult:
+def _rerun(run: Prepared, plan: PrecisionPlan, model=None, callbacks=(), **changes) -> FineTuneResult:
     """A parity run again, for the diagnosis: the same steps under `plan` (or with a probed model), no checkpoints."""
-    config = _parity_config(run, checkpoint_every=0, checkpoint_dir=None, resume=False)
+    config = _parity_config(run, checkpoint_every=0, checkpoint_dir=None, resume=False, **changes)
     return Trainer(model or copy.deepcopy(run.model), config, plan, run.device, run.data, callbacks, progress=False).run()
 
 
@@ -421,14 +437,16 @@ def _benchmark(run: Prepared, progress: bool) -> TierResult:
     p, device, amp_plan = run.params, run.device, run.plan
     plans = (fp32_plan(device), amp_plan)
     config = TrainConfig(batch_size=p["batch_size"], seq_len=run.seq_len, lr=p["lr"], seed=p["seed"], eval_batches=0,
-                         eval_interval=p["warmup_steps"] + p["timed_steps"], max_skipped_in_a_row=None)
+                         eval_interval=p["warmup_steps"] + p["timed_steps"], max_skipped_in_a_row=None,
+                         activation_checkpointing=p["activation_checkpointing"])
+    # Memory, on one fixed batch from the same initial weights; with checkpointing, first its one-step check.
+    batch = tuple(t.to(device) for t in run.data.get_batch("train", p["batch_size"], run.seq_len,
+                                                            torch.Generator().manual_seed(p["seed"])))
+    peaks = _checkpointing_peaks(run, plans, batch) if p["activation_checkpointing"] else None
     loops = ("ours", *(("compiled",) if p["compile"] else ()), *(("minimal",) if p["minimal_loop"] else ()))
     trials, stop = _speed_trials(run, plans, config, p["trials"], p["warmup_steps"], p["timed_steps"], loops)
     if stop:
         return _interrupted_result(run, stop)
-    # Memory, on one fixed batch from the same initial weights.
-    batch = tuple(t.to(device) for t in run.data.get_batch("train", p["batch_size"], run.seq_len,
-                                                            torch.Generator().manual_seed(p["seed"])))
     act = {plan.precision: saved_activation_bytes(convert_for(plan, copy.deepcopy(run.model)), plan, batch) for plan in plans}
     runs, stop = _fine_tune_both(run, plans, progress)
     if stop:
@@ -436,6 +454,10 @@ def _benchmark(run: Prepared, progress: bool) -> TierResult:
     ref, amp = runs[FP32], runs[amp_plan.precision]
     parity_df, parity = _parity(p, ref, amp, runs)
     speed = _throughput(run, plans, trials, batch, act)
+    if peaks:  # the checkpointed AMP run's losses beside a plain one's
+        plain = _rerun(run, amp_plan, activation_checkpointing=False).history["loss"]
+        speed["memory"]["checkpointing"] = {"peak_activation_bytes": peaks, "method": PEAK_ACTIVATION_METHOD,
+                                            "amp_loss_max_abs_diff_vs_plain": float((amp.history["loss"] - plain).abs().max())}
     if p["compile"]:
         gemm = {FP32: speed["gemm_time_fraction_fp32"], amp_plan.precision: matmul_time_fraction(copy.deepcopy(run.model),
                                                                                                    amp_plan, batch)}

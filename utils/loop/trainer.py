@@ -33,7 +33,7 @@ from utils.loop.config import TrainConfig
 from utils.loop.distributed import gather, load_training_state, mean_over_ranks, ranks, rows, training_state, wrap
 from utils.loop.steps import RECORD, LRSchedule, adamw, evaluate, log_interval, param_groups, to_device, train_step, warmup_cosine
 from utils.measure import StepTimer
-from utils.models import check_fp32_master_weights, load_model, load_task_data, model_max_len
+from utils.models import check_fp32_master_weights, checkpoint_blocks, load_model, load_task_data, model_max_len
 from utils.precision import PrecisionPlan, convert_for
 
 
@@ -111,6 +111,8 @@ class Trainer:
         self.model = load_model(model).to(device)
         check_fp32_master_weights(self.model)  # before any step: a 16-bit model would train on rounded weights
         self.model = convert_for(plan, self.model).train()  # fp8: float8 Linear layers; fp32_modules kept in fp32
+        if config.activation_checkpointing:
+            checkpoint_blocks(self.model)
         self.cfg = config = replace(config, seq_len=min(config.seq_len, model_max_len(self.model)))  # as the tiers cap it
         self.data = load_task_data(self.model, data, config.seq_len)
         self._count_steps()
