@@ -144,7 +144,7 @@ class _OpTimer(TorchDispatchMode):
         return out
 
 
-def op_time_shares(step, device: torch.device, repeats: int = 3) -> dict:
+def op_time_shares(step, device: torch.device, repeats: int = 2) -> dict:
     """Each op kind's share of the aten op time of `repeats` calls of step() (a whole training step, warmed up by
     the caller): where the time goes, and so what autocast can gain (matmul_attention) and what it costs (casts)."""
     timer = _OpTimer(device)

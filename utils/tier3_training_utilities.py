@@ -390,7 +390,7 @@ def _throughput(run: Prepared, plans, trials: pd.DataFrame, batch, act: dict) ->
             "matmul_peak_flops": peaks, "matmul_ratio": matmul_ratio,
             "gemm_time_fraction_fp32": gemm_fraction, "amdahl_speedup_bound": amdahl,
             "time_shares": {plan.precision: _time_shares(run, plan, batch) for plan in plans},
-            "time_shares_method": "aten ops timed one by one (utils.measure.op_time_shares), 3 steps after a warm-up",
+            "time_shares_method": "aten ops timed one by one (utils.measure.op_time_shares), 2 steps after a warm-up",
             "speedup_of_amdahl_bound": speedup["median"] / amdahl,
             "flops_per_token": flops_per_token, "flops_counted_by": "torch.utils.flop_counter.FlopCounterMode",
             "flops_per_token_analytic": training_flops_per_token(model0, run.seq_len),
