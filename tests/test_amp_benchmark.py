@@ -207,7 +207,7 @@ def test_benchmark_command_prints_the_figures_as_json(tmp_path, capsys):
     for key in ("speedup", "matmul_ratio", "mfu", "amdahl_speedup_bound", "loop_efficiency", "minimal_loop_tokens_per_s"):
         assert key in s, key
     assert set(s["mfu"]) == {"32", "bf16-mixed"} and printed["figures"]["wall_time_s"] > 0
-    assert [v["check"] for v in printed["verdicts"]] == ["fp32_baseline", "amp_safe", "amp_worth_it"]
+    assert [v["check"] for v in printed["verdicts"]] == ["fp32_baseline", "amp_safe", "amp_worth_it", "diagnosis"]
     assert code == (1 if printed["status"] == "fail" else 0)
     assert TierResult.load(tmp_path / "bench.json").parameters["trials"] == 1
 

@@ -171,7 +171,7 @@ def test_tier3_caps_seq_len_at_the_models_maximum_and_trains_a_classifier():
     r = run_tier(3, {"model": "encoder-tiny", "device": "cpu", "batch_size": 4, "steps": 10, "trials": 1,
                      "warmup_steps": 0, "timed_steps": 1})  # tier 3's default seq_len 128 > encoder-tiny's 64
     assert r.record["seq_len"] == 64 and r.record["task"] == "classification"
-    assert {v.check for v in r.verdicts} == {"fp32_baseline", "amp_safe", "amp_worth_it"}
+    assert {v.check for v in r.verdicts} == {"fp32_baseline", "amp_safe", "amp_worth_it", "diagnosis"}
     assert r.checks["amp_safe"].verdict.status == "pass"
 
 

@@ -31,8 +31,8 @@ class Probe:
     """Hooks on a model for a diagnostic re-run: every module's output and every parameter's gradient, per training
     step (a host read per module: too slow for the speed trials, fine here). on_step_end is the loop's callback."""
 
-    def __init__(self, model: nn.Module, plan: PrecisionPlan, until: int):
-        self.step, self.until, self.limit = 0, until, FP16_MAX if plan.precision == FP16 else math.inf
+    def __init__(self, model: nn.Module, until: int):
+        self.step, self.until = 0, until
         self.activation = self.gradients = None
         self.handles = [model.register_forward_pre_hook(self._count)]
         self.handles += [m.register_forward_hook(self._watch(name)) for name, m in model.named_modules() if name]
@@ -48,21 +48,26 @@ class Probe:
             if self.activation is not None or t is None or not t.numel() or not torch.is_grad_enabled():
                 return
             peak = float(t.detach().abs().max())
-            if not math.isfinite(peak) or peak > self.limit:  # a child finishes before its parent: the innermost
-                self.activation = {"layer": name, "max_abs": peak, "step": self.step}
+            # Out of range: non-finite, or an fp16 output past 65504 (a kept-fp32 output may be large, and is fine).
+            if not math.isfinite(peak) or (t.dtype == torch.float16 and peak > FP16_MAX):
+                self.activation = {"layer": name, "max_abs": peak, "step": self.step}  # the innermost: it finishes first
         return hook
 
     def _grad(self, name: str):
+        """The first step with a non-finite gradient, and the parameters of the latest such step, in the order
+        backward made them: early steps overflow while the GradScaler calibrates; the latest name the culprit."""
         def hook(grad):
-            if self.gradients and self.gradients["step"] != self.step or torch.isfinite(grad).all():
+            if torch.isfinite(grad).all():
                 return
-            self.gradients = self.gradients or {"step": self.step, "parameters": []}
-            if name not in self.gradients["parameters"]:  # in the order backward made them
+            if self.gradients is None or self.gradients["step"] != self.step:
+                first = self.gradients["first_step"] if self.gradients else self.step
+                self.gradients = {"first_step": first, "step": self.step, "parameters": []}
+            if name not in self.gradients["parameters"]:
                 self.gradients["parameters"].append(name)
         return hook
 
     def on_step_end(self, record: dict):
-        if record["step"] >= self.until or self.activation or self.gradients:
+        if record["step"] >= self.until or self.activation:
             raise _Seen
 
     def remove(self):
@@ -74,7 +79,7 @@ def probe_rerun(model: nn.Module, plan: PrecisionPlan, until: int, train) -> tup
     """Re-run the failing run with a Probe until its first finding (or step `until`). train(plan, model, callbacks)
     runs the parity run's loop. Returns (activation, gradients) findings, and the stop of an interrupted re-run."""
     model = convert_for(plan, copy.deepcopy(model))
-    probe = Probe(model, plan, until)
+    probe = Probe(model, until)
     try:
         result = train(plan, model, [probe])
         stop = result.stop if result.interrupted else None
@@ -111,22 +116,20 @@ def cause(plan: PrecisionPlan, activation, gradients, collapse, drift) -> dict:
     """What failed, why, and the modules a remedy keeps in fp32: from the first finding that explains it."""
     precision = label(plan.precision)
     if activation:
-        if math.isfinite(activation["max_abs"]):
-            text = (f"{activation['layer']!r} output {activation['max_abs']:.3g} at step {activation['step']} under "
-                    f"{precision}, beyond fp16's largest value, 65504")
-        else:
-            text = (f"{activation['layer']!r} output Inf/NaN at step {activation['step']} under {precision}"
-                    + (" (a value in it passed fp16's largest, 65504)" if plan.precision == FP16 else ""))
+        value = "Inf/NaN" if not math.isfinite(activation["max_abs"]) else f"{activation['max_abs']:.3g}"
+        text = (f"{activation['layer']!r} output {value} at step {activation['step']} under {precision}"
+                + (" (a value in it passed fp16's largest, 65504)" if plan.precision == FP16 else ""))
         return {"kind": "activation", "text": text, "layers": [activation["layer"]], **activation}
     if gradients:
         first = gradients["parameters"][0]
         text = (f"the gradients of {', '.join(map(repr, gradients['parameters'][:3]))} were non-finite before unscaling "
-                f"from step {gradients['step']}")
+                f"(from step {gradients['first_step']} to step {gradients['step']})")
         if collapse:
             text += (f"; the loss scale collapsed {collapse['from']:g} -> {collapse['to']:g}, below 1 at step "
                      f"{collapse['step']}: {first!r} overflows even unscaled")
         return {"kind": "gradient", "text": text, "layers": [first.rpartition(".")[0]] if "." in first else [],
-                "step": gradients["step"], "parameters": gradients["parameters"], "collapse": collapse}
+                "first_step": gradients["first_step"], "step": gradients["step"], "parameters": gradients["parameters"],
+                "collapse": collapse}
     if drift:
         text = "no overflow; the outputs that drift most from fp32 are " + ", ".join(
             f"{d['layer']!r} ({d['rel_error']:.1%})" for d in drift)
@@ -136,11 +139,12 @@ def cause(plan: PrecisionPlan, activation, gradients, collapse, drift) -> dict:
 
 def candidates(found: dict, plan: PrecisionPlan, device: torch.device) -> list:
     """The remedies worth a run for this cause, most specific first: [(what, plan)]."""
-    out = []
+    out, kept = [], plan.fp32_modules  # what the user already keeps in fp32 stays so in every remedy
     if found["layers"]:
-        out.append((f"{', '.join(found['layers'])} in fp32", replace(plan, fp32_modules=tuple(found["layers"]))))
+        out.append((f"{', '.join(found['layers'])} in fp32",
+                    replace(plan, fp32_modules=tuple(dict.fromkeys((*kept, *found["layers"]))))))
     if plan.precision == FP16 and runs_bf16(device):
-        out.append(("bf16 instead of fp16", resolve(BF16, device)))
+        out.append(("bf16 instead of fp16", replace(resolve(BF16, device), fp32_modules=kept)))
     if plan.use_scaler:
         out.append((f"a gentler loss scale (initial {GENTLE_SCALER['init_scale']:g}, doubling after "
                     f"{GENTLE_SCALER['growth_interval']} clean steps)", replace(plan, **GENTLE_SCALER)))

@@ -109,14 +109,15 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float
 
 
 # Where a training step's time goes, by aten op: what autocast speeds up (GEMMs and attention kernels), what it adds
-# (dtype casts), the optimizer with clipping and the GradScaler's checks, and the rest (elementwise, norms, loss).
+# (dtype casts), the optimizer with the GradScaler's checks, and the rest (elementwise, norms, loss). On a GPU every op
+# is synchronized to be timed, which inflates small ones: the shares are a profile, not a trace.
 OP_KINDS = ("matmul_attention", "casts", "optimizer", "other")
 
 
 def op_kind(name: str) -> str:
     if name in GEMM_OPS or "scaled_dot_product" in name or name.startswith("_flash_attention"):
         return "matmul_attention"
-    if name in ("_to_copy", "copy_", "to"):
+    if name in ("_to_copy", "copy_"):
         return "casts"
     if name.startswith(("_fused_adam", "_foreach_", "_amp_")):
         return "optimizer"
@@ -237,24 +238,29 @@ PEAK_ACTIVATION_METHOD = ("the peak of tensor bytes alive at once during one for
                           "op creates, from its creation until it is freed (a dispatch mode, so it also sees what "
                           "activation checkpointing recomputes inside its blocks, which saved-tensor hooks cannot): "
                           "activations and a step's temporaries (autocast's weight copies, each weight's gradient "
-                          "before it is accumulated in place into a preallocated buffer, which is not counted)")
+                          "before it is added into its buffer); the weights, their views, the gradient buffers "
+                          "(preallocated, accumulated in place) and the batch are not counted")
 
 
 class _LiveBytes(TorchDispatchMode):
     """Bytes of the storages aten ops create, alive at once, and their peak: an allocator's peak, on any device."""
 
-    def __init__(self):
+    def __init__(self, existing):
         super().__init__()
         self.alive, self.live, self.peak = {}, 0, 0
+        self.existing = {t.untyped_storage().data_ptr() for t in existing}  # weights, their views, gradient buffers
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for key in [k for k, (ref, _) in self.alive.items() if ref.expired()]:
             self.live -= self.alive.pop(key)[1]
         for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor) and type(t) is torch.Tensor and t.untyped_storage().data_ptr() not in self.alive:
-                storage = t.untyped_storage()
-                self.alive[storage.data_ptr()] = (StorageWeakRef(storage), storage.nbytes())
+            if not isinstance(t, torch.Tensor) or type(t) is not torch.Tensor:
+                continue
+            storage = t.untyped_storage()
+            key = storage.data_ptr()
+            if key not in self.alive and key not in self.existing:  # a new storage (a view of one is not)
+                self.alive[key] = (StorageWeakRef(storage), storage.nbytes())
                 self.live += storage.nbytes()
         self.peak = max(self.peak, self.live)
         return out
@@ -265,7 +271,7 @@ def peak_activation_bytes(model: nn.Module, plan: PrecisionPlan, batch) -> int:
     for p in model.parameters():
         p.grad = torch.zeros_like(p)  # accumulated in place: the gradients are not activations
     x, y = batch
-    with _LiveBytes() as counter:
+    with _LiveBytes([*model.parameters(), *(p.grad for p in model.parameters()), x, y]) as counter:
         with plan.autocast():
             loss = compute_loss(model, x, y)
         loss.backward()

@@ -418,7 +418,7 @@ def load_model(spec, task=None, **kwargs) -> nn.Module:
 def check_fp32_master_weights(model: nn.Module):
     """Training keeps fp32 master weights: a model whose parameters are already 16-bit is refused before training,
     with the reason."""
-    low = [(n, p.dtype) for n, p in model.named_parameters() if p.is_floating_point() and p.dtype != torch.float32]
+    low = [(n, p.dtype) for n, p in model.named_parameters() if p.is_floating_point() and p.element_size() < 4]
     if low:
         dtype = str(low[0][1]).replace("torch.", "")
         raise UnsupportedModel(
@@ -449,7 +449,9 @@ def checkpoint_blocks(model: nn.Module) -> nn.Module:
         raise UnsupportedModel(f"activation checkpointing: {type(model).__name__} has no nn.ModuleList of blocks to "
                                "checkpoint; expected its repeated layers in an nn.ModuleList")
     for block in found:
-        composable_checkpoint(block)
+        if not block.__dict__.get("_suite_checkpointed"):  # torch's checkpoint may be applied once per module
+            composable_checkpoint(block)
+            block.__dict__["_suite_checkpointed"] = True
     return model
 
 

@@ -25,7 +25,7 @@ import torch.nn as nn
 from utils.diagnosis import candidates, cause, drifting_layers, probe_rerun, remedy_row, scale_collapse, try_remedies
 from utils.loop.config import TrainConfig
 from utils.loop.steps import adamw
-from utils.loop.stops import INTERRUPTED
+from utils.loop.stops import INTERRUPTED, OVERFLOW_STORM
 from utils.loop.trainer import FineTuneResult, Trainer
 from utils.measure import (ACTIVATION_BYTES_METHOD, MIN_TRIALS_FOR_INTERVAL, matmul_time_fraction, measure_matmul_peak,
                            measured_flops_per_token, op_time_shares, peak_activation_bytes, PEAK_ACTIVATION_METHOD,
@@ -98,11 +98,14 @@ def _time_shares(run: Prepared, plan: PrecisionPlan, batch) -> dict:
 
 def _memory_parts(run: Prepared, plan: PrecisionPlan, batch) -> dict:
     """Weights, gradients and AdamW state after one step under `plan`, each the bytes of its own tensors; on a GPU the
-    allocator's peak over that step too (beside the parts' sum: the rest is temporaries and autocast's weight copies)."""
-    model = convert_for(plan, copy.deepcopy(run.model))
-    optimizer, scaler, cuda = adamw(model.parameters(), run.params["lr"], run.device), plan.grad_scaler(), run.device.type == "cuda"
-    if cuda:
+    allocator's peak over that step above what was allocated before (beside the parts' sum: the rest is temporaries
+    and autocast's weight copies)."""
+    cuda = run.device.type == "cuda"
+    if cuda:  # the peak this copy reaches, above what was allocated before it
         torch.cuda.reset_peak_memory_stats(run.device)
+        before = torch.cuda.memory_allocated(run.device)
+    model = convert_for(plan, copy.deepcopy(run.model))
+    optimizer, scaler = adamw(model.parameters(), run.params["lr"], run.device), plan.grad_scaler()
     with plan.autocast():
         loss = compute_loss(model, *batch)
     scaler.scale(loss).backward()
@@ -112,7 +115,7 @@ def _memory_parts(run: Prepared, plan: PrecisionPlan, batch) -> dict:
     return {"weights": sum(p.nbytes for p in model.parameters()), "gradients": gradients,
             "optimizer_state": sum(t.nbytes for state in optimizer.state.values() for t in state.values()
                                    if isinstance(t, torch.Tensor)),
-            "cuda_peak": torch.cuda.max_memory_allocated(run.device) if cuda else None}
+            "cuda_peak": torch.cuda.max_memory_allocated(run.device) - before if cuda else None}
 
 
 def _checkpointing_peaks(run: Prepared, plans, batch) -> dict:
@@ -135,8 +138,10 @@ def where_time_goes(speed: dict) -> str:
     """Why AMP gains what it does, for amp_worth_it's reason: the share of a step autocast cannot speed up, the
     casts and the optimizer under AMP, and the batch from which AMP wins (with a sweep)."""
     shares, amp = speed["time_shares"], speed["amp_precision"]
-    text = (f"what limits it: {1 - shares[FP32]['matmul_attention']:.0%} of an fp32 step's op time is outside matmuls "
-            f"and attention, which autocast does not speed up (Amdahl's bound here {speed['amdahl_speedup_bound']:.2f}x); "
+    g = shares[FP32]["matmul_attention"]
+    bound = 1 / ((1 - g) + g / speed["matmul_ratio"])  # Amdahl, from the same measurement as the share
+    text = (f"what limits it: {1 - g:.0%} of an fp32 step's op time is outside matmuls and attention, which autocast "
+            f"does not speed up (so at most {bound:.2f}x with {speed['matmul_ratio']:.1f}x faster matmuls); "
             f"under {label(amp)}, casts take {shares[amp]['casts']:.0%} and the optimizer {shares[amp]['optimizer']:.0%}")
     wins = [row["batch_size"] for row in speed["sweep"] if row["ci_low"] and row["ci_low"] > 1]
     if speed["sweep"]:
@@ -310,8 +315,9 @@ def _parity_config(run: Prepared, **changes) -> TrainConfig:
 
 
 def _rerun(run: Prepared, plan: PrecisionPlan, model=None, callbacks=(), **changes) -> FineTuneResult:
-    """A parity run again, for the diagnosis: the same steps under `plan` (or with a probed model), no checkpoints."""
-    config = _parity_config(run, checkpoint_every=0, checkpoint_dir=None, resume=False, **changes)
+    """A parity run again, for the diagnosis: the same steps under `plan` (or with a probed model), eager (compiling
+    runs a training step of its own, which a probe would count), no checkpoints."""
+    config = _parity_config(run, checkpoint_every=0, checkpoint_dir=None, resume=False, compile=False, **changes)
     return Trainer(model or copy.deepcopy(run.model), config, plan, run.device, run.data, callbacks, progress=False).run()
 
 
@@ -335,8 +341,11 @@ def _diagnose(run: Prepared, ref: FineTuneResult, amp: FineTuneResult, parity: d
     activation, gradients, stop = probe_rerun(run.model, amp.plan, until, lambda *a: _rerun(run, *a))
     if stop:
         return None, safe, stop
+    collapse = scale_collapse(amp.history)
+    runaway = (amp.stop or {}).get("reason") == OVERFLOW_STORM or parity["skipped_fraction"] > p["max_skipped_fraction"]
+    gradients = gradients if collapse or runaway else None  # else: the GradScaler calibrating, not the cause
     drift = None if activation or gradients else drifting_layers(run.model, x, amp.plan)
-    found = cause(amp.plan, activation, gradients, scale_collapse(amp.history), drift)
+    found = cause(amp.plan, activation, gradients, collapse, drift)
     rows, stop = try_remedies(candidates(found, amp.plan, run.device), p["remedy_runs"], lambda *a: _rerun(run, *a),
                               lambda result: _judge(p, ref, result))
     if stop:
@@ -455,9 +464,12 @@ def _benchmark(run: Prepared, progress: bool) -> TierResult:
     parity_df, parity = _parity(p, ref, amp, runs)
     speed = _throughput(run, plans, trials, batch, act)
     if peaks:  # the checkpointed AMP run's losses beside a plain one's
-        plain = _rerun(run, amp_plan, activation_checkpointing=False).history["loss"]
-        speed["memory"]["checkpointing"] = {"peak_activation_bytes": peaks, "method": PEAK_ACTIVATION_METHOD,
-                                            "amp_loss_max_abs_diff_vs_plain": float((amp.history["loss"] - plain).abs().max())}
+        plain = _rerun(run, amp_plan, activation_checkpointing=False)
+        if plain.interrupted:
+            return _interrupted_result(run, _interrupted(plain.stop, "the plain run beside the checkpointed one"))
+        speed["memory"]["checkpointing"] = {
+            "peak_activation_bytes": peaks, "method": PEAK_ACTIVATION_METHOD,
+            "amp_loss_max_abs_diff_vs_plain": float((amp.history["loss"] - plain.history["loss"]).abs().max())}
     if p["compile"]:
         gemm = {FP32: speed["gemm_time_fraction_fp32"], amp_plan.precision: matmul_time_fraction(copy.deepcopy(run.model),
                                                                                                    amp_plan, batch)}

@@ -142,7 +142,8 @@ class Trainer:
                        "device": str(device), "corpus": corpus, "corpus_fingerprint": getattr(self.data, "fingerprint", None),
                        "world_size": r.world, "parallel": self.parallel}
         # What a checkpoint must match to be resumed here: the same model, precision, data and schedule.
-        self.identity = {"model": structure_digest(self.model), "precision": self.plan.precision,
+        remedies = {k: v for k, v in self.plan.to_dict().items() if k in ("fp32_modules", "init_scale", "growth_interval")}
+        self.identity = {"model": structure_digest(self.model), "precision": self.plan.precision, **remedies,
                          "data": f"{corpus}:{self.config['corpus_fingerprint']}",
                          **{k: self.config[k] for k in ("steps", "micro_batches", "batch_size", "seq_len", "grad_accum_steps",
                                                         "seed", "world_size", "parallel")},
