@@ -31,7 +31,7 @@ SMALL = {
 }
 EXPECTED = {1: dict.fromkeys(["shapes", "causality", "gradient_flow", "numerics", "initialization", "memory"], "pass"),
             2: dict.fromkeys(["attention", "robustness", "amp_readiness"], "pass"),
-            3: {"fp32_baseline": "pass", "amp_safe": "pass"}}
+            3: {"fp32_baseline": "pass", "amp_safe": "pass", "diagnosis": "pass"}}
 CHARTS = {1: {"gradient_norms.png", "init_std.png", "memory_vs_batch.png", "latency.png"},
           2: {"attention_maps.png", "attention_entropy.png", "robustness.png", "amp_layer_error.png"},
           3: {"loss_curves.png", "loss_scale.png", "throughput.png", "memory.png", "speedup_sweep.png"}}
