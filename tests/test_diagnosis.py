@@ -43,6 +43,8 @@ def test_the_layer_that_overflows_fp16_is_named_with_its_step_and_keeping_it_in_
     assert list(table["remedy"]) == ["none: 16-mixed as asked", f"{LAYER} in fp32"]
     assert list(table["passed"]) == [False, True] and list(table["fp32_modules"]) == ["", LAYER]
     assert table["skipped_steps"].iloc[1] == 0 and table["max_relative_gap"].iloc[1] <= 0.05
+    # each row's speedup divides the same fp32 parity run's median step time by the row's own
+    assert (table["speedup_vs_fp32_parity_run"] * table["median_step_time_s"]).round(12).nunique() == 1
     assert r.figures["remedy"] == f"{LAYER} in fp32" and r.figures["diagnosis"] == found["text"]
 
 

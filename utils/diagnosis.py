@@ -151,7 +151,7 @@ def candidates(found: dict, plan: PrecisionPlan, device: torch.device) -> list:
     return out
 
 
-def try_remedies(options: list, budget: int, train, judge) -> tuple:
+def try_remedies(options: list, budget: int, train, judge, fp32_step_s: float) -> tuple:
     """Each remedy's parity run, in order, until one passes or `budget` runs are spent. judge(result) returns the
     parity figures and their problems (none: it passes). Returns the rows, and the stop of an interrupted run."""
     rows = []
@@ -159,16 +159,17 @@ def try_remedies(options: list, budget: int, train, judge) -> tuple:
         result = train(plan, None, ())
         if result.interrupted:
             return rows, result.stop
-        rows.append(remedy_row(what, result, *judge(result)))
+        rows.append(remedy_row(what, result, *judge(result), fp32_step_s))
         if rows[-1]["passed"]:
             break
     return rows, None
 
 
-def remedy_row(what: str, result, parity: dict, problems: list) -> dict:
-    """One line of the remedy table: its parity figures and the step time of its parity run (one run, not an
-    interleaved trial: a hint of the cost, not a speed measurement)."""
+def remedy_row(what: str, result, parity: dict, problems: list, fp32_step_s: float) -> dict:
+    """One line of the remedy table: its parity figures, and the median step time of its parity run with its speedup
+    over the fp32 parity run's (single runs, not interleaved trials: a hint of what the remedy costs, not a verdict)."""
+    step_s = float(result.history["step_time_s"].median())
     return {"remedy": what, "precision": result.plan.precision, "fp32_modules": ", ".join(result.plan.fp32_modules),
             "max_relative_gap": parity["max_relative_gap"], "final_eval_relative_gap": parity["final_eval_relative_gap"],
-            "skipped_steps": parity["skipped_steps"], "median_step_time_s": float(result.history["step_time_s"].median()),
-            "passed": not problems, "problems": "; ".join(problems)}
+            "skipped_steps": parity["skipped_steps"], "median_step_time_s": step_s,
+            "speedup_vs_fp32_parity_run": fp32_step_s / step_s, "passed": not problems, "problems": "; ".join(problems)}

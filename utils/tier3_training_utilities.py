@@ -346,15 +346,16 @@ def _diagnose(run: Prepared, ref: FineTuneResult, amp: FineTuneResult, parity: d
     gradients = gradients if collapse or runaway else None  # else: the GradScaler calibrating, not the cause
     drift = None if activation or gradients else drifting_layers(run.model, x, amp.plan)
     found = cause(amp.plan, activation, gradients, collapse, drift)
+    fp32_step_s = float(ref.history["step_time_s"].median())
     rows, stop = try_remedies(candidates(found, amp.plan, run.device), p["remedy_runs"], lambda *a: _rerun(run, *a),
-                              lambda result: _judge(p, ref, result))
+                              lambda result: _judge(p, ref, result), fp32_step_s)
     if stop:
         return None, safe, stop
     passed = next((r["remedy"] for r in rows if r["passed"]), None)
     remedy = ("remedies are off (remedy_runs=0)" if not p["remedy_runs"] else f"the remedy that passes parity: {passed}"
               if passed else "no remedy passed parity" + (f" (tried: {'; '.join(r['remedy'] for r in rows)})" if rows else ""))
     text = f"cause: {found['text']}; {remedy}."
-    before = remedy_row(f"none: {amp.plan.precision} as asked", amp, parity, _parity_problems(parity))
+    before = remedy_row(f"none: {amp.plan.precision} as asked", amp, parity, _parity_problems(parity), fp32_step_s)
     return (CheckResult(Verdict("diagnosis", "warn" if passed else "fail", text), pd.DataFrame([before, *rows]),
                         {"cause": found, "remedy": passed, "tolerance": p["parity_tolerance"]}),
             replace(safe, reason=f"{safe.reason} Diagnosis: {text}"), None)
