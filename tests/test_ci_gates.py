@@ -40,8 +40,8 @@ def test_clean_tree_passes_the_static_gates(tree):
 def test_name_imported_inside_another_function_fails_ruff(tree):
     # The seed's NameError: autocast imported only inside test_fine_tuning, used in another function of the module.
     module = tree / "utils" / "tier3_training_utilities.py"
-    plant(module, "        with plan.autocast():\n            loss = compute_loss(model, x.to(device), y.to(device))",
-          "        with autocast():\n            loss = compute_loss(model, x.to(device), y.to(device))")
+    plant(module, "    with plan.autocast():\n        loss = compute_loss(model, x, y)",
+          "    with autocast():\n        loss = compute_loss(model, x, y)")
     plant(module, '    device = resolve_device(device)\n', '    from torch.amp import autocast  # noqa: F401\n    device = resolve_device(device)\n')
     result = gate(tree, "ruff", "check", "utils", "tests")
     assert result.returncode != 0 and "F821" in result.stdout and "autocast" in result.stdout

@@ -54,21 +54,22 @@ def test_code_shaped_values_are_refused_before_anything_runs(value, tmp_path, ca
 
 @pytest.mark.slow
 def test_quote_breaking_strings_reach_the_notebook_as_strings(tmp_path):
-    """Through -p and through a grid, each string is the model name the run reports, and nothing else."""
+    """Through -p and through a grid, each string is the model name the run reports, and nothing else. (As
+    'module:factory' specs: a spec of no known form is refused before any notebook starts.)"""
     grid = tmp_path / "grid.yaml"
-    grid.write_text("model:\n" + "".join(f"  - {json.dumps(text)}\n" for text in EVIL[:3]))
+    grid.write_text("model:\n" + "".join(f"  - {json.dumps(text + ':make')}\n" for text in EVIL[:3]))
     code = main([*TINY1, "--grid", str(grid), "--out", str(tmp_path), "--name", "evil", "--timeout", "120"])
-    code2 = main([*TINY1, "-p", f"model={EVIL[3]}", "--out", str(tmp_path), "--name", "evil2", "--timeout", "120"])
-    assert code == code2 == 1  # no such model: every run crashes, with the reason
+    code2 = main([*TINY1, "-p", f"model={EVIL[3]}:make", "--out", str(tmp_path), "--name", "evil2", "--timeout", "120"])
+    assert code == code2 == 1  # no such module: every run crashes, with the reason
     summary = pd.concat([pd.read_csv(tmp_path / n / "summary.csv") for n in ("evil", "evil2")])
-    assert summary["error"].str.startswith("ModelLoadError: cannot resolve model spec").all()  # the string, as given
+    assert summary["error"].str.startswith("ModelLoadError: cannot import module").all()  # the string, as given
     assert summary["error"].str.contains("PWNED").all()
     assert not pwned(tmp_path)
 
 
 def test_run_ids_carry_a_content_digest_so_no_run_is_dropped():
     long = "x" * 60
-    runs = plan_runs([1], {}, {"model": ["a_b.py:f", "a-b.py:f", long + "1", long + "2"]})
+    runs = plan_runs([1], {}, {"model": ["a_b.py:f", "a-b.py:f", long + "1:f", long + "2:f"]})
     assert len({r[0] for r in runs}) == 4
     assert plan_runs([1], {}, {})[0][0] == plan_runs([1], {"seed": 0}, {})[0][0]  # a default given is the same run
     assert plan_runs([1], {}, {})[0][0] != plan_runs([1], {"seed": 1}, {})[0][0]
