@@ -3,6 +3,7 @@ the same model and data, and the one that passes parity is named. Planted models
 
 import copy
 import os
+from dataclasses import replace
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from tests.user_models import GradientOverflowsFp16, OverflowsOneLayerFp16, bf16_weights
+from utils.diagnosis import candidates, cause, drifting_layers
 from utils.measure import op_time_shares, peak_activation_bytes, saved_activation_bytes
 from utils.models import UnsupportedModel, build_model, checkpoint_blocks
 from utils.precision import BF16, FP16, keep_in_fp32, resolve
@@ -233,3 +235,22 @@ def test_saved_tensor_hooks_alone_cannot_see_inside_checkpointed_blocks_the_peak
 def test_a_model_without_blocks_is_refused_for_checkpointing():
     with pytest.raises(UnsupportedModel, match=r"activation checkpointing: Sequential has no nn.ModuleList of blocks"):
         checkpoint_blocks(nn.Sequential(nn.Linear(4, 4)))
+
+
+def test_without_an_overflow_the_layers_that_drift_most_are_blamed():
+    torch.manual_seed(0)
+    model = build_model("gpt-tiny")
+    drift = drifting_layers(model, torch.randint(256, (2, 16)), resolve(BF16, "cpu"))
+    names = dict(model.named_modules())
+    assert len(drift) == 3 and all(d["layer"] in names for d in drift)
+    assert [d["rel_error"] for d in drift] == sorted((d["rel_error"] for d in drift), reverse=True)
+    assert drift[0]["rel_error"] > 1e-3  # bf16 keeps 8 bits: every layer drifts a little
+    found = cause(resolve(BF16, "cpu"), None, None, None, drift)
+    assert found["kind"] == "drift" and found["layers"] == [drift[0]["layer"]]
+    assert found["text"].startswith(f"no overflow; the outputs that drift most from fp32 are {drift[0]['layer']!r} (")
+    fp16 = resolve(FP16, "cpu")
+    assert [what for what, _ in candidates(found, fp16, torch.device("cpu"))] == [
+        f"{drift[0]['layer']} in fp32", "bf16 instead of fp16",
+        "a gentler loss scale (initial 256, doubling after 500 clean steps)"]
+    kept = candidates(found, replace(fp16, fp32_modules=("lm_head",)), torch.device("cpu"))
+    assert [plan.fp32_modules for _, plan in kept] == [("lm_head", drift[0]["layer"]), ("lm_head",), ("lm_head",)]
