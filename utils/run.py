@@ -126,8 +126,9 @@ def stops_passed_to_notebooks():
         if _STOP:
             raise KeyboardInterrupt
         _STOP.append(signal.Signals(signum).name)
-        os.write(sys.stderr.fileno(), f"{_STOP[0]}: the running notebook is stopped as by Ctrl-C (a fine-tuning run "
-                 "checkpoints first) and no further run starts; press Ctrl-C again to stop at once\n".encode())
+        # To file descriptor 2 itself: a signal handler must not go through sys.stderr's buffer (or a notebook's stand-in)
+        os.write(2, f"{_STOP[0]}: the running notebook is stopped as by Ctrl-C (a fine-tuning run checkpoints first) "
+                 "and no further run starts; press Ctrl-C again to stop at once\n".encode())
         _interrupt_kernels()
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
