@@ -134,6 +134,16 @@ def _checkpointing_peaks(run: Prepared, plans, batch) -> dict:
     return peaks
 
 
+def _beside_plain(run: Prepared, amp: FineTuneResult, peaks: dict) -> tuple:
+    """With activation checkpointing: the peaks measured before the trials, and the checkpointed AMP run's losses beside
+    a plain AMP run's. Returns the figures, and the stop of an interrupted plain run."""
+    plain = _rerun(run, amp.plan, activation_checkpointing=False)
+    if plain.interrupted:
+        return None, plain.stop
+    return {"peak_activation_bytes": peaks, "method": PEAK_ACTIVATION_METHOD,
+            "amp_loss_max_abs_diff_vs_plain": float((amp.history["loss"] - plain.history["loss"]).abs().max())}, None
+
+
 def where_time_goes(speed: dict) -> str:
     """Why AMP gains what it does, for amp_worth_it's reason: the share of a step autocast cannot speed up, the
     casts and the optimizer under AMP, and the batch from which AMP wins (with a sweep)."""
@@ -464,13 +474,10 @@ def _benchmark(run: Prepared, progress: bool) -> TierResult:
     ref, amp = runs[FP32], runs[amp_plan.precision]
     parity_df, parity = _parity(p, ref, amp, runs)
     speed = _throughput(run, plans, trials, batch, act)
-    if peaks:  # the checkpointed AMP run's losses beside a plain one's
-        plain = _rerun(run, amp_plan, activation_checkpointing=False)
-        if plain.interrupted:
-            return _interrupted_result(run, _interrupted(plain.stop, "the plain run beside the checkpointed one"))
-        speed["memory"]["checkpointing"] = {
-            "peak_activation_bytes": peaks, "method": PEAK_ACTIVATION_METHOD,
-            "amp_loss_max_abs_diff_vs_plain": float((amp.history["loss"] - plain.history["loss"]).abs().max())}
+    if peaks:
+        speed["memory"]["checkpointing"], stop = _beside_plain(run, amp, peaks)
+        if stop:
+            return _interrupted_result(run, _interrupted(stop, "the plain run beside the checkpointed one"))
     if p["compile"]:
         gemm = {FP32: speed["gemm_time_fraction_fp32"], amp_plan.precision: matmul_time_fraction(copy.deepcopy(run.model),
                                                                                                    amp_plan, batch)}
