@@ -92,7 +92,9 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float
         synchronize(device)
         return time.perf_counter() - t0
 
-    n, probe = (8192 if device.type == "cuda" else 2048), 512
+    # The probe must be large enough that a GPU's launch overhead (~20 us) does not dominate it: a 512 probe on an
+    # H200 extrapolated launch time and shrank fp16 and fp32 to 512, so their "peaks" were launch rates.
+    n, probe = (8192, 2048) if device.type == "cuda" else (2048, 512)
     if matmul_time(probe) * (n / probe) ** 3 > seconds / 4:
         n = probe
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
