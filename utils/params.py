@@ -238,6 +238,9 @@ TRAIN_PARAMS = (
 # checkpointed run gives the same results, so these are not part of a run's identity (utils.run).
 RUN_CONTROL = ("output_dir", "checkpoint_dir", "checkpoint_every", "resume")
 ROOT = Path(__file__).resolve().parents[1]
+# Set by the batch runner for a kernel that may share its machine with other runs (--jobs N, a Ray node): its
+# timing verdicts say so (utils.tiers), since other runs' load is in their times.
+SHARED_MACHINE_ENV = "SUITE_SHARED_MACHINE"
 
 
 def spec(tier: int) -> dict:

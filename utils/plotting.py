@@ -325,3 +325,38 @@ def plot_verdict_grid(summary: pd.DataFrame, path=None):
     ax.set_title("Verdicts per run: green pass, orange warn, red fail, black crashed; blank: not run in that tier")
     ax.title.set_fontsize(9)
     return save_figure(fig, path)
+
+
+def sweep_labels(runs: pd.DataFrame) -> list:
+    """Each run named by the grid's axes: the parameters whose values differ between these runs (else the run id)."""
+    axes = [c for c in runs.columns if c.startswith("param.") and runs[c].astype(str).nunique() > 1]
+    if not axes:
+        return list(runs["run_id"])
+    return [", ".join(f"{c.removeprefix('param.')}={row[c]}" for c in axes) for _, row in runs.iterrows()]
+
+
+def plot_sweep(summary: pd.DataFrame, path=None):
+    """Tier 3 across a sweep, a bar per run: AMP's speedup over fp32 with its 95% interval (left; 1.0 is break-even)
+    and the loss parity gap against its tolerance (right). None when no tier-3 run has a speedup yet."""
+    if "speedup" not in summary.columns:
+        return None
+    runs = summary[summary["speedup"].notna()].reset_index(drop=True)
+    if runs.empty:
+        return None
+    names, y = sweep_labels(runs), np.arange(len(runs))
+    colors = [color(p, "tab:blue") for p in runs.get("amp_precision", pd.Series(["?"] * len(runs)))]
+    fig, (speed, gap) = plt.subplots(1, 2, figsize=(11, max(2.5, 0.5 * len(runs) + 1.5)), sharey=True)
+    err = np.array([runs["speedup"] - runs["speedup_ci_low"], runs["speedup_ci_high"] - runs["speedup"]])
+    speed.barh(y, runs["speedup"], xerr=err, color=colors, capsize=3)
+    speed.axvline(1.0, color="black", lw=0.8, ls="--")
+    speed.set_yticks(y, names)
+    speed.invert_yaxis()
+    speed.set_xlabel("AMP speedup over fp32 (median, 95% CI); right of the dashed line: AMP is faster")
+    gaps = 100 * runs["parity_gap"].astype(float).clip(upper=10.0)  # an unbounded gap (NaN loss) is drawn at 1000%
+    gap.barh(y, gaps, color=["tab:red" if g > t else "tab:green" for g, t in zip(runs["parity_gap"], runs["parity_tolerance"])])
+    for tolerance in runs["parity_tolerance"].unique():
+        gap.axvline(100 * tolerance, color="black", lw=0.8, ls="--")
+    gap.set_xlabel("loss parity gap, % of fp32 (largest, smoothed); red: beyond the tolerance (dashed)")
+    fig.suptitle("Tier 3 per run: is AMP faster, and does it train like fp32?", fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path)

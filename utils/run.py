@@ -37,125 +37,32 @@ when a non-timing check fails, --fail-on-timing when a timing check does (they v
 """
 
 import argparse
-import contextlib
-import hashlib
 import itertools
-import json
 import math
 import os
 import re
-import shutil
-import signal
 import sys
 import tempfile
-import threading
-import time
-import weakref
 from pathlib import Path
 
 import matplotlib
-import nbformat
 import pandas as pd
-import papermill
 import yaml
-from jupyter_client.manager import AsyncKernelManager
 from matplotlib import pyplot as plt
-from traitlets import CaselessStrEnum
 
-from utils.params import ROOT, RUN_CONTROL, TIER_PARAMS, ParamError, check_params, coerce, spec
+from utils.params import ROOT, TIER_PARAMS, ParamError, coerce, spec
 from utils.loop.stops import INTERRUPTED
-from utils.plotting import plot_verdict_grid
-from utils.results import read_json, write_json_atomic
+from utils.plotting import plot_sweep, plot_verdict_grid
+from utils.results import read_json
+from utils.runner import UsageError
+from utils.runner.execute import _STOP, run_digest, stops_passed_to_notebooks, why_rerun
+from utils.runner.local import Job, LocalExecutor, cpu_count
+from utils.runner.lock import batch_lock
+from utils.runner.ray_cluster import RayExecutor
 from utils.tiers import TIERS
 
-NOTEBOOK_DIR = ROOT / "notebooks"
 MAX_RUNS = 1000  # a grid larger than this is a typo more often than a plan: --max-runs raises it
-KERNEL_LOG = "kernel.log"  # a run's kernel process's own log, kept in its folder when it wrote anything
-
-
-_KERNELS = weakref.WeakSet()  # the kernel managers of this process's running notebooks: a stop is passed to them
-_STOP = []  # the signals that asked this runner to stop (SIGINT, SIGTERM), in order
-
-
-class LocalKernelManager(AsyncKernelManager):
-    """The notebooks' kernel talks to this process over local sockets (ZeroMQ ipc) where the OS has them, not over
-    TCP: nothing outside the machine needs to reach it, and a TCP kernel prints a transport warning into every run.
-    With `stderr_path` set, the kernel process's own stderr (ipykernel's log; a cell's output goes to the notebook)
-    goes to that file, not to the runner's terminal: a kernel shut down mid-cell logs a ZMQError traceback there."""
-    transport = CaselessStrEnum(["tcp", "ipc"], default_value="ipc" if os.name == "posix" else "tcp")
-    stderr_path = None
-
-    async def _async_launch_kernel(self, kernel_cmd, **kw):
-        _KERNELS.add(self)
-        with open(self.stderr_path or os.devnull, "ab") as log:
-            await super()._async_launch_kernel(kernel_cmd, **kw, **({"stderr": log} if self.stderr_path else {}))
-
-
-def run_notebook(source: Path, target: Path, kernel_log: Path = None, **kwargs):
-    """papermill.execute_notebook on the python3 kernel of this environment, over local sockets; the kernel's
-    own log goes to `kernel_log` when given."""
-    manager = type("RunKernelManager", (LocalKernelManager,), {"stderr_path": kernel_log}) if kernel_log else LocalKernelManager
-    return papermill.execute_notebook(str(source), str(target), kernel_name="python3",
-                                      kernel_manager_class=manager, **kwargs)
-
-
-def _interrupt_kernels():
-    """Ctrl-C for every running notebook, as a user at its keyboard would press it: SIGINT to the kernel's process
-    group. Tier 3's loop then checkpoints and returns (utils.loop.stops); a cell elsewhere ends in KeyboardInterrupt."""
-    for km in list(_KERNELS):
-        if not km.has_kernel:
-            continue
-        pgid, pid = getattr(km.provisioner, "pgid", None), getattr(km.provisioner, "pid", None)
-        with contextlib.suppress(OSError):
-            if pgid and hasattr(os, "killpg"):
-                os.killpg(pgid, signal.SIGINT)
-            elif pid:
-                os.kill(pid, signal.SIGINT)
-
-
-@contextlib.contextmanager
-def stops_passed_to_notebooks():
-    """SIGINT (Ctrl-C) and SIGTERM (a scheduler's preemption, Colab's stop) of the runner: said in one line, passed
-    to the running notebook as Ctrl-C, and no further run starts. A second signal stops the runner at once
-    (KeyboardInterrupt). Python allows signal handlers only in the main thread; elsewhere signals act as usual."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        if _STOP:
-            raise KeyboardInterrupt
-        _STOP.append(signal.Signals(signum).name)
-        # To file descriptor 2 itself: a signal handler must not go through sys.stderr's buffer (or a notebook's stand-in)
-        os.write(2, f"{_STOP[0]}: the running notebook is stopped as by Ctrl-C (a fine-tuning run checkpoints first) "
-                 "and no further run starts; press Ctrl-C again to stop at once\n".encode())
-        _interrupt_kernels()
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-        _STOP.clear()
-
-
-def _no_cell_after_a_stop(run_folder: Path):
-    """nbclient's on_cell_start hook: once a stop was asked, no cell starts before the run has written its results
-    (a Ctrl-C between two cells would be lost: the kernel ignores it while idle). After, the cells that only
-    show the results still run, so an interrupted tier 3 notebook shows its stop."""
-    def hook(cell, cell_index):
-        if _STOP and not (run_folder / "results.json").exists():
-            raise RunStopped(f"{_STOP[0]} before cell {cell_index}")
-    return hook
-
-
-class RunStopped(Exception):
-    """A notebook not continued because this runner was asked to stop."""
-
-
-class UsageError(ValueError):
-    """Bad arguments: reported before any notebook runs."""
+POLL_S = 0.5  # how often the driver looks for finished runs (and for a stop) while runs execute
 
 
 def parse_assignments(pairs) -> dict:
@@ -227,15 +134,6 @@ def _slug(value) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", str(value)).strip("-")[:24] or "x"
 
 
-def run_digest(tier: int, params: dict) -> str:
-    """A run's identity is its content: the tier and every parameter, defaults filled in (where it keeps
-    its files aside: RUN_CONTROL)."""
-    known = spec(tier)  # a parameter added later, at its default, leaves the ids of finished runs as they were
-    full = {k: v for k, v in check_params(tier, params).items()
-            if k not in RUN_CONTROL and not (known[k].added and v == known[k].default)}
-    return hashlib.sha256(json.dumps({"tier": tier, "parameters": full}, sort_keys=True).encode()).hexdigest()[:10]
-
-
 def _absolute_paths(params: dict) -> dict:
     """A 'path/to/file.py:factory' spec, an hf: model or tokenizer folder and a checkpoint_dir relative to where the
     runner was started, made absolute once, here: notebooks run in their own folders, and a resume must find the
@@ -287,175 +185,63 @@ def plan_runs(tiers, params: dict, grid: dict, max_runs: int = None) -> list:
     return runs
 
 
-def _read(path: Path, reader=read_json):
-    """A record file's content, or a ValueError that names the file and what is wrong with it."""
-    try:
-        return reader(path)
-    except FileNotFoundError:
-        raise ValueError(f"{path} is missing") from None
-    except Exception as e:
-        raise ValueError(f"{path} is corrupt ({type(e).__name__}: {e})") from None
-
-
-def why_rerun(run_dir: Path, tier: int, params: dict):
-    """None when run_dir holds exactly this run, complete and valid; else the reason to run it again."""
-    try:
-        record = _read(run_dir / "run.json")
-        if not isinstance(record, dict):
-            return f"{run_dir / 'run.json'} is corrupt (not a run record)"
-        if record.get("digest") != run_digest(tier, params):
-            return "its parameters changed"
-        if record.get("run_status") != "ok":
-            return f"it ended {record.get('run_status')!r}"
-        results = _read(run_dir / "results.json")
-        if not isinstance(results, dict) or results.get("status") != record.get("verdict"):
-            return f"{run_dir / 'results.json'} does not match run.json"
-        _read(run_dir / TIERS[tier].notebook, lambda p: nbformat.read(p, as_version=4))
-    except ValueError as e:
-        return str(e)
-    return None
-
-
-def _replace_dir(new: Path, final: Path):
-    """Put a finished run in place; the previous one is removed only once the new one is there."""
-    old = final.with_name(f".{final.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    new.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def execute(run_id: str, tier: int, params: dict, out_dir: Path, progress: bool = False, timeout: int = None) -> dict:
-    """Execute one notebook in a temporary folder, then move it to out_dir/run_id. A crash, a timeout or a
-    file-system error is recorded in the returned row, never raised; an interrupted run replaces an earlier
-    run there only when that one was not complete."""
-    row = {"run_id": run_id, "tier": tier, "notebook": TIERS[tier].notebook, "digest": run_digest(tier, params),
-           **{f"param.{k}": v for k, v in params.items()}}
-    t0, tmp = time.perf_counter(), None
-    # Checkpoints live beside the run folders, not in the temporary one: they must outlive an interrupted run.
-    keep = {"checkpoint_dir": str(out_dir / "checkpoints" / run_id)} if "checkpoint_dir" in spec(tier) else {}
-    try:
-        tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{run_id}."))
-        try:
-            run_notebook(NOTEBOOK_DIR / TIERS[tier].notebook, tmp / TIERS[tier].notebook, kernel_log=tmp / KERNEL_LOG,
-                         parameters={**keep, **params, "output_dir": "."}, cwd=str(tmp), progress_bar=progress,
-                         execution_timeout=timeout, on_cell_start=_no_cell_after_a_stop(tmp))
-            row.update(_finished(read_json(tmp / "results.json")))
-        except Exception as e:  # a failing notebook must not stop the others (a second Ctrl-C is no Exception)
-            row.update(_failed(e, timeout, tier))
-        row["duration_s"] = round(time.perf_counter() - t0, 2)
-        write_json_atomic(tmp / "run.json", row)
-        if (tmp / KERNEL_LOG).exists() and not (tmp / KERNEL_LOG).stat().st_size:
-            (tmp / KERNEL_LOG).unlink()
-        if row["run_status"] == INTERRUPTED and why_rerun(out_dir / run_id, tier, params) is None:
-            shutil.rmtree(tmp)  # a complete earlier run of the same parameters stays: nothing finished is lost
-        else:
-            _replace_dir(tmp, out_dir / run_id)
-    except OSError as e:  # the file system failed this run: its problem, not the batch's
-        row.update(run_status="crashed", verdict=None, timing_failed=False, error=f"file system: {e}",
-                   duration_s=round(time.perf_counter() - t0, 2))
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return row
-
-
-def _finished(results: dict) -> dict:
-    """A row's fields from a run's results.json: its verdicts, figures and, when it stopped early, why."""
-    stop = results.get("figures", {}).get("stop") or {}
-    row = {"run_status": INTERRUPTED if stop.get("reason") == INTERRUPTED else "ok", "error": stop.get("message", ""),
-           "verdict": results["status"], "timing_failed": any(v["timing"] and v["status"] == "fail" for v in results["verdicts"])}
-    row.update({f"verdict.{v['check']}": v["status"] for v in results["verdicts"]})
-    return {**row, **{k: v for k, v in results.get("figures", {}).items() if k != "stop"}}  # its message is the error
-
-
-def _failed(e: BaseException, timeout: int, tier: int) -> dict:
-    """A row's fields for a notebook that did not finish: stopped by this runner, timed out or crashed."""
-    if _STOP:
-        status, error = INTERRUPTED, (f"{_STOP[0]} stopped it before it wrote its results (--resume runs it again"
-                                      + (", from its checkpoints)" if "resume" in spec(tier) else ")"))
-    elif isinstance(e, TimeoutError):  # nbclient's CellTimeoutError; a cell's own error is PapermillExecutionError
-        status, error = "timeout", f"no cell may run longer than --timeout {timeout} s"
-    else:
-        status, error = "crashed", f"{getattr(e, 'ename', type(e).__name__)}: {getattr(e, 'evalue', None) or e}".strip()[:500]
-    return {"run_status": status, "verdict": None, "timing_failed": False, "error": error}
-
-
 def write_summary(rows: list, out_dir: Path, log=print) -> pd.DataFrame:
-    """summary.csv and summary.png, rewritten after every run so an interruption keeps what finished."""
+    """summary.csv, summary.png (every verdict) and, once tier 3 has run, sweep.png (its speedup and parity gap per
+    run): rewritten after every run, so an interruption keeps what finished."""
     summary = pd.DataFrame(rows)
     tmp = out_dir / ".summary.csv.tmp"
     summary.to_csv(tmp, index=False)
     tmp.replace(out_dir / "summary.csv")
-    try:
-        plt.close(plot_verdict_grid(summary, path=out_dir / "summary.png"))
-    except Exception as e:  # the chart is a view of summary.csv; losing it must not lose the batch
-        log(f"summary.png not drawn: {type(e).__name__}: {e}")
+    for name, draw in (("summary.png", plot_verdict_grid), ("sweep.png", plot_sweep)) if rows else ():
+        try:
+            fig = draw(summary, path=out_dir / name)
+            if fig is not None:
+                plt.close(fig)
+        except Exception as e:  # a chart is a view of summary.csv; losing it must not lose the batch
+            log(f"{name} not drawn: {type(e).__name__}: {e}")
     return summary
 
 
 def run_all(runs, out_dir: Path, resume: bool = False, progress: bool = False, timeout: int = None,
-            log=print) -> pd.DataFrame:
-    rows = []
-    for i, (run_id, tier, params) in enumerate(runs, 1):
+            log=print, executor=None) -> pd.DataFrame:
+    """Every planned run through `executor` (default: one at a time on this machine); the summary keeps the plan's
+    order whatever order the runs finish in. After a stop, queued runs never start."""
+    executor = executor or LocalExecutor()
+    rows, total, cancelled = {}, len(runs), False
+    executor.on_start = lambda job: log(f"[{job.index + 1}/{total}] {job.run_id} ..." + (
+        f" (again: {job.extra['rerun_reason']})" if job.extra["rerun_reason"] else ""))
+    for i, (run_id, tier, params) in enumerate(runs):
         reason = why_rerun(out_dir / run_id, tier, params) if resume and (out_dir / run_id).exists() else ""
         if resume and reason is None:
-            log(f"[{i}/{len(runs)}] {run_id}: complete, skipped (--resume)")
-            rows.append(read_json(out_dir / run_id / "run.json"))
-        else:
-            log(f"[{i}/{len(runs)}] {run_id} ..." + (f" (again: {reason})" if reason else ""))
+            log(f"[{i + 1}/{total}] {run_id}: complete, skipped (--resume)")
+            rows[i] = read_json(out_dir / run_id / "run.json")
+        elif not _STOP:
             if resume and "resume" in spec(tier):  # an interrupted fine-tuning run continues from its checkpoints
                 params = {"resume": True, **params}
-            row = {**execute(run_id, tier, params, out_dir, progress, timeout), "rerun_reason": reason}
-            log(f"[{i}/{len(runs)}] {run_id}: {row['run_status']}" +
-                (f", verdict {row['verdict']}" if row["verdict"] else f" ({row['error']})") + f" in {row['duration_s']:.1f}s")
-            rows.append(row)
-        summary = write_summary(rows, out_dir, log)
-        if _STOP and i < len(runs):
-            log(f"{_STOP[0]}: {len(runs) - i} run(s) not started; --resume runs them")
-            break
+            executor.submit(Job(i, run_id, tier, params, out_dir, progress, timeout, {"rerun_reason": reason}))
+    summary = write_summary([rows[k] for k in sorted(rows)], out_dir, log)
+    while executor.busy:
+        if _STOP and not cancelled:
+            executor.cancel()
+            cancelled = True
+        for job, row in executor.collect(POLL_S):
+            if row is None:  # the engine's stop came before it started
+                continue
+            rows[job.index] = row = {**row, **job.extra}
+            log(f"[{job.index + 1}/{total}] {job.run_id}: {row['run_status']}" +
+                (f", verdict {row['verdict']}" if row.get("verdict") else f" ({row['error']})") +
+                (f" in {row['duration_s']:.1f}s" if "duration_s" in row else ""))
+            summary = write_summary([rows[k] for k in sorted(rows)], out_dir, log)
+    if _STOP and len(rows) < total:
+        log(f"{_STOP[0]}: {total - len(rows)} run(s) not started; --resume runs them")
     return summary
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's live process
-    return True
-
-
-@contextlib.contextmanager
-def batch_lock(out_dir: Path):
-    """One runner per output folder: a lock file holding the runner's pid. A lock whose process is gone
-    is stale and taken over; a live one makes this runner refuse. Left-over temporary run folders of a
-    dead runner are removed once the lock is held."""
-    lock = out_dir / ".lock"
-    while True:
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
-            if lock.is_dir() or (lock.exists() and not lock.is_file()):
-                raise UsageError(f"{lock} is a folder (or another non-file), not a runner's lock file; remove it and "
-                                 "run again") from None
-            text = lock.read_text(errors="replace").strip() if lock.exists() else ""
-            fresh = lock.exists() and time.time() - lock.stat().st_mtime < 10
-            if (text.isdigit() and _alive(int(text))) or (not text and fresh):  # an empty lock is being written
-                raise UsageError(f"another runner (pid {text or '?'}) is writing {out_dir}; wait for it to finish, "
-                                 "or use another --name") from None
-            lock.unlink(missing_ok=True)  # stale: its runner is gone
-    with os.fdopen(fd, "w") as f:
-        f.write(str(os.getpid()))
-    try:
-        for leftover in out_dir.glob(".*.*"):
-            if leftover.is_dir():
-                shutil.rmtree(leftover, ignore_errors=True)
-        yield
-    finally:
-        lock.unlink(missing_ok=True)
+def _executor(args, out_dir: Path):
+    """The engine the arguments name, with each run's threads (default: this machine's cores split between --jobs)."""
+    if args.executor == "ray":
+        return RayExecutor(out_dir, args.ray_address, args.threads or 1)
+    return LocalExecutor(args.jobs, args.threads)
 
 
 def parameters_help() -> str:
@@ -485,7 +271,7 @@ def _output_folder(out: Path, name: str) -> Path:
     return out_dir
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m utils.run", description=__doc__, epilog=parameters_help(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiers", type=int, nargs="+", choices=sorted(TIERS), default=sorted(TIERS), help="tiers to run")
@@ -495,6 +281,14 @@ def main(argv=None) -> int:
     parser.add_argument("--name", default="default", help="this batch's folder under --out (default: default)")
     parser.add_argument("--resume", action="store_true",
                         help="skip runs whose recorded parameters and outputs are complete, valid and the same as planned")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="notebooks run at once on this machine (default 1); each holds its own GPU where there are GPUs")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads of each run (default: this machine's cores divided by --jobs; 1 with Ray)")
+    parser.add_argument("--executor", choices=("local", "ray"), default="local",
+                        help="local (default): this machine; ray: a Ray cluster (RAY_ADDRESS or --ray-address), else a "
+                             "local Ray; --out must then be shared by every node")
+    parser.add_argument("--ray-address", default=None, help="the Ray cluster to join (default: RAY_ADDRESS, else a new local Ray)")
     parser.add_argument("--timeout", type=int, default=3600,
                         help="seconds any one notebook cell may run (each tier runs in one cell); default 3600")
     parser.add_argument("--progress", action="store_true", help="show papermill's per-cell progress bar")
@@ -505,11 +299,29 @@ def main(argv=None) -> int:
     parser.add_argument("--max-runs", type=int, default=MAX_RUNS,
                         help=f"refuse a grid of more runs than this, counted before it is expanded (default {MAX_RUNS})")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and exit")
-    args = parser.parse_args(argv)
-    matplotlib.use("Agg")  # the summary chart is written to a file, never shown
+    return parser
+
+
+def _check_numbers(args):
+    for flag, value in (("--timeout", args.timeout), ("--max-runs", args.max_runs), ("--jobs", args.jobs),
+                        ("--threads", args.threads)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} must be at least 1; got {value}")
+    if args.executor == "ray" and args.jobs != 1:
+        raise UsageError("--jobs is the local engine's; with --executor ray the cluster's resources decide how many run at once")
+    if args.executor == "ray" and not args.out.is_absolute():
+        raise UsageError(f"--out {str(args.out)!r} is relative: with --executor ray every node must find the same folder, "
+                         "so give its absolute path on the shared file system")
+    if args.threads and args.threads > cpu_count():
+        raise UsageError(f"--threads {args.threads} is more than this machine's {cpu_count()} CPU(s)")
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    matplotlib.use("Agg")  # the summary charts are written to files, never shown
+    executor = None
     try:
-        if args.timeout < 1 or args.max_runs < 1:
-            raise UsageError(f"--timeout and --max-runs must be at least 1; got {args.timeout} and {args.max_runs}")
+        _check_numbers(args)
         runs = plan_runs(args.tiers, parse_assignments(args.param), read_grid(args.grid) if args.grid else {}, args.max_runs)
         if args.dry_run:
             for run_id, tier, params in runs:
@@ -517,16 +329,31 @@ def main(argv=None) -> int:
             return 0
         out_dir = _output_folder(args.out.resolve(), args.name)  # absolute once: notebooks run in their own folders
         with batch_lock(out_dir), stops_passed_to_notebooks():
-            print(f"{len(runs)} run(s) into {out_dir}")
             os.environ.setdefault("SUITE_ROOT", str(ROOT))  # the notebooks' set-up cell finds utils/ here
-            summary = run_all(runs, out_dir, args.resume, args.progress, args.timeout)
+            executor = _executor(args, out_dir)
+            print(f"{len(runs)} run(s) into {out_dir}" + (f", {args.jobs} at a time" if args.jobs > 1 else "")
+                  + (" on Ray" if args.executor == "ray" else ""))
+            summary = run_all(runs, out_dir, args.resume, args.progress, args.timeout, executor=executor)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("stopped at once: the running notebook did not finish; finished runs are kept, --resume runs the rest",
+        if executor is not None:
+            executor.kill()
+        print("stopped at once: the running notebooks did not finish; finished runs are kept, --resume runs the rest",
               file=sys.stderr)
         return 130
+    finally:
+        if executor is not None:
+            executor.close()
+    return _report(summary, out_dir, args)
+
+
+def _report(summary: pd.DataFrame, out_dir: Path, args) -> int:
+    """The batch in one line, a line per run that did not finish, and the exit code the gates give."""
+    if summary.empty:
+        print(f"summary: no run finished in {out_dir}; --resume runs them")
+        return 1
     broken = summary[summary["run_status"] != "ok"]
     failed = summary[summary["verdict"] == "fail"]
     timing = summary[summary["timing_failed"].fillna(False).astype(bool)]

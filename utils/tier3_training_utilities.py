@@ -511,4 +511,5 @@ def _figures(run: Prepared, speed: dict, parity: dict, ref: FineTuneResult, amp:
             "activation_saving": speed["memory"]["activation_saving"], "matmul_ratio": speed["matmul_ratio"],
             "amdahl_speedup_bound": speed["amdahl_speedup_bound"], "mfu_fp32": speed["mfu"][FP32],
             "mfu_amp": speed["mfu"][amp_precision], "final_eval_loss_fp32": ref.final_eval_loss,
-            "final_eval_loss_amp": amp.final_eval_loss, "skipped_steps": parity["skipped_steps"]}
+            "final_eval_loss_amp": amp.final_eval_loss, "skipped_steps": parity["skipped_steps"],
+            "parity_gap": parity["max_relative_gap"], "parity_tolerance": parity["tolerance"]}

@@ -7,14 +7,15 @@ registry, TIERS, that run_tier, save_tier, the batch runner and the notebook bui
 utils.present shows a result in a notebook; tests exercise the same code without one.
 """
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
 from matplotlib import pyplot as plt
 
 from utils.models import UnsupportedModel
-from utils.params import TIER_PARAMS, is_data, output_folder
+from utils.params import SHARED_MACHINE_ENV, TIER_PARAMS, is_data, output_folder
 from utils.plotting import (plot_amp_layer_error, plot_attention_entropy, plot_attention_maps, plot_gradient_norms,
                             plot_init_std, plot_latency, plot_loss_curves, plot_loss_scale, plot_memory,
                             plot_memory_vs_batch, plot_remedies, plot_robustness, plot_speedup_sweep, plot_throughput,
@@ -71,13 +72,26 @@ def run_tier(tier: int, params: dict = None, *, model=None, data=None, progress:
         raise ValueError(f"unknown tier {tier!r}; expected one of {sorted(TIERS)}")
     params = params or {}
     try:
-        return TIERS[tier].runner(prepare(tier, model, params, data), progress)
+        return _shared_machine_said(TIERS[tier].runner(prepare(tier, model, params, data), progress))
     except UnsupportedModel as e:  # an honest refusal is the tier's one verdict, not a traceback
         if not refusal_as_verdict:
             raise
         refusal = CheckResult(Verdict("supported", "fail", str(e)), pd.DataFrame())
         return TierResult(tier, {"supported": refusal}, {k: v for k, v in params.items() if is_data(v)}, {},
                           {"unsupported": str(e)})
+
+
+def _shared_machine_said(result: TierResult) -> TierResult:
+    """Under the batch runner with other runs beside this one, every timing verdict's reason and the record say so:
+    their load is in its times."""
+    shared = os.environ.get(SHARED_MACHINE_ENV)
+    if shared:
+        result.record["shared_machine"] = shared
+        for check in result.checks.values():
+            if check.verdict.timing:
+                check.verdict = replace(check.verdict, reason=f"{check.verdict.reason} (measured while other runs could "
+                                                               f"share this machine: {shared})")
+    return result
 
 
 def output_dir(result: TierResult) -> Path:

@@ -1,0 +1,264 @@
+"""One run of the batch: a tier notebook executed by papermill in a temporary folder, its kernel its own process,
+then moved into place. The same function runs under every engine (a thread of the runner, a Ray worker)."""
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import threading
+import time
+import weakref
+from pathlib import Path
+
+import nbformat
+import papermill
+from jupyter_client.manager import AsyncKernelManager
+from papermill.exceptions import PapermillExecutionError
+from traitlets import CaselessStrEnum, default
+
+from utils.loop.stops import INTERRUPTED
+from utils.params import ROOT, RUN_CONTROL, check_params, spec
+from utils.results import read_json, write_json_atomic
+from utils.tiers import TIERS
+
+NOTEBOOK_DIR = ROOT / "notebooks"
+KERNEL_LOG = "kernel.log"  # a run's kernel process's own log, kept in its folder when it wrote anything
+KERNEL_START_TRIES = 3  # a kernel that dies before its first cell (ZeroMQ's port race when many start) is started again
+
+_KERNELS = weakref.WeakSet()  # the kernel managers of this process's running notebooks: a stop is passed to them
+_STOP = []  # the signals that asked this process to stop (SIGINT, SIGTERM, a driver's stop), in order
+
+
+class LocalKernelManager(AsyncKernelManager):
+    """The notebooks' kernel talks to this process over local sockets (ZeroMQ ipc) where the OS has them, not over
+    TCP: nothing outside the machine needs to reach it, and a TCP kernel prints a transport warning into every run.
+    The kernel starts in `run_cwd` with `run_env` added to its environment (its threads, its GPU): set per run, never
+    by changing this process's working folder, which every run of a parallel batch shares. With `stderr_path` set, the
+    kernel process's own stderr (ipykernel's log; a cell's output goes to the notebook) goes to that file."""
+    transport = CaselessStrEnum(["tcp", "ipc"], default_value="ipc" if os.name == "posix" else "tcp")
+    stderr_path, run_cwd, run_env, ipc_prefix = None, None, {}, None
+
+    @default("ip")
+    def _ip_default(self):  # ipc's sockets at an absolute (and short: a socket path has ~100 bytes) path of their own
+        return self.ipc_prefix if self.transport == "ipc" and self.ipc_prefix else super()._ip_default()
+
+    async def _async_launch_kernel(self, kernel_cmd, **kw):
+        _KERNELS.add(self)
+        kw = {**kw, "env": {**kw.get("env", os.environ), **self.run_env}, **({"cwd": self.run_cwd} if self.run_cwd else {})}
+        with open(self.stderr_path or os.devnull, "ab") as log:
+            await super()._async_launch_kernel(kernel_cmd, **kw, **({"stderr": log} if self.stderr_path else {}))
+
+
+def run_notebook(source: Path, target: Path, kernel_log: Path = None, cwd: Path = None, env: dict = None, **kwargs):
+    """papermill.execute_notebook on the python3 kernel of this environment, over local sockets, the kernel started
+    in `cwd` with `env` added; its own log goes to `kernel_log` when given."""
+    sockets = tempfile.mkdtemp(prefix="suite-kernel-")
+    manager = type("RunKernelManager", (LocalKernelManager,), {"stderr_path": kernel_log, "run_cwd": str(cwd) if cwd else None,
+                                                             "run_env": env or {}, "ipc_prefix": os.path.join(sockets, "ipc")})
+    try:
+        return papermill.execute_notebook(str(source), str(target), kernel_name="python3",
+                                          kernel_manager_class=manager, **kwargs)
+    finally:
+        shutil.rmtree(sockets, ignore_errors=True)
+
+
+def _signal_kernels(sig):
+    """`sig` to every running notebook's kernel, to its process group where it has one."""
+    for km in list(_KERNELS):
+        if not km.has_kernel:
+            continue
+        pgid, pid = getattr(km.provisioner, "pgid", None), getattr(km.provisioner, "pid", None)
+        with contextlib.suppress(OSError):
+            if pgid and hasattr(os, "killpg"):
+                os.killpg(pgid, sig)
+            elif pid:
+                os.kill(pid, sig)
+
+
+def interrupt_kernels():
+    """Ctrl-C for every running notebook, as a user at its keyboard would press it: SIGINT to the kernel's process
+    group. Tier 3's loop then checkpoints and returns (utils.loop.stops); a cell elsewhere ends in KeyboardInterrupt."""
+    _signal_kernels(signal.SIGINT)
+
+
+def kill_kernels():
+    """A stop at once: no kernel outlives its runner (a run's own thread then ends on the dead kernel)."""
+    _signal_kernels(getattr(signal, "SIGKILL", signal.SIGTERM))
+
+
+def ask_stop(why: str):
+    """Stop this process's runs as a signal would: the running notebooks get Ctrl-C, no further cell starts."""
+    if not _STOP:
+        _STOP.append(why)
+    interrupt_kernels()
+
+
+@contextlib.contextmanager
+def stops_passed_to_notebooks():
+    """SIGINT (Ctrl-C) and SIGTERM (a scheduler's preemption, Colab's stop) of the runner: said in one line, passed
+    to the running notebooks as Ctrl-C, and no further run starts. A second signal stops the runner at once
+    (KeyboardInterrupt). Python allows signal handlers only in the main thread; elsewhere signals act as usual."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if _STOP:
+            raise KeyboardInterrupt
+        # To file descriptor 2 itself: a signal handler must not go through sys.stderr's buffer (or a notebook's stand-in)
+        os.write(2, f"{signal.Signals(signum).name}: the running notebooks are stopped as by Ctrl-C (a fine-tuning run "
+                 "checkpoints first) and no further run starts; press Ctrl-C again to stop at once\n".encode())
+        ask_stop(signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        _STOP.clear()
+
+
+class RunStopped(Exception):
+    """A notebook not continued because this runner was asked to stop."""
+
+
+def _cell_hook(run_folder: Path, started: list):
+    """nbclient's on_cell_start hook. It notes that a cell started (so the kernel did start: a failure after that is a
+    finding, never retried). And once a stop was asked, no cell starts before the run has written its results (a
+    Ctrl-C between two cells would be lost: the kernel ignores it while idle); after, the cells that only show the
+    results still run, so an interrupted tier 3 notebook shows its stop."""
+    def hook(cell, cell_index):
+        started.append(cell_index)
+        if _STOP and not (run_folder / "results.json").exists():
+            raise RunStopped(f"{_STOP[0]} before cell {cell_index}")
+    return hook
+
+
+def run_digest(tier: int, params: dict) -> str:
+    """A run's identity is its content: the tier and every parameter, defaults filled in (where it keeps
+    its files aside: RUN_CONTROL)."""
+    known = spec(tier)  # a parameter added later, at its default, leaves the ids of finished runs as they were
+    full = {k: v for k, v in check_params(tier, params).items()
+            if k not in RUN_CONTROL and not (known[k].added and v == known[k].default)}
+    return hashlib.sha256(json.dumps({"tier": tier, "parameters": full}, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _read(path: Path, reader=read_json):
+    """A record file's content, or a ValueError that names the file and what is wrong with it."""
+    try:
+        return reader(path)
+    except FileNotFoundError:
+        raise ValueError(f"{path} is missing") from None
+    except Exception as e:
+        raise ValueError(f"{path} is corrupt ({type(e).__name__}: {e})") from None
+
+
+def why_rerun(run_dir: Path, tier: int, params: dict):
+    """None when run_dir holds exactly this run, complete and valid; else the reason to run it again."""
+    try:
+        record = _read(run_dir / "run.json")
+        if not isinstance(record, dict):
+            return f"{run_dir / 'run.json'} is corrupt (not a run record)"
+        if record.get("digest") != run_digest(tier, params):
+            return "its parameters changed"
+        if record.get("run_status") != "ok":
+            return f"it ended {record.get('run_status')!r}"
+        results = _read(run_dir / "results.json")
+        if not isinstance(results, dict) or results.get("status") != record.get("verdict"):
+            return f"{run_dir / 'results.json'} does not match run.json"
+        _read(run_dir / TIERS[tier].notebook, lambda p: nbformat.read(p, as_version=4))
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def _replace_dir(new: Path, final: Path):
+    """Put a finished run in place; the previous one is removed only once the new one is there."""
+    old = final.with_name(f".{final.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    new.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _notebook(tier: int, params: dict, tmp: Path, progress: bool, timeout: int, env: dict) -> int:
+    """The tier's notebook, executed into tmp; a kernel that dies before its first cell is started again.
+    Returns how many starts failed; raises what the last try raised."""
+    for failed in range(KERNEL_START_TRIES):
+        started = []
+        try:
+            run_notebook(NOTEBOOK_DIR / TIERS[tier].notebook, tmp / TIERS[tier].notebook, kernel_log=tmp / KERNEL_LOG,
+                         cwd=tmp, env=env, parameters={**params, "output_dir": "."}, progress_bar=progress,
+                         execution_timeout=timeout, on_cell_start=_cell_hook(tmp, started))
+            return failed
+        except PapermillExecutionError:  # a cell's own error: a finding, never retried
+            raise
+        except Exception as e:
+            if started or _STOP or failed + 1 == KERNEL_START_TRIES:
+                raise
+            with open(tmp / KERNEL_LOG, "a") as log:
+                log.write(f"the kernel did not start ({type(e).__name__}: {e}); starting it again\n")
+    raise AssertionError("unreachable")
+
+
+def execute(run_id: str, tier: int, params: dict, out_dir: Path, progress: bool = False, timeout: int = None,
+            env: dict = None, where: dict = None) -> dict:
+    """Execute one notebook in a temporary folder, then move it to out_dir/run_id. `env` is added to the kernel's
+    environment (its threads, its GPU); `where` (engine, node, GPU, threads) goes into the row as it is. A crash,
+    a timeout or a file-system error is recorded in the returned row, never raised; an interrupted run replaces an
+    earlier run there only when that one was not complete."""
+    row = {"run_id": run_id, "tier": tier, "notebook": TIERS[tier].notebook, "digest": run_digest(tier, params),
+           **{f"param.{k}": v for k, v in params.items()}, "host": socket.gethostname(), **(where or {}),
+           "started_at": round(time.time(), 3)}
+    t0, tmp = time.perf_counter(), None
+    # Checkpoints live beside the run folders, not in the temporary one: they must outlive an interrupted run.
+    keep = {"checkpoint_dir": str(out_dir / "checkpoints" / run_id)} if "checkpoint_dir" in spec(tier) else {}
+    try:
+        tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{run_id}."))
+        try:
+            retries = _notebook(tier, {**keep, **params}, tmp, progress, timeout, env)
+            row.update(_finished(read_json(tmp / "results.json")), kernel_start_retries=retries)
+        except Exception as e:  # a failing notebook must not stop the others (a second Ctrl-C is no Exception)
+            row.update(_failed(e, timeout, tier))
+        row.update(duration_s=round(time.perf_counter() - t0, 2), ended_at=round(time.time(), 3))
+        write_json_atomic(tmp / "run.json", row)
+        if (tmp / KERNEL_LOG).exists() and not (tmp / KERNEL_LOG).stat().st_size:
+            (tmp / KERNEL_LOG).unlink()
+        if row["run_status"] == INTERRUPTED and why_rerun(out_dir / run_id, tier, params) is None:
+            shutil.rmtree(tmp)  # a complete earlier run of the same parameters stays: nothing finished is lost
+        else:
+            _replace_dir(tmp, out_dir / run_id)
+    except OSError as e:  # the file system failed this run: its problem, not the batch's
+        row.update(run_status="crashed", verdict=None, timing_failed=False, error=f"file system: {e}",
+                   duration_s=round(time.perf_counter() - t0, 2), ended_at=round(time.time(), 3))
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return row
+
+
+def _finished(results: dict) -> dict:
+    """A row's fields from a run's results.json: its verdicts, figures and, when it stopped early, why."""
+    stop = results.get("figures", {}).get("stop") or {}
+    row = {"run_status": INTERRUPTED if stop.get("reason") == INTERRUPTED else "ok", "error": stop.get("message", ""),
+           "verdict": results["status"], "timing_failed": any(v["timing"] and v["status"] == "fail" for v in results["verdicts"]),
+           "threads": results.get("record", {}).get("threads")}
+    row.update({f"verdict.{v['check']}": v["status"] for v in results["verdicts"]})
+    return {**row, **{k: v for k, v in results.get("figures", {}).items() if k != "stop"}}  # its message is the error
+
+
+def _failed(e: BaseException, timeout: int, tier: int) -> dict:
+    """A row's fields for a notebook that did not finish: stopped by this runner, timed out or crashed."""
+    if _STOP:
+        status, error = INTERRUPTED, (f"{_STOP[0]} stopped it before it wrote its results (--resume runs it again"
+                                      + (", from its checkpoints)" if "resume" in spec(tier) else ")"))
+    elif isinstance(e, TimeoutError):  # nbclient's CellTimeoutError; a cell's own error is PapermillExecutionError
+        status, error = "timeout", f"no cell may run longer than --timeout {timeout} s"
+    else:
+        status, error = "crashed", f"{getattr(e, 'ename', type(e).__name__)}: {getattr(e, 'evalue', None) or e}".strip()[:500]
+    return {"run_status": status, "verdict": None, "timing_failed": False, "error": error}

@@ -1,0 +1,124 @@
+"""The local engine: up to `jobs` notebooks at once on this machine, each driven by a thread of the runner (its
+kernel is its own process). On a machine with GPUs a run that computes on one holds its own, from a pool
+(CUDA_VISIBLE_DEVICES set for its kernel), so a tier-3 speed measurement never shares a GPU; the CPU's cores are
+split between the runs (OMP_NUM_THREADS), and each run's record says how many threads it had."""
+
+import os
+import queue
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from utils.params import SHARED_MACHINE_ENV
+from utils.precision import cuda_device_count
+from utils.runner.execute import execute, kill_kernels
+
+
+@dataclass
+class Job:
+    """One run as the driver hands it to an engine; `index` is its place in the plan (the summary's order)."""
+    index: int
+    run_id: str
+    tier: int
+    params: dict
+    out_dir: Path
+    progress: bool = False
+    timeout: int = None
+    extra: dict = field(default_factory=dict)  # the driver's own fields for the row (rerun_reason)
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def visible_gpus() -> list:
+    """The GPUs this runner may hand out: CUDA_VISIBLE_DEVICES's entries where it is set, else 0..N-1."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [g.strip() for g in listed.split(",") if g.strip() and not g.strip().startswith("-")]
+    return [str(i) for i in range(cuda_device_count())]
+
+
+def wants_gpu(params: dict) -> bool:
+    """A run that computes on a GPU when there is one ('auto' and 'cuda'; 'cpu' never)."""
+    return str(params.get("device", "auto")).split(":")[0] in ("auto", "cuda")
+
+
+def thread_env(threads: int) -> dict:
+    """The kernel's intra-op threads: torch reads these when it starts."""
+    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+
+class LocalExecutor:
+    """submit() queues a run; collect() returns the runs that finished, as (job, row), waiting up to `timeout` s for one, and
+    starts queued ones in their place; cancel() drops the queued ones; kill() stops the running ones at once. Called from one thread only."""
+    name = "local"
+
+    def __init__(self, jobs: int = 1, threads: int = None, gpus: list = None):
+        self.jobs, self.threads = jobs, threads or max(1, cpu_count() // jobs)
+        self.free_gpus = list(visible_gpus() if gpus is None else gpus)
+        self.gpu_count = len(self.free_gpus)
+        self.queued, self.running, self.done, self.on_start = deque(), {}, queue.Queue(), None
+        # Timing verdicts measured beside other runs say so (utils.tiers reads this in the kernel).
+        self.shared = (f"up to {jobs} runs at once on this machine (--jobs {jobs}), {self.threads} CPU thread(s) each"
+                       if jobs > 1 else "")
+
+    def submit(self, job: Job):
+        self.queued.append(job)
+        self._start()
+
+    def _start(self):
+        while self.queued and len(self.running) < self.jobs:
+            job = self.queued[0]
+            gpu = None
+            if self.gpu_count and wants_gpu(job.params):
+                if not self.free_gpus:
+                    return  # every GPU is held: the run waits for one rather than share it
+                gpu = self.free_gpus.pop(0)
+            self.queued.popleft()
+            env = {**thread_env(self.threads), **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}),
+                   **({SHARED_MACHINE_ENV: self.shared} if self.shared else {})}
+            where = {"executor": self.name, "node": "", "cuda_visible_devices": gpu or "", "threads": self.threads}
+            thread = threading.Thread(target=self._run, args=(job, env, where), daemon=True, name=job.run_id)
+            self.running[job.run_id] = (job, gpu)
+            thread.start()
+            if self.on_start:
+                self.on_start(job)
+
+    def _run(self, job: Job, env: dict, where: dict):
+        try:
+            row = execute(job.run_id, job.tier, job.params, job.out_dir, job.progress, job.timeout, env=env, where=where)
+        except BaseException as e:  # never lose a run's end: the driver waits for it
+            row = {"run_id": job.run_id, "tier": job.tier, "run_status": "crashed", "verdict": None,
+                   "timing_failed": False, "error": f"{type(e).__name__}: {e}", **where}
+        self.done.put((job, row))
+
+    def collect(self, timeout: float) -> list:
+        finished = []
+        try:
+            finished.append(self.done.get(timeout=timeout))
+            while True:
+                finished.append(self.done.get_nowait())
+        except queue.Empty:
+            pass
+        for job, _ in finished:
+            _, gpu = self.running.pop(job.run_id)
+            if gpu is not None:
+                self.free_gpus.append(gpu)
+        self._start()
+        return finished
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.queued or self.running)
+
+    def cancel(self):
+        self.queued.clear()
+
+    def kill(self):
+        """A stop at once: every kernel killed (each run's thread then ends on its dead kernel)."""
+        kill_kernels()
+
+    def close(self):
+        pass

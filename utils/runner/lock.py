@@ -1,0 +1,101 @@
+"""One runner per output folder, on one machine or on a folder that several machines share: a lock file that
+records the runner's host and pid, and a heartbeat (the file's modification time, renewed every HEARTBEAT_S).
+A lock is taken over only when it is provably stale: its runner was on this host and its pid is gone, or the
+heartbeat stopped (unchanged for STALE_BEATS heartbeats, watched here: no clock is compared across machines).
+A pid that is absent here says nothing about a runner on another host."""
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+from utils.runner import UsageError
+
+HEARTBEAT_S = 5.0
+STALE_BEATS = 3
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def _holder(lock: Path) -> dict:
+    """The lock's record; a bare pid (an older runner's lock) is a runner on this host."""
+    text = lock.read_text(errors="replace").strip()
+    if text.isdigit():
+        return {"host": socket.gethostname(), "pid": int(text)}
+    try:
+        holder = json.loads(text)
+    except ValueError:
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _heartbeat_stopped(lock: Path) -> bool:
+    """Watch the lock for STALE_BEATS heartbeats: True when nobody renewed it (or it is gone)."""
+    try:
+        before = lock.stat().st_mtime_ns
+        time.sleep(STALE_BEATS * HEARTBEAT_S)
+        return lock.stat().st_mtime_ns == before
+    except FileNotFoundError:
+        return True
+
+
+def _stale(lock: Path) -> bool:
+    holder = _holder(lock)
+    if not holder:  # being written right now, or damaged: a damaged one stops beating too
+        return _heartbeat_stopped(lock)
+    if holder.get("host") == socket.gethostname():
+        return not _alive(int(holder.get("pid", 0)))
+    return _heartbeat_stopped(lock)
+
+
+def _beat(lock: Path, stop: threading.Event):
+    while not stop.wait(HEARTBEAT_S):
+        with contextlib.suppress(OSError):
+            os.utime(lock)
+
+
+@contextlib.contextmanager
+def batch_lock(out_dir: Path):
+    """Hold out_dir's lock while the batch runs, renewing its heartbeat; UsageError when a live runner has it. Left-over
+    temporary run folders of a dead runner are removed once the lock is held."""
+    lock = out_dir / ".lock"
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            if lock.is_dir() or (lock.exists() and not lock.is_file()):
+                raise UsageError(f"{lock} is a folder (or another non-file), not a runner's lock file; remove it and "
+                               "run again") from None
+            if lock.exists() and not _stale(lock):
+                holder = _holder(lock)
+                raise UsageError(f"another runner (pid {holder.get('pid', '?')} on {holder.get('host', '?')}) is writing "
+                               f"{out_dir}; wait for it to finish, or use another --name") from None
+            lock.unlink(missing_ok=True)  # stale: its runner is gone
+    with os.fdopen(fd, "w") as f:
+        json.dump({"host": socket.gethostname(), "pid": os.getpid(), "heartbeat_s": HEARTBEAT_S,
+                   "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, f)
+    stop = threading.Event()
+    beat = threading.Thread(target=_beat, args=(lock, stop), daemon=True, name="lock heartbeat")
+    beat.start()
+    try:
+        for leftover in out_dir.glob(".*.*"):
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+        yield
+    finally:
+        stop.set()
+        beat.join()
+        lock.unlink(missing_ok=True)

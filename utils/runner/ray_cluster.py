@@ -1,0 +1,133 @@
+"""The Ray engine (--executor ray): each run is a Ray task asking for what it needs: one GPU for a run that computes
+on one when the cluster has GPUs (Ray sets its CUDA_VISIBLE_DEVICES), else `threads` CPUs. ray.init() starts a local
+Ray when no cluster is named; RAY_ADDRESS or --ray-address joins one. Ray is optional: without it the runner says so.
+
+What a cluster needs: the project importable on every node at the same path as here (tasks get PYTHONPATH set to
+it), and --out one folder that every node sees at the same absolute path (NFS, a cluster file system). The driver
+writes a marker with a token of its own into --out; each task reads it first and, when it cannot see it, refuses with
+the reason instead of writing a run that the driver would never find. A stop of the driver is a file beside the marker:
+running tasks see it and stop their notebooks as Ctrl-C would (recorded 'interrupted'); queued tasks that start after
+it return at once without running."""
+
+import os
+import secrets
+import socket
+import threading
+from pathlib import Path
+
+from utils.params import ROOT, SHARED_MACHINE_ENV
+from utils.runner import UsageError
+from utils.runner.execute import _STOP, ask_stop, execute
+from utils.runner.local import Job, thread_env, wants_gpu
+
+MARKER = ".ray-driver"  # in --out: the token of the driver whose tasks may write there
+STOP_POLL_S = 0.5
+
+
+def _ray():
+    try:
+        import ray  # optional: only this engine needs it
+    except ImportError:
+        raise UsageError("--executor ray needs Ray, which is not installed: pip install ray (the same version on every "
+                         "node of the cluster)") from None
+    return ray
+
+
+def _node(ray) -> str:
+    return f"{socket.gethostname()} {ray.util.get_node_ip_address()} {ray.get_runtime_context().get_node_id()[:8]}"
+
+
+def _watch_stop(stop_file: Path, done: threading.Event):
+    while not done.wait(STOP_POLL_S):
+        if stop_file.exists():
+            ask_stop("the driver's stop")
+            return
+
+
+def run_task(job: Job, token: str, threads: int, shared: str):
+    """One run on a Ray worker: the shared-folder check, then execute() as every engine runs it. None when the driver
+    had stopped before this task started."""
+    ray = _ray()
+    marker, stop_file = job.out_dir / MARKER, job.out_dir / f"{MARKER}.{token}.stop"
+    gpus = os.environ.get("CUDA_VISIBLE_DEVICES", "") if ray.get_runtime_context().get_accelerator_ids().get("GPU") else ""
+    where = {"executor": "ray", "node": _node(ray), "cuda_visible_devices": gpus, "threads": threads}
+    try:
+        seen = "another driver's token" if marker.read_text().strip() != token else ""
+    except OSError as e:
+        seen = f"no file there ({e.strerror or e})"
+    if seen:
+        return {"run_id": job.run_id, "tier": job.tier, "run_status": "crashed", "verdict": None, "timing_failed": False,
+                **where, "error": f"node {where['node']} cannot see this driver's marker {marker} (it found {seen}): "
+                                  "with --executor ray, --out must be one folder that every node sees at the same absolute "
+                                  "path (NFS or a cluster file system), not a node-local path"}
+    if stop_file.exists():
+        return None
+    _STOP.clear()  # a Ray worker process runs task after task: a stop belongs to its own task
+    done = threading.Event()
+    threading.Thread(target=_watch_stop, args=(stop_file, done), daemon=True).start()
+    env = {**thread_env(threads), **({"CUDA_VISIBLE_DEVICES": gpus} if gpus else {}), SHARED_MACHINE_ENV: shared}
+    try:
+        return execute(job.run_id, job.tier, job.params, job.out_dir, False, job.timeout, env=env, where=where)
+    finally:
+        done.set()
+        _STOP.clear()
+
+
+class RayExecutor:
+    """The local engine's interface (submit, collect, cancel, busy, close) over Ray tasks."""
+    name = "ray"
+
+    def __init__(self, out_dir: Path, address: str = None, threads: int = 1):
+        self.ray = ray = _ray()
+        self.owns = not ray.is_initialized()
+        if self.owns:  # address None: RAY_ADDRESS when set, else a local Ray started here
+            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        self.out_dir, self.threads, self.token = out_dir, threads, secrets.token_hex(8)
+        (out_dir / MARKER).write_text(self.token)
+        self.stop_file = out_dir / f"{MARKER}.{self.token}.stop"
+        self.gpus = ray.cluster_resources().get("GPU", 0) > 0
+        self.refs, self.on_start = {}, None
+        self.shared = "a Ray node can run other tasks beside this one" if not self.gpus else ""
+        self.runtime_env = {"env_vars": {"PYTHONPATH": str(ROOT), "SUITE_ROOT": str(ROOT)}}
+
+    def submit(self, job: Job):
+        gpu = self.gpus and wants_gpu(job.params)
+        task = self.ray.remote(run_task).options(
+            num_gpus=1 if gpu else 0, num_cpus=self.threads, max_retries=0, name=job.run_id,
+            runtime_env=self.runtime_env)
+        self.refs[task.remote(job, self.token, self.threads, self.shared)] = job
+        if self.on_start:
+            self.on_start(job)
+
+    def collect(self, timeout: float) -> list:
+        if not self.refs:
+            return []
+        ready, _ = self.ray.wait(list(self.refs), num_returns=1, timeout=timeout)
+        finished = []
+        for ref in ready:
+            job = self.refs.pop(ref)
+            try:
+                finished.append((job, self.ray.get(ref)))
+            except self.ray.exceptions.RayError as e:  # the worker or its node died: the run crashed there
+                finished.append((job, {"run_id": job.run_id, "tier": job.tier, "run_status": "crashed", "verdict": None,
+                                       "timing_failed": False, "executor": self.name,
+                                       "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:400]}"}))
+        return finished
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.refs)
+
+    def cancel(self):
+        self.stop_file.touch()  # running tasks stop their notebooks; queued ones return without running
+
+    def kill(self):
+        """A stop at once: every task's worker ended, its kernel with it."""
+        for ref in self.refs:
+            self.ray.cancel(ref, force=True)
+
+    def close(self):
+        for path in (self.stop_file, self.out_dir / MARKER):
+            path.unlink(missing_ok=True)
+        if self.owns:
+            self.ray.shutdown()
