@@ -19,6 +19,7 @@ import torch
 from tests.user_models import NarrowLogits, NoisyLM
 from utils import precision
 from utils import run as runner
+from utils.runner import execute as execution
 from utils.loop.config import TrainConfig
 from utils.models import ModelLoadError, load_model, probe_model
 from utils.params import ParamError
@@ -37,7 +38,7 @@ def no_kernel(monkeypatch):
     """Any notebook started fails the test: a usage error must be found before a kernel starts."""
     def started(*args, **kwargs):
         raise AssertionError("a notebook ran")
-    monkeypatch.setattr(runner, "run_notebook", started)
+    monkeypatch.setattr(execution, "run_notebook", started)
 
 
 def refused(args, tmp_path, capsys) -> str:
@@ -326,7 +327,7 @@ def test_a_stopped_runner_checkpoints_records_interrupted_and_resume_continues(s
     proc.send_signal(signum)  # to the runner alone, as a scheduler or a terminal's Ctrl-C sends it
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 1, stdout + stderr
-    assert stderr == f"{signum.name}: the running notebook is stopped as by Ctrl-C (a fine-tuning run checkpoints " \
+    assert stderr == f"{signum.name}: the running notebooks are stopped as by Ctrl-C (a fine-tuning run checkpoints " \
                      "first) and no further run starts; press Ctrl-C again to stop at once\n"
     batch = tmp_path / "out" / "b"
     row = pd.read_csv(batch / "summary.csv").iloc[0]
@@ -358,7 +359,7 @@ def test_a_second_signal_stops_the_runner_at_once_and_keeps_what_finished(tmp_pa
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 130, stdout + stderr
-    assert stderr.splitlines()[-1] == ("stopped at once: the running notebook did not finish; finished runs are kept, "
+    assert stderr.splitlines()[-1] == ("stopped at once: the running notebooks did not finish; finished runs are kept, "
                                        "--resume runs the rest") and "Traceback" not in stderr
     assert not (tmp_path / "out" / "b" / ".lock").exists()
 

@@ -5,6 +5,7 @@ import ast
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ import pytest
 from papermill.translators import PythonTranslator
 
 from utils import run as runner
+from utils.runner import execute as execution, local
 from utils.results import read_json, write_json_atomic
 from utils.run import main, plan_runs, why_rerun
 
@@ -167,7 +169,7 @@ def test_one_runner_per_folder_and_a_stale_lock_is_taken_over(tmp_path, capsys, 
     try:
         (batch / ".lock").write_text(str(holder.pid))
         assert main([*TINY1, "--out", str(tmp_path), "--name", "b"]) == 2
-        assert f"another runner (pid {holder.pid}) is writing" in capsys.readouterr().err
+        assert f"another runner (pid {holder.pid} on {socket.gethostname()}) is writing" in capsys.readouterr().err
     finally:
         holder.kill()
         holder.wait()
@@ -203,19 +205,19 @@ def test_an_all_crashed_batch_still_writes_its_summary(tmp_path, capsys):
 def test_a_file_system_error_is_one_runs_problem(tmp_path, monkeypatch):
     def disk_full(**kwargs):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(runner.tempfile, "mkdtemp", disk_full)
-    row = runner.execute("r0", 1, {}, tmp_path)
+    monkeypatch.setattr(execution.tempfile, "mkdtemp", disk_full)
+    row = execution.execute("r0", 1, {}, tmp_path)
     assert row["run_status"] == "crashed" and row["error"] == "file system: [Errno 28] No space left on device"
 
 
 def test_the_summary_is_rewritten_after_every_run(tmp_path, monkeypatch):
     seen = []
 
-    def fake_execute(run_id, tier, params, out_dir, progress, timeout):
+    def fake_execute(run_id, tier, params, out_dir, progress, timeout, **engine):
         seen.append(len(pd.read_csv(out_dir / "summary.csv")) if (out_dir / "summary.csv").exists() else 0)
         return {"run_id": run_id, "run_status": "ok", "verdict": "pass", "timing_failed": False, "duration_s": 0.0}
 
-    monkeypatch.setattr(runner, "execute", fake_execute)
+    monkeypatch.setattr(local, "execute", fake_execute)
     runner.run_all(plan_runs([1], {}, {"seed": [1, 2, 3]}), tmp_path, log=lambda line: None)
     assert seen == [0, 1, 2] and len(pd.read_csv(tmp_path / "summary.csv")) == 3
 
@@ -223,6 +225,6 @@ def test_the_summary_is_rewritten_after_every_run(tmp_path, monkeypatch):
 @pytest.mark.parametrize("flags, code", [([], 0), (["--fail-on-verdict"], 0), (["--fail-on-timing"], 1)])
 def test_only_fail_on_timing_gates_on_a_timing_verdict(flags, code, tmp_path, monkeypatch):
     """The default gates read non-timing verdicts only, so an idle and a loaded machine give the same exit code."""
-    monkeypatch.setattr(runner, "execute", lambda run_id, *a: {
+    monkeypatch.setattr(local, "execute", lambda run_id, *a, **engine: {
         "run_id": run_id, "run_status": "ok", "verdict": "pass", "timing_failed": True, "duration_s": 0.0})
     assert main([*TINY1, "--out", str(tmp_path), *flags]) == code

@@ -133,6 +133,13 @@ class FaultOnce(TinyGPTWrapper):
         return self.inner(input_ids)
 
 
+class Exits(TinyGPTWrapper):
+    """A forward that ends its process: the kernel dies inside a cell, as a segfaulting extension would."""
+
+    def forward(self, input_ids):
+        os._exit(3)
+
+
 class Hangs(TinyGPTWrapper):
     """A forward that never returns: what a runner's timeout is for."""
 

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import tempfile
 import threading
 import time
@@ -214,7 +213,7 @@ def execute(run_id: str, tier: int, params: dict, out_dir: Path, progress: bool 
     a timeout or a file-system error is recorded in the returned row, never raised; an interrupted run replaces an
     earlier run there only when that one was not complete."""
     row = {"run_id": run_id, "tier": tier, "notebook": TIERS[tier].notebook, "digest": run_digest(tier, params),
-           **{f"param.{k}": v for k, v in params.items()}, "host": socket.gethostname(), **(where or {}),
+           **{f"param.{k}": v for k, v in params.items()}, **(where or {}),
            "started_at": round(time.time(), 3)}
     t0, tmp = time.perf_counter(), None
     # Checkpoints live beside the run folders, not in the temporary one: they must outlive an interrupted run.

@@ -5,6 +5,7 @@ split between the runs (OMP_NUM_THREADS), and each run's record says how many th
 
 import os
 import queue
+import socket
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -79,7 +80,7 @@ class LocalExecutor:
             self.queued.popleft()
             env = {**thread_env(self.threads), **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}),
                    **({SHARED_MACHINE_ENV: self.shared} if self.shared else {})}
-            where = {"executor": self.name, "node": "", "cuda_visible_devices": gpu or "", "threads": self.threads}
+            where = {"executor": self.name, "node": socket.gethostname(), "cuda_visible_devices": gpu or "", "threads": self.threads}
             thread = threading.Thread(target=self._run, args=(job, env, where), daemon=True, name=job.run_id)
             self.running[job.run_id] = (job, gpu)
             thread.start()

@@ -123,7 +123,8 @@ class RayExecutor:
 
     def kill(self):
         """A stop at once: every task's worker ended, its kernel with it."""
-        for ref in self.refs:
+        ready, _ = self.ray.wait(list(self.refs), num_returns=len(self.refs), timeout=0)
+        for ref in set(self.refs) - set(ready):  # cancelling a task that just finished can abort Ray's driver
             self.ray.cancel(ref, force=True)
 
     def close(self):
