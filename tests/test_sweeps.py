@@ -6,9 +6,11 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 
 import pandas as pd
@@ -236,7 +238,7 @@ def ray_cluster(tmp_path_factory):
     cluster.add_node(num_cpus=2, num_gpus=1)
     ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
     try:
-        yield mark
+        yield types.SimpleNamespace(mark=mark, address=cluster.address)
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -301,12 +303,12 @@ def kernel_of_a_run(out: Path) -> int:
 def test_a_killed_ray_worker_crashes_its_run_only_and_resume_completes(tmp_path, ray_cluster):
     args = ["--tiers", "1", *TINY1, "-p", f"model={ROOT}/tests/user_models.py:FaultOnce",
             "--grid", grid(tmp_path, "seed: [1, 2, 3]\n"), "--executor", "ray", "--out", str(tmp_path)]
-    ray_cluster.unlink(missing_ok=True)
+    ray_cluster.mark.unlink(missing_ok=True)
     killed = []
 
     def kill_a_worker():
         deadline = time.time() + 240
-        while not ray_cluster.exists() and time.time() < deadline:
+        while not ray_cluster.mark.exists() and time.time() < deadline:
             time.sleep(0.05)
         kernel = kernel_of_a_run(tmp_path / "default")
         worker = int((Path("/proc") / str(kernel) / "stat").read_text().rsplit(")", 1)[1].split()[1])
@@ -343,3 +345,36 @@ def test_a_node_that_cannot_see_out_refuses_with_the_reason(tmp_path, ray_cluste
     assert row["run_status"] == "crashed" and row["executor"] == "ray"
     assert f"cannot see this driver's marker {tmp_path / MARKER} (it found another driver's token)" in row["error"]
     assert "--out must be one folder that every node sees at the same absolute path" in row["error"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_of_a_ray_driver_keeps_finished_runs_and_resume_finishes(tmp_path, ray_cluster):
+    """Two runs finish; the batch grows to four and its driver gets Ctrl-C while the new two run (paused mid-tier by
+    FaultOnce): they are recorded interrupted, the finished two are untouched, and --resume finishes the grid."""
+    args = ["-m", "utils.run", "--tiers", "1", *TINY1, "-p", f"model={ROOT}/tests/user_models.py:FaultOnce",
+            "--executor", "ray", "--out", str(tmp_path), "--resume"]
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.address, "PYTHONPATH": str(ROOT)}
+    first = subprocess.run([sys.executable, *args, "--grid", grid(tmp_path, "seed: [1, 2]\n")], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stdout + first.stderr
+    finished = {p: p.stat().st_mtime_ns for p in (tmp_path / "default").glob("*/run.json")}
+    ray_cluster.mark.unlink(missing_ok=True)
+    four = grid(tmp_path, "seed: [1, 2, 3, 4]\n")
+    proc = subprocess.Popen([sys.executable, *args, "--grid", four], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not ray_cluster.mark.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # to the driver alone: its tasks learn of it through --out
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 1, stdout + stderr
+    assert any(line.startswith("SIGINT: the running notebooks are stopped as by Ctrl-C") for line in stderr.splitlines())
+    runs = summary(tmp_path, "default")
+    assert sorted(runs["run_status"]) == ["interrupted", "interrupted", "ok", "ok"], runs["error"]
+    assert set(runs[runs["run_status"] == "interrupted"]["error"]) == {
+        "SIGINT of the Ray driver stopped it before it wrote its results (--resume runs it again)"}
+    assert all(p.stat().st_mtime_ns == t for p, t in finished.items())
+    again = subprocess.run([sys.executable, *args, "--grid", four], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0 and (summary(tmp_path, "default")["run_status"] == "ok").all(), again.stdout
+    assert again.stdout.count("complete, skipped (--resume)") == 2

@@ -48,8 +48,22 @@ class LocalKernelManager(AsyncKernelManager):
     async def _async_launch_kernel(self, kernel_cmd, **kw):
         _KERNELS.add(self)
         kw = {**kw, "env": {**kw.get("env", os.environ), **self.run_env}, **({"cwd": self.run_cwd} if self.run_cwd else {})}
-        with open(self.stderr_path or os.devnull, "ab") as log:
+        with open(self.stderr_path or os.devnull, "ab") as log, _ctrl_c_deliverable():
             await super()._async_launch_kernel(kernel_cmd, **kw, **({"stderr": log} if self.stderr_path else {}))
+
+
+@contextlib.contextmanager
+def _ctrl_c_deliverable():
+    """A child inherits its launcher's blocked signals: a Ray worker blocks SIGINT, and a kernel it started would
+    never see a stop. SIGINT is unblocked while the kernel process is created, then the launcher's mask restored."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def run_notebook(source: Path, target: Path, kernel_log: Path = None, cwd: Path = None, env: dict = None, **kwargs):

@@ -9,6 +9,7 @@ the reason instead of writing a run that the driver would never find. A stop of 
 running tasks see it and stop their notebooks as Ctrl-C would (recorded 'interrupted'); queued tasks that start after
 it return at once without running."""
 
+import logging
 import os
 import secrets
 import socket
@@ -40,7 +41,7 @@ def _node(ray) -> str:
 def _watch_stop(stop_file: Path, done: threading.Event):
     while not done.wait(STOP_POLL_S):
         if stop_file.exists():
-            ask_stop("the driver's stop")
+            ask_stop(f"{stop_file.read_text().strip() or 'a stop'} of the Ray driver")
             return
 
 
@@ -81,7 +82,7 @@ class RayExecutor:
         self.ray = ray = _ray()
         self.owns = not ray.is_initialized()
         if self.owns:  # address None: RAY_ADDRESS when set, else a local Ray started here
-            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
         self.out_dir, self.threads, self.token = out_dir, threads, secrets.token_hex(8)
         (out_dir / MARKER).write_text(self.token)
         self.stop_file = out_dir / f"{MARKER}.{self.token}.stop"
@@ -119,7 +120,7 @@ class RayExecutor:
         return bool(self.refs)
 
     def cancel(self):
-        self.stop_file.touch()  # running tasks stop their notebooks; queued ones return without running
+        self.stop_file.write_text(_STOP[0] if _STOP else "")  # running tasks stop their notebooks; queued ones never run
 
     def kill(self):
         """A stop at once: every task's worker ended, its kernel with it."""
