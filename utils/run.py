@@ -26,10 +26,14 @@ interrupted batch loses nothing that had finished; summary.csv is rewritten afte
 skips a run only when its recorded digest, run.json, results.json and notebook are complete, valid and
 agree; any other run is redone and its summary row says why, and tier 3 continues its fine-tuning
 runs from their newest checkpoints (resume=True; kept in runs/<name>/checkpoints/<run>, see
-checkpoint_every). Ctrl-C or SIGTERM of the runner is passed to the running notebook as Ctrl-C (a fine-tuning
-run checkpoints first); the run is recorded as 'interrupted' and no further run starts; a second Ctrl-C stops
-at once. A kernel's own log goes to its run's kernel.log. One runner per output folder at a time (a lock file
-with the runner's pid; a stale one is taken over).
+checkpoint_every). Ctrl-C or SIGTERM of the runner is passed to the running notebooks as Ctrl-C (a fine-tuning
+run checkpoints first); they are recorded as 'interrupted' and no further run starts; a second Ctrl-C stops
+at once. A kernel's own log goes to its run's kernel.log. One runner per output folder at a time (utils.runner.lock:
+host, pid and a heartbeat, so a folder shared by several machines is guarded too).
+
+--jobs N runs up to N notebooks at once here (each with its own GPU where there are GPUs, the cores split between
+them: --threads); --executor ray runs each as a Ray task (RAY_ADDRESS or --ray-address joins a cluster, whose nodes
+must share --out). Every engine executes a run the same way (utils.runner.execute).
 
 Exit code: 0 when every notebook ran, 1 when any was interrupted, crashed or timed out (its executed notebook keeps the
 error cell, its summary row names the exception), 2 for bad arguments. --fail-on-verdict also exits 1
