@@ -15,7 +15,7 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from utils.run import run_notebook  # noqa: E402  (the checkout's utils, found through the line above)
+from utils.runner.execute import run_notebook  # noqa: E402  (the checkout's utils, found through the line above)
 from utils.tiers import TIERS  # noqa: E402
 # Where the repository is published: Colab badges and the Colab set-up cell clone from here.
 GITHUB_REPO = "transformer-amp-suite/transformer-amp-suite"

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from utils.params import TIER_PARAMS, check_params, defaults
-from utils.run import run_notebook
+from utils.runner.execute import run_notebook
 from utils.results import read_json
 
 ROOT = Path(__file__).resolve().parents[1]
