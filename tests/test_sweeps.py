@@ -2,6 +2,7 @@
 simulated here), the executor seam between them, kernel starts that fail, and the lock on a shared folder.
 Each engine runs a notebook the same way (utils.runner.execute), so each must give the same runs and numbers."""
 
+import argparse
 import json
 import os
 import signal
@@ -16,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from utils import tiers
+from utils import run, tiers
 from utils.params import SHARED_MACHINE_ENV
 from utils.plotting import plot_sweep, sweep_labels
 from utils.run import main
@@ -77,6 +78,23 @@ def test_each_gpu_run_holds_its_own_gpu_and_the_cores_are_split(monkeypatch, tmp
     assert engine.shared == "up to 3 runs at once on this machine (--jobs 3), 1 CPU thread(s) each"
 
 
+def test_a_run_that_names_its_gpu_waits_for_that_one_and_sees_them_all(monkeypatch, tmp_path):
+    seen = []
+
+    def fake_execute(run_id, tier, params, out_dir, progress, timeout, env, where):
+        seen.append((run_id, env.get("CUDA_VISIBLE_DEVICES"), where["cuda_visible_devices"]))
+        time.sleep(0.2)
+        return {"run_id": run_id, "run_status": "ok", "verdict": "pass", "timing_failed": False}
+
+    monkeypatch.setattr(local, "execute", fake_execute)
+    engine = LocalExecutor(jobs=2, threads=1, gpus=["4", "5"])  # CUDA_VISIBLE_DEVICES=4,5: cuda:1 is GPU 5
+    engine.submit(Job(0, "named", 1, {"device": "cuda:1"}, tmp_path))
+    engine.submit(Job(1, "any", 1, {"device": "auto"}, tmp_path))
+    while engine.busy:
+        engine.collect(0.05)
+    assert sorted(seen) == [("any", "4", "4"), ("named", None, "5")]
+
+
 def test_timing_verdicts_measured_beside_other_runs_say_so(monkeypatch):
     def result():
         return TierResult(1, {"latency": CheckResult(Verdict("latency", "pass", "p50 1 ms", timing=True), pd.DataFrame()),
@@ -120,6 +138,14 @@ def test_engine_arguments_are_checked_before_anything_runs(args, message, tmp_pa
     argv = ["--tiers", "1", *TINY1, *args] + ([] if "--out" in args else ["--out", str(tmp_path / "out")])
     assert main(argv) == 2
     assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_on_ray_a_run_that_names_a_gpu_other_than_its_one_is_refused():
+    runs = [("r0", 1, {"device": "cuda:0"}), ("r1", 1, {"device": "cuda:1"})]
+    with pytest.raises(UsageError, match="device 'cuda:1': with --executor ray each GPU run is given one GPU by Ray"):
+        run._check_gpus(argparse.Namespace(executor="ray"), runs)
+    run._check_gpus(argparse.Namespace(executor="local"), runs)  # locally it waits for GPU 1 (above)
+    run._check_gpus(argparse.Namespace(executor="ray"), runs[:1])
 
 
 def test_without_ray_the_ray_engine_says_how_to_get_it(tmp_path, capsys, monkeypatch):

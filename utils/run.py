@@ -60,7 +60,7 @@ from utils.plotting import plot_sweep, plot_verdict_grid
 from utils.results import read_json
 from utils.runner import UsageError
 from utils.runner.execute import _STOP, run_digest, stops_passed_to_notebooks, why_rerun
-from utils.runner.local import Job, LocalExecutor, cpu_count
+from utils.runner.local import Job, LocalExecutor, cpu_count, named_gpu
 from utils.runner.lock import batch_lock
 from utils.runner.ray_cluster import RayExecutor
 from utils.tiers import TIERS
@@ -320,6 +320,14 @@ def _check_numbers(args):
         raise UsageError(f"--threads {args.threads} is more than this machine's {cpu_count()} CPU(s)")
 
 
+def _check_gpus(args, runs):
+    """Ray gives each GPU run one GPU, its cuda:0: a run naming another cannot be placed."""
+    named = sorted({params["device"] for _, _, params in runs if named_gpu(params)})
+    if args.executor == "ray" and named:
+        raise UsageError(f"device {named[0]!r}: with --executor ray each GPU run is given one GPU by Ray (its cuda:0); "
+                         "use device=cuda (or auto)")
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     matplotlib.use("Agg")  # the summary charts are written to files, never shown
@@ -327,6 +335,7 @@ def main(argv=None) -> int:
     try:
         _check_numbers(args)
         runs = plan_runs(args.tiers, parse_assignments(args.param), read_grid(args.grid) if args.grid else {}, args.max_runs)
+        _check_gpus(args, runs)
         if args.dry_run:
             for run_id, tier, params in runs:
                 print(f"{run_id}: {TIERS[tier].notebook} {params}")

@@ -46,6 +46,12 @@ def wants_gpu(params: dict) -> bool:
     return str(params.get("device", "auto")).split(":")[0] in ("auto", "cuda")
 
 
+def named_gpu(params: dict):
+    """N of a run that names its GPU ('cuda:N'), else None."""
+    device = str(params.get("device", "auto"))
+    return int(device.split(":")[1]) if device.startswith("cuda:") else None
+
+
 def thread_env(threads: int) -> dict:
     """The kernel's intra-op threads: torch reads these when it starts."""
     return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
@@ -58,8 +64,8 @@ class LocalExecutor:
 
     def __init__(self, jobs: int = 1, threads: int = None, gpus: list = None):
         self.jobs, self.threads = jobs, threads or max(1, cpu_count() // jobs)
-        self.free_gpus = list(visible_gpus() if gpus is None else gpus)
-        self.gpu_count = len(self.free_gpus)
+        self.all_gpus = list(visible_gpus() if gpus is None else gpus)
+        self.free_gpus, self.gpu_count = list(self.all_gpus), len(self.all_gpus)
         self.queued, self.running, self.done, self.on_start = deque(), {}, queue.Queue(), None
         # Timing verdicts measured beside other runs say so (utils.tiers reads this in the kernel).
         self.shared = (f"up to {jobs} runs at once on this machine (--jobs {jobs}), {self.threads} CPU thread(s) each"
@@ -72,13 +78,17 @@ class LocalExecutor:
     def _start(self):
         while self.queued and len(self.running) < self.jobs:
             job = self.queued[0]
-            gpu = None
+            gpu, named = None, named_gpu(job.params)
             if self.gpu_count and wants_gpu(job.params):
-                if not self.free_gpus:
-                    return  # every GPU is held: the run waits for one rather than share it
-                gpu = self.free_gpus.pop(0)
+                # A run that names cuda:N waits for that GPU and sees them all (its N must stay valid); any other
+                # takes the first free one, as the only GPU its kernel sees.
+                wanted = self.all_gpus[named] if named is not None else (self.free_gpus or [None])[0]
+                if wanted not in self.free_gpus:
+                    return  # its GPU is held: the run waits rather than share it
+                gpu = wanted
+                self.free_gpus.remove(gpu)
             self.queued.popleft()
-            env = {**thread_env(self.threads), **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}),
+            env = {**thread_env(self.threads), **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None and named is None else {}),
                    **({SHARED_MACHINE_ENV: self.shared} if self.shared else {})}
             where = {"executor": self.name, "node": socket.gethostname(), "cuda_visible_devices": gpu or "", "threads": self.threads}
             thread = threading.Thread(target=self._run, args=(job, env, where), daemon=True, name=job.run_id)
