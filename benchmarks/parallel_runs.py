@@ -32,7 +32,7 @@ def one_batch(jobs: int, grid: Path, out: Path) -> float:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=2, help="the parallel setting measured against --jobs 1")
-    parser.add_argument("--trials", type=int, default=2)
+    parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "parallel_runs.json")
     args = parser.parse_args()
     seconds = {1: [], args.jobs: []}
@@ -48,6 +48,9 @@ def main():
     median = {jobs: statistics.median(s) for jobs, s in seconds.items()}
     result = {"grid": "tier 1, 4 runs (seed 1-4), gpt-tiny, seq_len 16, batch_sizes [1], cpu", "cpu": cpu,
               "cores": len(os.sched_getaffinity(0)), "python": platform.python_version(),
+              "torch": subprocess.run([sys.executable, "-c", "import torch; print(torch.__version__)"], capture_output=True,
+                                      text=True).stdout.strip(),
+              "threads_per_run": {"jobs 1": "torch's default", f"jobs {args.jobs}": "cores // jobs"},
               "seconds": {f"jobs {j}": s for j, s in seconds.items()},
               "median_s": {f"jobs {j}": m for j, m in median.items()}, "speedup": median[1] / median[args.jobs]}
     args.out.write_text(json.dumps(result, indent=2) + "\n")

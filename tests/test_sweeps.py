@@ -21,8 +21,8 @@ from utils import run, tiers
 from utils.params import SHARED_MACHINE_ENV
 from utils.plotting import plot_sweep, sweep_labels
 from utils.run import main
-from utils.runner import UsageError, local, lock
-from utils.runner.local import Job, LocalExecutor
+from utils.runner import Job, UsageError, local, lock
+from utils.runner.local import LocalExecutor
 from utils.verdicts import CheckResult, TierResult, Verdict
 
 # Ray binds its nodes to the machine's address unless told it is one machine: the simulated cluster stays on
@@ -187,14 +187,23 @@ def test_a_live_lock_from_another_host_is_never_taken_for_an_absent_pid(tmp_path
 def test_a_lock_whose_heartbeat_stopped_is_taken_over_and_ours_beats(tmp_path, quick_heartbeat):
     (tmp_path / ".lock").write_text(json.dumps({"host": "node-elsewhere", "pid": 1}))
     (tmp_path / ".tier1_x.abc").mkdir()  # the dead runner's temporary run folder
+    (tmp_path / ".tier1_y.old").mkdir()  # a finished run, cut off between its two renames (no tier1_y)
+    (tmp_path / ".ray-driver").write_text("its token")
     with lock.batch_lock(tmp_path):
         mine = json.loads((tmp_path / ".lock").read_text())
         assert mine["host"] == socket.gethostname() and mine["pid"] == os.getpid()
         before = (tmp_path / ".lock").stat().st_mtime_ns
         time.sleep(0.35)
         assert (tmp_path / ".lock").stat().st_mtime_ns > before  # the heartbeat
-        assert not (tmp_path / ".tier1_x.abc").exists()
+        assert not (tmp_path / ".tier1_x.abc").exists() and not (tmp_path / ".ray-driver").exists()
+        assert (tmp_path / "tier1_y").is_dir() and not (tmp_path / ".tier1_y.old").exists()  # put back
     assert not (tmp_path / ".lock").exists()
+
+
+def test_a_runner_never_removes_a_lock_that_is_not_its_own(tmp_path):
+    with lock.batch_lock(tmp_path):
+        (tmp_path / ".lock").write_text(json.dumps({"host": "node-elsewhere", "pid": 7}))  # taken over meanwhile
+    assert json.loads((tmp_path / ".lock").read_text())["host"] == "node-elsewhere"
 
 
 # --- many kernels at once, and kernels that fail to start -----------------------------------------------------------
@@ -237,6 +246,30 @@ def test_twelve_runs_at_once_with_failed_kernel_starts_all_finish(tmp_path, monk
     retried = runs[runs["kernel_start_retries"] > 0].iloc[0]
     assert "the kernel did not start" in (tmp_path / "out" / "default" / retried["run_id"] / "kernel.log").read_text()
     assert sorted(p.name for p in (tmp_path / "out" / "default").iterdir() if p.name.startswith(".")) == []
+
+
+@pytest.mark.slow
+def test_ctrl_c_with_jobs_2_stops_both_running_notebooks_and_starts_no_other(tmp_path):
+    """Four runs, two at a time, each pausing in its first training step (FaultOnce): Ctrl-C of the runner records
+    the two running ones interrupted and starts neither of the others; --resume then runs all four."""
+    args = ["-m", "utils.run", "--tiers", "1", *TINY1, "-p", f"model={ROOT}/tests/user_models.py:FaultOnce", "--jobs", "2",
+            "--grid", grid(tmp_path, "seed: [1, 2, 3, 4]\n"), "--out", str(tmp_path)]
+    env = {**os.environ, "SUITE_TEST_FAULT": "pause:1", "SUITE_TEST_MARK": str(tmp_path / "mark"), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 240
+    while not (tmp_path / "mark").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 1, stdout + stderr
+    runs = summary(tmp_path, "default")
+    assert list(runs["run_status"]) == ["interrupted", "interrupted"], stdout
+    assert "SIGINT: 2 run(s) not started; --resume runs them" in stdout and stdout.count(" ...") == 2
+    assert sorted(p.name for p in (tmp_path / "default").iterdir() if p.is_dir()) == sorted(runs["run_id"])
+    again = subprocess.run([sys.executable, *args, "--resume"], cwd=ROOT, env={**env, "SUITE_TEST_FAULT": "none:0"},
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and (summary(tmp_path, "default")["run_status"] == "ok").all(), again.stdout
 
 
 @pytest.mark.slow
@@ -374,9 +407,10 @@ def test_a_node_that_cannot_see_out_refuses_with_the_reason(tmp_path, ray_cluste
 
 
 @pytest.mark.slow
-def test_ctrl_c_of_a_ray_driver_keeps_finished_runs_and_resume_finishes(tmp_path, ray_cluster):
-    """Two runs finish; the batch grows to four and its driver gets Ctrl-C while the new two run (paused mid-tier by
-    FaultOnce): they are recorded interrupted, the finished two are untouched, and --resume finishes the grid."""
+def test_sigterm_of_a_ray_driver_keeps_finished_runs_and_resume_finishes(tmp_path, ray_cluster):
+    """Two runs finish; the batch grows to four and its driver gets SIGTERM (a scheduler's stop; Ray's own handler
+    would exit at once) while the new two run, paused mid-tier by FaultOnce: they are recorded interrupted, the
+    finished two are untouched, and --resume finishes the grid."""
     args = ["-m", "utils.run", "--tiers", "1", *TINY1, "-p", f"model={ROOT}/tests/user_models.py:FaultOnce",
             "--executor", "ray", "--out", str(tmp_path), "--resume"]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.address, "PYTHONPATH": str(ROOT)}
@@ -391,14 +425,14 @@ def test_ctrl_c_of_a_ray_driver_keeps_finished_runs_and_resume_finishes(tmp_path
     deadline = time.time() + 240
     while not ray_cluster.mark.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)  # to the driver alone: its tasks learn of it through --out
+    proc.send_signal(signal.SIGTERM)  # to the driver alone: its tasks learn of it through --out
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 1, stdout + stderr
-    assert any(line.startswith("SIGINT: the running notebooks are stopped as by Ctrl-C") for line in stderr.splitlines())
+    assert any(line.startswith("SIGTERM: the running notebooks are stopped as by Ctrl-C") for line in stderr.splitlines())
     runs = summary(tmp_path, "default")
     assert sorted(runs["run_status"]) == ["interrupted", "interrupted", "ok", "ok"], runs["error"]
     assert set(runs[runs["run_status"] == "interrupted"]["error"]) == {
-        "SIGINT of the Ray driver stopped it before it wrote its results (--resume runs it again)"}
+        "SIGTERM of the Ray driver stopped it before it wrote its results (--resume runs it again)"}
     assert all(p.stat().st_mtime_ns == t for p, t in finished.items())
     again = subprocess.run([sys.executable, *args, "--grid", four], cwd=ROOT, env=env, capture_output=True, text=True,
                            timeout=300)

@@ -10,6 +10,7 @@ from matplotlib.colors import ListedColormap
 import numpy as np
 import pandas as pd
 
+from utils.params import RUN_CONTROL
 from utils.precision import FP32, MIXED, color, label, short_label
 
 STATUS_COLORS = {"pass": "tab:green", "warn": "tab:orange", "fail": "tab:red"}
@@ -328,8 +329,10 @@ def plot_verdict_grid(summary: pd.DataFrame, path=None):
 
 
 def sweep_labels(runs: pd.DataFrame) -> list:
-    """Each run named by the grid's axes: the parameters whose values differ between these runs (else the run id)."""
-    axes = [c for c in runs.columns if c.startswith("param.") and runs[c].astype(str).nunique() > 1]
+    """Each run named by the grid's axes: the parameters whose values differ between these runs (else the run id);
+    where a run keeps its files and whether it was resumed (RUN_CONTROL) are no axes."""
+    axes = [c for c in runs.columns if c.startswith("param.") and c.removeprefix("param.") not in RUN_CONTROL
+            and runs[c].astype(str).nunique() > 1]
     if not axes:
         return list(runs["run_id"])
     return [", ".join(f"{c.removeprefix('param.')}={row[c]}" for c in axes) for _, row in runs.iterrows()]
@@ -352,11 +355,14 @@ def plot_sweep(summary: pd.DataFrame, path=None):
     speed.set_yticks(y, names)
     speed.invert_yaxis()
     speed.set_xlabel("AMP speedup over fp32 (median, 95% CI); right of the dashed line: AMP is faster")
-    gaps = 100 * runs["parity_gap"].astype(float).clip(upper=10.0)  # an unbounded gap (NaN loss) is drawn at 1000%
-    gap.barh(y, gaps, color=["tab:red" if g > t else "tab:green" for g, t in zip(runs["parity_gap"], runs["parity_tolerance"])])
-    for tolerance in runs["parity_tolerance"].unique():
-        gap.axvline(100 * tolerance, color="black", lw=0.8, ls="--")
-    gap.set_xlabel("loss parity gap, % of fp32 (largest, smoothed); red: beyond the tolerance (dashed)")
+    # An unbounded gap (a NaN loss) is drawn at 1000%; a run recorded before the gap was (no figure) in grey, at 0.
+    found = runs.get("parity_gap", pd.Series(np.nan, index=runs.index)).astype(float)
+    tolerance = runs.get("parity_tolerance", pd.Series(np.nan, index=runs.index)).astype(float)
+    gap.barh(y, 100 * found.clip(upper=10.0).fillna(0.0),
+             color=["gray" if g != g else "tab:red" if g > t else "tab:green" for g, t in zip(found, tolerance)])
+    for line in tolerance.dropna().unique():
+        gap.axvline(100 * line, color="black", lw=0.8, ls="--")
+    gap.set_xlabel("loss parity gap, % of fp32 (largest, smoothed); red: beyond the tolerance (dashed); grey: not recorded")
     fig.suptitle("Tier 3 per run: is AMP faster, and does it train like fp32?", fontsize=10)
     fig.tight_layout()
     return save_figure(fig, path)

@@ -58,9 +58,9 @@ from utils.params import ROOT, TIER_PARAMS, ParamError, coerce, spec
 from utils.loop.stops import INTERRUPTED
 from utils.plotting import plot_sweep, plot_verdict_grid
 from utils.results import read_json
-from utils.runner import UsageError
+from utils.runner import Job, UsageError
 from utils.runner.execute import _STOP, run_digest, stops_passed_to_notebooks, why_rerun
-from utils.runner.local import Job, LocalExecutor, cpu_count, named_gpu
+from utils.runner.local import LocalExecutor, cpu_count, named_gpu
 from utils.runner.lock import batch_lock
 from utils.runner.ray_cluster import RayExecutor
 from utils.tiers import TIERS
@@ -316,8 +316,10 @@ def _check_numbers(args):
     if args.executor == "ray" and not args.out.is_absolute():
         raise UsageError(f"--out {str(args.out)!r} is relative: with --executor ray every node must find the same folder, "
                          "so give its absolute path on the shared file system")
-    if args.threads and args.threads > cpu_count():
+    if args.executor == "local" and args.threads and args.threads > cpu_count():
         raise UsageError(f"--threads {args.threads} is more than this machine's {cpu_count()} CPU(s)")
+    if args.executor == "local" and args.ray_address:
+        raise UsageError("--ray-address names a Ray cluster to join; add --executor ray")
 
 
 def _check_gpus(args, runs):
@@ -331,7 +333,6 @@ def _check_gpus(args, runs):
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     matplotlib.use("Agg")  # the summary charts are written to files, never shown
-    executor = None
     try:
         _check_numbers(args)
         runs = plan_runs(args.tiers, parse_assignments(args.param), read_grid(args.grid) if args.grid else {}, args.max_runs)
@@ -341,25 +342,34 @@ def main(argv=None) -> int:
                 print(f"{run_id}: {TIERS[tier].notebook} {params}")
             return 0
         out_dir = _output_folder(args.out.resolve(), args.name)  # absolute once: notebooks run in their own folders
-        with batch_lock(out_dir), stops_passed_to_notebooks():
+        with batch_lock(out_dir):
             os.environ.setdefault("SUITE_ROOT", str(ROOT))  # the notebooks' set-up cell finds utils/ here
+            # The engine first: ray.init installs a SIGTERM handler of its own, which ours must replace.
             executor = _executor(args, out_dir)
-            print(f"{len(runs)} run(s) into {out_dir}" + (f", {args.jobs} at a time" if args.jobs > 1 else "")
-                  + (" on Ray" if args.executor == "ray" else ""))
-            summary = run_all(runs, out_dir, args.resume, args.progress, args.timeout, executor=executor)
+            try:
+                print(f"{len(runs)} run(s) into {out_dir}" + (f", {args.jobs} at a time" if args.jobs > 1 else "")
+                      + (" on Ray" if args.executor == "ray" else ""))
+                summary = _run_stoppably(runs, out_dir, args, executor)
+            finally:
+                executor.close()
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        if executor is not None:
-            executor.kill()
         print("stopped at once: the running notebooks did not finish; finished runs are kept, --resume runs the rest",
               file=sys.stderr)
         return 130
-    finally:
-        if executor is not None:
-            executor.close()
     return _report(summary, out_dir, args)
+
+
+def _run_stoppably(runs, out_dir: Path, args, executor) -> pd.DataFrame:
+    """run_all with stops passed to the notebooks; a second stop kills them while the lock is still held."""
+    with stops_passed_to_notebooks():
+        try:
+            return run_all(runs, out_dir, args.resume, args.progress, args.timeout, executor=executor)
+        except KeyboardInterrupt:
+            executor.kill()
+            raise
 
 
 def _report(summary: pd.DataFrame, out_dir: Path, args) -> int:

@@ -1,6 +1,27 @@
 """How the batch runner executes its runs: one run (execute), the one-runner lock (lock), and the engines that
 run many at once: on this machine (local) or on a Ray cluster (ray_cluster). utils.run plans the grid and keeps
-the summary; every engine executes a run through execute.execute, so a run's results do not depend on the engine."""
+the summary; every engine executes a run through execute.execute, so a run's results do not depend on the engine.
+
+An engine's interface, as utils.run.run_all uses it: submit(job) queues a run; collect(timeout) returns the runs
+that finished as (job, row), row None for one that never started, waiting up to `timeout` s for one; busy says
+whether any is queued or running; cancel() stops the queued ones from starting; kill() ends the running ones at once;
+close() releases the engine; on_start(job), when set, is called as a run starts."""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class Job:
+    """One run as the driver hands it to an engine; `index` is its place in the plan (the summary's order)."""
+    index: int
+    run_id: str
+    tier: int
+    params: dict
+    out_dir: Path
+    progress: bool = False
+    timeout: int = None
+    extra: dict = field(default_factory=dict)  # the driver's own fields for the row (rerun_reason)
 
 
 class UsageError(ValueError):

@@ -29,6 +29,7 @@ KERNEL_LOG = "kernel.log"  # a run's kernel process's own log, kept in its folde
 KERNEL_START_TRIES = 3  # a kernel that dies before its first cell (ZeroMQ's port race when many start) is started again
 
 _KERNELS = weakref.WeakSet()  # the kernel managers of this process's running notebooks: a stop is passed to them
+_KERNELS_LOCK = threading.Lock()  # run threads add to it while a signal handler or a stop watcher reads it
 _STOP = []  # the signals that asked this process to stop (SIGINT, SIGTERM, a driver's stop), in order
 
 
@@ -46,7 +47,8 @@ class LocalKernelManager(AsyncKernelManager):
         return self.ipc_prefix if self.transport == "ipc" and self.ipc_prefix else super()._ip_default()
 
     async def _async_launch_kernel(self, kernel_cmd, **kw):
-        _KERNELS.add(self)
+        with _KERNELS_LOCK:
+            _KERNELS.add(self)
         kw = {**kw, "env": {**kw.get("env", os.environ), **self.run_env}, **({"cwd": self.run_cwd} if self.run_cwd else {})}
         with open(self.stderr_path or os.devnull, "ab") as log, _ctrl_c_deliverable():
             await super()._async_launch_kernel(kernel_cmd, **kw, **({"stderr": log} if self.stderr_path else {}))
@@ -81,7 +83,9 @@ def run_notebook(source: Path, target: Path, kernel_log: Path = None, cwd: Path 
 
 def _signal_kernels(sig):
     """`sig` to every running notebook's kernel, to its process group where it has one."""
-    for km in list(_KERNELS):
+    with _KERNELS_LOCK:
+        kernels = list(_KERNELS)
+    for km in kernels:
         if not km.has_kernel:
             continue
         pgid, pid = getattr(km.provisioner, "pgid", None), getattr(km.provisioner, "pid", None)
@@ -220,15 +224,25 @@ def _notebook(tier: int, params: dict, tmp: Path, progress: bool, timeout: int, 
     raise AssertionError("unreachable")
 
 
+def base_row(run_id: str, tier: int, params: dict, where: dict = None) -> dict:
+    """What every summary row says of its run, whatever became of it: its identity, parameters and where it ran."""
+    return {"run_id": run_id, "tier": tier, "notebook": TIERS[tier].notebook, "digest": run_digest(tier, params),
+            **{f"param.{k}": v for k, v in params.items()}, **(where or {}), "started_at": round(time.time(), 3)}
+
+
+def crashed_row(run_id: str, tier: int, params: dict, where: dict, error: str) -> dict:
+    """The row of a run that an engine lost (its thread or worker died) before execute() could record it."""
+    return {**base_row(run_id, tier, params, where), "run_status": "crashed", "verdict": None, "timing_failed": False,
+            "error": error}
+
+
 def execute(run_id: str, tier: int, params: dict, out_dir: Path, progress: bool = False, timeout: int = None,
             env: dict = None, where: dict = None) -> dict:
     """Execute one notebook in a temporary folder, then move it to out_dir/run_id. `env` is added to the kernel's
     environment (its threads, its GPU); `where` (engine, node, GPU, threads) goes into the row as it is. A crash,
     a timeout or a file-system error is recorded in the returned row, never raised; an interrupted run replaces an
     earlier run there only when that one was not complete."""
-    row = {"run_id": run_id, "tier": tier, "notebook": TIERS[tier].notebook, "digest": run_digest(tier, params),
-           **{f"param.{k}": v for k, v in params.items()}, **(where or {}),
-           "started_at": round(time.time(), 3)}
+    row = base_row(run_id, tier, params, where)
     t0, tmp = time.perf_counter(), None
     # Checkpoints live beside the run folders, not in the temporary one: they must outlive an interrupted run.
     keep = {"checkpoint_dir": str(out_dir / "checkpoints" / run_id)} if "checkpoint_dir" in spec(tier) else {}

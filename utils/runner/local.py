@@ -8,25 +8,11 @@ import queue
 import socket
 import threading
 from collections import deque
-from dataclasses import dataclass, field
-from pathlib import Path
 
 from utils.params import SHARED_MACHINE_ENV
 from utils.precision import cuda_device_count
-from utils.runner.execute import execute, kill_kernels
-
-
-@dataclass
-class Job:
-    """One run as the driver hands it to an engine; `index` is its place in the plan (the summary's order)."""
-    index: int
-    run_id: str
-    tier: int
-    params: dict
-    out_dir: Path
-    progress: bool = False
-    timeout: int = None
-    extra: dict = field(default_factory=dict)  # the driver's own fields for the row (rerun_reason)
+from utils.runner import Job
+from utils.runner.execute import _STOP, crashed_row, execute, kill_kernels
 
 
 def cpu_count() -> int:
@@ -63,7 +49,8 @@ class LocalExecutor:
     name = "local"
 
     def __init__(self, jobs: int = 1, threads: int = None, gpus: list = None):
-        self.jobs, self.threads = jobs, threads or max(1, cpu_count() // jobs)
+        # --jobs 1 without --threads leaves the kernel's threads to torch, as a single run always had them.
+        self.jobs, self.threads = jobs, threads or (max(1, cpu_count() // jobs) if jobs > 1 else None)
         self.all_gpus = list(visible_gpus() if gpus is None else gpus)
         self.free_gpus, self.gpu_count = list(self.all_gpus), len(self.all_gpus)
         self.queued, self.running, self.done, self.on_start = deque(), {}, queue.Queue(), None
@@ -76,7 +63,7 @@ class LocalExecutor:
         self._start()
 
     def _start(self):
-        while self.queued and len(self.running) < self.jobs:
+        while self.queued and len(self.running) < self.jobs and not _STOP:  # after a stop, no run starts
             job = self.queued[0]
             gpu, named = None, named_gpu(job.params)
             if self.gpu_count and wants_gpu(job.params):
@@ -88,7 +75,7 @@ class LocalExecutor:
                 gpu = wanted
                 self.free_gpus.remove(gpu)
             self.queued.popleft()
-            env = {**thread_env(self.threads), **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None and named is None else {}),
+            env = {**(thread_env(self.threads) if self.threads else {}), **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None and named is None else {}),
                    **({SHARED_MACHINE_ENV: self.shared} if self.shared else {})}
             where = {"executor": self.name, "node": socket.gethostname(), "cuda_visible_devices": gpu or "", "threads": self.threads}
             thread = threading.Thread(target=self._run, args=(job, env, where), daemon=True, name=job.run_id)
@@ -101,8 +88,7 @@ class LocalExecutor:
         try:
             row = execute(job.run_id, job.tier, job.params, job.out_dir, job.progress, job.timeout, env=env, where=where)
         except BaseException as e:  # never lose a run's end: the driver waits for it
-            row = {"run_id": job.run_id, "tier": job.tier, "run_status": "crashed", "verdict": None,
-                   "timing_failed": False, "error": f"{type(e).__name__}: {e}", **where}
+            row = crashed_row(job.run_id, job.tier, job.params, where, f"{type(e).__name__}: {e}")
         self.done.put((job, row))
 
     def collect(self, timeout: float) -> list:

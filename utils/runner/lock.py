@@ -29,11 +29,23 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def machine() -> str:
+    """Which machine and pid namespace a pid belongs to: the host name alone is not enough (containers on one host
+    share it with separate pids; clusters repeat names), so the boot id and the pid namespace are added where the OS
+    has them."""
+    parts = [socket.gethostname()]
+    with contextlib.suppress(OSError):
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+    with contextlib.suppress(OSError):
+        parts.append(str(os.stat("/proc/self/ns/pid").st_ino))
+    return "/".join(parts)
+
+
 def _holder(lock: Path) -> dict:
-    """The lock's record; a bare pid (an older runner's lock) is a runner on this host."""
+    """The lock's record; a bare pid (an older runner's lock) is a runner on this machine."""
     text = lock.read_text(errors="replace").strip()
     if text.isdigit():
-        return {"host": socket.gethostname(), "pid": int(text)}
+        return {"host": socket.gethostname(), "machine": machine(), "pid": int(text)}
     try:
         holder = json.loads(text)
     except ValueError:
@@ -55,7 +67,7 @@ def _stale(lock: Path) -> bool:
     holder = _holder(lock)
     if not holder:  # being written right now, or damaged: a damaged one stops beating too
         return _heartbeat_stopped(lock)
-    if holder.get("host") == socket.gethostname():
+    if holder.get("machine") == machine():  # a pid of this machine and namespace: its absence is proof
         return not _alive(int(holder.get("pid", 0)))
     return _heartbeat_stopped(lock)
 
@@ -84,18 +96,31 @@ def batch_lock(out_dir: Path):
                 raise UsageError(f"another runner (pid {holder.get('pid', '?')} on {holder.get('host', '?')}) is writing "
                                f"{out_dir}; wait for it to finish, or use another --name") from None
             lock.unlink(missing_ok=True)  # stale: its runner is gone
+    mine = {"host": socket.gethostname(), "machine": machine(), "pid": os.getpid(), "heartbeat_s": HEARTBEAT_S,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     with os.fdopen(fd, "w") as f:
-        json.dump({"host": socket.gethostname(), "pid": os.getpid(), "heartbeat_s": HEARTBEAT_S,
-                   "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, f)
+        json.dump(mine, f)
     stop = threading.Event()
     beat = threading.Thread(target=_beat, args=(lock, stop), daemon=True, name="lock heartbeat")
     beat.start()
     try:
-        for leftover in out_dir.glob(".*.*"):
-            if leftover.is_dir():
-                shutil.rmtree(leftover, ignore_errors=True)
+        _clear_leftovers(out_dir)
         yield
     finally:
         stop.set()
         beat.join()
-        lock.unlink(missing_ok=True)
+        with contextlib.suppress(OSError, ValueError):
+            if _holder(lock) == mine:  # never another runner's lock, taken over while this one was stopped
+                lock.unlink()
+
+
+def _clear_leftovers(out_dir: Path):
+    """What a dead runner left: temporary run folders and an engine's files are removed; a finished run that was cut
+    off while it replaced the one before (.name.old, and no name) is put back."""
+    for leftover in out_dir.glob(".*"):
+        if leftover.name.endswith(".old") and leftover.is_dir() and not (out_dir / leftover.name[1:-4]).exists():
+            leftover.rename(out_dir / leftover.name[1:-4])
+        elif leftover.is_dir() and "." in leftover.name[1:]:
+            shutil.rmtree(leftover, ignore_errors=True)
+        elif leftover.name.startswith(".ray-driver"):
+            leftover.unlink(missing_ok=True)

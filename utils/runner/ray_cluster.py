@@ -17,9 +17,9 @@ import threading
 from pathlib import Path
 
 from utils.params import ROOT, SHARED_MACHINE_ENV
-from utils.runner import UsageError
-from utils.runner.execute import _STOP, ask_stop, execute
-from utils.runner.local import Job, thread_env, wants_gpu
+from utils.runner import Job, UsageError
+from utils.runner.execute import _STOP, ask_stop, crashed_row, execute
+from utils.runner.local import thread_env, wants_gpu
 
 MARKER = ".ray-driver"  # in --out: the token of the driver whose tasks may write there
 STOP_POLL_S = 0.5
@@ -57,10 +57,10 @@ def run_task(job: Job, token: str, threads: int, shared: str):
     except OSError as e:
         seen = f"no file there ({e.strerror or e})"
     if seen:
-        return {"run_id": job.run_id, "tier": job.tier, "run_status": "crashed", "verdict": None, "timing_failed": False,
-                **where, "error": f"node {where['node']} cannot see this driver's marker {marker} (it found {seen}): "
-                                  "with --executor ray, --out must be one folder that every node sees at the same absolute "
-                                  "path (NFS or a cluster file system), not a node-local path"}
+        return crashed_row(job.run_id, job.tier, job.params, where,
+                           f"node {where['node']} cannot see this driver's marker {marker} (it found {seen}): with "
+                           "--executor ray, --out must be one folder that every node sees at the same absolute path (NFS "
+                           "or a cluster file system), not a node-local path")
     if stop_file.exists():
         return None
     _STOP.clear()  # a Ray worker process runs task after task: a stop belongs to its own task
@@ -81,21 +81,24 @@ class RayExecutor:
     def __init__(self, out_dir: Path, address: str = None, threads: int = 1):
         self.ray = ray = _ray()
         self.owns = not ray.is_initialized()
-        if self.owns:  # address None: RAY_ADDRESS when set, else a local Ray started here
-            ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+        if self.owns:  # address None: RAY_ADDRESS, else the cluster `ray start` began on this machine, else a new local Ray
+            try:
+                ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+            except (ConnectionError, ValueError, RuntimeError) as e:
+                raise UsageError(f"could not start or join Ray (--ray-address {address!r}, RAY_ADDRESS "
+                                 f"{os.environ.get('RAY_ADDRESS')!r}): {type(e).__name__}: {e}") from None
         self.out_dir, self.threads, self.token = out_dir, threads, secrets.token_hex(8)
         (out_dir / MARKER).write_text(self.token)
         self.stop_file = out_dir / f"{MARKER}.{self.token}.stop"
         self.gpus = ray.cluster_resources().get("GPU", 0) > 0
         self.refs, self.on_start = {}, None
-        self.shared = "a Ray node can run other tasks beside this one" if not self.gpus else ""
-        self.runtime_env = {"env_vars": {"PYTHONPATH": str(ROOT), "SUITE_ROOT": str(ROOT)}}
+        self.shared = "a Ray node runs other tasks beside this one, on its CPUs"
+        self.task = ray.remote(run_task).options(max_retries=0, runtime_env={
+            "env_vars": {"PYTHONPATH": str(ROOT), "SUITE_ROOT": str(ROOT)}})
 
     def submit(self, job: Job):
         gpu = self.gpus and wants_gpu(job.params)
-        task = self.ray.remote(run_task).options(
-            num_gpus=1 if gpu else 0, num_cpus=self.threads, max_retries=0, name=job.run_id,
-            runtime_env=self.runtime_env)
+        task = self.task.options(num_gpus=1 if gpu else 0, num_cpus=self.threads, name=job.run_id)
         self.refs[task.remote(job, self.token, self.threads, self.shared)] = job
         if self.on_start:
             self.on_start(job)
@@ -110,9 +113,8 @@ class RayExecutor:
             try:
                 finished.append((job, self.ray.get(ref)))
             except self.ray.exceptions.RayError as e:  # the worker or its node died: the run crashed there
-                finished.append((job, {"run_id": job.run_id, "tier": job.tier, "run_status": "crashed", "verdict": None,
-                                       "timing_failed": False, "executor": self.name,
-                                       "error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:400]}"}))
+                finished.append((job, crashed_row(job.run_id, job.tier, job.params, {"executor": self.name, "threads": self.threads},
+                                                  f"{type(e).__name__}: {str(e).strip().splitlines()[0][:400]}")))
         return finished
 
     @property
