@@ -75,7 +75,7 @@ def run_task(job: Job, token: str, threads: int, shared: str):
 
 
 class RayExecutor:
-    """The local engine's interface (submit, collect, cancel, busy, close) over Ray tasks."""
+    """The engines' interface (utils.runner) over Ray tasks."""
     name = "ray"
 
     def __init__(self, out_dir: Path, address: str = None, threads: int = 1):
@@ -93,8 +93,8 @@ class RayExecutor:
         self.gpus = ray.cluster_resources().get("GPU", 0) > 0
         self.refs, self.on_start = {}, None
         self.shared = "a Ray node runs other tasks beside this one, on its CPUs"
-        self.task = ray.remote(run_task).options(max_retries=0, runtime_env={
-            "env_vars": {"PYTHONPATH": str(ROOT), "SUITE_ROOT": str(ROOT)}})
+        self.task = ray.remote(max_retries=0, runtime_env={  # a worker's death is the run's crash, never a silent redo
+            "env_vars": {"PYTHONPATH": str(ROOT), "SUITE_ROOT": str(ROOT)}})(run_task)
 
     def submit(self, job: Job):
         gpu = self.gpus and wants_gpu(job.params)
@@ -126,6 +126,8 @@ class RayExecutor:
 
     def kill(self):
         """A stop at once: every task's worker ended, its kernel with it."""
+        if not self.refs:
+            return
         ready, _ = self.ray.wait(list(self.refs), num_returns=len(self.refs), timeout=0)
         for ref in set(self.refs) - set(ready):  # cancelling a task that just finished can abort Ray's driver
             self.ray.cancel(ref, force=True)
