@@ -223,7 +223,7 @@ def run_all(runs, out_dir: Path, resume: bool = False, progress: bool = False, t
             if resume and "resume" in spec(tier):  # an interrupted fine-tuning run continues from its checkpoints
                 params = {"resume": True, **params}
             executor.submit(Job(i, run_id, tier, params, out_dir, progress, timeout, {"rerun_reason": reason}))
-    summary = write_summary([rows[k] for k in sorted(rows)], out_dir, log)
+    summary = write_summary([rows[k] for k in sorted(rows)], out_dir, log) if rows else pd.DataFrame()
     while executor.busy:
         if _STOP and not cancelled:
             executor.cancel()

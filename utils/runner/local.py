@@ -44,8 +44,8 @@ def thread_env(threads: int) -> dict:
 
 
 class LocalExecutor:
-    """submit() queues a run; collect() returns the runs that finished, as (job, row), waiting up to `timeout` s for one, and
-    starts queued ones in their place; cancel() drops the queued ones; kill() stops the running ones at once. Called from one thread only."""
+    """The engines' interface (utils.runner) on this machine. A queued run starts at the next collect(), so the
+    driver has recorded the runs that finished before others take their slots."""
     name = "local"
 
     def __init__(self, jobs: int = 1, threads: int = None, gpus: list = None):
@@ -60,7 +60,6 @@ class LocalExecutor:
 
     def submit(self, job: Job):
         self.queued.append(job)
-        self._start()
 
     def _start(self):
         while self.queued and len(self.running) < self.jobs and not _STOP:  # after a stop, no run starts
@@ -92,6 +91,7 @@ class LocalExecutor:
         self.done.put((job, row))
 
     def collect(self, timeout: float) -> list:
+        self._start()  # into the slots the last collect freed: after the driver recorded those runs
         finished = []
         try:
             finished.append(self.done.get(timeout=timeout))
@@ -103,7 +103,6 @@ class LocalExecutor:
             _, gpu = self.running.pop(job.run_id)
             if gpu is not None:
                 self.free_gpus.append(gpu)
-        self._start()
         return finished
 
     @property
