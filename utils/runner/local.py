@@ -38,9 +38,11 @@ def named_gpu(params: dict):
     return int(device.split(":")[1]) if device.startswith("cuda:") else None
 
 
-def thread_env(threads: int) -> dict:
-    """The kernel's intra-op threads: torch reads these when it starts."""
-    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+def kernel_env(threads: int = None, gpu: str = None, shared: str = "") -> dict:
+    """What a run's kernel gets added to its environment, by every engine: its intra-op threads (torch reads them
+    when it starts), the one GPU it may see, and why other runs may share its machine (utils.tiers says so)."""
+    return {**({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {}),
+            **({"CUDA_VISIBLE_DEVICES": gpu} if gpu else {}), **({SHARED_MACHINE_ENV: shared} if shared else {})}
 
 
 class LocalExecutor:
@@ -74,8 +76,7 @@ class LocalExecutor:
                 gpu = wanted
                 self.free_gpus.remove(gpu)
             self.queued.popleft()
-            env = {**(thread_env(self.threads) if self.threads else {}), **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None and named is None else {}),
-                   **({SHARED_MACHINE_ENV: self.shared} if self.shared else {})}
+            env = kernel_env(self.threads, gpu if named is None else None, self.shared)
             where = {"executor": self.name, "node": socket.gethostname(), "cuda_visible_devices": gpu or "", "threads": self.threads}
             thread = threading.Thread(target=self._run, args=(job, env, where), daemon=True, name=job.run_id)
             self.running[job.run_id] = (job, gpu)

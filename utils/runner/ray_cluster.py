@@ -16,10 +16,10 @@ import socket
 import threading
 from pathlib import Path
 
-from utils.params import ROOT, SHARED_MACHINE_ENV
+from utils.params import ROOT
 from utils.runner import Job, UsageError
 from utils.runner.execute import _STOP, ask_stop, crashed_row, execute
-from utils.runner.local import thread_env, wants_gpu
+from utils.runner.local import kernel_env, wants_gpu
 
 MARKER = ".ray-driver"  # in --out: the token of the driver whose tasks may write there
 STOP_POLL_S = 0.5
@@ -66,9 +66,9 @@ def run_task(job: Job, token: str, threads: int, shared: str):
     _STOP.clear()  # a Ray worker process runs task after task: a stop belongs to its own task
     done = threading.Event()
     threading.Thread(target=_watch_stop, args=(stop_file, done), daemon=True).start()
-    env = {**thread_env(threads), **({"CUDA_VISIBLE_DEVICES": gpus} if gpus else {}), SHARED_MACHINE_ENV: shared}
     try:
-        return execute(job.run_id, job.tier, job.params, job.out_dir, False, job.timeout, env=env, where=where)
+        return execute(job.run_id, job.tier, job.params, job.out_dir, False, job.timeout,
+                       env=kernel_env(threads, gpus, shared), where=where)
     finally:
         done.set()
         _STOP.clear()
