@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from utils.measure import first_floating, layer_errors, layer_outputs
-from utils.precision import BF16, FP16, FP16_MAX, PrecisionPlan, convert_for, fp32_plan, label, resolve, runs_bf16
+from utils.precision import BF16, FP16, FP16_MAX, PrecisionPlan, convert_for, fp32_plan, label, resolve, bf16_native
 
 GENTLE_SCALER = {"init_scale": 2.0 ** 8, "growth_interval": 500}  # a scale that starts low and grows rarely
 DRIFT_LAYERS = 3  # layers reported when outputs drift without overflowing
@@ -143,7 +143,7 @@ def candidates(found: dict, plan: PrecisionPlan, device: torch.device) -> list:
     if found["layers"]:
         out.append((f"{', '.join(found['layers'])} in fp32",
                     replace(plan, fp32_modules=tuple(dict.fromkeys((*kept, *found["layers"]))))))
-    if plan.precision == FP16 and runs_bf16(device):
+    if plan.precision == FP16 and bf16_native(device):
         out.append(("bf16 instead of fp16", replace(resolve(BF16, device), fp32_modules=kept)))
     if plan.use_scaler:
         out.append((f"a gentler loss scale (initial {GENTLE_SCALER['init_scale']:g}, doubling after "

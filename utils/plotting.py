@@ -32,22 +32,23 @@ def save_figure(fig, path):
 # --- Tier 3: fp32 vs AMP -------------------------------------------------------------------------
 
 def plot_loss_curves(parity: pd.DataFrame, amp_precision: str, tolerance: float = None, path=None):
-    """Training loss per step, fp32 and AMP on the same data and seed; below, their relative gap."""
+    """Training loss per optimizer update, fp32 and AMP on the same data and seed (a skipped step is not an update:
+    it is marked at the update it tried to make); below, their relative gap."""
     fig, (ax, gap_ax) = plt.subplots(2, 1, figsize=(8, 5.5), sharex=True, height_ratios=[3, 1])
-    ax.plot(parity["step"], parity["loss_fp32"], color=color(FP32), label=label(FP32), alpha=0.85)
-    ax.plot(parity["step"], parity["loss_amp"], color=color(amp_precision, "tab:orange"),
-            label=label(amp_precision), alpha=0.85)
+    made = parity[~parity["skipped"].astype(bool)]
+    ax.plot(made["update"], made["loss_fp32"], color=color(FP32), label=label(FP32), alpha=0.85)
+    ax.plot(made["update"], made["loss_amp"], color=color(amp_precision, "tab:orange"), label=label(amp_precision), alpha=0.85)
     skipped = parity[parity["skipped"].astype(bool)]
     if len(skipped):
-        ax.scatter(skipped["step"], skipped["loss_amp"], marker="x", color="black", zorder=3, label="skipped step")
+        ax.scatter(skipped["update"], skipped["loss_amp"], marker="x", color="black", zorder=3, label="skipped step")
     ax.set_ylabel("training loss (nats/token)")
-    ax.set_title(f"Loss parity: fp32 vs {label(amp_precision)}")
+    ax.set_title(f"Loss parity: fp32 vs {label(amp_precision)}, update for update")
     ax.legend()
-    gap_ax.plot(parity["step"], 100 * parity["relative_gap"], color="gray")
+    gap_ax.plot(made["update"], 100 * made["relative_gap"], color="gray")
     if tolerance is not None:
         gap_ax.axhline(100 * tolerance, color="tab:red", linestyle="--", label=f"tolerance {tolerance:.0%}")
         gap_ax.legend(loc="upper right")
-    gap_ax.set_xlabel("optimizer step")
+    gap_ax.set_xlabel("optimizer update")
     gap_ax.set_ylabel("smoothed gap (%)")
     return save_figure(fig, path)
 

@@ -50,6 +50,7 @@ _SHORT = {FP32: "fp32", FP16: "fp16", BF16: "bf16", FP8: "fp8", FP8_EMULATED: "f
 _COLORS = {FP32: "tab:blue", FP16: "tab:red", BF16: "tab:orange"}
 FP16_MAX = 65504.0  # fp16's largest finite value: an activation or scaled gradient beyond it overflows
 FP8_MIN_CAPABILITY = (8, 9)  # L4, H100, H200: float8 tensor cores
+BF16_MIN_CAPABILITY = (8, 0)  # A100 and later: bf16 tensor cores (a T4 or V100 only emulates bf16)
 
 
 class UnsupportedPrecision(UnsupportedModel):
@@ -281,7 +282,7 @@ def _best_mixed(device: torch.device):
     if device.type == "cuda":
         major, minor = device_capability(device)
         name = device_name(device)
-        if major >= 8:
+        if (major, minor) >= BF16_MIN_CAPABILITY:
             return BF16, f"{name} (sm_{major}{minor}) has native bf16: bf16 autocast, no GradScaler needed"
         return FP16, (f"{name} (sm_{major}{minor}) predates sm_80: fp16 autocast with GradScaler "
                       "(bf16 is only emulated there, slower than fp32)")
@@ -417,9 +418,12 @@ def _autocast_back(module, args, output):
         torch.set_autocast_enabled(d, True)
 
 
-def runs_bf16(device: torch.device) -> bool:
-    """bf16 autocast runs here: any CPU (emulated where not native), a GPU from sm_80."""
-    return device.type == "cpu" or (device.type == "cuda" and device_capability(device)[0] >= 8)
+def bf16_native(device: torch.device) -> bool:
+    """bf16 runs natively here, so it is worth offering: a CPU with bf16 instructions (cpu_has_native_bf16), a GPU from
+    sm_80. Elsewhere bf16 autocast runs, but emulated and slower than fp32."""
+    if device.type == "cpu":
+        return cpu_has_native_bf16()
+    return device.type == "cuda" and device_capability(device)[0] >= BF16_MIN_CAPABILITY[0]
 
 
 @contextmanager

@@ -29,11 +29,12 @@ from utils.loop.stops import INTERRUPTED, OVERFLOW_STORM
 from utils.loop.trainer import FineTuneResult, Trainer
 from utils.measure import (ACTIVATION_BYTES_METHOD, MIN_TRIALS_FOR_INTERVAL, matmul_time_fraction, measure_matmul_peak,
                            measured_flops_per_token, op_time_shares, peak_activation_bytes, PEAK_ACTIVATION_METHOD,
-                           ratio_of_medians, saved_activation_bytes, smooth, training_flops_per_token)
+                           ratio_of_medians, saved_activation_bytes, training_flops_per_token)
 from utils.models import UnsupportedModel, checkpoint_blocks, compute_loss, count_parameters
 from utils.params import TIER3_LOOP, output_folder
-from utils.precision import (FP32, AUTO, PrecisionPlan, baseline_name, convert_for, fp32_plan, label, resolve,
+from utils.precision import (FP32, AUTO, PrecisionPlan, baseline_name, bf16_native, convert_for, fp32_plan, label, resolve,
                              resolve_device, synchronize, tf32_matmuls)
+from utils.parity import SMOOTHING, calibration_text, compare, figures as parity_figures, problems as parity_problems
 from utils.prepare import Prepared
 from utils.verdicts import CheckResult, TierResult, Verdict
 
@@ -249,35 +250,17 @@ def _baseline_verdict(ref: FineTuneResult) -> Verdict:
     return Verdict("fp32_baseline", "pass", f"fp32 trains: eval loss {start:.3f} -> {end:.3f}.")
 
 
-def _parity_problems(p: dict) -> list:
-    tol, skip_frac = p["tolerance"], p["skipped_fraction"]
-    problems = []
-    if p["stop"]:  # a run cut short: its stop says what went wrong; gaps and fractions of it add nothing
-        problems.append(f"the run stopped: {p['stop']['message'].rstrip('.')}")
-    elif not p["finite"]:
-        problems.append("the AMP loss became NaN/Inf")
-    elif p["max_relative_gap"] > tol:
-        problems.append(f"the AMP loss (rolling median of 10 steps) strays {p['max_relative_gap']:.1%} from fp32 "
-                        f"(tolerance {tol:.0%}) at step {p['max_gap_step']}")
-    if p["finite"] and not p["stop"] and p["final_eval_relative_gap"] > tol:
-        problems.append(f"final eval loss differs by {p['final_eval_relative_gap']:.1%} (tolerance {tol:.0%})")
-    if skip_frac > p["max_skipped_fraction"] and not p["stop"]:
-        problems.append(f"{p['skipped_steps']} of {p['steps']} steps were skipped for overflow "
-                        f"({skip_frac:.0%} > {p['max_skipped_fraction']:.0%}): look for activations beyond fp16's range "
-                        "(Tier 2 AMP readiness) or use bf16")
-    return problems
-
-
-def _safe_verdict(p: dict, precision: str, baseline: Verdict) -> Verdict:
-    tol, problems = p["tolerance"], _parity_problems(p)
+def _safe_verdict(p: dict, precision: str, baseline: Verdict, device: torch.device) -> Verdict:
+    tol, problems = p["tolerance"], parity_problems(p, bf16_native(device))
     if baseline.status == "fail":
         return Verdict("amp_safe", "warn", f"not judged: the fp32 baseline failed (see fp32_baseline), so a gap between "
                        f"{precision} and fp32 says nothing about AMP. Fix the baseline first.")
     if problems:
-        return Verdict("amp_safe", "fail", f"{precision} is not safe for this model: " + "; ".join(problems) + ".")
-    return Verdict("amp_safe", "pass", f"{precision} tracks fp32 within {tol:.0%} (max gap of 10-step rolling medians "
-                   f"{p['max_relative_gap']:.2%}, final eval gap {p['final_eval_relative_gap']:.2%}), "
-                   f"{p['skipped_steps']} skipped step(s).")
+        return Verdict("amp_safe", "fail", f"{precision} is not safe for this model: " + "; ".join(problems)
+                       + f" ({calibration_text(p)}).")
+    return Verdict("amp_safe", "pass", f"{precision} tracks fp32 within {tol:.0%} update for update (max gap of "
+                   f"{SMOOTHING}-update rolling medians {p['max_relative_gap']:.2%}, final eval gap "
+                   f"{p['final_eval_relative_gap']:.2%} after {p['updates']['amp']} updates); {calibration_text(p)}.")
 
 
 def _worth_verdict(speed: dict, plan: PrecisionPlan) -> Verdict:
@@ -318,10 +301,11 @@ def _fine_tune_both(run: Prepared, plans, progress: bool):
 
 
 def _parity_config(run: Prepared, **changes) -> TrainConfig:
-    """The loop's settings of a parity run: tier 3's, one evaluation at the start and one at the end."""
+    """The loop's settings of a parity run: tier 3's, an evaluation at the start, after `steps` and at the end; skipped
+    steps made up, so the AMP run ends after as many updates as fp32 (utils.parity)."""
     p = run.params
     return TrainConfig(**{**{name: p[name] for name in TIER3_LOOP}, "seq_len": run.seq_len, "eval_interval": p["steps"],
-                          "eval_batches": 4, **changes})
+                          "eval_batches": 4, "make_up_skipped": True, **changes})
 
 
 def _rerun(run: Prepared, plan: PrecisionPlan, model=None, callbacks=(), **changes) -> FineTuneResult:
@@ -331,10 +315,10 @@ def _rerun(run: Prepared, plan: PrecisionPlan, model=None, callbacks=(), **chang
     return Trainer(model or copy.deepcopy(run.model), config, plan, run.device, run.data, callbacks, progress=False).run()
 
 
-def _judge(p: dict, ref: FineTuneResult, amp: FineTuneResult) -> tuple:
+def _judge(run: Prepared, ref: FineTuneResult, amp: FineTuneResult) -> tuple:
     """An AMP run's parity figures against fp32, and the problems amp_safe would name (none: it passes)."""
-    parity = _parity(p, ref, amp, {FP32: ref, amp.plan.precision: amp})[1]
-    return parity, _parity_problems(parity)
+    parity = _parity(run.params, ref, amp, {FP32: ref, amp.plan.precision: amp})[1]
+    return parity, parity_problems(parity, bf16_native(run.device))
 
 
 def _diagnose(run: Prepared, ref: FineTuneResult, amp: FineTuneResult, parity: dict, safe: Verdict, x) -> tuple:
@@ -353,45 +337,32 @@ def _diagnose(run: Prepared, ref: FineTuneResult, amp: FineTuneResult, parity: d
         return None, safe, stop
     collapse = scale_collapse(amp.history)
     runaway = (amp.stop or {}).get("reason") == OVERFLOW_STORM or parity["skipped_fraction"] > p["max_skipped_fraction"]
-    gradients = gradients if collapse or runaway else None  # else: the GradScaler calibrating, not the cause
+    gradients = gradients if collapse or runaway else None  # else: the GradScaler calibrating (utils.parity), not the cause
     drift = None if activation or gradients else drifting_layers(run.model, x, amp.plan)
     found = cause(amp.plan, activation, gradients, collapse, drift)
     fp32_step_s = float(ref.history["step_time_s"].median())
     rows, stop = try_remedies(candidates(found, amp.plan, run.device), p["remedy_runs"], lambda *a: _rerun(run, *a),
-                              lambda result: _judge(p, ref, result), fp32_step_s)
+                              lambda result: _judge(run, ref, result), fp32_step_s)
     if stop:
         return None, safe, stop
     passed = next((r["remedy"] for r in rows if r["passed"]), None)
     remedy = ("remedies are off (remedy_runs=0)" if not p["remedy_runs"] else f"the remedy that passes parity: {passed}"
               if passed else "no remedy passed parity" + (f" (tried: {'; '.join(r['remedy'] for r in rows)})" if rows else ""))
     text = f"cause: {found['text']}; {remedy}."
-    before = remedy_row(f"none: {amp.plan.precision} as asked", amp, parity, _parity_problems(parity), fp32_step_s)
+    before = remedy_row(f"none: {amp.plan.precision} as asked", amp, parity, parity_problems(parity, bf16_native(run.device)),
+                        fp32_step_s)
     return (CheckResult(Verdict("diagnosis", "warn" if passed else "fail", text), pd.DataFrame([before, *rows]),
                         {"cause": found, "remedy": passed, "tolerance": p["parity_tolerance"]}),
             replace(safe, reason=f"{safe.reason} Diagnosis: {text}"), None)
 
 
 def _parity(p: dict, ref: FineTuneResult, amp: FineTuneResult, runs: dict):
-    """The AMP loss curve against fp32's: the table behind amp_safe, and its figures."""
-    # Outer join on the step: a run that stopped early (overflow storm, NaN) has fewer rows.
-    df = (ref.history[["step", "loss"]].rename(columns={"loss": "loss_fp32"})
-          .merge(amp.history[["step", "loss", "loss_scale", "skipped"]].rename(columns={"loss": "loss_amp"}),
-                 on="step", how="outer"))
-    gap = (smooth(df["loss_amp"]) - smooth(df["loss_fp32"])).abs() / smooth(df["loss_fp32"])
-    df.insert(3, "relative_gap", gap)
-    judged = gap.fillna(float("inf"))  # a NaN loss is an infinite gap
-    return df, {"amp_precision": amp.plan.precision, "steps": p["steps"], "tolerance": p["parity_tolerance"],
-                "max_skipped_fraction": p["max_skipped_fraction"],
-                "max_relative_gap": float(judged.max()), "max_gap_step": int(df["step"][judged.idxmax()]),
-                "final_relative_gap": float(gap.iloc[-1]),
-                "final_eval_loss": {prec: r.final_eval_loss for prec, r in runs.items()},
-                "final_eval_relative_gap": abs(amp.final_eval_loss - ref.final_eval_loss) / ref.final_eval_loss,
-                "finite": bool(np.isfinite(amp.history["loss"]).all()),
-                "skipped_steps": int(amp.history["skipped"].sum()),
-                "skipped_fraction": float(amp.history["skipped"].mean()),
-                "final_loss_scale": float(amp.history["loss_scale"].iloc[-1]),
-                "stop": amp.stop, "checkpoints": {prec: r.checkpoints for prec, r in runs.items()},
-                "compile": {prec: r.config.get("compile") for prec, r in runs.items()}}
+    """The AMP loss curve against fp32's, update for update (utils.parity): the table behind amp_safe, and its figures."""
+    table = compare(ref.history, amp.history)
+    limits = {name: p[name] for name in ("steps", "max_skipped_fraction")} | {"tolerance": p["parity_tolerance"]}
+    return table, {**parity_figures(table, ref, amp, limits),
+                   "checkpoints": {prec: r.checkpoints for prec, r in runs.items()},
+                   "compile": {prec: r.config.get("compile") for prec, r in runs.items()}}
 
 
 def _throughput(run: Prepared, plans, trials: pd.DataFrame, batch, act: dict) -> dict:
@@ -490,7 +461,8 @@ def _benchmark(run: Prepared, progress: bool) -> TierResult:
     if stop:
         return _interrupted_result(run, stop)
     baseline = _baseline_verdict(ref)
-    diagnosis, safe, stop = _diagnose(run, ref, amp, parity, _safe_verdict(parity, amp_plan.precision, baseline), batch[0])
+    diagnosis, safe, stop = _diagnose(run, ref, amp, parity, _safe_verdict(parity, amp_plan.precision, baseline, device),
+                                     batch[0])
     if stop:
         return _interrupted_result(run, _interrupted(stop, "a diagnosis run"))
     checks = {"fp32_baseline": CheckResult(baseline, ref.history[["step", "loss", "grad_norm", "skipped"]],

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from utils.measure import largest_activation
-from utils.precision import BF16, PrecisionPlan, label
+from utils.precision import BF16, PrecisionPlan, bf16_native, label
 
 INTERRUPTED, NONFINITE_LOSS, OVERFLOW_STORM = "interrupted", "nonfinite_loss", "overflow_storm"
 
@@ -59,8 +59,9 @@ def diagnosis(reason: str, step: int, at: int, count: int, records: list, net: n
     seen = "" if at == step else f" (seen at the log point of step {step})"
     if reason == OVERFLOW_STORM:
         message = (f"overflow storm: {count} optimizer steps in a row skipped for non-finite gradients (to step {at})"
-                   f"{seen}; loss scale {scales[0]:g} -> {scales[-1]:g}; {where} under {plan.precision}. Use {BF16}, "
-                   "or find the layer whose activations outgrow fp16's 65504 (Tier 2 AMP readiness).")
+                   f"{seen}; loss scale {scales[0]:g} -> {scales[-1]:g}; {where} under {plan.precision}. "
+                   + (f"Use {BF16} (this device runs it natively), or find" if bf16_native(x.device) else "Find")
+                   + " the layer whose activations outgrow fp16's 65504 (Tier 2 AMP readiness).")
     else:
         message = (f"the training loss went NaN/Inf at step {at}{seen} in {label(plan.precision)}; {where}. "
                    "Lower lr, check Tier 1 numerics.")

@@ -143,7 +143,8 @@ class Trainer:
                        "world_size": r.world, "parallel": self.parallel}
         # What a checkpoint must match to be resumed here: the same model, precision, data and schedule.
         remedies = {k: v for k, v in self.plan.to_dict().items() if k in ("fp32_modules", "init_scale", "growth_interval")}
-        self.identity = {"model": structure_digest(self.model), "precision": self.plan.precision, **remedies,
+        made_up = {"make_up_skipped": True} if cfg.make_up_skipped else {}  # only where set: identities stay as they were
+        self.identity = {"model": structure_digest(self.model), "precision": self.plan.precision, **remedies, **made_up,
                          "data": f"{corpus}:{self.config['corpus_fingerprint']}",
                          **{k: self.config[k] for k in ("steps", "micro_batches", "batch_size", "seq_len", "grad_accum_steps",
                                                         "seed", "world_size", "parallel")},
@@ -215,33 +216,54 @@ class Trainer:
 
     def run(self) -> FineTuneResult:
         self.resume()
-        cfg, log_every = self.cfg, log_interval(self.cfg.log_every, self.device)
+        cfg = self.cfg
+        # Making up skips retries a skipped step's batch: its record is read every step, before the next draw.
+        log_every = 1 if cfg.make_up_skipped else log_interval(cfg.log_every, self.device)
         self.in_a_row = sum(1 for _ in itertools.takewhile(lambda rec: rec["skipped"], reversed(self.records)))
         self.pending, self.windows, self.timer = [], [], StepTimer(self.device)  # records still on the device
         self.bar = tqdm(total=self.total_steps, initial=self.start, desc=f"fine-tune [{self.plan.precision}]",
                         disable=not self.progress or not self.r.main, leave=False)
+        self.end, step = self.total_steps, self.start
+        self.extend()  # a resumed run makes up the skips it had already
         loop_start = time.perf_counter()
         with stops.stop_requests() as stop_asked:
-            for step in range(self.start + 1, self.total_steps + 1):
+            while step < self.end:
+                step += 1
                 batches = self.train_step()
-                evaluating = step % cfg.eval_interval == 0 or step == self.total_steps
-                periodic = cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == self.total_steps)
-                if not (step % log_every == 0 or evaluating or periodic or step == self.total_steps
+                periodic = cfg.checkpoint_every and step % cfg.checkpoint_every == 0
+                if not (step % log_every == 0 or step % cfg.eval_interval == 0 or periodic or step == self.end
                         or (self.r.world == 1 and stop_asked())):  # under torchrun, ranks agree on a stop at log points
                     continue
-                broke_at, storm = self.log_point(step, evaluating)
+                broke_at, storm = self.log_point(step)
+                last = step == self.extend()  # the end moves only once the skips are read
+                if cfg.make_up_skipped and self.records[-1]["skipped"]:
+                    self.generator.set_state(self.drawn_from)  # the step that makes it up draws the same batch
+                if step % cfg.eval_interval == 0 or last:
+                    self.evals += self.evaluate(step)
                 self.stop = self.stop_check(step, stop_asked, broke_at, storm, batches[-1][0])
-                if cfg.checkpoint_dir and (periodic or (self.stop and self.stop["reason"] == stops.INTERRUPTED)):
+                if cfg.checkpoint_dir and ((cfg.checkpoint_every and (periodic or last))
+                                           or (self.stop and self.stop["reason"] == stops.INTERRUPTED)):
                     self.checkpoint(step)
                 if self.stop:
                     break
         self.bar.close()
         return self.result(time.perf_counter() - loop_start)
 
+    def extend(self) -> int:
+        """The last step: total_steps, and with make_up_skipped one more for each skipped step read so far (at most
+        total_steps more), each a full window of micro-batches: the skipped window's, drawn again."""
+        if self.cfg.make_up_skipped:
+            skipped = sum(1 for rec in self.records if rec["skipped"])
+            end = self.total_steps + min(skipped, self.total_steps)
+            self.micro_total += (end - self.end) * self.cfg.grad_accum_steps
+            self.end = self.bar.total = end
+        return self.end
+
     def train_step(self) -> list:
         """One optimizer step over this window's micro-batches; its record stays pending on the device."""
         window = min(self.cfg.grad_accum_steps, self.micro_total - self.micro_done)
         self.timer.start()
+        self.drawn_from = self.generator.get_state()
         batches = [tuple(to_device(rows(t, self.r), self.device)
                          for t in self.data.get_batch("train", self.global_batch, self.cfg.seq_len, self.generator))
                    for _ in range(window)]
@@ -252,9 +274,9 @@ class Trainer:
         self.micro_done += window
         return batches
 
-    def log_point(self, step: int, evaluating: bool):
+    def log_point(self, step: int):
         """The pending records in one transfer (the loss averaged over ranks), then what needs them: records,
-        callbacks, evaluation, progress. Returns where the loss first broke and an overflow storm, if any."""
+        callbacks, progress. Returns where the loss first broke and an overflow storm, if any."""
         values, loss = torch.stack(self.pending), RECORD.index("loss")
         values[:, loss] = mean_over_ranks(values[:, loss], self.r)
         first, broke_at, storm = step - len(self.pending) + 1, None, None
@@ -273,8 +295,6 @@ class Trainer:
             if broke_at is None and not math.isfinite(record["loss"]):
                 broke_at = record["step"]
         self.pending, self.windows = [], []
-        if evaluating:
-            self.evals += self.evaluate(step)
         self.bar.update(step - first + 1)
         self.bar.set_postfix(loss=f"{self.records[-1]['loss']:.3f}", refresh=False)
         return broke_at, storm
@@ -282,7 +302,7 @@ class Trainer:
     def stop_check(self, step: int, stop_asked, broke_at, storm, x: torch.Tensor):
         """Stop early: asked to (any rank), or training broke (decided from values every rank shares)."""
         if mean_over_ranks(float(stop_asked()), self.r) > 0:
-            return stops.interrupted(step, self.total_steps, self.cfg.checkpoint_dir)
+            return stops.interrupted(step, self.end, self.cfg.checkpoint_dir)
         if self.cfg.max_skipped_in_a_row and broke_at is not None and not self.plan.use_scaler:
             return stops.diagnosis(stops.NONFINITE_LOSS, step, broke_at, 1, self.records, self.net, x, self.plan)
         if storm:

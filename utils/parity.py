@@ -1,0 +1,156 @@
+"""Loss parity: does an AMP run train as fp32 does? Judged the way the GradScaler works.
+
+A step the GradScaler skips is not an update: the weights stay as they were and the LR schedule does not advance.
+So the two runs are compared update for update, not step for step: the AMP run's k-th update beside fp32's k-th.
+Tier 3's parity runs make up their skipped steps (utils.loop: make_up_skipped): a skipped step's batch is retried
+by the step after it, so the k-th update of either run is made on the same batch, and both end after the same
+number of updates on the same data; the comparison differs in precision alone, and the final evaluations compare
+like with like. (Training of your own consumes a skipped step's batch; over a few calibration skips the two differ
+by those few batches.)
+
+Calibration is the GradScaler doing its job, and is not held against AMP. A back-off is a run of skipped steps
+in a row (each halves the scale). It is calibration when
+  - it belongs to the scale's descent from its first value: every back-off before the steps first stand, or
+  - it is isolated: the steps stand again after it,
+where "the steps stand" means STAND updates in a row follow (or every step left, at least one, where the run
+ends sooner). What hurts training is held against it: skipping that keeps coming (back-offs that are not
+calibration, beyond max_skipped_fraction of the steps), a scale that collapses below 1, a storm (the loop stops
+the run: max_skipped_in_a_row), a NaN loss, a lasting gap of the smoothed curves, a gap of the final evaluations,
+and an AMP run that could not make as many updates as fp32 within its make-up allowance.
+"""
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from utils.measure import smooth
+from utils.precision import FP16, FP32, label
+
+STAND = 5  # updates in a row after a back-off that show the scale holds: the back-off was calibration
+SMOOTHING = 10  # updates in the rolling median that the gap compares (a one-update spike that recovers is noise)
+
+
+def updates(history: pd.DataFrame) -> pd.Series:
+    """Per step, the update it made or tried to make (1-based): a skipped step shares its number with the next."""
+    made = (~history["skipped"].astype(bool)).astype(int)
+    return made.cumsum() - made + 1
+
+
+def back_offs(history: pd.DataFrame) -> list:
+    """The runs of skipped steps in a row, each {first, last, steps, scale_from, scale_to, stand, calibration}:
+    stand is the updates in a row after it (to the next back-off or the end), calibration per the module's rule."""
+    skipped, steps = history["skipped"].astype(bool).to_numpy(), history["step"].to_numpy()
+    scales = history["loss_scale"].to_numpy()
+    runs, i = [], 0
+    while i < len(skipped):
+        if not skipped[i]:
+            i += 1
+            continue
+        j = i
+        while j + 1 < len(skipped) and skipped[j + 1]:
+            j += 1
+        after = j + 1
+        while after < len(skipped) and not skipped[after]:
+            after += 1
+        stand = after - j - 1
+        stands = stand >= STAND or (after == len(skipped) and stand >= 1)
+        runs.append({"first": int(steps[i]), "last": int(steps[j]), "steps": j - i + 1, "scale_from": float(scales[i]),
+                     "scale_to": float(scales[i]) / 2 ** (j - i + 1), "stand": stand, "stands": stands})
+        i = j + 1
+    first_stand = next((n for n, run in enumerate(runs) if run["stands"]), None)  # where the descent ends
+    for n, run in enumerate(runs):  # a descent that never ends is skipping that keeps coming: none of it calibrates
+        descent = first_stand is not None and n <= first_stand
+        run["calibration"] = (descent or run["stands"]) and run["scale_to"] >= 1
+    return runs
+
+
+def compare(ref: pd.DataFrame, amp: pd.DataFrame) -> pd.DataFrame:
+    """The table behind amp_safe: one row per AMP step, beside fp32's loss at the same update, and the relative gap
+    of the two smoothed curves on the rows that are updates (a skipped step's gap is empty)."""
+    fp32 = ref.assign(update=updates(ref))[lambda d: ~d["skipped"].astype(bool)][["update", "loss"]]
+    rows = amp.assign(update=updates(amp))[["step", "update", "loss", "loss_scale", "skipped"]]
+    df = rows.rename(columns={"loss": "loss_amp"}).merge(fp32.rename(columns={"loss": "loss_fp32"}), on="update",
+                                                         how="outer")
+    df["skipped"] = df["skipped"].astype("boolean").fillna(False).astype(bool)
+    made = df[~df["skipped"]]
+    gap = (smooth(made["loss_amp"], SMOOTHING) - smooth(made["loss_fp32"], SMOOTHING)).abs() / smooth(made["loss_fp32"], SMOOTHING)
+    df["relative_gap"] = gap.reindex(df.index)
+    return df[["step", "update", "loss_fp32", "loss_amp", "relative_gap", "loss_scale", "skipped"]]
+
+
+def figures(table: pd.DataFrame, ref, amp, limits: dict) -> dict:
+    """amp_safe's figures from the table and the two runs (FineTuneResult-like: history, final_eval_loss, stop, plan).
+    limits: tolerance, max_skipped_fraction and steps (the steps each run was asked for)."""
+    made = table[~table["skipped"]]
+    judged = made["relative_gap"].fillna(float("inf"))  # a NaN loss, or an update AMP never made, is an infinite gap
+    worst = judged.idxmax() if len(judged) else None
+    offs = back_offs(amp.history)
+    calibration = [r for r in offs if r["calibration"]]
+    other = sum(r["steps"] for r in offs if not r["calibration"])
+    ref_updates, amp_updates = int((~ref.history["skipped"].astype(bool)).sum()), int((~amp.history["skipped"].astype(bool)).sum())
+    return {"amp_precision": amp.plan.precision, **limits, "compared": "update for update",
+            "max_relative_gap": float(judged.max()) if worst is not None else float("inf"),
+            "max_gap_step": _step_of(table, worst), "max_gap_update": int(table["update"][worst]) if worst is not None else None,
+            "final_relative_gap": float(made["relative_gap"].iloc[-1]) if len(made) else float("inf"),
+            "final_eval_loss": {FP32: ref.final_eval_loss, amp.plan.precision: amp.final_eval_loss},
+            "final_eval_relative_gap": _relative(amp.final_eval_loss, ref.final_eval_loss),
+            "finite": bool(np.isfinite(amp.history["loss"]).all()),
+            "updates": {"fp32": ref_updates, "amp": amp_updates}, "amp_steps_run": int(len(amp.history)),
+            "skipped_steps": int(amp.history["skipped"].sum()),
+            "calibration_skips": sum(r["steps"] for r in calibration), "other_skips": other,
+            "skipped_fraction": other / limits["steps"], "back_offs": offs,
+            "final_loss_scale": float(amp.history["loss_scale"].iloc[-1]) if len(amp.history) else None,
+            "min_loss_scale": float(amp.history["loss_scale"].min()) if len(amp.history) else None,
+            "stop": amp.stop}
+
+
+def _step_of(table: pd.DataFrame, row):
+    if row is None:
+        return None
+    step = table["step"][row]
+    return int(step) if not pd.isna(step) else None
+
+
+def _relative(value, reference):
+    if value is None or reference is None:
+        return None
+    return abs(value - reference) / reference if math.isfinite(value) else float("inf")
+
+
+def calibration_text(p: dict) -> str:
+    """How the skipped steps split: '5 skipped: 5 calibration (65536 -> 2048 at steps 1-5), 0 beyond it'."""
+    if not p["skipped_steps"]:
+        return "no skipped steps"
+    spans = [f"{r['scale_from']:g} -> {r['scale_to']:g} at step{'s' if r['steps'] > 1 else ''} {r['first']}"
+             + (f"-{r['last']}" if r['steps'] > 1 else "") for r in p["back_offs"] if r["calibration"]]
+    return (f"{p['skipped_steps']} skipped: {p['calibration_skips']} calibration" + (f" ({', '.join(spans)})" if spans else "")
+            + f", {p['other_skips']} beyond it")
+
+
+def problems(p: dict, bf16_native: bool) -> list:
+    """What amp_safe names against an AMP run (none: it passes). bf16_native: whether to advise bf16 (the device runs
+    it natively)."""
+    tol, out = p["tolerance"], []
+    if p["stop"]:  # a run cut short: its stop says what went wrong; gaps and fractions of it add nothing
+        return [f"the run stopped: {p['stop']['message'].rstrip('.')}"]
+    if not p["finite"]:
+        return ["the AMP loss became NaN/Inf"]
+    if p["min_loss_scale"] is not None and p["min_loss_scale"] < 1:
+        out.append(f"the loss scale collapsed to {p['min_loss_scale']:g} (below 1): gradients overflow even unscaled")
+    if p["updates"]["amp"] < p["updates"]["fp32"]:
+        out.append(f"skipping kept coming: the AMP run made {p['updates']['amp']} of fp32's {p['updates']['fp32']} "
+                   f"updates in {p['amp_steps_run']} steps")
+    if p["max_relative_gap"] > tol:
+        out.append(f"the AMP loss (rolling median of {SMOOTHING} updates) strays {p['max_relative_gap']:.1%} from fp32 "
+                   f"(tolerance {tol:.0%}) at update {p['max_gap_update']}")
+    if p["final_eval_relative_gap"] is not None and p["final_eval_relative_gap"] > tol:
+        out.append(f"final eval loss differs by {p['final_eval_relative_gap']:.1%} after "
+                   f"{min(p['updates'].values())} updates (tolerance {tol:.0%})")
+    if p["skipped_fraction"] > p["max_skipped_fraction"]:
+        advice = (f"; {label(p['amp_precision'])} overflows here: look for activations beyond fp16's range (Tier 2 AMP "
+                  "readiness)" + (", or use bf16, which this device runs natively" if bf16_native else "")
+                  if p["amp_precision"] == FP16 else "")
+        out.append(f"{p['other_skips']} of {p['steps']} steps were skipped beyond the GradScaler's calibration "
+                   f"({p['skipped_fraction']:.0%} > {p['max_skipped_fraction']:.0%}){advice}")
+    return out
