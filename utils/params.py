@@ -218,6 +218,10 @@ TIER_PARAMS = {
         Param("fp32_modules", list, [], "modules (model.named_modules() names) the AMP run keeps in fp32, autocast off "
               "around them: a remedy the diagnosis may name", item=str, added=True),
         _LOOP["activation_checkpointing"],
+        Param("emulated_amp", str, "short", "where the device only emulates the AMP precision (bf16 on a CPU without "
+              "AVX512-BF16/AMX, fp16 on a CPU): 'short' runs the parity runs at batch 1 and no speed trials (emulated "
+              "speed says nothing about AMP), to fit in about a minute; 'full' runs the whole comparison, slowly",
+              choices=("short", "full"), added=True),
         _LOOP["checkpoint_every"], replace(_LOOP["checkpoint_dir"], optional=False), _LOOP["resume"],
         *_TAIL),
 }

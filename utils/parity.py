@@ -66,24 +66,27 @@ def back_offs(history: pd.DataFrame) -> list:
 
 
 def compare(ref: pd.DataFrame, amp: pd.DataFrame) -> pd.DataFrame:
-    """The table behind amp_safe: one row per AMP step, beside fp32's loss at the same update, and the relative gap
-    of the two smoothed curves on the rows that are updates (a skipped step's gap is empty)."""
-    fp32 = ref.assign(update=updates(ref))[lambda d: ~d["skipped"].astype(bool)][["update", "loss"]]
-    rows = amp.assign(update=updates(amp))[["step", "update", "loss", "loss_scale", "skipped"]]
-    df = rows.rename(columns={"loss": "loss_amp"}).merge(fp32.rename(columns={"loss": "loss_fp32"}), on="update",
-                                                         how="outer")
-    df["skipped"] = df["skipped"].astype("boolean").fillna(False).astype(bool)
-    made = df[~df["skipped"]]
-    gap = (smooth(made["loss_amp"], SMOOTHING) - smooth(made["loss_fp32"], SMOOTHING)).abs() / smooth(made["loss_fp32"], SMOOTHING)
-    df["relative_gap"] = gap.reindex(df.index)
-    return df[["step", "update", "loss_fp32", "loss_amp", "relative_gap", "loss_scale", "skipped"]]
+    """The table behind amp_safe: one row per update (fp32's, then any the AMP run made beyond them): each run's loss
+    at it, the relative gap of the two smoothed curves, the AMP step that made it, the loss scale it was made at, and
+    the steps the GradScaler skipped before it (its retries). An update the AMP run never made has no AMP loss."""
+    def made(history, loss):
+        numbered = history.assign(update=updates(history))
+        retries = numbered.groupby("update")["skipped"].sum().rename("skipped_before")
+        kept = numbered[~numbered["skipped"].astype(bool)].rename(columns={"loss": loss})
+        return kept, retries
+    fp32, _ = made(ref, "loss_fp32")
+    amp_made, retries = made(amp, "loss_amp")
+    df = fp32[["update", "loss_fp32"]].merge(amp_made[["update", "step", "loss_amp", "loss_scale"]], on="update", how="outer")
+    df["skipped_before"] = df["update"].map(retries).fillna(0).astype(int)
+    gap = (smooth(df["loss_amp"], SMOOTHING) - smooth(df["loss_fp32"], SMOOTHING)).abs() / smooth(df["loss_fp32"], SMOOTHING)
+    df["relative_gap"] = gap
+    return df[["update", "step", "loss_fp32", "loss_amp", "relative_gap", "loss_scale", "skipped_before"]]
 
 
 def figures(table: pd.DataFrame, ref, amp, limits: dict) -> dict:
     """amp_safe's figures from the table and the two runs (FineTuneResult-like: history, final_eval_loss, stop, plan).
     limits: tolerance, max_skipped_fraction and steps (the steps each run was asked for)."""
-    made = table[~table["skipped"]]
-    judged = made["relative_gap"].fillna(float("inf"))  # a NaN loss, or an update AMP never made, is an infinite gap
+    judged = table["relative_gap"].fillna(float("inf"))  # a NaN loss, or an update AMP never made, is an infinite gap
     worst = judged.idxmax() if len(judged) else None
     offs = back_offs(amp.history)
     calibration = [r for r in offs if r["calibration"]]
@@ -92,7 +95,7 @@ def figures(table: pd.DataFrame, ref, amp, limits: dict) -> dict:
     return {"amp_precision": amp.plan.precision, **limits, "compared": "update for update",
             "max_relative_gap": float(judged.max()) if worst is not None else float("inf"),
             "max_gap_step": _step_of(table, worst), "max_gap_update": int(table["update"][worst]) if worst is not None else None,
-            "final_relative_gap": float(made["relative_gap"].iloc[-1]) if len(made) else float("inf"),
+            "final_relative_gap": float(judged.iloc[-1]) if len(judged) else float("inf"),
             "final_eval_loss": {FP32: ref.final_eval_loss, amp.plan.precision: amp.final_eval_loss},
             "final_eval_relative_gap": _relative(amp.final_eval_loss, ref.final_eval_loss),
             "finite": bool(np.isfinite(amp.history["loss"]).all()),

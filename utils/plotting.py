@@ -32,19 +32,20 @@ def save_figure(fig, path):
 # --- Tier 3: fp32 vs AMP -------------------------------------------------------------------------
 
 def plot_loss_curves(parity: pd.DataFrame, amp_precision: str, tolerance: float = None, path=None):
-    """Training loss per optimizer update, fp32 and AMP on the same data and seed (a skipped step is not an update:
-    it is marked at the update it tried to make); below, their relative gap."""
+    """Training loss per optimizer update, fp32 and AMP on the same batches and seed (a skipped step is not an update:
+    the updates the GradScaler retried are marked); below, their relative gap."""
     fig, (ax, gap_ax) = plt.subplots(2, 1, figsize=(8, 5.5), sharex=True, height_ratios=[3, 1])
-    made = parity[~parity["skipped"].astype(bool)]
-    ax.plot(made["update"], made["loss_fp32"], color=color(FP32), label=label(FP32), alpha=0.85)
-    ax.plot(made["update"], made["loss_amp"], color=color(amp_precision, "tab:orange"), label=label(amp_precision), alpha=0.85)
-    skipped = parity[parity["skipped"].astype(bool)]
-    if len(skipped):
-        ax.scatter(skipped["update"], skipped["loss_amp"], marker="x", color="black", zorder=3, label="skipped step")
+    ax.plot(parity["update"], parity["loss_fp32"], color=color(FP32), label=label(FP32), alpha=0.85)
+    ax.plot(parity["update"], parity["loss_amp"], color=color(amp_precision, "tab:orange"), label=label(amp_precision),
+            alpha=0.85)
+    retried = parity[parity["skipped_before"] > 0]
+    if len(retried):
+        ax.scatter(retried["update"], retried["loss_amp"], marker="x", color="black", zorder=3,
+                   label=f"made after skipped steps ({int(retried['skipped_before'].sum())})")
     ax.set_ylabel("training loss (nats/token)")
     ax.set_title(f"Loss parity: fp32 vs {label(amp_precision)}, update for update")
     ax.legend()
-    gap_ax.plot(made["update"], 100 * made["relative_gap"], color="gray")
+    gap_ax.plot(parity["update"], 100 * parity["relative_gap"], color="gray")
     if tolerance is not None:
         gap_ax.axhline(100 * tolerance, color="tab:red", linestyle="--", label=f"tolerance {tolerance:.0%}")
         gap_ax.legend(loc="upper right")
@@ -126,14 +127,18 @@ def plot_memory(memory: dict, path=None):
 
 
 def plot_loss_scale(parity: pd.DataFrame, path=None):
-    """The GradScaler's loss scale per step (log scale; 1 = no scaler) with skipped steps marked."""
+    """The GradScaler's loss scale at each update (log scale; 1 = no scaler), the updates it made after skipping
+    steps marked with how many it skipped."""
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.step(parity["step"], parity["loss_scale"], where="post", color="tab:purple", label="loss scale")
-    skipped = parity[parity["skipped"].astype(bool)]
-    ax.scatter(skipped["step"], skipped["loss_scale"], color="tab:red", marker="v", zorder=3,
-               label=f"skipped steps ({len(skipped)})")
+    ax.step(parity["update"], parity["loss_scale"], where="post", color="tab:purple", label="loss scale")
+    retried = parity[parity["skipped_before"] > 0]
+    ax.scatter(retried["update"], retried["loss_scale"], color="tab:red", marker="v", zorder=3,
+               label=f"skipped steps before the update ({int(retried['skipped_before'].sum())})")
+    for _, row in retried.iterrows():
+        ax.annotate(str(int(row["skipped_before"])), (row["update"], row["loss_scale"]), textcoords="offset points",
+                    xytext=(0, 6), ha="center", fontsize=8)
     ax.set_yscale("log", base=2)
-    ax.set_xlabel("optimizer step")
+    ax.set_xlabel("optimizer update")
     ax.set_ylabel("loss scale")
     ax.set_title("Loss scale and skipped steps")
     ax.legend()
@@ -148,7 +153,9 @@ def plot_remedies(remedies: pd.DataFrame, tolerance: float, path=None):
     gaps = remedies["max_relative_gap"].replace(np.inf, np.nan)[::-1]
     top = max(2 * tolerance, float(np.nanmax(gaps.to_numpy())) if gaps.notna().any() else 0.0) * 1.1
     colors = ["tab:green" if ok else "tab:red" for ok in remedies["passed"][::-1]]
-    gap_ax.barh(names, gaps.fillna(top).clip(upper=top), color=colors)
+    # A gap of zero still gets a visible bar (a sliver) and every bar its figure, so a passing remedy is seen.
+    bars = gap_ax.barh(names, gaps.fillna(top).clip(lower=top / 100, upper=top), color=colors)
+    gap_ax.bar_label(bars, ["NaN/Inf" if pd.isna(g) else f"{g:.1%}" for g in gaps], padding=3, fontsize=8)
     gap_ax.axvline(tolerance, color="gray", linestyle="--", label=f"tolerance {tolerance:.0%}")
     gap_ax.set_xlim(0, top)
     gap_ax.set_xlabel("largest relative loss gap to fp32")

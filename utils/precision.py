@@ -426,6 +426,18 @@ def bf16_native(device: torch.device) -> bool:
     return device.type == "cuda" and device_capability(device)[0] >= BF16_MIN_CAPABILITY[0]
 
 
+def emulated_here(plan: PrecisionPlan, device: torch.device):
+    """Why this device only emulates the plan's mixed precision, so that its speed here says nothing about AMP's
+    (None where it runs natively). fp8-emulated is asked for as emulation and has its own rule."""
+    if plan.precision == BF16 and not bf16_native(device):
+        return (f"{short_label(BF16)} is only emulated here ("
+                + ("this CPU has no AVX512-BF16/AMX instructions" if device.type == "cpu" else
+                   f"{device_name(device)} predates sm_80") + ")")
+    if plan.precision == FP16 and device.type == "cpu" and "amx_fp16" not in cpuinfo():
+        return "fp16 is only emulated here (this CPU has no fp16 matmul instructions, AMX-FP16)"
+    return None
+
+
 @contextmanager
 def tf32_matmuls(enabled: bool, device: torch.device):
     """fp32 matmuls on CUDA as TF32 (enabled: faster, a 10-bit mantissa) or as true fp32, restored afterwards.

@@ -32,8 +32,8 @@ from utils.measure import (ACTIVATION_BYTES_METHOD, MIN_TRIALS_FOR_INTERVAL, mat
                            ratio_of_medians, saved_activation_bytes, training_flops_per_token)
 from utils.models import UnsupportedModel, checkpoint_blocks, compute_loss, count_parameters
 from utils.params import TIER3_LOOP, output_folder
-from utils.precision import (FP32, AUTO, PrecisionPlan, baseline_name, bf16_native, convert_for, fp32_plan, label, resolve,
-                             resolve_device, synchronize, tf32_matmuls)
+from utils.precision import (FP32, AUTO, PrecisionPlan, baseline_name, bf16_native, convert_for, emulated_here, fp32_plan,
+                             label, resolve, resolve_device, synchronize, tf32_matmuls)
 from utils.parity import SMOOTHING, calibration_text, compare, figures as parity_figures, problems as parity_problems
 from utils.prepare import Prepared
 from utils.verdicts import CheckResult, TierResult, Verdict
@@ -305,7 +305,8 @@ def _parity_config(run: Prepared, **changes) -> TrainConfig:
     steps made up, so the AMP run ends after as many updates as fp32 (utils.parity)."""
     p = run.params
     return TrainConfig(**{**{name: p[name] for name in TIER3_LOOP}, "seq_len": run.seq_len, "eval_interval": p["steps"],
-                          "eval_batches": 4, "make_up_skipped": True, **changes})
+                          "eval_batches": 4, "make_up_skipped": True,
+                          **({"batch_size": EMULATED_BATCH} if _short(run) else {}), **changes})
 
 
 def _rerun(run: Prepared, plan: PrecisionPlan, model=None, callbacks=(), **changes) -> FineTuneResult:
@@ -427,28 +428,62 @@ def _interrupted_result(run: Prepared, stop: dict) -> TierResult:
 def _benchmark(run: Prepared, progress: bool) -> TierResult:
     p, device, amp_plan = run.params, run.device, run.plan
     plans = (fp32_plan(device), amp_plan)
-    config = TrainConfig(batch_size=p["batch_size"], seq_len=run.seq_len, lr=p["lr"], seed=p["seed"], eval_batches=0,
-                         eval_interval=p["warmup_steps"] + p["timed_steps"], max_skipped_in_a_row=None,
-                         activation_checkpointing=p["activation_checkpointing"])
     # Memory, on one fixed batch from the same initial weights; with checkpointing, first its one-step check.
     batch = tuple(t.to(device) for t in run.data.get_batch("train", p["batch_size"], run.seq_len,
                                                             torch.Generator().manual_seed(p["seed"])))
-    peaks = _checkpointing_peaks(run, plans, batch) if p["activation_checkpointing"] else None
-    loops = ("ours", *(("compiled",) if p["compile"] else ()), *(("minimal",) if p["minimal_loop"] else ()))
-    trials, stop = _speed_trials(run, plans, config, p["trials"], p["warmup_steps"], p["timed_steps"], loops)
-    if stop:
-        return _interrupted_result(run, stop)
-    act = {plan.precision: saved_activation_bytes(convert_for(plan, copy.deepcopy(run.model)), plan, batch) for plan in plans}
+    short = _short(run)
+    if not short:
+        peaks = _checkpointing_peaks(run, plans, batch) if p["activation_checkpointing"] else None
+        trials, stop = _speed_trials(run, plans, _speed_config(run), p["trials"], p["warmup_steps"], p["timed_steps"],
+                                     ("ours", *(("compiled",) if p["compile"] else ()),
+                                      *(("minimal",) if p["minimal_loop"] else ())))
+        if stop:
+            return _interrupted_result(run, stop)
     runs, stop = _fine_tune_both(run, plans, progress)
     if stop:
         return _interrupted_result(run, stop)
     ref, amp = runs[FP32], runs[amp_plan.precision]
     parity_df, parity = _parity(p, ref, amp, runs)
+    if short:
+        worth = _not_measured(run, short, batch)
+    else:
+        speed, stop = _speed_figures(run, plans, trials, batch, peaks, amp)
+        if stop:
+            return _interrupted_result(run, stop)
+        worth = CheckResult(_worth_verdict(speed, amp_plan), trials, speed)
+    baseline = _baseline_verdict(ref)
+    diagnosis, safe, stop = _diagnose(run, ref, amp, parity, _safe_verdict(parity, amp_plan.precision, baseline, device),
+                                      batch[0])
+    if stop:
+        return _interrupted_result(run, _interrupted(stop, "a diagnosis run"))
+    checks = {"fp32_baseline": CheckResult(baseline, ref.history[["step", "loss", "grad_norm", "skipped"]],
+                                           {"initial_eval_loss": ref.initial_eval_loss, "final_eval_loss": ref.final_eval_loss,
+                                            "stop": ref.stop}),
+              "amp_safe": _safe_check(run, safe, short, parity_df, parity, batch[0]),
+              "amp_worth_it": worth, "diagnosis": diagnosis}
+    return TierResult(3, checks, p, run.record, {**_figures(run, worth.extra, parity, ref, amp),
+                                                 "diagnosis": (diagnosis.extra or {}).get("cause", {}).get("text"),
+                                                 "remedy": (diagnosis.extra or {}).get("remedy")})
+
+
+def _speed_config(run: Prepared) -> TrainConfig:
+    """The loop's settings of a speed trial: no evaluation, no storm stop (a trial times steps, it judges nothing)."""
+    p = run.params
+    return TrainConfig(batch_size=p["batch_size"], seq_len=run.seq_len, lr=p["lr"], seed=p["seed"], eval_batches=0,
+                       eval_interval=p["warmup_steps"] + p["timed_steps"], max_skipped_in_a_row=None,
+                       activation_checkpointing=p["activation_checkpointing"])
+
+
+def _speed_figures(run: Prepared, plans, trials: pd.DataFrame, batch, peaks, amp: FineTuneResult) -> tuple:
+    """amp_worth_it's figures: throughput in context, memory, and what was asked beside them (checkpointing, compile,
+    the bare loop, the batch sweep). Returns them, and the stop of an interrupted run."""
+    p, amp_plan = run.params, plans[1]
+    act = {plan.precision: saved_activation_bytes(convert_for(plan, copy.deepcopy(run.model)), plan, batch) for plan in plans}
     speed = _throughput(run, plans, trials, batch, act)
     if peaks:
         speed["memory"]["checkpointing"], stop = _beside_plain(run, amp, peaks)
         if stop:
-            return _interrupted_result(run, _interrupted(stop, "the plain run beside the checkpointed one"))
+            return speed, _interrupted(stop, "the plain run beside the checkpointed one")
     if p["compile"]:
         gemm = {FP32: speed["gemm_time_fraction_fp32"], amp_plan.precision: matmul_time_fraction(copy.deepcopy(run.model),
                                                                                                    amp_plan, batch)}
@@ -457,31 +492,48 @@ def _benchmark(run: Prepared, progress: bool) -> TierResult:
         speed["minimal_loop_tokens_per_s"] = _median_tokens_per_s(trials, "minimal")
         speed["loop_efficiency"] = {prec: speed["tokens_per_s"][prec] / speed["minimal_loop_tokens_per_s"][prec]
                                     for prec in speed["tokens_per_s"]}
-    speed["sweep"], stop = _sweep(run, plans, config)
-    if stop:
-        return _interrupted_result(run, stop)
-    baseline = _baseline_verdict(ref)
-    diagnosis, safe, stop = _diagnose(run, ref, amp, parity, _safe_verdict(parity, amp_plan.precision, baseline, device),
-                                     batch[0])
-    if stop:
-        return _interrupted_result(run, _interrupted(stop, "a diagnosis run"))
-    checks = {"fp32_baseline": CheckResult(baseline, ref.history[["step", "loss", "grad_norm", "skipped"]],
-                                           {"initial_eval_loss": ref.initial_eval_loss, "final_eval_loss": ref.final_eval_loss,
-                                            "stop": ref.stop}),
-              "amp_safe": CheckResult(safe, parity_df, parity),
-              "amp_worth_it": CheckResult(_worth_verdict(speed, amp_plan), trials, speed), "diagnosis": diagnosis}
-    return TierResult(3, checks, p, run.record, {**_figures(run, speed, parity, ref, amp),
-                                                 "diagnosis": (diagnosis.extra or {}).get("cause", {}).get("text"),
-                                                 "remedy": (diagnosis.extra or {}).get("remedy")})
+    speed["sweep"], stop = _sweep(run, plans, _speed_config(run))
+    return speed, stop
+
+
+EMULATED_BATCH = 1  # the parity runs' batch where the AMP precision is only emulated (emulated_amp='short')
+
+
+def _short(run: Prepared):
+    """Why this run compares in short (the AMP precision is only emulated here, emulated_amp='short'), or None."""
+    return emulated_here(run.plan, run.device) if run.params["emulated_amp"] == "short" else None
+
+
+def _not_measured(run: Prepared, why: str, batch) -> CheckResult:
+    """amp_worth_it where the AMP precision is only emulated: its speed here says nothing about AMP's, so none is timed."""
+    p, amp = run.params, run.plan.precision
+    reason = (f"not measured: {why}, so its speed here says nothing about what {label(amp)} does where it is native; "
+              f"no speed trials ran. emulated_amp='full' times it anyway (slowly).")
+    return CheckResult(Verdict("amp_worth_it", "warn", reason, timing=True), pd.DataFrame(),
+                       {"amp_precision": amp, "emulated": why, "batch_size": p["batch_size"], "seq_len": run.seq_len})
+
+
+def _safe_check(run: Prepared, safe: Verdict, short, table: pd.DataFrame, parity: dict, x) -> CheckResult:
+    """amp_safe's check; in a short comparison its reason says so and names the layers that drift most from fp32 on
+    one sequence (utils.diagnosis.drifting_layers), the per-layer view that stands in for the longer runs."""
+    if not short:
+        return CheckResult(safe, table, parity)
+    drift = drifting_layers(run.model, x[:EMULATED_BATCH], run.plan)
+    worst = ", ".join(f"{d['layer']!r} {d['rel_error']:.1%}" for d in drift)
+    reason = (f"{safe.reason} (A short comparison: batch {EMULATED_BATCH}, because {short}; emulated_amp='full' compares "
+              f"at the batch_size asked for. Largest per-layer errors against fp32: {worst}.)")
+    return CheckResult(replace(safe, reason=reason), table, {**parity, "short": short, "layer_drift": drift})
 
 
 def _figures(run: Prepared, speed: dict, parity: dict, ref: FineTuneResult, amp: FineTuneResult) -> dict:
-    s, tokens, amp_precision = speed["speedup"], speed["tokens_per_s"], speed["amp_precision"]
-    return {"parameters": count_parameters(run.model), "amp_precision": amp_precision, "speedup": s["median"],
-            "speedup_ci_low": s["ci_low"], "speedup_ci_high": s["ci_high"],
-            "tokens_per_s_fp32": tokens[FP32], "tokens_per_s_amp": tokens[amp_precision],
-            "activation_saving": speed["memory"]["activation_saving"], "matmul_ratio": speed["matmul_ratio"],
-            "amdahl_speedup_bound": speed["amdahl_speedup_bound"], "mfu_fp32": speed["mfu"][FP32],
-            "mfu_amp": speed["mfu"][amp_precision], "final_eval_loss_fp32": ref.final_eval_loss,
+    """The run's headline figures (results.json, the batch summary); the speed ones are None where none was measured."""
+    amp_precision, timed = parity["amp_precision"], "speedup" in speed
+    s, tokens, mfu = (speed["speedup"], speed["tokens_per_s"], speed["mfu"]) if timed else ({}, {}, {})
+    return {"parameters": count_parameters(run.model), "amp_precision": amp_precision, "speedup": s.get("median"),
+            "speedup_ci_low": s.get("ci_low"), "speedup_ci_high": s.get("ci_high"),
+            "tokens_per_s_fp32": tokens.get(FP32), "tokens_per_s_amp": tokens.get(amp_precision),
+            "activation_saving": speed["memory"]["activation_saving"] if timed else None,
+            "matmul_ratio": speed.get("matmul_ratio"), "amdahl_speedup_bound": speed.get("amdahl_speedup_bound"),
+            "mfu_fp32": mfu.get(FP32), "mfu_amp": mfu.get(amp_precision), "final_eval_loss_fp32": ref.final_eval_loss,
             "final_eval_loss_amp": amp.final_eval_loss, "skipped_steps": parity["skipped_steps"],
             "parity_gap": parity["max_relative_gap"], "parity_tolerance": parity["tolerance"]}

@@ -55,10 +55,10 @@ TIERS = {
     3: Tier(3, "tier3_training.ipynb", run_tier3, ("fp32_baseline", "amp_safe", "amp_worth_it", "diagnosis"), {
         "amp_safe": [("loss_curves.png", lambda c, r: plot_loss_curves(c.data, c.extra["amp_precision"], c.extra["tolerance"])),
                      ("loss_scale.png", lambda c, r: plot_loss_scale(c.data))],
-        "amp_worth_it": [("throughput.png", lambda c, r: plot_throughput(c.data)),
-                         ("memory.png", lambda c, r: plot_memory(c.extra["memory"])),
+        "amp_worth_it": [("throughput.png", lambda c, r: plot_throughput(c.data) if len(c.data) else None),
+                         ("memory.png", lambda c, r: plot_memory(c.extra["memory"]) if "memory" in c.extra else None),
                          ("speedup_sweep.png", lambda c, r: plot_speedup_sweep(pd.DataFrame(c.extra["sweep"]))
-                          if c.extra["sweep"] else None)],
+                          if c.extra.get("sweep") else None)],
         "diagnosis": [("remedies.png", lambda c, r: plot_remedies(c.data, c.extra["tolerance"]))]}),
 }
 
