@@ -219,7 +219,8 @@ def test_a_nan_loss_stops_the_run_and_names_where_it_starts():
 
 # --- Tier 3 and the batch runner ------------------------------------------------------------------
 
-TIER3 = dict(batch_size=4, seq_len=32, trials=1, warmup_steps=1, timed_steps=1, steps=12, device="cpu")
+TIER3 = dict(batch_size=4, seq_len=32, trials=1, warmup_steps=1, timed_steps=1, steps=12, device="cpu",
+             emulated_amp="full")  # the whole tier (its trials count forwards) on any CPU
 TRIAL_FORWARDS = 2 * 2 + 2  # speed trials: 2 precisions x 2 steps; then one forward each for activation memory
 
 

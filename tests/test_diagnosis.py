@@ -23,7 +23,7 @@ from utils.tier3_training_utilities import test_fine_tuning
 from utils.tiers import run_tier, save_tier
 
 ROOT = Path(__file__).resolve().parents[1]
-TIER3 = dict(batch_size=4, seq_len=32, trials=1, warmup_steps=1, timed_steps=1, device="cpu")
+TIER3 = dict(batch_size=4, seq_len=32, trials=1, warmup_steps=1, timed_steps=1, device="cpu", emulated_amp="full")
 LAYER = "inner.blocks.1.mlp.0"
 
 

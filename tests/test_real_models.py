@@ -24,7 +24,8 @@ tokenizers = pytest.importorskip("tokenizers")
 TINY = dict(num_hidden_layers=2, num_attention_heads=2, hidden_size=64, intermediate_size=128, vocab_size=512,
             max_position_embeddings=128)
 RUN = ["-p", "device=cpu", "-p", "seq_len=32", "-p", "latency_iters=3", "-p", "batch_sizes=[1, 2]", "-p", "batch_size=4",
-       "-p", "steps=30", "-p", "lr=0.003", "-p", "trials=1", "-p", "warmup_steps=1", "-p", "timed_steps=1"]
+       "-p", "steps=30", "-p", "lr=0.003", "-p", "trials=1", "-p", "warmup_steps=1", "-p", "timed_steps=1",
+       "-p", "emulated_amp=full"]
 
 
 def bpe_tokenizer(folder):
@@ -169,7 +170,7 @@ def test_a_classifier_with_more_classes_than_the_builtin_set_is_refused_with_the
 
 def test_tier3_caps_seq_len_at_the_models_maximum_and_trains_a_classifier():
     r = run_tier(3, {"model": "encoder-tiny", "device": "cpu", "batch_size": 4, "steps": 10, "trials": 1,
-                     "warmup_steps": 0, "timed_steps": 1})  # tier 3's default seq_len 128 > encoder-tiny's 64
+                     "warmup_steps": 0, "timed_steps": 1, "emulated_amp": "full"})  # default seq_len 128 > encoder-tiny's 64
     assert r.record["seq_len"] == 64 and r.record["task"] == "classification"
     assert {v.check for v in r.verdicts} == {"fp32_baseline", "amp_safe", "amp_worth_it", "diagnosis"}
     assert r.checks["amp_safe"].verdict.status == "pass"

@@ -41,7 +41,7 @@ def test_parameters_go_only_to_tiers_that_have_them():
 
 
 TINY_TIER3 = ["-p", "model=gpt-tiny", "-p", "steps=4", "-p", "seq_len=32", "-p", "trials=1",
-              "-p", "warmup_steps=1", "-p", "timed_steps=2"]
+              "-p", "warmup_steps=1", "-p", "timed_steps=2", "-p", "emulated_amp=full"]  # timed on any CPU
 
 
 def test_grid_of_precisions_and_batch_sizes_and_resume(tmp_path, capsys):

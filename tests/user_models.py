@@ -259,3 +259,27 @@ class GradientOverflowsFp16(TinyGPTWrapper):
 def bf16_weights():
     """A model converted to bf16 before training: no fp32 master weights."""
     return TinyGPTWrapper().to(torch.bfloat16)
+
+
+class _ScaledGradient(torch.autograd.Function):
+    """Identity forward; the gradient comes back `factor` times larger."""
+
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
+class CalibratesFp16(TinyGPTWrapper):
+    """A healthy model whose fp16 loss scale must calibrate: inner.blocks.1.mlp.0's gradient is 1e4 times larger (the
+    same function in every precision; AdamW normalizes each parameter's step), so at the GradScaler's first scale,
+    65536, its scaled gradients overflow fp16. The scale backs off a dozen times at the start, then holds: the
+    GradScaler doing its job, as on a GPU whose gradients grow with the warm-up."""
+
+    def __init__(self, factor: float = 1e4):
+        super().__init__()
+        self.inner.blocks[1].mlp[0].register_forward_hook(lambda module, args, output: _ScaledGradient.apply(output, factor))

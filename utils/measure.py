@@ -302,7 +302,7 @@ def ratio_of_medians(numerator, denominator) -> dict:
 
 def smooth(series: pd.Series, window: int = 10) -> pd.Series:
     """Rolling median: a one-step loss spike that recovers does not count, a lasting drift does."""
-    return series.rolling(min(window, len(series)), min_periods=1).median()
+    return series.rolling(max(1, min(window, len(series))), min_periods=1).median()
 
 
 def first_floating(output):

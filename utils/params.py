@@ -165,9 +165,8 @@ FINE_TUNING = (
     Param("activation_checkpointing", bool, False, "recompute each block's activations in backward instead of keeping "
           "them (non-reentrant, per block: the model's nn.ModuleList elements): less memory, about a third more "
           "compute; tier 3 measures both beside each other", added=True),
-    Param("make_up_skipped", bool, False, "count steps as updates: each step the GradScaler skips (or non-finite "
-          "gradients skip) is made up by one more, at most `steps` more in all, so an AMP run makes as many updates as "
-          "fp32 on the same batches (tier 3's parity runs do): a skipped step's batch is drawn again for the step that makes it "
+    Param("make_up_skipped", bool, False, "count steps as updates: each step the GradScaler skips (fp16) is made up "
+          "by one more, at most `steps` more in all, so an AMP run makes as many updates as fp32 on the same batches (tier 3's parity runs do): a skipped step's batch is drawn again for the step that makes it "
           "up, so each step's record is read before the next draw", added=True),
     Param("log_every", int, 0, "optimizer steps between reads of the per-step records from the device, where "
           f"progress, callbacks and stop checks run (0: every step on a CPU, every {LOG_EVERY_ACCELERATOR} on a GPU)", low=0),

@@ -2,14 +2,15 @@
 
 A step the GradScaler skips is not an update: the weights stay as they were and the LR schedule does not advance.
 So the two runs are compared update for update, not step for step: the AMP run's k-th update beside fp32's k-th.
-Tier 3's parity runs make up their skipped steps (utils.loop: make_up_skipped): a skipped step's batch is retried
+Tier 3's fp16 parity runs make up their skipped steps (utils.loop: make_up_skipped): a skipped step's batch is retried
 by the step after it, so the k-th update of either run is made on the same batch, and both end after the same
 number of updates on the same data; the comparison differs in precision alone, and the final evaluations compare
 like with like. (Training of your own consumes a skipped step's batch; over a few calibration skips the two differ
 by those few batches.)
 
 Calibration is the GradScaler doing its job, and is not held against AMP. A back-off is a run of skipped steps
-in a row (each halves the scale). It is calibration when
+in a row (each halves the scale). It is calibration when the scale stays at 1 or above (without a GradScaler,
+as in bf16 or fp32, a skipped step is non-finite gradients, never calibration) and
   - it belongs to the scale's descent from its first value: every back-off before the steps first stand, or
   - it is isolated: the steps stand again after it,
 where "the steps stand" means STAND updates in a row follow (or every step left, at least one, where the run
@@ -99,10 +100,12 @@ def figures(table: pd.DataFrame, ref, amp, limits: dict) -> dict:
             "final_eval_loss": {FP32: ref.final_eval_loss, amp.plan.precision: amp.final_eval_loss},
             "final_eval_relative_gap": _relative(amp.final_eval_loss, ref.final_eval_loss),
             "finite": bool(np.isfinite(amp.history["loss"]).all()),
-            "updates": {"fp32": ref_updates, "amp": amp_updates}, "amp_steps_run": int(len(amp.history)),
+            "updates": {"reference": ref_updates, "amp": amp_updates}, "amp_steps_run": int(len(amp.history)),
             "skipped_steps": int(amp.history["skipped"].sum()),
             "calibration_skips": sum(r["steps"] for r in calibration), "other_skips": other,
             "skipped_fraction": other / limits["steps"], "back_offs": offs,
+            "loss_scale_by_step": [float(x) for x in amp.history["loss_scale"]] if len(amp.history) else [],
+            "skipped_at": [int(x) for x in amp.history["step"][amp.history["skipped"].astype(bool)]] if len(amp.history) else [],
             "final_loss_scale": float(amp.history["loss_scale"].iloc[-1]) if len(amp.history) else None,
             "min_loss_scale": float(amp.history["loss_scale"].min()) if len(amp.history) else None,
             "stop": amp.stop}
@@ -141,8 +144,8 @@ def problems(p: dict, bf16_native: bool) -> list:
         return ["the AMP loss became NaN/Inf"]
     if p["min_loss_scale"] is not None and p["min_loss_scale"] < 1:
         out.append(f"the loss scale collapsed to {p['min_loss_scale']:g} (below 1): gradients overflow even unscaled")
-    if p["updates"]["amp"] < p["updates"]["fp32"]:
-        out.append(f"skipping kept coming: the AMP run made {p['updates']['amp']} of fp32's {p['updates']['fp32']} "
+    if p["updates"]["amp"] < p["updates"]["reference"]:
+        out.append(f"skipping kept coming: the AMP run made {p['updates']['amp']} of the reference's {p['updates']['reference']} "
                    f"updates in {p['amp_steps_run']} steps")
     if p["max_relative_gap"] > tol:
         out.append(f"the AMP loss (rolling median of {SMOOTHING} updates) strays {p['max_relative_gap']:.1%} from fp32 "

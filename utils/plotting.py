@@ -126,19 +126,21 @@ def plot_memory(memory: dict, path=None):
     return save_figure(fig, path)
 
 
-def plot_loss_scale(parity: pd.DataFrame, path=None):
-    """The GradScaler's loss scale at each update (log scale; 1 = no scaler), the updates it made after skipping
-    steps marked with how many it skipped."""
+def plot_loss_scale(parity: dict, path=None):
+    """The GradScaler's loss scale at each step of the AMP run (log scale; 1 = no scaler), skipped steps marked and
+    split into calibration (the scale finding its level) and the rest (amp_safe's figures, utils.parity)."""
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.step(parity["update"], parity["loss_scale"], where="post", color="tab:purple", label="loss scale")
-    retried = parity[parity["skipped_before"] > 0]
-    ax.scatter(retried["update"], retried["loss_scale"], color="tab:red", marker="v", zorder=3,
-               label=f"skipped steps before the update ({int(retried['skipped_before'].sum())})")
-    for _, row in retried.iterrows():
-        ax.annotate(str(int(row["skipped_before"])), (row["update"], row["loss_scale"]), textcoords="offset points",
-                    xytext=(0, 6), ha="center", fontsize=8)
+    scales = parity["loss_scale_by_step"]
+    steps = range(1, len(scales) + 1)
+    ax.step(steps, scales, where="post", color="tab:purple", label="loss scale")
+    calibration = {s for r in parity["back_offs"] if r["calibration"] for s in range(r["first"], r["last"] + 1)}
+    for kind, marker_color, keep in (("calibration", "tab:orange", True), ("beyond calibration", "tab:red", False)):
+        at = [s for s in parity["skipped_at"] if (s in calibration) == keep]
+        if at:
+            ax.scatter(at, [scales[s - 1] for s in at], color=marker_color, marker="v", zorder=3,
+                       label=f"skipped: {kind} ({len(at)})")
     ax.set_yscale("log", base=2)
-    ax.set_xlabel("optimizer update")
+    ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss scale")
     ax.set_title("Loss scale and skipped steps")
     ax.legend()

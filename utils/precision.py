@@ -100,6 +100,32 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device)
 
 
+def kernel_seconds(fn, device: torch.device, warmup=None):
+    """Seconds the GPU spent running kernels while fn() ran (after warmup(), unprofiled), overlapping kernels counted
+    once (the profiler's CUDA kernel intervals); None off CUDA, where no device runs apart from the host."""
+    if device.type != "cuda":
+        return None
+    if warmup:
+        warmup()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize(device)
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA)
+    busy, end = 0.0, float("-inf")
+    for start, stop in spans:
+        if stop > end:
+            busy, end = busy + stop - max(start, end), stop
+    return busy / 1e6  # the profiler's times are microseconds
+
+
+def gpu_busy_share(fn, steps: int, step_s: float, device: torch.device):
+    """The share of a training step's wall time (step_s, timed apart) the GPU computes: kernel time of `steps` calls
+    of fn, per step, over step_s. None where there is no GPU to wait (a CPU runs each op as the host calls it)."""
+    seconds = kernel_seconds(lambda: [fn() for _ in range(steps)], device, warmup=fn)  # lazy init is not a step's
+    return None if seconds is None else min(1.0, seconds / steps / step_s)
+
+
 def cuda_device_count() -> int:
     return torch.cuda.device_count() if cuda_available() else 0
 

@@ -33,7 +33,7 @@ from utils.measure import (ACTIVATION_BYTES_METHOD, MIN_TRIALS_FOR_INTERVAL, mat
 from utils.models import UnsupportedModel, checkpoint_blocks, compute_loss, count_parameters
 from utils.params import TIER3_LOOP, output_folder
 from utils.precision import (FP32, AUTO, PrecisionPlan, baseline_name, bf16_native, convert_for, emulated_here, fp32_plan,
-                             label, resolve, resolve_device, synchronize, tf32_matmuls)
+                             gpu_busy_share, label, resolve, resolve_device, synchronize, tf32_matmuls)
 from utils.parity import SMOOTHING, calibration_text, compare, figures as parity_figures, problems as parity_problems
 from utils.prepare import Prepared
 from utils.verdicts import CheckResult, TierResult, Verdict
@@ -97,6 +97,23 @@ def _time_shares(run: Prepared, plan: PrecisionPlan, batch) -> dict:
     return op_time_shares(lambda: _minimal_step(model, plan, optimizer, scaler, *batch), run.device)
 
 
+BUSY_STEPS = 3  # training steps profiled for the GPU's kernel time, apart from the timed trials
+
+
+def _busy_shares(run: Prepared, plans, trials: pd.DataFrame, batch) -> dict:
+    """Per precision, the share of our loop's step the GPU computes: the kernel time of a bare training step (profiled
+    after a warm-up, apart from the timed trials, so no timed step reads anything back) over the median step time of
+    our loop in the trials. None off a GPU."""
+    ours, shares = trials[trials["loop"] == "ours"], {}
+    for plan in plans:
+        model = convert_for(plan, copy.deepcopy(run.model))
+        optimizer, scaler = adamw(model.parameters(), run.params["lr"], run.device), plan.grad_scaler()
+        step = lambda: _minimal_step(model, plan, optimizer, scaler, *batch)  # noqa: E731 (one step, three times)
+        step_s = float(ours[ours["precision"] == plan.precision]["step_time_s"].median())
+        shares[plan.precision] = gpu_busy_share(step, BUSY_STEPS, step_s, run.device)
+    return shares
+
+
 def _memory_parts(run: Prepared, plan: PrecisionPlan, batch) -> dict:
     """Weights, gradients and AdamW state after one step under `plan`, each the bytes of its own tensors; on a GPU the
     allocator's peak over that step above what was allocated before (beside the parts' sum: the rest is temporaries
@@ -151,7 +168,8 @@ def where_time_goes(speed: dict) -> str:
     shares, amp = speed["time_shares"], speed["amp_precision"]
     g = shares[FP32]["matmul_attention"]
     bound = 1 / ((1 - g) + g / speed["matmul_ratio"])  # Amdahl, from the same measurement as the share
-    text = (f"what limits it: {1 - g:.0%} of an fp32 step's op time is outside matmuls and attention, which autocast "
+    text = (f"what limits it: {1 - g:.0%} of an fp32 step's op time (aten ops timed on the host) is outside matmuls and "
+            f"attention, which autocast "
             f"does not speed up (so at most {bound:.2f}x with {speed['matmul_ratio']:.1f}x faster matmuls); "
             f"under {label(amp)}, casts take {shares[amp]['casts']:.0%} and the optimizer {shares[amp]['optimizer']:.0%}")
     wins = [row["batch_size"] for row in speed["sweep"] if row["ci_low"] and row["ci_low"] > 1]
@@ -263,8 +281,23 @@ def _safe_verdict(p: dict, precision: str, baseline: Verdict, device: torch.devi
                    f"{p['final_eval_relative_gap']:.2%} after {p['updates']['amp']} updates); {calibration_text(p)}.")
 
 
+HOST_BOUND = 0.5  # below this share of an AMP step's wall time computing, the GPU mostly waits for the host
+
+
+def host_bound(speed: dict):
+    """Why a speed verdict measures the loop rather than the precision, where the GPU mostly waits for Python to
+    launch its kernels (speed['gpu_busy']); None where it computes most of the step, or on a CPU."""
+    busy, amp = speed.get("gpu_busy") or {}, speed["amp_precision"]
+    if busy.get(amp) is None or busy[amp] >= HOST_BOUND:
+        return None
+    return (f"host-bound: the GPU computes {busy[amp]:.0%} of a {label(amp)} step and {busy[FP32]:.0%} of an fp32 step "
+            "(kernel time over wall time) and waits for Python's kernel launches the rest, so this times the loop's "
+            "launch path, not the precision. What would show AMP's effect: a larger batch or seq_len, compile=True, or "
+            "CUDA graphs (torch.compile's mode='reduce-overhead')")
+
+
 def _worth_verdict(speed: dict, plan: PrecisionPlan) -> Verdict:
-    s, act = speed["speedup"], speed["memory"]["activation_saving"]
+    s, act, host = speed["speedup"], speed["memory"]["activation_saving"], host_bound(speed)
     memory = f"activations saved for backward shrink by {act:.0%}" if act > 0 else "no activation memory saved"
     if plan.emulated:
         return Verdict("amp_worth_it", "warn", timing=True, reason=f"not judged: {plan.precision} runs torchao's emulated "
@@ -275,7 +308,11 @@ def _worth_verdict(speed: dict, plan: PrecisionPlan) -> Verdict:
     interval = f"95% CI {s['ci_low']:.2f}-{s['ci_high']:.2f}"
     if s["ci_low"] > 1:
         return Verdict("amp_worth_it", "pass", timing=True, reason=f"{s['median']:.2f}x faster than {speed['baseline']} "
-                       f"({interval}) at batch {speed['batch_size']} x {speed['seq_len']} tokens; {memory}.")
+                       f"({interval}) at batch {speed['batch_size']} x {speed['seq_len']} tokens; {memory}"
+                       + (f"; {host}, so AMP may gain more." if host else "."))
+    if host:  # slower or no clearer: the host's launches are timed, so neither is AMP's fault
+        return Verdict("amp_worth_it", "warn", timing=True, reason=f"not judged: {s['median']:.2f}x ({interval}) at batch "
+                       f"{speed['batch_size']} x {speed['seq_len']}, but {host}; {memory}.")
     if s["ci_high"] < 1:
         return Verdict("amp_worth_it", "fail", timing=True, reason=f"{s['median']:.2f}x: slower than {speed['baseline']} "
                        f"at batch {speed['batch_size']} ({interval}); {memory}; {where_time_goes(speed)}. Small batches "
@@ -382,7 +419,10 @@ def _throughput(run: Prepared, plans, trials: pd.DataFrame, batch, act: dict) ->
             "matmul_peak_flops": peaks, "matmul_ratio": matmul_ratio,
             "gemm_time_fraction_fp32": gemm_fraction, "amdahl_speedup_bound": amdahl,
             "time_shares": {plan.precision: _time_shares(run, plan, batch) for plan in plans},
-            "time_shares_method": "aten ops timed one by one (utils.measure.op_time_shares), 2 steps after a warm-up",
+            "time_shares_method": "op time: aten ops timed one by one on the host (utils.measure.op_time_shares), "
+                                  "2 steps after a warm-up",
+            "gpu_busy": _busy_shares(run, plans, trials, batch),
+            "gpu_busy_method": "wall time: the GPU's kernel time of a training step (profiler) over our loop's median step time",
             "speedup_of_amdahl_bound": speedup["median"] / amdahl,
             "flops_per_token": flops_per_token, "flops_counted_by": "torch.utils.flop_counter.FlopCounterMode",
             "flops_per_token_analytic": training_flops_per_token(model0, run.seq_len),
@@ -439,6 +479,8 @@ def _benchmark(run: Prepared, progress: bool) -> TierResult:
                                       *(("minimal",) if p["minimal_loop"] else ())))
         if stop:
             return _interrupted_result(run, stop)
+        act = {plan.precision: saved_activation_bytes(convert_for(plan, copy.deepcopy(run.model)), plan, batch)
+               for plan in plans}
     runs, stop = _fine_tune_both(run, plans, progress)
     if stop:
         return _interrupted_result(run, stop)
@@ -447,7 +489,7 @@ def _benchmark(run: Prepared, progress: bool) -> TierResult:
     if short:
         worth = _not_measured(run, short, batch)
     else:
-        speed, stop = _speed_figures(run, plans, trials, batch, peaks, amp)
+        speed, stop = _speed_figures(run, plans, trials, batch, act, peaks, amp)
         if stop:
             return _interrupted_result(run, stop)
         worth = CheckResult(_worth_verdict(speed, amp_plan), trials, speed)
@@ -474,11 +516,10 @@ def _speed_config(run: Prepared) -> TrainConfig:
                        activation_checkpointing=p["activation_checkpointing"])
 
 
-def _speed_figures(run: Prepared, plans, trials: pd.DataFrame, batch, peaks, amp: FineTuneResult) -> tuple:
+def _speed_figures(run: Prepared, plans, trials: pd.DataFrame, batch, act: dict, peaks, amp: FineTuneResult) -> tuple:
     """amp_worth_it's figures: throughput in context, memory, and what was asked beside them (checkpointing, compile,
     the bare loop, the batch sweep). Returns them, and the stop of an interrupted run."""
     p, amp_plan = run.params, plans[1]
-    act = {plan.precision: saved_activation_bytes(convert_for(plan, copy.deepcopy(run.model)), plan, batch) for plan in plans}
     speed = _throughput(run, plans, trials, batch, act)
     if peaks:
         speed["memory"]["checkpointing"], stop = _beside_plain(run, amp, peaks)

@@ -54,7 +54,7 @@ TIERS = {
         "amp_readiness": [("amp_layer_error.png", lambda c, r: plot_amp_layer_error(c.data, r.parameters["amp_tolerance"]))]}),
     3: Tier(3, "tier3_training.ipynb", run_tier3, ("fp32_baseline", "amp_safe", "amp_worth_it", "diagnosis"), {
         "amp_safe": [("loss_curves.png", lambda c, r: plot_loss_curves(c.data, c.extra["amp_precision"], c.extra["tolerance"])),
-                     ("loss_scale.png", lambda c, r: plot_loss_scale(c.data))],
+                     ("loss_scale.png", lambda c, r: plot_loss_scale(c.extra) if c.extra["loss_scale_by_step"] else None)],
         "amp_worth_it": [("throughput.png", lambda c, r: plot_throughput(c.data) if len(c.data) else None),
                          ("memory.png", lambda c, r: plot_memory(c.extra["memory"]) if "memory" in c.extra else None),
                          ("speedup_sweep.png", lambda c, r: plot_speedup_sweep(pd.DataFrame(c.extra["sweep"]))

@@ -216,9 +216,9 @@ class Trainer:
 
     def run(self) -> FineTuneResult:
         self.resume()
-        cfg = self.cfg
+        cfg, self.making_up = self.cfg, self.cfg.make_up_skipped and self.plan.use_scaler
         # Making up skips retries a skipped step's batch: its record is read every step, before the next draw.
-        log_every = 1 if cfg.make_up_skipped else log_interval(cfg.log_every, self.device)
+        log_every = 1 if self.making_up else log_interval(cfg.log_every, self.device)
         self.in_a_row = sum(1 for _ in itertools.takewhile(lambda rec: rec["skipped"], reversed(self.records)))
         self.pending, self.windows, self.timer = [], [], StepTimer(self.device)  # records still on the device
         self.bar = tqdm(total=self.total_steps, initial=self.start, desc=f"fine-tune [{self.plan.precision}]",
@@ -236,7 +236,7 @@ class Trainer:
                     continue
                 broke_at, storm = self.log_point(step)
                 last = step == self.extend()  # the end moves only once the skips are read
-                if cfg.make_up_skipped and self.records[-1]["skipped"]:
+                if self.making_up and self.records[-1]["skipped"]:
                     self.generator.set_state(self.drawn_from)  # the step that makes it up draws the same batch
                 if step % cfg.eval_interval == 0 or last:
                     self.evals += self.evaluate(step)
@@ -250,9 +250,9 @@ class Trainer:
         return self.result(time.perf_counter() - loop_start)
 
     def extend(self) -> int:
-        """The last step: total_steps, and with make_up_skipped one more for each skipped step read so far (at most
-        total_steps more), each a full window of micro-batches: the skipped window's, drawn again."""
-        if self.cfg.make_up_skipped:
+        """The last step: total_steps, and when making up (make_up_skipped, with a GradScaler) one more for each skipped
+        step read so far (at most total_steps more), each a full window of micro-batches: the skipped window's again."""
+        if self.making_up:
             skipped = sum(1 for rec in self.records if rec["skipped"])
             end = self.total_steps + min(skipped, self.total_steps)
             self.micro_total += (end - self.end) * self.cfg.grad_accum_steps
