@@ -26,6 +26,7 @@ def cpu_bf16(monkeypatch):
     return install
 
 
+@pytest.mark.seam
 def test_t4_gets_fp16_with_scaler(gpu):
     gpu(7, 5, "Tesla T4")
     plan = resolve_precision("auto", "cuda")
@@ -33,6 +34,7 @@ def test_t4_gets_fp16_with_scaler(gpu):
     assert "Tesla T4 (sm_75) predates sm_80" in plan.reason and "emulated" in plan.reason
 
 
+@pytest.mark.seam
 def test_a100_gets_bf16_without_scaler(gpu):
     gpu(8, 0, "NVIDIA A100")
     plan = resolve_precision("auto", "cuda")
@@ -40,6 +42,7 @@ def test_a100_gets_bf16_without_scaler(gpu):
     assert "sm_80" in plan.reason
 
 
+@pytest.mark.seam
 def test_bf16_forced_on_t4_is_honoured_with_a_warning(gpu):
     gpu(7, 5, "Tesla T4")
     plan = resolve_precision("bf16-mixed", "cuda")
@@ -69,6 +72,7 @@ def test_unknown_precision_names_the_choices():
         resolve_precision("fp4", "cpu")
 
 
+@pytest.mark.seam
 def test_use_amp_flag(cpu_bf16, gpu):
     cpu_bf16(True)
     assert resolve_precision("bf16-mixed", "cpu", use_amp=False).precision == "32"

@@ -144,6 +144,7 @@ def no_native_bf16(monkeypatch):
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # as on a laptop CPU: oneDNN capped below its bf16 instructions
 
 
+@pytest.mark.seam
 def test_a_cpu_without_native_bf16_is_not_offered_bf16(no_native_bf16):
     plan, found = resolve(FP16, CPU), {"layers": []}
     assert not bf16_native(CPU) and [what for what, _ in candidates(found, plan, CPU)] == [
@@ -154,6 +155,7 @@ def test_a_cpu_without_native_bf16_is_not_offered_bf16(no_native_bf16):
     assert "bf16" not in problems(p, bf16_native(CPU))[0] and "use bf16" in problems(p, True)[0]
 
 
+@pytest.mark.seam
 def test_a_cpu_with_native_bf16_is_offered_bf16(monkeypatch):
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     monkeypatch.setattr(precision, "cpuinfo", lambda: "flags : fpu avx512f avx512_bf16")
@@ -194,6 +196,7 @@ def test_a_host_bound_loop_is_not_blamed_on_amp():
     assert "host-bound" in _worth_verdict(speed(1.5, 1.2, 1.8, {FP32: 0.5, BF16: HOST_BOUND / 2}), plan).reason
 
 
+@pytest.mark.seam
 def test_tier3_measures_the_gpus_busy_share_through_the_seam(monkeypatch):
     def fake_kernel_seconds(fn, device, warmup=None):  # a GPU that computes a fifth of what the host spends
         warmup()
