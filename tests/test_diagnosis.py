@@ -181,8 +181,8 @@ def test_the_reason_amp_does_not_pay_quotes_the_share_that_limits_it():
                              BF16: {"matmul_attention": 0.3, "casts": 0.15, "optimizer": 0.25, "other": 0.3}},
              "sweep": [{"batch_size": 4, "ci_low": 0.8}, {"batch_size": 32, "ci_low": 1.1}]}
     assert where_time_goes(speed) == (
-        "what limits it: 60% of an fp32 step's op time is outside matmuls and attention, which autocast does not speed "
-        "up (so at most 1.25x with 2.0x faster matmuls); under bf16-mixed, casts take 15% and the optimizer 25%; AMP "
+        "what limits it: 60% of an fp32 step's op time (aten ops timed on the host) is outside matmuls and attention, "
+        "which autocast does not speed up (so at most 1.25x with 2.0x faster matmuls); under bf16-mixed, casts take 15% and the optimizer 25%; AMP "
         "starts to win at batch 32 (the sweep)")
     assert where_time_goes({**speed, "sweep": []}).endswith("the optimizer 25%")
 

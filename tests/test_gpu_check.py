@@ -39,11 +39,11 @@ def healthy_check(**changes):
     """The rows of a GPU check where everything holds (figures as an H200 should give them)."""
     rows = {"small_fp16": gpu_row("gpt-small", "16-mixed"),
             "small_bf16": gpu_row("gpt-small", "bf16-mixed", loop_efficiency={"32": 0.99, "bf16-mixed": 0.98},
-                                                 gpu_busy={"32": 0.9, "bf16-mixed": 0.7}),
+                                  gpu_busy={"32": 0.9, "bf16-mixed": 0.7}, worth_reason="1.9x ...; the GPU computes 70% ..."),
             "gpt2_fp16": gpu_row("gpt2-small", "16-mixed"),
             "gpt2_bf16": gpu_row("gpt2-small", "bf16-mixed"),
             "compiled": gpu_row("gpt2-small", "bf16-mixed", compiled={"amp_speedup": 3.4, "mfu": {"bf16-mixed": 0.41}},
-                                matmul_peak_flops={"bf16-mixed": 7.5e14})}
+                                matmul_peak_flops={"bf16-mixed": 7.5e14}, large=True)}
     rows.update(changes)
     return {"results": list(rows.values()), "datasheet_bf16_flops": 989e12}
 
@@ -55,16 +55,21 @@ def test_the_gpu_checks_expectations_hold_on_healthy_figures_and_each_fails_on_i
         return [e["expectation"] for e in gpu_check.expectations(healthy_check(**changes)) if not e["ok"]]
     assert unmet(small_fp16=gpu_row("gpt-small", "16-mixed", safe="fail")) == [
         "gpt-small 16-mixed: amp_safe passes"]
-    slow_loop = gpu_row("gpt-small", "bf16-mixed", loop_efficiency={"32": 0.99, "bf16-mixed": 0.9}, gpu_busy={"32": 0.9, "bf16-mixed": 0.7})
+    slow_loop = gpu_row("gpt-small", "bf16-mixed", loop_efficiency={"32": 0.99, "bf16-mixed": 0.9}, gpu_busy={"32": 0.9, "bf16-mixed": 0.7},
+                        worth_reason="the GPU computes 70% ...")
     assert unmet(small_bf16=slow_loop) == ["gpt-small bf16 eager: our loop >= 0.97x the bare loop"]
-    unsaid = gpu_row("gpt-small", "bf16-mixed", loop_efficiency={"32": 1.0, "bf16-mixed": 1.0}, gpu_busy={"32": 0.4, "bf16-mixed": 0.2})
+    unsaid = gpu_row("gpt-small", "bf16-mixed", loop_efficiency={"32": 1.0, "bf16-mixed": 1.0}, gpu_busy={"32": 0.4, "bf16-mixed": 0.2},
+                     worth="fail", worth_reason="0.8x: slower; the GPU computes 20% ...")
     assert unmet(small_bf16=unsaid) == [
         "gpt-small bf16 eager: the GPU's busy share is measured and quoted where the GPU waits"]
-    said = {**unsaid, "verdicts": {**unsaid["verdicts"], "amp_worth_it": ["warn", "not judged: ... host-bound: the GPU ..."]}}
+    said = {**unsaid, "verdicts": {**unsaid["verdicts"], "amp_worth_it": ["warn", "not judged: ... host-bound: the GPU computes 20% ..."]}}
     assert unmet(small_bf16=said) == []
     weak = gpu_row("gpt2-small", "bf16-mixed", compiled={"amp_speedup": 2.1, "mfu": {"bf16-mixed": 0.2}},
-                   matmul_peak_flops={"bf16-mixed": 7.5e14})
+                   matmul_peak_flops={"bf16-mixed": 7.5e14}, large=True)
     assert unmet(compiled=weak) == ["gpt2-small compiled bf16 >= 3.0x compiled fp32 (TF32 off)",
                                     "gpt2-small compiled bf16: MFU >= 30% of the bf16 matmul peak measured here"]
     missing = [e for e in gpu_check.expectations({"results": []}) if not e["ok"]]
     assert len(missing) == 8 and all(e["figure"].startswith("no such run") for e in missing)
+    refused = gpu_row("gpt2-small", "bf16-mixed", large=True, status="fail")  # the large run gave no compiled figures
+    assert [e["figure"][:40] for e in gpu_check.expectations(healthy_check(compiled=refused)) if not e["ok"]] == [
+        "no compiled figures: fail, {'amp_safe': "] * 2

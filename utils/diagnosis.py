@@ -103,15 +103,6 @@ def drifting_layers(model: nn.Module, x: torch.Tensor, plan: PrecisionPlan) -> l
     return [{"layer": layer, "rel_error": float(err)} for layer, err in zip(df["layer"], df[column])]
 
 
-def scale_collapse(history) -> dict:
-    """The step where the loss scale first fell below 1 (a GradScaler that halved it 17 times or more), or None."""
-    low = history[history["loss_scale"] < 1]
-    if not len(low):
-        return None
-    return {"step": int(low["step"].iloc[0]), "from": float(history["loss_scale"].iloc[0]),
-            "to": float(history["loss_scale"].min())}
-
-
 def cause(plan: PrecisionPlan, activation, gradients, collapse, drift) -> dict:
     """What failed, why, and the modules a remedy keeps in fp32: from the first finding that explains it."""
     precision = label(plan.precision)

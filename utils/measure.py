@@ -300,11 +300,6 @@ def ratio_of_medians(numerator, denominator) -> dict:
     return {"median": float(num.median() / den.median()), "ci_low": low, "ci_high": high}
 
 
-def smooth(series: pd.Series, window: int = 10) -> pd.Series:
-    """Rolling median: a one-step loss spike that recovers does not count, a lasting drift does."""
-    return series.rolling(max(1, min(window, len(series))), min_periods=1).median()
-
-
 def first_floating(output):
     """A module's output tensor: the output itself, or the first tensor of a tuple or list; None if not floating."""
     t = output if isinstance(output, torch.Tensor) else next(

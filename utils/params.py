@@ -218,7 +218,7 @@ TIER_PARAMS = {
               "around them: a remedy the diagnosis may name", item=str, added=True),
         _LOOP["activation_checkpointing"],
         Param("emulated_amp", str, "short", "where the device only emulates the AMP precision (bf16 on a CPU without "
-              "AVX512-BF16/AMX, fp16 on a CPU): 'short' runs the parity runs at batch 1 and no speed trials (emulated "
+              "AVX512-BF16/AMX or a GPU before sm_80, fp16 on a CPU without AMX-FP16): 'short' runs the parity runs at batch 1 and no speed trials (emulated "
               "speed says nothing about AMP), to fit in about a minute; 'full' runs the whole comparison, slowly",
               choices=("short", "full"), added=True),
         _LOOP["checkpoint_every"], replace(_LOOP["checkpoint_dir"], optional=False), _LOOP["resume"],

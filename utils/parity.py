@@ -9,15 +9,16 @@ like with like. (Training of your own consumes a skipped step's batch; over a fe
 by those few batches.)
 
 Calibration is the GradScaler doing its job, and is not held against AMP. A back-off is a run of skipped steps
-in a row (each halves the scale). It is calibration when the scale stays at 1 or above (without a GradScaler,
-as in bf16 or fp32, a skipped step is non-finite gradients, never calibration) and
-  - it belongs to the scale's descent from its first value: every back-off before the steps first stand, or
-  - it is isolated: the steps stand again after it,
-where "the steps stand" means STAND updates in a row follow (or every step left, at least one, where the run
-ends sooner). What hurts training is held against it: skipping that keeps coming (back-offs that are not
-calibration, beyond max_skipped_fraction of the steps), a scale that collapses below 1, a storm (the loop stops
-the run: max_skipped_in_a_row), a NaN loss, a lasting gap of the smoothed curves, a gap of the final evaluations,
-and an AMP run that could not make as many updates as fp32 within its make-up allowance.
+in a row (each halves the scale). It is calibration when the scale stays at COLLAPSED (1) or above (without a
+GradScaler, as in bf16 or fp32, a skipped step is non-finite gradients, never calibration) and
+  - it belongs to the scale's descent from its first value: every back-off up to the first after which the steps
+    stand (STAND updates in a row follow it); a descent that never ends is skipping that keeps coming; or
+  - it is isolated, wherever in the run: STAND updates in a row came before it, and the steps stand after it (or
+    every step left, at least one, where the run ends sooner).
+What hurts training is held against it: skipping that keeps coming (back-offs that are not calibration, beyond
+max_skipped_fraction of the steps), a scale that collapses below 1, a storm (the loop stops the run:
+max_skipped_in_a_row), a NaN loss, a lasting gap of the smoothed curves, a gap of the final evaluations, and an
+AMP run that made up its skips and still could not make as many updates as fp32 (its allowance is `steps` more).
 """
 
 import math
@@ -25,11 +26,16 @@ import math
 import numpy as np
 import pandas as pd
 
-from utils.measure import smooth
 from utils.precision import FP16, FP32, label
 
-STAND = 5  # updates in a row after a back-off that show the scale holds: the back-off was calibration
+STAND = 5  # updates in a row that show the scale holds: before a back-off, it is isolated; after it, steps stand again
 SMOOTHING = 10  # updates in the rolling median that the gap compares (a one-update spike that recovers is noise)
+COLLAPSED = 1.0  # a loss scale below this collapsed: the gradients overflow fp16 even unscaled
+
+
+def smooth(series: pd.Series, window: int = SMOOTHING) -> pd.Series:
+    """Rolling median: a one-update loss spike that recovers does not count, a lasting drift does."""
+    return series.rolling(max(1, min(window, len(series))), min_periods=1).median()
 
 
 def updates(history: pd.DataFrame) -> pd.Series:
@@ -39,11 +45,11 @@ def updates(history: pd.DataFrame) -> pd.Series:
 
 
 def back_offs(history: pd.DataFrame) -> list:
-    """The runs of skipped steps in a row, each {first, last, steps, scale_from, scale_to, stand, calibration}:
-    stand is the updates in a row after it (to the next back-off or the end), calibration per the module's rule."""
+    """The runs of skipped steps in a row, each {first, last, steps, scale_from, scale_to, before, after, calibration}:
+    before and after are the updates in a row around it (from the run's start, to its end); calibration per the
+    module's rule."""
     skipped, steps = history["skipped"].astype(bool).to_numpy(), history["step"].to_numpy()
-    scales = history["loss_scale"].to_numpy()
-    runs, i = [], 0
+    scales, runs, i, previous_end = history["loss_scale"].to_numpy(), [], 0, -1
     while i < len(skipped):
         if not skipped[i]:
             i += 1
@@ -54,16 +60,32 @@ def back_offs(history: pd.DataFrame) -> list:
         after = j + 1
         while after < len(skipped) and not skipped[after]:
             after += 1
-        stand = after - j - 1
-        stands = stand >= STAND or (after == len(skipped) and stand >= 1)
         runs.append({"first": int(steps[i]), "last": int(steps[j]), "steps": j - i + 1, "scale_from": float(scales[i]),
-                     "scale_to": float(scales[i]) / 2 ** (j - i + 1), "stand": stand, "stands": stands})
-        i = j + 1
-    first_stand = next((n for n, run in enumerate(runs) if run["stands"]), None)  # where the descent ends
-    for n, run in enumerate(runs):  # a descent that never ends is skipping that keeps coming: none of it calibrates
-        descent = first_stand is not None and n <= first_stand
-        run["calibration"] = (descent or run["stands"]) and run["scale_to"] >= 1
+                     "scale_to": float(scales[i]) / 2 ** (j - i + 1), "before": i - previous_end - 1,
+                     "after": after - j - 1, "at_end": after == len(skipped)})
+        previous_end, i = j, j + 1
+    # The descent from the first value ends at the first back-off after which STAND updates follow; a descent that
+    # never ends is skipping that keeps coming, and none of it calibrates.
+    ends = next((n for n, run in enumerate(runs) if run["after"] >= STAND), None)
+    for n, run in enumerate(runs):
+        stands_again = run["after"] >= STAND or (run["at_end"] and run["after"] >= 1)
+        isolated = run["before"] >= STAND and stands_again
+        run["calibration"] = ((ends is not None and n <= ends) or isolated) and run["scale_to"] >= COLLAPSED
     return runs
+
+
+def collapse(history: pd.DataFrame):
+    """The step where the loss scale first fell below COLLAPSED, with its first and lowest values; None if it never did."""
+    low = history[history["loss_scale"] < COLLAPSED]
+    if not len(low):
+        return None
+    return {"step": int(low["step"].iloc[0]), "from": float(history["loss_scale"].iloc[0]),
+            "to": float(history["loss_scale"].min())}
+
+
+def runaway(p: dict) -> bool:
+    """Skipping beyond the GradScaler's calibration over the allowed share of the steps (amp_safe's figures)."""
+    return p["skipped_fraction"] > p["max_skipped_fraction"]
 
 
 def compare(ref: pd.DataFrame, amp: pd.DataFrame) -> pd.DataFrame:
@@ -79,15 +101,15 @@ def compare(ref: pd.DataFrame, amp: pd.DataFrame) -> pd.DataFrame:
     amp_made, retries = made(amp, "loss_amp")
     df = fp32[["update", "loss_fp32"]].merge(amp_made[["update", "step", "loss_amp", "loss_scale"]], on="update", how="outer")
     df["skipped_before"] = df["update"].map(retries).fillna(0).astype(int)
-    gap = (smooth(df["loss_amp"], SMOOTHING) - smooth(df["loss_fp32"], SMOOTHING)).abs() / smooth(df["loss_fp32"], SMOOTHING)
-    df["relative_gap"] = gap
+    gap = (smooth(df["loss_amp"]) - smooth(df["loss_fp32"])).abs() / smooth(df["loss_fp32"])
+    df["relative_gap"] = gap.where(df["loss_amp"].notna() & df["loss_fp32"].notna())  # only updates both runs made
     return df[["update", "step", "loss_fp32", "loss_amp", "relative_gap", "loss_scale", "skipped_before"]]
 
 
 def figures(table: pd.DataFrame, ref, amp, limits: dict) -> dict:
     """amp_safe's figures from the table and the two runs (FineTuneResult-like: history, final_eval_loss, stop, plan).
     limits: tolerance, max_skipped_fraction and steps (the steps each run was asked for)."""
-    judged = table["relative_gap"].fillna(float("inf"))  # a NaN loss, or an update AMP never made, is an infinite gap
+    judged = table["relative_gap"].dropna()  # updates one run never made: the made-up count says so (problems)
     worst = judged.idxmax() if len(judged) else None
     offs = back_offs(amp.history)
     calibration = [r for r in offs if r["calibration"]]
@@ -108,6 +130,7 @@ def figures(table: pd.DataFrame, ref, amp, limits: dict) -> dict:
             "skipped_at": [int(x) for x in amp.history["step"][amp.history["skipped"].astype(bool)]] if len(amp.history) else [],
             "final_loss_scale": float(amp.history["loss_scale"].iloc[-1]) if len(amp.history) else None,
             "min_loss_scale": float(amp.history["loss_scale"].min()) if len(amp.history) else None,
+            "collapse": collapse(amp.history) if len(amp.history) else None,
             "stop": amp.stop}
 
 
@@ -142,18 +165,20 @@ def problems(p: dict, bf16_native: bool) -> list:
         return [f"the run stopped: {p['stop']['message'].rstrip('.')}"]
     if not p["finite"]:
         return ["the AMP loss became NaN/Inf"]
-    if p["min_loss_scale"] is not None and p["min_loss_scale"] < 1:
-        out.append(f"the loss scale collapsed to {p['min_loss_scale']:g} (below 1): gradients overflow even unscaled")
-    if p["updates"]["amp"] < p["updates"]["reference"]:
+    if p["collapse"]:
+        out.append(f"the loss scale collapsed to {p['collapse']['to']:g} (below {COLLAPSED:g} from step "
+                   f"{p['collapse']['step']}): gradients overflow even unscaled")
+    if p["updates"]["amp"] < p["updates"]["reference"] and p["amp_steps_run"] > p["steps"]:  # it made up, and ran out
         out.append(f"skipping kept coming: the AMP run made {p['updates']['amp']} of the reference's {p['updates']['reference']} "
                    f"updates in {p['amp_steps_run']} steps")
     if p["max_relative_gap"] > tol:
         out.append(f"the AMP loss (rolling median of {SMOOTHING} updates) strays {p['max_relative_gap']:.1%} from fp32 "
                    f"(tolerance {tol:.0%}) at update {p['max_gap_update']}")
     if p["final_eval_relative_gap"] is not None and p["final_eval_relative_gap"] > tol:
+        counts = sorted(set(p["updates"].values()))
         out.append(f"final eval loss differs by {p['final_eval_relative_gap']:.1%} after "
-                   f"{min(p['updates'].values())} updates (tolerance {tol:.0%})")
-    if p["skipped_fraction"] > p["max_skipped_fraction"]:
+                   f"{' and '.join(map(str, counts))} updates (tolerance {tol:.0%})")
+    if runaway(p):
         advice = (f"; {label(p['amp_precision'])} overflows here: look for activations beyond fp16's range (Tier 2 AMP "
                   "readiness)" + (", or use bf16, which this device runs natively" if bf16_native else "")
                   if p["amp_precision"] == FP16 else "")

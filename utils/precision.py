@@ -194,6 +194,13 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def cpu_has_native_fp16() -> bool:
+    """True where oneDNN can run fp16 matmuls in hardware: AMX-FP16 (Granite Rapids and later), not capped below it by
+    ONEDNN_MAX_CPU_ISA. Every other CPU emulates fp16 autocast, far slower than fp32."""
+    capped = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in (*_ONEDNN_BELOW_BF16, "AVX512_CORE_BF16", "AVX512_CORE_AMX")
+    return not capped and "amx_fp16" in cpuinfo()
+
+
 # --- The plan ---------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -308,12 +315,12 @@ def _best_mixed(device: torch.device):
     if device.type == "cuda":
         major, minor = device_capability(device)
         name = device_name(device)
-        if (major, minor) >= BF16_MIN_CAPABILITY:
+        if bf16_native(device):
             return BF16, f"{name} (sm_{major}{minor}) has native bf16: bf16 autocast, no GradScaler needed"
         return FP16, (f"{name} (sm_{major}{minor}) predates sm_80: fp16 autocast with GradScaler "
                       "(bf16 is only emulated there, slower than fp32)")
     if device.type == "cpu":
-        if cpu_has_native_bf16():
+        if bf16_native(device):
             return BF16, "CPU has native bf16 (AVX512-BF16/AMX): bf16 autocast"
         return None, "CPU lacks native bf16 (no avx512_bf16/amx_bf16): autocast would be emulated and slower, so fp32"
     return None, f"no mixed-precision rule for device type {device.type!r}, so fp32"
@@ -449,7 +456,7 @@ def bf16_native(device: torch.device) -> bool:
     sm_80. Elsewhere bf16 autocast runs, but emulated and slower than fp32."""
     if device.type == "cpu":
         return cpu_has_native_bf16()
-    return device.type == "cuda" and device_capability(device)[0] >= BF16_MIN_CAPABILITY[0]
+    return device.type == "cuda" and tuple(device_capability(device)) >= BF16_MIN_CAPABILITY
 
 
 def emulated_here(plan: PrecisionPlan, device: torch.device):
@@ -459,7 +466,7 @@ def emulated_here(plan: PrecisionPlan, device: torch.device):
         return (f"{short_label(BF16)} is only emulated here ("
                 + ("this CPU has no AVX512-BF16/AMX instructions" if device.type == "cpu" else
                    f"{device_name(device)} predates sm_80") + ")")
-    if plan.precision == FP16 and device.type == "cpu" and "amx_fp16" not in cpuinfo():
+    if plan.precision == FP16 and device.type == "cpu" and not cpu_has_native_fp16():
         return "fp16 is only emulated here (this CPU has no fp16 matmul instructions, AMX-FP16)"
     return None
 

@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from utils.diagnosis import candidates, cause, drifting_layers, probe_rerun, remedy_row, scale_collapse, try_remedies
+from utils.diagnosis import candidates, cause, drifting_layers, probe_rerun, remedy_row, try_remedies
 from utils.loop.config import TrainConfig
 from utils.loop.steps import adamw
 from utils.loop.stops import INTERRUPTED, OVERFLOW_STORM
@@ -34,7 +34,8 @@ from utils.models import UnsupportedModel, checkpoint_blocks, compute_loss, coun
 from utils.params import TIER3_LOOP, output_folder
 from utils.precision import (FP32, AUTO, PrecisionPlan, baseline_name, bf16_native, convert_for, emulated_here, fp32_plan,
                              gpu_busy_share, label, resolve, resolve_device, synchronize, tf32_matmuls)
-from utils.parity import SMOOTHING, calibration_text, compare, figures as parity_figures, problems as parity_problems
+from utils.parity import (SMOOTHING, calibration_text, compare, figures as parity_figures, problems as parity_problems,
+                          runaway)
 from utils.prepare import Prepared
 from utils.verdicts import CheckResult, TierResult, Verdict
 
@@ -299,6 +300,10 @@ def host_bound(speed: dict):
 def _worth_verdict(speed: dict, plan: PrecisionPlan) -> Verdict:
     s, act, host = speed["speedup"], speed["memory"]["activation_saving"], host_bound(speed)
     memory = f"activations saved for backward shrink by {act:.0%}" if act > 0 else "no activation memory saved"
+    busy = speed.get("gpu_busy") or {}
+    if busy.get(speed["amp_precision"]) is not None and not host:  # on a GPU, the busy share is always quoted
+        memory += (f"; the GPU computes {busy[speed['amp_precision']]:.0%} of a {label(speed['amp_precision'])} step "
+                   f"and {busy[FP32]:.0%} of an fp32 step (kernel time over wall time)")
     if plan.emulated:
         return Verdict("amp_worth_it", "warn", timing=True, reason=f"not judged: {plan.precision} runs torchao's emulated "
                        f"float8 matmuls ({s['median']:.2f}x here), which says nothing about fp8 hardware; {memory}.")
@@ -373,9 +378,9 @@ def _diagnose(run: Prepared, ref: FineTuneResult, amp: FineTuneResult, parity: d
     activation, gradients, stop = probe_rerun(run.model, amp.plan, until, lambda *a: _rerun(run, *a))
     if stop:
         return None, safe, stop
-    collapse = scale_collapse(amp.history)
-    runaway = (amp.stop or {}).get("reason") == OVERFLOW_STORM or parity["skipped_fraction"] > p["max_skipped_fraction"]
-    gradients = gradients if collapse or runaway else None  # else: the GradScaler calibrating (utils.parity), not the cause
+    collapse = parity["collapse"]
+    runs_away = (amp.stop or {}).get("reason") == OVERFLOW_STORM or runaway(parity)
+    gradients = gradients if collapse or runs_away else None  # else: the GradScaler calibrating (utils.parity), not the cause
     drift = None if activation or gradients else drifting_layers(run.model, x, amp.plan)
     found = cause(amp.plan, activation, gradients, collapse, drift)
     fp32_step_s = float(ref.history["step_time_s"].median())
@@ -487,7 +492,7 @@ def _benchmark(run: Prepared, progress: bool) -> TierResult:
     ref, amp = runs[FP32], runs[amp_plan.precision]
     parity_df, parity = _parity(p, ref, amp, runs)
     if short:
-        worth = _not_measured(run, short, batch)
+        worth = _not_measured(run, short)
     else:
         speed, stop = _speed_figures(run, plans, trials, batch, act, peaks, amp)
         if stop:
@@ -545,13 +550,13 @@ def _short(run: Prepared):
     return emulated_here(run.plan, run.device) if run.params["emulated_amp"] == "short" else None
 
 
-def _not_measured(run: Prepared, why: str, batch) -> CheckResult:
+def _not_measured(run: Prepared, why: str) -> CheckResult:
     """amp_worth_it where the AMP precision is only emulated: its speed here says nothing about AMP's, so none is timed."""
-    p, amp = run.params, run.plan.precision
+    amp = run.plan.precision
     reason = (f"not measured: {why}, so its speed here says nothing about what {label(amp)} does where it is native; "
               f"no speed trials ran. emulated_amp='full' times it anyway (slowly).")
     return CheckResult(Verdict("amp_worth_it", "warn", reason, timing=True), pd.DataFrame(),
-                       {"amp_precision": amp, "emulated": why, "batch_size": p["batch_size"], "seq_len": run.seq_len})
+                       {"amp_precision": amp, "emulated": why, "parity_batch_size": EMULATED_BATCH, "seq_len": run.seq_len})
 
 
 def _safe_check(run: Prepared, safe: Verdict, short, table: pd.DataFrame, parity: dict, x) -> CheckResult:

@@ -130,6 +130,7 @@ class Trainer:
         else:
             self.micro_total = cfg.steps * cfg.grad_accum_steps
         self.total_steps = math.ceil(self.micro_total / cfg.grad_accum_steps)
+        self.micro_asked = self.micro_total  # make_up_skipped adds the skipped windows' micro-batches to it
         self.warmup_steps = max(1, self.total_steps // 10) if cfg.warmup_steps is None else cfg.warmup_steps
 
     def _build(self):
@@ -251,12 +252,11 @@ class Trainer:
 
     def extend(self) -> int:
         """The last step: total_steps, and when making up (make_up_skipped, with a GradScaler) one more for each skipped
-        step read so far (at most total_steps more), each a full window of micro-batches: the skipped window's again."""
+        step read so far (at most total_steps more), each the skipped window's micro-batches again."""
         if self.making_up:
-            skipped = sum(1 for rec in self.records if rec["skipped"])
-            end = self.total_steps + min(skipped, self.total_steps)
-            self.micro_total += (end - self.end) * self.cfg.grad_accum_steps
-            self.end = self.bar.total = end
+            retried = [rec["micro_batches"] for rec in self.records if rec["skipped"]][:self.total_steps]
+            self.micro_total = self.micro_asked + sum(retried)  # each retry draws its skipped window again, as it was
+            self.end = self.bar.total = self.total_steps + len(retried)
         return self.end
 
     def train_step(self) -> list:

@@ -29,7 +29,7 @@ test_amp_speedup_benchmark.__test__ = False  # a library function, not a pytest 
 
 def _report(result: TierResult, args):
     """The short text report: the speedup in context, compile figures, every verdict."""
-    if "amp_worth_it" in result.checks:
+    if "amp_worth_it" in result.checks and "speedup" in result.checks["amp_worth_it"].extra:  # else nothing was timed
         speed = result.checks["amp_worth_it"].extra
         print(f"{args.model} on {result.record['device']}, batch {args.batch_size} x {args.seq_len}: "
               f"{speed['amp_precision']} vs fp32")
