@@ -168,7 +168,7 @@ Both runs start from the same weights and see the same data in the same order un
 precision differs. Speed is measured in interleaved trials (fp32, AMP, fp32, AMP, ...) after warm-up steps, with the
 device synchronized, and the speedup carries a bootstrap interval from 3 trials up. On a T4 AMP means fp16 with a
 GradScaler; on an A100/H100 bf16; on a CPU bf16. Where the device only emulates the AMP precision (bf16 on a CPU
-without AVX512-BF16/AMX, as most laptops; fp16 on any CPU), `emulated_amp = "short"` (the default) compares at batch
+without AVX512-BF16/AMX, as most laptops; fp16 on nearly every CPU), `emulated_amp = "short"` (the default) compares at batch
 1 and times nothing, since emulated speed says nothing about AMP: the verdicts say so, and `"full"` runs it all.
 
 A long run survives a stop: interrupt the kernel (or a scheduler's SIGTERM) during fine-tuning and the run
