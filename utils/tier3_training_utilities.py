@@ -89,13 +89,19 @@ def _minimal_step(model: nn.Module, plan: PrecisionPlan, optimizer, scaler, x, y
     optimizer.zero_grad(set_to_none=True)
 
 
+def _bare_step(run: Prepared, plan: PrecisionPlan, batch):
+    """A bare training step (_minimal_step) on a fresh copy of the model under `plan`, as a function to call."""
+    model = convert_for(plan, copy.deepcopy(run.model))
+    optimizer, scaler = adamw(model.parameters(), run.params["lr"], run.device), plan.grad_scaler()
+    return lambda: _minimal_step(model, plan, optimizer, scaler, *batch)
+
+
 def _time_shares(run: Prepared, plan: PrecisionPlan, batch) -> dict:
     """Where a training step's op time goes under `plan` (utils.measure.op_time_shares), on the real model and batch:
     matmuls and attention (what autocast speeds up), casts (what it adds), the optimizer and the rest."""
-    model = convert_for(plan, copy.deepcopy(run.model))
-    optimizer, scaler = adamw(model.parameters(), run.params["lr"], run.device), plan.grad_scaler()
-    _minimal_step(model, plan, optimizer, scaler, *batch)  # warm-up: first-call costs are not a step's
-    return op_time_shares(lambda: _minimal_step(model, plan, optimizer, scaler, *batch), run.device)
+    step = _bare_step(run, plan, batch)
+    step()  # warm-up: first-call costs are not a step's
+    return op_time_shares(step, run.device)
 
 
 BUSY_STEPS = 3  # training steps profiled for the GPU's kernel time, apart from the timed trials
@@ -105,14 +111,10 @@ def _busy_shares(run: Prepared, plans, trials: pd.DataFrame, batch) -> dict:
     """Per precision, the share of our loop's step the GPU computes: the kernel time of a bare training step (profiled
     after a warm-up, apart from the timed trials, so no timed step reads anything back) over the median step time of
     our loop in the trials. None off a GPU."""
-    ours, shares = trials[trials["loop"] == "ours"], {}
-    for plan in plans:
-        model = convert_for(plan, copy.deepcopy(run.model))
-        optimizer, scaler = adamw(model.parameters(), run.params["lr"], run.device), plan.grad_scaler()
-        step = lambda: _minimal_step(model, plan, optimizer, scaler, *batch)  # noqa: E731 (one step, three times)
-        step_s = float(ours[ours["precision"] == plan.precision]["step_time_s"].median())
-        shares[plan.precision] = gpu_busy_share(step, BUSY_STEPS, step_s, run.device)
-    return shares
+    ours = trials[trials["loop"] == "ours"]
+    return {plan.precision: gpu_busy_share(_bare_step(run, plan, batch), BUSY_STEPS,
+                                           float(ours[ours["precision"] == plan.precision]["step_time_s"].median()),
+                                           run.device) for plan in plans}
 
 
 def _memory_parts(run: Prepared, plan: PrecisionPlan, batch) -> dict:
@@ -299,31 +301,31 @@ def host_bound(speed: dict):
 
 def _worth_verdict(speed: dict, plan: PrecisionPlan) -> Verdict:
     s, act, host = speed["speedup"], speed["memory"]["activation_saving"], host_bound(speed)
-    memory = f"activations saved for backward shrink by {act:.0%}" if act > 0 else "no activation memory saved"
+    context = f"activations saved for backward shrink by {act:.0%}" if act > 0 else "no activation memory saved"
     busy = speed.get("gpu_busy") or {}
     if busy.get(speed["amp_precision"]) is not None and not host:  # on a GPU, the busy share is always quoted
-        memory += (f"; the GPU computes {busy[speed['amp_precision']]:.0%} of a {label(speed['amp_precision'])} step "
+        context += (f"; the GPU computes {busy[speed['amp_precision']]:.0%} of a {label(speed['amp_precision'])} step "
                    f"and {busy[FP32]:.0%} of an fp32 step (kernel time over wall time)")
     if plan.emulated:
         return Verdict("amp_worth_it", "warn", timing=True, reason=f"not judged: {plan.precision} runs torchao's emulated "
-                       f"float8 matmuls ({s['median']:.2f}x here), which says nothing about fp8 hardware; {memory}.")
+                       f"float8 matmuls ({s['median']:.2f}x here), which says nothing about fp8 hardware; {context}.")
     if s["ci_low"] is None:
         return Verdict("amp_worth_it", "warn", timing=True, reason=f"{s['median']:.2f}x from {speed['trials']} trial(s): "
-                       f"no interval with fewer than {MIN_TRIALS_FOR_INTERVAL} trials, so no verdict on speed; {memory}.")
+                       f"no interval with fewer than {MIN_TRIALS_FOR_INTERVAL} trials, so no verdict on speed; {context}.")
     interval = f"95% CI {s['ci_low']:.2f}-{s['ci_high']:.2f}"
     if s["ci_low"] > 1:
         return Verdict("amp_worth_it", "pass", timing=True, reason=f"{s['median']:.2f}x faster than {speed['baseline']} "
-                       f"({interval}) at batch {speed['batch_size']} x {speed['seq_len']} tokens; {memory}"
+                       f"({interval}) at batch {speed['batch_size']} x {speed['seq_len']} tokens; {context}"
                        + (f"; {host}, so AMP may gain more." if host else "."))
     if host:  # slower or no clearer: the host's launches are timed, so neither is AMP's fault
         return Verdict("amp_worth_it", "warn", timing=True, reason=f"not judged: {s['median']:.2f}x ({interval}) at batch "
-                       f"{speed['batch_size']} x {speed['seq_len']}, but {host}; {memory}.")
+                       f"{speed['batch_size']} x {speed['seq_len']}, but {host}; {context}.")
     if s["ci_high"] < 1:
         return Verdict("amp_worth_it", "fail", timing=True, reason=f"{s['median']:.2f}x: slower than {speed['baseline']} "
-                       f"at batch {speed['batch_size']} ({interval}); {memory}; {where_time_goes(speed)}. Small batches "
+                       f"at batch {speed['batch_size']} ({interval}); {context}; {where_time_goes(speed)}. Small batches "
                        "leave the matmuls too small to gain: try a larger batch (see the batch-size sweep).")
     return Verdict("amp_worth_it", "warn", timing=True, reason=f"no clear speedup over {speed['baseline']}: "
-                   f"{s['median']:.2f}x ({interval}); {memory}; {where_time_goes(speed)}. Worth it only for the "
+                   f"{s['median']:.2f}x ({interval}); {context}; {where_time_goes(speed)}. Worth it only for the "
                    "memory, or with a larger batch.")
 
 
