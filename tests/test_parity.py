@@ -2,7 +2,6 @@
 training held against it; bf16 offered only where it is native; tier 3 in short where the AMP precision is only
 emulated; a GPU that waits for the host named as the cause of a speed verdict (faked at the device seam)."""
 
-import time
 from types import SimpleNamespace
 
 import pandas as pd
@@ -208,13 +207,18 @@ def test_a_host_bound_loop_is_not_blamed_on_amp():
 
 @pytest.mark.seam
 def test_tier3_measures_the_gpus_busy_share_through_the_seam(monkeypatch):
-    def fake_kernel_seconds(fn, device, warmup=None):  # a GPU that computes a fifth of what the host spends
-        warmup()
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) / 5
-    monkeypatch.setattr(precision, "kernel_seconds", fake_kernel_seconds)
-    r = run_tier(3, {**TIER3, "steps": 2, "trials": 3, "precision": BF16, "emulated_amp": "full"}, model=TinyGPTWrapper())
-    worth = r.checks["amp_worth_it"]
+    def gpu_that_computes(seconds):  # the seam's kernel time: fixed, so no clock of this machine decides the verdict
+        def kernel_seconds(fn, device, warmup=None):
+            warmup()
+            fn()
+            return seconds
+        return kernel_seconds
+    params = {**TIER3, "steps": 2, "trials": 3, "precision": BF16, "emulated_amp": "full"}
+    monkeypatch.setattr(precision, "kernel_seconds", gpu_that_computes(1e-7))  # far under a step: the GPU waits
+    worth = run_tier(3, params, model=TinyGPTWrapper()).checks["amp_worth_it"]
     assert set(worth.extra["gpu_busy"]) == {FP32, BF16} and all(0 < b < HOST_BOUND for b in worth.extra["gpu_busy"].values())
     assert "host-bound: the GPU computes" in worth.verdict.reason
+    monkeypatch.setattr(precision, "kernel_seconds", gpu_that_computes(1e3))  # far over a step: the GPU is busy throughout
+    worth = run_tier(3, params, model=TinyGPTWrapper()).checks["amp_worth_it"]
+    assert worth.extra["gpu_busy"] == {FP32: 1.0, BF16: 1.0} and "host-bound" not in worth.verdict.reason
+    assert "the GPU computes 100% of a bf16-mixed step and 100% of an fp32 step" in worth.verdict.reason
