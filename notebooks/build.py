@@ -47,6 +47,10 @@ sys.path.insert(0, str(ROOT))
 
 import torch
 
+from utils.loop.stops import sigterm_as_ctrl_c
+
+sigterm_as_ctrl_c()  # a scheduler's SIGTERM stops a cell as Ctrl-C does: fine-tuning checkpoints first
+
 if torch.cuda.is_available():
     print(f"GPU runtime: {{torch.cuda.get_device_name(0)}}")
 else:

@@ -20,6 +20,7 @@ from utils.results import read_json
 from utils.run import main
 from utils.tier3_training_utilities import test_fine_tuning
 from utils.tiers import run_tier
+from utils.loop import stops
 from utils.loop.checkpoint import CheckpointMismatch, load_latest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,14 +96,44 @@ def test_fp16_resume_continues_the_loss_scale_where_it_left_off(tmp_path):
     same_run(straight, run(checkpoint_dir=tmp_path, resume=True))
 
 
-def test_sigterm_stops_like_ctrl_c_and_a_second_ctrl_c_interrupts_at_once(tmp_path):
+def test_sigterm_stops_like_ctrl_c_and_only_a_later_separate_signal_interrupts_at_once(tmp_path, monkeypatch):
     short = {**RUN, "steps": 8}
     r = test_fine_tuning(gpt(), precision="32", checkpoint_dir=tmp_path, callbacks=[SignalAt(3, signal.SIGTERM)], **short)
     assert r.interrupted and r.stop["step"] == 3 and (tmp_path / "step_00000003.pt").exists()
+    # Two signals together (a key pressed twice, a scheduler's SIGTERM and the runner's Ctrl-C) are one stop
+    twice = test_fine_tuning(gpt(), precision="32", callbacks=[SignalAt(3, times=2)], **short)
+    assert twice.interrupted and twice.stop["step"] == 3
+    monkeypatch.setattr(stops, "STOP_WINDOW_S", -1.0)  # the second now comes after the window: a separate stop
     with pytest.raises(KeyboardInterrupt):
         test_fine_tuning(gpt(), precision="32", callbacks=[SignalAt(3, times=2)], **short)
     no_dir = test_fine_tuning(gpt(), precision="32", callbacks=[SignalAt(3)], **short)
     assert no_dir.interrupted and "nothing was saved" in no_dir.stop["message"]
+
+
+@pytest.fixture
+def kernel_sigterm():
+    """sigterm_as_ctrl_c installed in this process, as a notebook's set-up cell installs it; put back after."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    stops._SIGNALS = stops.StopSignals()
+    stops.sigterm_as_ctrl_c()
+    yield
+    for s, h in saved.items():
+        signal.signal(s, h)
+
+
+def test_a_kernels_sigterm_acts_as_its_ctrl_c_and_the_same_stop_twice_is_one(kernel_sigterm, monkeypatch):
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # a kernel running a cell: Ctrl-C raises there
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGTERM)
+        signal.sigtimedwait([], 0)  # a point where the handler has run
+    os.kill(os.getpid(), signal.SIGTERM)  # the runner's copy of the same stop, within the window: nothing more
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # an idle kernel ignores Ctrl-C, and so SIGTERM
+    monkeypatch.setattr(stops, "STOP_WINDOW_S", -1.0)
+    os.kill(os.getpid(), signal.SIGTERM)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # a later, separate stop in a cell: Ctrl-C again
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGTERM)
+        signal.sigtimedwait([], 0)
 
 
 def test_periodic_checkpoints_keep_the_newest_and_leave_no_temporary_files(tmp_path):

@@ -5,6 +5,7 @@ layer to look at. One form for all: a stop dict {reason, step, message, ...} on 
 import math
 import signal
 import threading
+import time
 from contextlib import contextmanager
 
 import torch
@@ -16,28 +17,68 @@ from utils.precision import BF16, PrecisionPlan, bf16_native, label
 INTERRUPTED, NONFINITE_LOSS, OVERFLOW_STORM = "interrupted", "nonfinite_loss", "overflow_storm"
 
 
+STOP_WINDOW_S = 0.5  # stop signals closer together than this are one stop (see StopSignals)
+FIRST, SAME, AGAIN = "first", "same", "again"
+
+
+class StopSignals:
+    """The stop signals a process receives, told apart by when they come. Schedulers send one stop more than once:
+    GNU timeout signals the command and then its process group, Slurm and systemd signal every process (a kernel gets
+    the scheduler's SIGTERM and its runner's), and a key pressed twice repeats itself. Signals within STOP_WINDOW_S of
+    the first are that same stop; only a later, separate one asks to stop at once."""
+
+    def __init__(self):
+        self.at = None
+
+    def take(self) -> str:
+        """FIRST for the first signal, SAME for one within the window of it, AGAIN for a later one."""
+        now = time.monotonic()
+        if self.at is None:
+            self.at = now
+            return FIRST
+        return SAME if now - self.at <= STOP_WINDOW_S else AGAIN
+
+
+_SIGNALS = StopSignals()  # this process's: the kernel's SIGTERM handler and the training loop's see the same stop
+
+
 @contextmanager
 def stop_requests():
     """Ctrl-C or SIGTERM (a Colab or scheduler stop) during training asks the loop to stop after the
-    current step, checkpoint and return, instead of dying mid-step; a second Ctrl-C interrupts at once.
-    Yields a function that says whether a stop was asked. Python allows handlers only in the main
-    thread; elsewhere signals keep their usual effect."""
-    asked = []
+    current step, checkpoint and return, instead of dying mid-step; a later, separate signal interrupts at
+    once (StopSignals). Yields a function that says whether a stop was asked. Python allows handlers only in
+    the main thread; elsewhere signals keep their usual effect."""
+    global _SIGNALS
     if threading.current_thread() is not threading.main_thread():
         yield lambda: False
         return
+    _SIGNALS = signals = StopSignals()  # a stop before this run (a cell stopped earlier) is not this run's
 
     def handler(signum, frame):
-        if asked and signum == signal.SIGINT:
+        if signals.take() == AGAIN:
             raise KeyboardInterrupt
-        asked.append(signum)
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield lambda: bool(asked)
+        yield lambda: signals.at is not None
     finally:
         for s, h in previous.items():
             signal.signal(s, h if h is not None else signal.SIG_DFL)
+
+
+def sigterm_as_ctrl_c():
+    """In a notebook kernel: SIGTERM (a scheduler's stop of every process) acts as Ctrl-C does at that moment. In
+    training the loop checkpoints and returns (stop_requests); in any other cell it raises KeyboardInterrupt; in an
+    idle kernel it is ignored, as Ctrl-C is. The same stop sent twice (the scheduler's and the runner's) is one."""
+    def handler(signum, frame):
+        if _SIGNALS.take() == SAME:
+            return
+        ctrl_c = signal.getsignal(signal.SIGINT)  # the kernel's own: default_int_handler in a cell, ignored when idle
+        if callable(ctrl_c):
+            ctrl_c(signal.SIGINT, frame)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
 
 
 def interrupted(step: int, total_steps: int, checkpoint_dir) -> dict:

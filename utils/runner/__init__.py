@@ -5,7 +5,8 @@ the summary; every engine executes a run through execute.execute, so a run's res
 An engine's interface, as utils.run.run_all uses it: submit(job) queues a run; collect(timeout) returns the runs
 that finished as (job, row), row None for one that never started, waiting up to `timeout` s for one; busy says
 whether any is queued or running; cancel() stops the queued ones from starting; kill() ends the running ones at once;
-close() releases the engine; on_start(job), when set, is called as a run starts."""
+close() releases the engine; on_start(job), when set, is called as a run starts (or, where the engine
+cannot see that, as it is queued: its start_note says which)."""
 
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -19,18 +19,24 @@ from jupyter_client.manager import AsyncKernelManager
 from papermill.exceptions import PapermillExecutionError
 from traitlets import CaselessStrEnum, default
 
-from utils.loop.stops import INTERRUPTED
+from utils.loop.checkpoint import PATTERN as CHECKPOINT_PATTERN
+from utils.loop.stops import AGAIN, INTERRUPTED, SAME, STOP_WINDOW_S, StopSignals
 from utils.params import ROOT, RUN_CONTROL, check_params, spec
 from utils.results import read_json, write_json_atomic
 from utils.tiers import TIERS
 
 NOTEBOOK_DIR = ROOT / "notebooks"
 KERNEL_LOG = "kernel.log"  # a run's kernel process's own log, kept in its folder when it wrote anything
+NOT_STARTED = "not_started"  # a summary row's run_status for a run a stop kept from starting
+CHECKSUMS = "checksums"  # run.json's field of what the run wrote (not in its summary row)
 KERNEL_START_TRIES = 3  # a kernel that dies before its first cell (ZeroMQ's port race when many start) is started again
 
 _KERNELS = weakref.WeakSet()  # the kernel managers of this process's running notebooks: a stop is passed to them
 _KERNELS_LOCK = threading.Lock()  # run threads add to it while a signal handler or a stop watcher reads it
+STOP_LINE = (f"the running notebooks are stopped as by Ctrl-C (a fine-tuning run checkpoints first) and no further run "
+             f"starts; a second stop more than {STOP_WINDOW_S:g} s later stops at once")
 _STOP = []  # the signals that asked this process to stop (SIGINT, SIGTERM, a driver's stop), in order
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 class LocalKernelManager(AsyncKernelManager):
@@ -97,9 +103,11 @@ def _signal_kernels(sig):
 
 
 def interrupt_kernels():
-    """Ctrl-C for every running notebook, as a user at its keyboard would press it: SIGINT to the kernel's process
-    group. Tier 3's loop then checkpoints and returns (utils.loop.stops); a cell elsewhere ends in KeyboardInterrupt."""
-    _signal_kernels(signal.SIGINT)
+    """Ctrl-C for every running notebook: SIGTERM to the kernel's process group, which the notebooks' set-up cell makes
+    act as Ctrl-C (utils.loop.stops.sigterm_as_ctrl_c). Tier 3's loop then checkpoints and returns; a cell elsewhere
+    ends in KeyboardInterrupt. SIGTERM, not SIGINT: a scheduler that signals every process sends the kernel SIGTERM
+    too, and the kernel takes the two as one stop only when they are the same signal (ipykernel owns SIGINT in a cell)."""
+    _signal_kernels(signal.SIGTERM)
 
 
 def kill_kernels():
@@ -116,22 +124,29 @@ def ask_stop(why: str):
 
 @contextlib.contextmanager
 def stops_passed_to_notebooks():
-    """SIGINT (Ctrl-C) and SIGTERM (a scheduler's preemption, Colab's stop) of the runner: said in one line, passed
-    to the running notebooks as Ctrl-C, and no further run starts. A second signal stops the runner at once
-    (KeyboardInterrupt). Python allows signal handlers only in the main thread; elsewhere signals act as usual."""
+    """SIGINT (Ctrl-C), SIGTERM (a scheduler's stop, Colab's) and SIGHUP (a closed terminal) of the runner: said in one
+    line, passed to the running notebooks as Ctrl-C, and no further run starts. The same stop sent more than once
+    (within STOP_WINDOW_S: GNU timeout's to the runner and to its group) is one; a later, separate signal stops the
+    runner at once (KeyboardInterrupt). Python allows signal handlers only in the main thread; elsewhere signals act
+    as usual."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    signals = StopSignals()
 
     def handler(signum, frame):
-        if _STOP:
+        kind = signals.take()
+        if kind == AGAIN:
             raise KeyboardInterrupt
-        # To file descriptor 2 itself: a signal handler must not go through sys.stderr's buffer (or a notebook's stand-in)
-        os.write(2, f"{signal.Signals(signum).name}: the running notebooks are stopped as by Ctrl-C (a fine-tuning run "
-                 "checkpoints first) and no further run starts; press Ctrl-C again to stop at once\n".encode())
+        if kind == SAME:
+            return
+        # To file descriptor 2 itself: a signal handler must not go through sys.stderr's buffer (or a notebook's
+        # stand-in); a closed terminal (SIGHUP) has no stderr left
+        with contextlib.suppress(OSError):
+            os.write(2, f"{signal.Signals(signum).name}: {STOP_LINE}\n".encode())
         ask_stop(signal.Signals(signum).name)
 
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
     try:
         yield
     finally:
@@ -175,8 +190,14 @@ def _read(path: Path, reader=read_json):
         raise ValueError(f"{path} is corrupt ({type(e).__name__}: {e})") from None
 
 
+def checksums(run_dir: Path, tier: int) -> dict:
+    """What a run wrote, as run.json keeps it: each output file's sha256, so --resume trusts only the run's own files."""
+    return {name: hashlib.sha256((run_dir / name).read_bytes()).hexdigest()
+            for name in ("results.json", TIERS[tier].notebook) if (run_dir / name).is_file()}
+
+
 def why_rerun(run_dir: Path, tier: int, params: dict):
-    """None when run_dir holds exactly this run, complete and valid; else the reason to run it again."""
+    """None when run_dir holds exactly this run, complete and as it wrote it; else the reason to run it again."""
     try:
         record = _read(run_dir / "run.json")
         if not isinstance(record, dict):
@@ -189,6 +210,11 @@ def why_rerun(run_dir: Path, tier: int, params: dict):
         if not isinstance(results, dict) or results.get("status") != record.get("verdict"):
             return f"{run_dir / 'results.json'} does not match run.json"
         _read(run_dir / TIERS[tier].notebook, lambda p: nbformat.read(p, as_version=4))
+        kept = record.get(CHECKSUMS) or {}
+        for name, digest in checksums(run_dir, tier).items():
+            if kept.get(name) != digest:
+                return (f"{run_dir / name} is not the file the run wrote (its sha256 differs from run.json's)" if name in kept
+                        else f"run.json has no checksum of {name} (an older record): its outputs cannot be verified")
     except ValueError as e:
         return str(e)
     return None
@@ -236,14 +262,20 @@ def crashed_row(run_id: str, tier: int, params: dict, where: dict, error: str) -
             "error": error}
 
 
+def not_started_row(run_id: str, tier: int, params: dict, why: str) -> dict:
+    """The row of a planned run that a stop kept from starting: listed, so a stopped batch never reads as complete."""
+    return {**base_row(run_id, tier, params), "run_status": NOT_STARTED, "verdict": None, "timing_failed": False, "error": why}
+
+
 def execute(run_id: str, tier: int, params: dict, out_dir: Path, progress: bool = False, timeout: int = None,
             env: dict = None, where: dict = None) -> dict:
     """Execute one notebook in a temporary folder, then move it to out_dir/run_id. `env` is added to the kernel's
     environment (its threads, its GPU); `where` (engine, node, GPU, threads) goes into the row as it is. A crash,
     a timeout or a file-system error is recorded in the returned row, never raised; an interrupted run replaces an
-    earlier run there only when that one was not complete."""
+    earlier run there only when that one was not complete. A run that finished but could not be moved into place
+    stays in its temporary folder, which the next runner on out_dir puts in place (utils.runner.lock)."""
     row = base_row(run_id, tier, params, where)
-    t0, tmp = time.perf_counter(), None
+    t0, tmp, finished = time.perf_counter(), None, False
     # Checkpoints live beside the run folders, not in the temporary one: they must outlive an interrupted run.
     keep = {"checkpoint_dir": str(out_dir / "checkpoints" / run_id)} if "checkpoint_dir" in spec(tier) else {}
     try:
@@ -252,19 +284,21 @@ def execute(run_id: str, tier: int, params: dict, out_dir: Path, progress: bool 
             retries = _notebook(tier, {**keep, **params}, tmp, progress, timeout, env)
             row.update(_finished(read_json(tmp / "results.json")), kernel_start_retries=retries)
         except Exception as e:  # a failing notebook must not stop the others (a second Ctrl-C is no Exception)
-            row.update(_failed(e, timeout, tier))
+            row.update(_failed(e, timeout, Path(keep.get("checkpoint_dir", tmp))))
         row.update(duration_s=round(time.perf_counter() - t0, 2), ended_at=round(time.time(), 3))
-        write_json_atomic(tmp / "run.json", row)
         if (tmp / KERNEL_LOG).exists() and not (tmp / KERNEL_LOG).stat().st_size:
             (tmp / KERNEL_LOG).unlink()
+        write_json_atomic(tmp / "run.json", {**row, CHECKSUMS: checksums(tmp, tier)})
+        finished = row["run_status"] == "ok"
         if row["run_status"] == INTERRUPTED and why_rerun(out_dir / run_id, tier, params) is None:
             shutil.rmtree(tmp)  # a complete earlier run of the same parameters stays: nothing finished is lost
         else:
             _replace_dir(tmp, out_dir / run_id)
     except OSError as e:  # the file system failed this run: its problem, not the batch's
-        row.update(run_status="crashed", verdict=None, timing_failed=False, error=f"file system: {e}",
+        kept = f"; its finished results are kept in {tmp}, which the next run into {out_dir} puts in place" if finished else ""
+        row.update(run_status="crashed", verdict=None, timing_failed=False, error=f"file system: {e}{kept}",
                    duration_s=round(time.perf_counter() - t0, 2), ended_at=round(time.time(), 3))
-        if tmp is not None:
+        if tmp is not None and not finished:
             shutil.rmtree(tmp, ignore_errors=True)
     return row
 
@@ -279,11 +313,14 @@ def _finished(results: dict) -> dict:
     return {**row, **{k: v for k, v in results.get("figures", {}).items() if k != "stop"}}  # its message is the error
 
 
-def _failed(e: BaseException, timeout: int, tier: int) -> dict:
-    """A row's fields for a notebook that did not finish: stopped by this runner, timed out or crashed."""
-    if _STOP:
-        status, error = INTERRUPTED, (f"{_STOP[0]} stopped it before it wrote its results (--resume runs it again"
-                                      + (", from its checkpoints)" if "resume" in spec(tier) else ")"))
+def _failed(e: BaseException, timeout: int, checkpoints: Path) -> dict:
+    """A row's fields for a notebook that did not finish: stopped (by this runner, or its kernel by a signal of its own),
+    timed out or crashed."""
+    stop = _STOP[0] if _STOP else "a stop of its kernel (SIGTERM or Ctrl-C)" if getattr(e, "ename", "") == "KeyboardInterrupt" else ""
+    if stop:
+        saved = any(checkpoints.rglob(CHECKPOINT_PATTERN))
+        status, error = INTERRUPTED, (f"{stop} stopped it before it wrote its results (--resume runs it again"
+                                      + (", from its checkpoints)" if saved else ")"))
     elif isinstance(e, TimeoutError):  # nbclient's CellTimeoutError; a cell's own error is PapermillExecutionError
         status, error = "timeout", f"no cell may run longer than --timeout {timeout} s"
     else:

@@ -49,6 +49,7 @@ class LocalExecutor:
     """The engines' interface (utils.runner) on this machine. A queued run starts at the next collect(), so the
     driver has recorded the runs that finished before others take their slots."""
     name = "local"
+    start_note = ""  # a run is announced as it starts
 
     def __init__(self, jobs: int = 1, threads: int = None, gpus: list = None):
         # --jobs 1 without --threads leaves the kernel's threads to torch, as a single run always had them.

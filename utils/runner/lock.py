@@ -114,12 +114,25 @@ def batch_lock(out_dir: Path):
                 lock.unlink()
 
 
+def _finished_run(folder: Path) -> str:
+    """The run id of a temporary run folder that holds a finished run (its run.json says ok), else ''."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        record = json.loads((folder / "run.json").read_text())
+        if record.get("run_status") == "ok" and folder.name.startswith(f".{record['run_id']}."):
+            return record["run_id"]
+    return ""
+
+
 def _clear_leftovers(out_dir: Path):
-    """What a dead runner left: temporary run folders and an engine's files are removed; a finished run that was cut
-    off while it replaced the one before (.name.old, and no name) is put back."""
+    """What a dead or failed runner left: a finished run that was cut off while it replaced the one before (.name.old,
+    and no name), or that could not be moved into place (a temporary folder whose run.json says ok), is put in place
+    (--resume then checks it as any other); other temporary run folders and an engine's files are removed."""
     for leftover in out_dir.glob(".*"):
         if leftover.name.endswith(".old") and leftover.is_dir() and not (out_dir / leftover.name[1:-4]).exists():
             leftover.rename(out_dir / leftover.name[1:-4])
+        elif leftover.is_dir() and not leftover.name.endswith(".old") and (run_id := _finished_run(leftover)):
+            shutil.rmtree(out_dir / run_id, ignore_errors=True)
+            leftover.rename(out_dir / run_id)
         elif leftover.is_dir() and "." in leftover.name[1:]:
             shutil.rmtree(leftover, ignore_errors=True)
         elif leftover.name.startswith(".ray-driver"):

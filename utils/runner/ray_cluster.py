@@ -77,6 +77,7 @@ def run_task(job: Job, token: str, threads: int, shared: str):
 class RayExecutor:
     """The engines' interface (utils.runner) over Ray tasks."""
     name = "ray"
+    start_note = " (queued on Ray: it starts when the cluster has room)"  # a task is announced when submitted
 
     def __init__(self, out_dir: Path, address: str = None, threads: int = 1):
         self.ray = ray = _ray()
@@ -84,9 +85,12 @@ class RayExecutor:
         if self.owns:  # address None: RAY_ADDRESS, else the cluster `ray start` began on this machine, else a new local Ray
             try:
                 ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
-            except (ConnectionError, ValueError, RuntimeError) as e:
+            except Exception as e:  # Ray raises many kinds (a start that timed out is a bare Exception): each is one line
+                first = (str(e).strip().splitlines() or [""])[0][:300]
                 raise UsageError(f"could not start or join Ray (--ray-address {address!r}, RAY_ADDRESS "
-                                 f"{os.environ.get('RAY_ADDRESS')!r}): {type(e).__name__}: {e}") from None
+                                 f"{os.environ.get('RAY_ADDRESS')!r}): {type(e).__name__}: {first}; check that the "
+                                 "address is a running cluster's (ray status), that this machine is not too loaded to "
+                                 "start a local Ray, and /tmp/ray/session_latest/logs") from None
         self.out_dir, self.threads, self.token = out_dir, threads, secrets.token_hex(8)
         (out_dir / MARKER).write_text(self.token)
         self.stop_file = out_dir / f"{MARKER}.{self.token}.stop"
