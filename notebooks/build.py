@@ -207,7 +207,7 @@ unscaling (and the step the loss scale collapsed), else the layers that drift mo
 parity run of its own, until one passes or `remedy_runs` are spent: the blamed layer in fp32 (`fp32_modules` asks for
 it by name), bf16 instead of fp16, a gentler loss scale. The chart: each run's largest loss gap against the
 tolerance, and its skipped steps; green passes.""", "diagnosis"),
-    ], "**fp32_baseline**: fp32 itself trains. **amp_safe**: loss parity update for update within the tolerance, finite "
+    ], "**fp32_baseline**: fp32 itself trains (its loss is finite, moves and does not diverge). **amp_safe**: loss parity update for update within the tolerance, finite "
        "losses, no skipping beyond the GradScaler's calibration, no collapsed scale and no overflow storm. **amp_worth_it**: the speedup interval lies above 1 (a timing verdict). "
        "**diagnosis**: the cause of an amp_safe failure and the remedy that passes parity (warn), or none (fail). "
        "**interrupted** (instead of the four): the run was stopped and can be resumed.")

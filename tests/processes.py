@@ -2,6 +2,7 @@
 (an unread pipe fills at 64 KiB and blocks the child until the test's deadline), and every wait has a deadline that
 fails the test with what the child said so far: a test never acts (signals, asserts) on a state that never came."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -18,10 +19,10 @@ def wait_for(condition, deadline_s: float, what: str, says=lambda: "", ended=lam
     says why the thing awaited can no longer come (a child that exited). `says()` adds what was seen so far."""
     end = time.monotonic() + deadline_s
     while True:
+        gone = ended()  # asked before the condition: a child that wrote its mark and then exited still passes
         value = condition()
         if value:
             return value
-        gone = ended()
         if gone or time.monotonic() > end:
             pytest.fail(f"waited for {what}: {gone or f'not there within {deadline_s} s'}{says()}", pytrace=False)
         time.sleep(POLL_S)
@@ -103,10 +104,11 @@ class Child:
     def kill(self):
         """SIGKILL to the child (and its process group when it has its own session); reaped."""
         if self.proc.poll() is None:
-            if self.new_session:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            else:
-                self.proc.kill()
+            with contextlib.suppress(ProcessLookupError):  # it may end between the poll and the signal
+                if self.new_session:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                else:
+                    self.proc.kill()
             self.proc.wait(30)
 
     def __enter__(self):

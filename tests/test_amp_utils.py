@@ -2,6 +2,7 @@ import pandas as pd
 import pytest
 import torch
 
+from tests.packages import optional
 from utils import precision
 from utils.loop.trainer import amp_summary
 from utils.precision import resolve as resolve_precision
@@ -120,7 +121,7 @@ def test_wandb_callback_logs_through_the_hook():
 
 
 def test_wandb_callback_is_silent_without_a_run():
-    wandb = pytest.importorskip("wandb")
+    wandb = optional("wandb")
     assert wandb.run is None
     cb = AmpWandbCallback.from_plan(resolve_precision("32", "cpu"))
     cb.on_step_end(_records()[1])  # must not raise, must not start a run
@@ -128,7 +129,7 @@ def test_wandb_callback_is_silent_without_a_run():
 
 
 def test_wandb_callback_logs_to_a_real_offline_run(tmp_path, monkeypatch):
-    wandb = pytest.importorskip("wandb")
+    wandb = optional("wandb")
     monkeypatch.setenv("WANDB_SILENT", "true")
     run = wandb.init(mode="offline", dir=str(tmp_path), project="amp-test")
     try:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.packages import optional
 from utils import train
 from utils.loop import distributed
 
@@ -130,7 +131,7 @@ def test_gradient_accumulation_under_ddp_trains_like_one_process(tmp_path):
 @pytest.mark.skipif(bool(distributed.fsdp2_unavailable()), reason=distributed.fsdp2_unavailable() or "FSDP2 available")
 def test_a_hugging_face_llama_trains_alike_sharded_by_fsdp2_and_in_one_process(tmp_path):
     """FSDP2 shards each element of the model's ModuleList (Llama's decoder layers), as for ours."""
-    transformers = pytest.importorskip("transformers")
+    transformers = optional("transformers")
     torch.manual_seed(0)
     config = transformers.LlamaConfig(num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, hidden_size=64,
                                       intermediate_size=128, vocab_size=512, max_position_embeddings=128)

@@ -6,13 +6,14 @@ import json
 
 import pytest
 
+from tests.packages import optional
 from utils import gpu_check
 from utils.precision import GPU_CHECKED
 
 
 @pytest.mark.slow
 def test_the_gpu_check_runs_end_to_end_on_a_cpu_at_tiny_sizes(tmp_path):
-    pytest.importorskip("transformers")
+    optional("transformers")
     assert gpu_check.main(["--device", "cpu", "--quick", "--out", str(tmp_path)]) == 0
     check = json.loads((tmp_path / "gpu_check.json").read_text())
     assert check["gpu_tests"] == {"skipped": "no CUDA device: the gpu tests need one"}

@@ -16,10 +16,13 @@ import pandas as pd
 import pytest
 import torch
 
+from tests.packages import optional
+from tests import processes
 from tests.user_models import NarrowLogits, NoisyLM
-from utils import precision
+from utils import models as model_loading, precision
 from utils import run as runner
 from utils.runner import execute as execution
+from utils.loop import stops
 from utils.loop.config import TrainConfig
 from utils.models import ModelLoadError, load_model, probe_model
 from utils.params import ParamError
@@ -80,7 +83,9 @@ def test_a_device_this_machine_lacks_is_refused_before_a_kernel_starts(value, me
     ("model=hf:", "parameter 'model': 'hf:' is not a model spec"),
 ])
 def test_a_value_that_would_fail_in_the_notebook_is_refused_before_it(assignment, message, tmp_path, capsys, no_kernel):
-    assert refused([*TINY1, "-p", assignment], tmp_path, capsys).startswith(message)
+    name = assignment.partition("=")[0]  # in place of TINY1's own value: a parameter given twice is refused as such
+    tiny = [arg for pair in zip(TINY1[::2], TINY1[1::2]) if not pair[1].startswith(f"{name}=") for arg in pair]
+    assert refused([*tiny, "-p", assignment], tmp_path, capsys).startswith(message)
 
 
 def test_strengths_need_one_value_too(tmp_path, capsys, no_kernel):
@@ -147,7 +152,7 @@ def test_a_factory_that_builds_on_the_meta_device_is_refused_by_name():
 @pytest.mark.parametrize("text, message", [
     (b"model: [gpt-tiny]\nlr: \xff\xfe\n", "is not UTF-8 text (byte 0xff at offset 22); expected a YAML file saved as UTF-8"),
     (b"just a string\n", "holds str 'just a string'; expected a mapping of parameter names to values"),
-    (b"- 1\n- 2\n", "holds list '[1, 2]'; expected a mapping of parameter names to values"),
+    (b"- 1\n- 2\n", "holds list [1, 2]; expected a mapping of parameter names to values"),
     (b"lr: [0.1]\nseed: 1\nlr: [0.2]\n", "parameter 'lr' is given twice (lines 1 and 3); expected each once"),
     (b"lr: [0.1\n", "is not valid YAML: expected ',' or ']', but got '<stream end>' at line 2, column 1"),
 ])
@@ -260,7 +265,7 @@ def test_a_nondeterministic_model_is_not_blamed_for_seeing_the_future():
 
 
 def test_a_masked_lm_built_in_code_is_read_as_a_masked_lm_by_its_class():
-    transformers = pytest.importorskip("transformers")
+    transformers = optional("transformers")
     config = transformers.RobertaConfig(vocab_size=300, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                         intermediate_size=64, max_position_embeddings=70)
     model = transformers.RobertaForMaskedLM(config)
@@ -312,23 +317,54 @@ TIER3 = ["--tiers", "3", "-p", f"model={ROOT}/tests/user_models.py:FaultOnce", "
 PAUSE_STEP = 3  # FaultOnce's pause at training forward 9: after 6 speed-trial forwards, fp32 fine-tuning's step 3
 
 
+def _descendants(pid: int) -> list:
+    """The processes below `pid` (its notebook kernels), from /proc."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found += children
+        todo += children
+    return found
+
+
+def _stop(how: str, runner: processes.Child):
+    """Stop a runner paused at fine-tuning step PAUSE_STEP as `how` does; the second signal of a pair is sent after
+    the runner said its first stop line (never by luck)."""
+    pid, stop_line = runner.proc.pid, f"SIGTERM: {execution.STOP_LINE}\n"
+    if how == "ctrl-c":  # a terminal's Ctrl-C, to the runner alone
+        runner.proc.send_signal(signal.SIGINT)
+    elif how == "timeout":  # GNU timeout: SIGTERM to the command, then to its process group
+        runner.proc.send_signal(signal.SIGTERM)
+        runner.wait_for_line("stderr", stop_line, 60)
+        os.killpg(pid, signal.SIGTERM)
+    elif how == "slurm":  # scancel, a time limit, systemd: SIGTERM to every process of the job at once
+        for each in [*_descendants(pid), pid]:
+            os.kill(each, signal.SIGTERM)
+    elif how == "kernel":  # SIGTERM to the notebook's kernel alone
+        kernels = runner.wait_for(lambda: _descendants(pid), 60, "the runner's kernel process")
+        os.kill(kernels[0], signal.SIGTERM)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("signum, first, then", [(signal.SIGTERM, "relative", "absolute"),
-                                                  (signal.SIGINT, "absolute", "relative")])
-def test_a_stopped_runner_checkpoints_records_interrupted_and_resume_continues(signum, first, then, tmp_path):
+@pytest.mark.parametrize("how, first, then", [("ctrl-c", "absolute", "relative"), ("timeout", "relative", "absolute"),
+                                              ("slurm", "absolute", "absolute"), ("kernel", "relative", "relative")])
+def test_a_stop_however_sent_checkpoints_records_interrupted_and_resume_continues(how, first, then, tmp_path):
     out = {"relative": "out", "absolute": str(tmp_path / "out")}
     env = {**os.environ, "SUITE_TEST_FAULT": f"pause:{6 + PAUSE_STEP}", "SUITE_TEST_MARK": str(tmp_path / "mark"),
            "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "utils.run", *TIER3, "--out", out[first]], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not (tmp_path / "mark").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signum)  # to the runner alone, as a scheduler or a terminal's Ctrl-C sends it
-    stdout, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 1, stdout + stderr
-    assert stderr == f"{signum.name}: the running notebooks are stopped as by Ctrl-C (a fine-tuning run checkpoints " \
-                     "first) and no further run starts; press Ctrl-C again to stop at once\n"
+    with processes.start([sys.executable, "-m", "utils.run", *TIER3, "--out", out[first]], cwd=tmp_path, env=env,
+                         new_session=True) as runner:
+        runner.wait_for((tmp_path / "mark").exists, 300, "the model's pause at fine-tuning step 3")
+        _stop(how, runner)
+        code, stdout, stderr = runner.finish(300)
+    assert code == 1, stdout + stderr
+    said = {"ctrl-c": f"SIGINT: {execution.STOP_LINE}\n", "kernel": ""}.get(how, f"SIGTERM: {execution.STOP_LINE}\n")
+    assert stderr == said  # one line, or none where only the kernel was signalled
     batch = tmp_path / "out" / "b"
     row = pd.read_csv(batch / "summary.csv").iloc[0]
     assert row["run_status"] == "interrupted"
@@ -346,22 +382,70 @@ def test_a_stopped_runner_checkpoints_records_interrupted_and_resume_continues(s
 
 
 @pytest.mark.slow
-def test_a_second_signal_stops_the_runner_at_once_and_keeps_what_finished(tmp_path):
+@pytest.mark.parametrize("args, where, error", [
+    (TINY1, "tier 1's checks", f"{execution.KERNEL_STOP} stopped it before it wrote its results (--resume runs it again)"),
+    (TIER3, "tier 3's speed trials",  # timed with the loop, which stops as in training
+     "a fp32 speed trial was interrupted at step 1 of 2 (no checkpoint_dir, so nothing was saved to resume from)"),
+])
+def test_sigterm_to_a_kernel_outside_fine_tuning_is_recorded_interrupted_never_crashed(args, where, error, tmp_path):
+    env = {**os.environ, "SUITE_TEST_FAULT": "pause:1", "SUITE_TEST_MARK": str(tmp_path / "mark"), "PYTHONPATH": str(ROOT)}
+    model = [] if "model" in " ".join(args) else ["-p", f"model={ROOT}/tests/user_models.py:FaultOnce"]
+    with processes.start([sys.executable, "-m", "utils.run", *args, *model, "--out", "out", "--name", "b"], cwd=tmp_path,
+                         env=env, new_session=True) as runner:
+        runner.wait_for((tmp_path / "mark").exists, 300, f"the model's pause in {where}")
+        os.kill(_descendants(runner.proc.pid)[0], signal.SIGTERM)
+        code, stdout, stderr = runner.finish(300)
+    assert code == 1 and stderr == "", stdout + stderr
+    row = pd.read_csv(tmp_path / "out" / "b" / "summary.csv").iloc[0]
+    assert row["run_status"] == "interrupted", row["error"]
+    assert row["error"] == error
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_the_runners_stop_comes_once_however_often_it_is_sent_together(signum, capfd, monkeypatch):
+    """Any stop signal (SIGHUP: a closed terminal) is one line and one stop; the same stop sent again at once (GNU
+    timeout's second SIGTERM, a bounced key) is nothing more; only a later, separate one stops at once."""
+    with execution.stops_passed_to_notebooks():
+        os.kill(os.getpid(), signum)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert execution._STOP == [signum.name]
+        monkeypatch.setattr(stops, "STOP_WINDOW_S", -1.0)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert capfd.readouterr().err == f"{signum.name}: {execution.STOP_LINE}\n" and not execution._STOP
+
+
+def test_a_factory_that_raises_keyboardinterrupt_is_one_line_naming_it(tmp_path, capsys):
+    assert main([*TINY1, "-p", "model=tests.user_models:raises_keyboard_interrupt", "--out", str(tmp_path)]) == 1
+    row = pd.read_csv(tmp_path / "default" / "summary.csv").iloc[0]
+    assert row["run_status"] == "interrupted"
+    assert row["error"] == f"{execution.KERNEL_STOP} stopped it before it wrote its results (--resume runs it again)"
+    assert "Traceback" not in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_second_signal_a_second_later_stops_at_once_and_the_next_run_clears_what_it_left(tmp_path):
     env = {**os.environ, "SUITE_TEST_FAULT": f"pause:{6 + PAUSE_STEP}", "SUITE_TEST_MARK": str(tmp_path / "mark"),
            "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "utils.run", *TIER3, "--out", "out"], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not (tmp_path / "mark").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    time.sleep(1)  # within the model's 5 s pause: the notebook has not finished its step
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 130, stdout + stderr
-    assert stderr.splitlines()[-1] == ("stopped at once: the running notebooks did not finish; finished runs are kept, "
-                                       "--resume runs the rest") and "Traceback" not in stderr
-    assert not (tmp_path / "out" / "b" / ".lock").exists()
+    with processes.start([sys.executable, "-m", "utils.run", *TIER3, "--out", "out"], cwd=tmp_path, env=env) as runner:
+        runner.wait_for((tmp_path / "mark").exists, 300, "the model's pause at fine-tuning step 3")
+        runner.proc.send_signal(signal.SIGTERM)
+        runner.wait_for_line("stderr", "SIGTERM: ", 60)
+        time.sleep(1)  # the one sleep that is the point: a separate, later stop (the model's pause holds the step)
+        runner.proc.send_signal(signal.SIGINT)
+        code, stdout, stderr = runner.finish(300)
+    batch = tmp_path / "out" / "b"
+    left = [p.name for p in batch.glob(".tier3*")]
+    assert code == 130, stdout + stderr
+    assert len(left) == 1 and stderr.splitlines()[-1] == (
+        "stopped at once: the running notebooks did not finish; finished runs are kept, --resume runs the rest; the next "
+        f"run into {batch} removes their temporary folder(s) {left[0]}") and "Traceback" not in stderr
+    assert not (batch / ".lock").exists()
+    resumed = subprocess.run([sys.executable, "-m", "utils.run", *TIER3, "--out", "out", "--resume"], cwd=tmp_path,
+                             env={k: v for k, v in env.items() if k != "SUITE_TEST_FAULT"}, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert not list(batch.glob(".tier3*"))
 
 
 class _SilentHub:
@@ -387,8 +471,10 @@ class _SilentHub:
 
 
 @pytest.mark.slow
-def test_hf_with_a_hub_that_never_answers_is_refused_within_seconds_and_recorded_crashed(tmp_path, monkeypatch, capsys):
-    pytest.importorskip("transformers")
+def test_hf_with_a_hub_that_never_answers_is_refused_and_recorded_crashed_not_timed_out(tmp_path, monkeypatch, capsys):
+    """A real silent endpoint, end to end: the run is refused with the hub's reason before the runner's limit. How
+    long the hub may hold it (seconds) is the next test's."""
+    optional("transformers")
     with _SilentHub() as endpoint:
         for name, value in {"HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "hf")}.items():
             monkeypatch.setenv(name, value)
@@ -401,3 +487,36 @@ def test_hf_with_a_hub_that_never_answers_is_refused_within_seconds_and_recorded
                         "model is not in the local cache; connect to the network, or give a local folder "
                         "\\(hf:path/to/model\\)", row["error"]), row["error"]
     print(f"refused in {row['duration_s']} s")
+
+
+def test_a_silent_hub_holds_hf_for_5_s_and_a_hung_lookup_for_one_more(monkeypatch):
+    """What bounds the wait on a hub that does not answer, without timing it: the hub is asked with a 5 s timeout (on
+    connecting and on each read), and a request that never returns (a name lookup, which no socket timeout bounds) is
+    abandoned HUB_TIMEOUT_S + 1 s later; the refusal names the 5 s and the reason."""
+    hub_utils, hub = optional("huggingface_hub.utils"), optional("huggingface_hub.constants")
+    asked, hang, release = [], threading.Event(), threading.Event()
+
+    class Session:
+        def head(self, url, timeout=None):
+            asked.append((url, timeout))
+            if hang.is_set():
+                release.wait(30)  # does not return while the test waits: only the join's bound ends the wait
+            raise TimeoutError("timed out")
+
+    monkeypatch.setattr(hub_utils, "get_session", Session)
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+    model_loading._hub_access.cache_clear()
+    try:
+        with pytest.raises(ModelLoadError) as refused:
+            model_loading._hub_access("suite-test/never-cached")
+    finally:
+        model_loading._hub_access.cache_clear()
+    assert asked == [(f"{hub.ENDPOINT}/api/models/suite-test/never-cached", 5)] and model_loading.HUB_TIMEOUT_S == 5
+    assert str(refused.value).startswith("cannot download hf:suite-test/never-cached: "
+                                         f"{hub.ENDPOINT} did not answer within 5 s (TimeoutError: timed out)")
+    hang.set()
+    monkeypatch.setattr(model_loading, "HUB_TIMEOUT_S", 0.1)  # the bound is HUB_TIMEOUT_S + 1: 1.1 s here
+    try:
+        assert model_loading._hub_silence("http://hub.invalid/api/models/x") == "no answer, not even a name lookup"
+    finally:
+        release.set()  # the abandoned request's thread ends

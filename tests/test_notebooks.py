@@ -14,13 +14,16 @@ import nbformat
 import papermill
 import pytest
 import torch
+from traitlets import CaselessStrEnum
 
 from utils.params import TIER_PARAMS, check_params, defaults
+from utils.runner import execute as execution
 from utils.runner.execute import run_notebook
 from utils.results import read_json
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
+KERNEL_WARNING = "[IPKernelApp] WARNING"  # what a kernel over TCP prints (unencrypted transport) into every run
 NAMES = ["tier1_validation.ipynb", "tier2_analysis.ipynb", "tier3_training.ipynb"]
 TIER_NOTEBOOKS = list(enumerate(NAMES, 1))
 SMALL = {
@@ -82,7 +85,7 @@ def test_notebook_runs_under_papermill_with_parameters(tier, name, tmp_path, cap
     out = tmp_path / name
     run_notebook(NOTEBOOKS / name, out, parameters={**SMALL[name], "output_dir": str(tmp_path)}, cwd=str(NOTEBOOKS),
                  progress_bar=False)
-    assert "[IPKernelApp] WARNING" not in capfd.readouterr().err  # quiet: the kernel talks over local sockets
+    assert KERNEL_WARNING not in capfd.readouterr().err  # quiet: the kernel talks over local sockets
     results = read_json(tmp_path / "results.json")
     non_timing = {v["check"]: v["status"] for v in results["verdicts"] if not v["timing"]}
     assert non_timing == EXPECTED[tier] and results["status"] == "pass"
@@ -95,11 +98,22 @@ def test_notebook_runs_under_papermill_with_parameters(tier, name, tmp_path, cap
     assert f"Tier {tier}: pass" in printed and "Traceback" not in printed
 
 
+@pytest.mark.parametrize("transport, warned", [("tcp", True), ("ipc", False)])
+def test_only_a_tcp_kernel_prints_the_warning_the_papermill_test_looks_for(transport, warned, tmp_path, capfd, monkeypatch):
+    """The control of the check above: one cell run the same way, with the kernel forced onto TCP, prints it."""
+    transport_trait = CaselessStrEnum(["tcp", "ipc"], default_value=transport)
+    forced = type("Forced", (execution.LocalKernelManager,), {"transport": transport_trait})
+    monkeypatch.setattr(execution, "LocalKernelManager", forced)
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("1 + 1")]), tmp_path / "one.ipynb")
+    run_notebook(tmp_path / "one.ipynb", tmp_path / "ran.ipynb", cwd=str(tmp_path), progress_bar=False)
+    assert (KERNEL_WARNING in capfd.readouterr().err) is warned
+
+
 def run_nbval(notebook: Path, cwd: Path, root: Path = ROOT, **env):
     env = {**os.environ, "SUITE_ROOT": str(root), **env}
     return subprocess.run([sys.executable, "-m", "pytest", str(notebook), "--nbval", "--nbval-current-env",
                            "--nbval-sanitize-with", str(ROOT / "tests" / "nbval_sanitize.cfg"), "-p", "no:cacheprovider", "-q"],
-                          cwd=cwd, env=env, capture_output=True, text=True)
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=900)  # one notebook's full run
 
 
 def planted(tmp_path, name, old, new):

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
+from tests.packages import optional
 from utils.data import load_corpus
 from utils.models import load_model, model_max_len, probe_model
 from utils.results import read_json
@@ -18,8 +19,8 @@ from utils.measure import matmul_params, measured_flops_per_token, training_flop
 from utils.tier3_training_utilities import test_fine_tuning
 from utils.tiers import TIERS, run_tier
 
-transformers = pytest.importorskip("transformers")
-tokenizers = pytest.importorskip("tokenizers")
+transformers = optional("transformers")
+tokenizers = optional("tokenizers")
 
 TINY = dict(num_hidden_layers=2, num_attention_heads=2, hidden_size=64, intermediate_size=128, vocab_size=512,
             max_position_embeddings=128)

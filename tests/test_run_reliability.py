@@ -8,13 +8,14 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
+import nbformat
 import pandas as pd
 import pytest
 from papermill.translators import PythonTranslator
 
+from tests.processes import start
 from utils import run as runner
 from utils.runner import execute as execution, local
 from utils.results import read_json, write_json_atomic
@@ -101,7 +102,7 @@ def done_batch(tmp_path_factory):
 
 
 def copy_of(batch: Path, tmp_path: Path) -> Path:
-    subprocess.run(["cp", "-a", str(batch), str(tmp_path / "b")], check=True)
+    subprocess.run(["cp", "-a", str(batch), str(tmp_path / "b")], check=True, timeout=120)
     return tmp_path / "b"
 
 
@@ -121,6 +122,13 @@ def the_run(batch: Path) -> Path:
     (lambda run: (run / "tier1_validation.ipynb").write_text('{"cells": 3}'), "tier1_validation.ipynb is corrupt"),
     (lambda run: write_json_atomic(run / "run.json", {**read_json(run / "run.json"), "verdict": "fail"}),
      "results.json does not match run.json"),
+    # Forged files that parse and agree with run.json: only the checksums the run kept tell them from its own
+    (lambda run: write_json_atomic(run / "results.json", {"status": read_json(run / "run.json")["verdict"]}),
+     "results.json is not the file the run wrote (its sha256 differs from run.json's)"),
+    (lambda run: nbformat.write(nbformat.v4.new_notebook(), run / "tier1_validation.ipynb"),
+     "tier1_validation.ipynb is not the file the run wrote (its sha256 differs from run.json's)"),
+    (lambda run: write_json_atomic(run / "run.json", {k: v for k, v in read_json(run / "run.json").items() if k != "checksums"}),
+     "run.json has no checksum of results.json (an older record): its outputs cannot be verified"),
 ])
 def test_resume_redoes_a_damaged_run_and_names_the_file(done_batch, tmp_path, capsys, damage, reason):
     batch = copy_of(done_batch, tmp_path)
@@ -147,14 +155,11 @@ def test_resume_with_other_parameters_runs_them(done_batch, tmp_path, capsys):
 def test_sigkill_during_a_rerun_keeps_the_earlier_results_and_resume_finishes(done_batch, tmp_path):
     batch = copy_of(done_batch, tmp_path)
     before = (the_run(batch) / "results.json").read_text()
-    proc = subprocess.Popen([sys.executable, "-m", "utils.run", *TINY1, "--out", str(tmp_path), "--name", "b"],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 60
-    while not list(batch.glob(".tier1*")) and time.time() < deadline:  # the re-run's temporary folder
-        time.sleep(0.05)
-    assert list(batch.glob(".tier1*")), "the re-run never started"
-    os.killpg(proc.pid, signal.SIGKILL)  # the runner and its kernel, mid-run
-    proc.wait()
+    with start([sys.executable, "-m", "utils.run", *TINY1, "--out", str(tmp_path), "--name", "b"], cwd=ROOT,
+               new_session=True) as child:
+        child.wait_for(lambda: list(batch.glob(".tier1*")), 60, "the re-run's temporary folder")
+        os.killpg(child.proc.pid, signal.SIGKILL)  # the runner and its kernel, mid-run
+        child.finish(60)
     assert (the_run(batch) / "results.json").read_text() == before
     assert read_json(the_run(batch) / "run.json")["run_status"] == "ok"
     assert resume(batch) == 0  # the dead runner's lock is stale: taken over; its temporary folder removed
@@ -172,7 +177,7 @@ def test_one_runner_per_folder_and_a_stale_lock_is_taken_over(tmp_path, capsys, 
         assert f"another runner (pid {holder.pid} on {socket.gethostname()}) is writing" in capsys.readouterr().err
     finally:
         holder.kill()
-        holder.wait()
+        holder.wait(30)
     monkeypatch.setattr(runner, "run_all", lambda runs, out_dir, *a, **k: runner.write_summary(
         [{"run_id": "r", "run_status": "ok", "verdict": "pass", "timing_failed": False}], out_dir))
     assert main([*TINY1, "--out", str(tmp_path), "--name", "b"]) == 0  # the holder is dead: its lock is stale
@@ -228,3 +233,49 @@ def test_only_fail_on_timing_gates_on_a_timing_verdict(flags, code, tmp_path, mo
     monkeypatch.setattr(local, "execute", lambda run_id, *a, **engine: {
         "run_id": run_id, "run_status": "ok", "verdict": "pass", "timing_failed": True, "duration_s": 0.0})
     assert main([*TINY1, "--out", str(tmp_path), *flags]) == code
+
+
+def test_a_batch_stopped_between_two_runs_lists_the_unstarted_one_and_exits_1(tmp_path, monkeypatch, capsys):
+    """Ctrl-C as the first run of two ends (sent by the run itself, so it comes before the second starts, not by luck):
+    not a success, the unstarted run has its row, and --resume runs it."""
+    real = execution.execute
+
+    def first_then_ctrl_c(run_id, *args, **kwargs):
+        row = real(run_id, *args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)
+        return row
+
+    monkeypatch.setattr(local, "execute", first_then_ctrl_c)
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("seed: [1, 2]\n")
+    assert main([*TINY1, "--grid", str(grid), "--out", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "SIGINT: 1 run(s) not started; --resume runs them" in out
+    assert "(1 ok, 0 interrupted and 1 not started (--resume continues them), 0 crashed or timed out" in out
+    rows = pd.read_csv(tmp_path / "default" / "summary.csv")
+    assert rows["run_status"].tolist() == ["ok", "not_started"]
+    assert rows.loc[1, "error"] == "SIGINT came before it started; --resume runs it"
+    monkeypatch.setattr(local, "execute", real)
+    assert main([*TINY1, "--grid", str(grid), "--out", str(tmp_path), "--resume"]) == 0
+    assert pd.read_csv(tmp_path / "default" / "summary.csv")["run_status"].tolist() == ["ok", "ok"]
+
+
+def test_a_folder_that_fails_mid_batch_keeps_the_finished_run_for_resume(tmp_path, monkeypatch, capsys):
+    """The output folder refuses writes as a run ends (read-only, full): the finished run stays in its temporary
+    folder, the end says the summary was not written, and the next runner puts the run in place for --resume."""
+    def read_only(*args, **kwargs):
+        raise PermissionError(1, "Operation not permitted", str(tmp_path / "default"))
+
+    monkeypatch.setattr(execution, "_replace_dir", read_only)
+    monkeypatch.setattr(pd.DataFrame, "to_csv", read_only)
+    assert main([*TINY1, "--out", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    batch = tmp_path / "default"
+    kept = [p for p in batch.glob(".tier1*") if p.is_dir()]
+    assert len(kept) == 1 and read_json(kept[0] / "run.json")["run_status"] == "ok"
+    assert f"summary: NOT written to {batch / 'summary.csv'}: Operation not permitted ({batch})" in out
+    assert (f"crashed: {kept[0].name[1:].rsplit('.', 1)[0]}: file system: [Errno 1] Operation not permitted: '{batch}'; its "
+            f"finished results are kept in {kept[0]}, which the next run into {batch} puts in place") in out
+    monkeypatch.undo()
+    assert main([*TINY1, "--out", str(tmp_path), "--resume"]) == 0
+    assert "complete, skipped (--resume)" in capsys.readouterr().out and not list(batch.glob(".tier1*"))

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from tests.packages import optional
 from tests.user_models import TinyGPTWrapper
 from utils.data import load_corpus
 from utils.tier3_training_utilities import test_fine_tuning
@@ -98,7 +99,7 @@ def test_the_callback_never_raises_into_training():
         raise RuntimeError("network down")
     with pytest.warns(UserWarning, match="could not log at step 2: RuntimeError: network down"):
         AmpWandbCallback(True, "16-mixed", log=broken).on_train_epoch_end(Trainer(Scaler(8.0), epoch=2), None)
-    wandb = pytest.importorskip("wandb")
+    wandb = optional("wandb")
     assert wandb.run is None
     AmpWandbCallback(True, "16-mixed").on_train_epoch_end(Trainer(Scaler(8.0)), None)  # no run: nothing, no error
     assert wandb.run is None
@@ -116,7 +117,7 @@ def test_the_projects_loop_logs_through_the_same_class():
 # --- a real Lightning Trainer ------------------------------------------------------------------
 
 def lightning_run(precision: str, callback, epochs: int = 2):
-    L = pytest.importorskip("lightning.pytorch")
+    L = optional("lightning.pytorch")
     from lightning.pytorch.plugins import MixedPrecision  # optional package: imported once it is known to exist
     corpus = load_corpus()
     g = torch.Generator().manual_seed(0)
@@ -146,7 +147,7 @@ def lightning_run(precision: str, callback, epochs: int = 2):
 
 
 def test_is_a_real_lightning_callback():
-    L = pytest.importorskip("lightning.pytorch")
+    L = optional("lightning.pytorch")
     assert isinstance(AmpWandbCallback(True, "bf16-mixed"), L.Callback)  # not a plain class: Lightning can call it
 
 
@@ -164,7 +165,7 @@ def test_a_lightning_run_logs_amp_state_every_epoch(precision):
 
 
 def test_a_lightning_run_logs_to_an_offline_wandb_run(tmp_path, monkeypatch):
-    wandb = pytest.importorskip("wandb")
+    wandb = optional("wandb")
     monkeypatch.setenv("WANDB_SILENT", "true")
     run = wandb.init(mode="offline", dir=str(tmp_path), project="amp-seed-api")
     try:

@@ -46,27 +46,30 @@ def _docstrings(tree) -> set:
             and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
 
 
-def test_precision_names_are_written_in_one_module_only():
-    """Outside utils/precision.py no code writes a precision's name as a string to compare, map or label it
-    (prose in messages and docstrings may mention one; 'auto' is also a device and a task word)."""
+def precision_literals(path: Path) -> list:
+    """(line, string) of each string constant in `path` that is a precision's name (prose in messages and docstrings
+    may mention one; 'auto' is also a device and a task word)."""
     spellings = {name for name in precision._ALIASES if name != precision.AUTO} | precision._FP16_SPELLINGS
-    found = []
-    for path in SOURCES:
-        if path.name == "precision.py":
-            continue
-        tree = ast.parse(path.read_text())
-        skip = _docstrings(tree)
-        found += [f"{path.relative_to(ROOT)}:{n.lineno} {n.value!r}" for n in ast.walk(tree)
-                  if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in skip
-                  and n.value.strip().lower() in spellings]
+    tree = ast.parse(path.read_text())
+    skip = _docstrings(tree)
+    return [(n.lineno, n.value) for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+            and id(n) not in skip and n.value.strip().lower() in spellings]
+
+
+def test_precision_names_are_written_in_one_module_only():
+    """Outside utils/precision.py no code writes a precision's name as a string to compare, map or label it."""
+    found = [f"{path.relative_to(ROOT)}:{line} {value!r}" for path in SOURCES if path.name != "precision.py"
+             for line, value in precision_literals(path)]
     assert not found, f"precision names outside utils/precision.py (ask the plan, or use its constants): {found}"
 
 
 def test_a_planted_precision_literal_is_found(tmp_path):
-    """The check above can fail: the same scan finds a literal written the way the old modules did."""
-    tree = ast.parse('PRECISION_COLORS = {"32": "tab:blue", "16-mixed": "tab:red"}\n')
-    hits = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and n.value in precision._ALIASES]
-    assert hits == ["32", "16-mixed"]
+    """The check above can fail: its scan finds literals written the way the old modules did, and not a message
+    that mentions a name or the device word 'auto'."""
+    planted = tmp_path / "plotting.py"
+    planted.write_text('PRECISION_COLORS = {"32": "tab:blue", "16-mixed": "tab:red"}\n'
+                       'if plan.name == " BF16-Mixed " or device == "auto":\n    raise ValueError("try 16-mixed")\n')
+    assert precision_literals(planted) == [(1, "32"), (1, "16-mixed"), (2, " BF16-Mixed ")]
 
 
 def test_the_loop_config_is_the_spec_one_field_per_parameter_with_its_default():

@@ -283,3 +283,32 @@ class CalibratesFp16(TinyGPTWrapper):
     def __init__(self, factor: float = 1e4):
         super().__init__()
         self.inner.blocks[1].mlp[0].register_forward_hook(lambda module, args, output: _ScaledGradient.apply(output, factor))
+
+
+class Detached(TinyGPTWrapper):
+    """Logits cut off from the weights (.detach()), then a fresh leaf that asks for a gradient: training runs without an
+    error, the logits' leaf gets the gradient and no parameter ever does, so the loss never moves."""
+
+    def forward(self, input_ids):
+        return self.inner(input_ids).detach().requires_grad_()
+
+
+class DetachedNoGrad(TinyGPTWrapper):
+    """Logits computed under torch.no_grad: the loss has no graph at all, so there is nothing to go back through."""
+
+    def forward(self, input_ids):
+        with torch.no_grad():
+            return self.inner(input_ids)
+
+
+class ZeroGradient(TinyGPTWrapper):
+    """Logits cut off from the weights, which enter the loss only multiplied by 0: every parameter gets a gradient, and
+    every gradient is zero."""
+
+    def forward(self, input_ids):
+        return self.inner(input_ids).detach() + 0 * sum(p.sum() for p in self.parameters())
+
+
+def raises_keyboard_interrupt():
+    """A factory that raises KeyboardInterrupt, as code that catches a stop and re-raises it would."""
+    raise KeyboardInterrupt

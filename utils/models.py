@@ -56,10 +56,10 @@ HUB_TIMEOUT_S = 5  # how long a hub that does not answer may hold a run before h
 
 
 @functools.lru_cache(maxsize=None)
-def _hub_access(name: str) -> tuple:
-    """from_pretrained's extra keywords for `name`: none when it is a folder or the hub answers; local files
-    only when the hub does not answer within HUB_TIMEOUT_S but the files are cached; else a ModelLoadError
-    within seconds, where a machine with no network would otherwise wait on the hub's retries."""
+def _hub_access(name: str, kind: str = "model") -> tuple:
+    """from_pretrained's extra keywords for `name`, a model or a tokenizer (`kind`): none when it is a folder or the
+    hub answers; local files only when the hub does not answer within HUB_TIMEOUT_S but the files are cached; else a
+    ModelLoadError within seconds, where a machine with no network would otherwise wait on the hub's retries."""
     from huggingface_hub import constants  # installed with transformers (optional)
     if Path(name).is_dir() or constants.HF_HUB_OFFLINE:
         return ()
@@ -69,9 +69,11 @@ def _hub_access(name: str) -> tuple:
     try:
         _transformers().AutoConfig.from_pretrained(name, local_files_only=True)
     except Exception:
-        raise ModelLoadError(f"cannot download hf:{name}: {constants.ENDPOINT} did not answer within {HUB_TIMEOUT_S} s "
-                             f"({reason}) and the model is not in the local cache; connect to the network, or give a "
-                             "local folder (hf:path/to/model)") from None
+        asked, local = (f"hf:{name}", "hf:path/to/model") if kind == "model" else \
+            (f"tokenizer {name!r}", "tokenizer=path/to/folder, saved with save_pretrained")
+        raise ModelLoadError(f"cannot download {asked}: {constants.ENDPOINT} did not answer within {HUB_TIMEOUT_S} s "
+                             f"({reason}) and the {kind} is not in the local cache; connect to the network, or give a "
+                             f"local folder ({local})") from None
     return (("local_files_only", True),)
 
 
@@ -135,7 +137,7 @@ def load_tokenizer(spec: str):
     """A Hugging Face tokenizer by name or path ('hf:' prefix optional)."""
     name = spec.removeprefix("hf:")
     try:
-        return _transformers().AutoTokenizer.from_pretrained(name, **dict(_hub_access(name)))
+        return _transformers().AutoTokenizer.from_pretrained(name, **dict(_hub_access(name, "tokenizer")))
     except ModelLoadError:
         raise
     except Exception as e:
@@ -296,8 +298,14 @@ SPEC_FORMS = ("a registry name (" + ", ".join(REGISTRY) + "), 'hf:NAME_OR_PATH' 
 
 
 # A guard against an obvious misuse, not a sandbox: a spec naming os:system would run a command with model_kwargs
-# as its arguments. A model spec is code by design (README: trust boundary); this refuses only Python's own library.
+# as its arguments. A model spec is code by design (README: trust boundary); this refuses Python's own library and
+# the common deserializers, which build whatever a stream in model_kwargs describes and run code on the way (YAML's
+# python/object tags, pickle's __reduce__): whole packages, and single callables of packages with other uses, by the
+# names a spec gives them and the __module__ they resolve to.
 _STANDARD_LIBRARY = frozenset(sys.stdlib_module_names) | {"builtins"}
+_DESERIALIZER_PACKAGES = frozenset({"yaml", "_yaml", "dill", "cloudpickle"})
+_DESERIALIZERS = frozenset({"torch.load", "torch.serialization.load", "numpy.load", "numpy.lib.npyio.load",
+                            "pandas.read_pickle", "pandas.io.pickle.read_pickle", "joblib.load", "joblib.numpy_pickle.load"})
 
 
 def check_spec(spec: str):
@@ -308,14 +316,21 @@ def check_spec(spec: str):
     if not sep or not target or not attr.isidentifier():
         raise ValueError(f"{spec!r} is not a model spec; expected {SPEC_FORMS}")
     if not target.endswith(".py"):
-        _refuse_standard_library(target, spec)
+        _refuse_non_factory(target, attr, spec)
 
 
-def _refuse_standard_library(module: str, spec: str):
-    if module.split(".")[0] in _STANDARD_LIBRARY:
+def _refuse_non_factory(module: str, name: str, spec: str):
+    """Refuse a callable of the standard library or a deserializer (module and name as the spec gives them, or as the
+    resolved callable's __module__ and __name__ say) before it is called."""
+    guard = "(a guard against misuse, not a sandbox: a model spec is code, see the README's trust boundary)"
+    package = module.split(".")[0]
+    if package in _STANDARD_LIBRARY:
         raise ModelLoadError(f"model spec {spec!r} names {module!r}, part of Python's standard library, not a model factory; "
-                         "expected a factory that returns an nn.Module (a guard against misuse, not a sandbox: a model "
-                         "spec is code, see the README's trust boundary)")
+                             f"expected a factory that returns an nn.Module {guard}")
+    if package in _DESERIALIZER_PACKAGES or f"{module}.{name}" in _DESERIALIZERS:
+        raise ModelLoadError(f"model spec {spec!r} names {f'{module}.{name}'!r}, a deserializer (it builds whatever its "
+                             "input describes, running code on the way), not a model factory; a model spec must name a "
+                             f"callable that builds an nn.Module {guard}")
 
 
 def config_parameters(cls, cfg: ModelConfig) -> int:
@@ -369,7 +384,7 @@ def _resolve_factory(spec: str):
             raise ModelLoadError(f"model file {str(path)!r} (from spec {spec!r}) has a syntax error at line {e.lineno}: "
                                  f"{e.msg}") from None
     else:
-        _refuse_standard_library(target, spec)
+        _refuse_non_factory(target, attr, spec)
         try:
             module = importlib.import_module(target)
         except (ImportError, SyntaxError) as e:
@@ -380,7 +395,8 @@ def _resolve_factory(spec: str):
     inner = factory
     while isinstance(inner, functools.partial):  # a partial of a user's class is the class's
         inner = inner.func
-    _refuse_standard_library(str(getattr(inner, "__module__", None) or ""), spec)  # re-exported: from os import system
+    _refuse_non_factory(str(getattr(inner, "__module__", None) or ""), str(getattr(inner, "__name__", "")),
+                        spec)  # re-exported: from os import system, from torch import load
     return factory
 
 

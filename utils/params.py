@@ -9,11 +9,14 @@ parameter, the type it expects and what it got, before any work starts.
 import ast
 import math
 import os
+import sys
+import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from utils.models import REGISTRY, TASKS, check_config, check_spec
-from utils.precision import AUTO, DEVICE_FORMS, PRECISION_CHOICES, canonical, check_device, memory_bytes, resolve_device
+from utils.precision import (AUTO, DEVICE_FORMS, PRECISION_CHOICES, canonical, check_device, check_fp32_modules, memory_bytes,
+                             resolve_device)
 
 PARALLEL_CHOICES = ("ddp", "fsdp2")  # utils.train under torchrun: each rank a replica, or parameters sharded
 LOG_EVERY_ACCELERATOR = 10  # optimizer steps between reads of the loop's records on a GPU (utils.loop.steps)
@@ -26,12 +29,37 @@ class ParamError(ValueError):
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list",
                dict: "a mapping of names to JSON values"}
 _ITEM_NAMES = {int: "integers", float: "numbers", str: "strings"}
+SHOWN_CHARS = 80  # the most of a value an error message quotes: a 10 MB value must not become a 10 MB line
+
+
+def shown(value) -> str:
+    """A value as every usage error quotes it: its repr, cut to SHOWN_CHARS characters with its length said (a
+    string's own, else its repr's)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an integer of more digits than Python prints, alone or inside a list or mapping
+        what = "an integer" if isinstance(value, int) else f"a {type(value).__name__} holding an integer"
+        return f"{what} of more than {sys.get_int_max_str_digits():,} digits"
+    length = len(value) if isinstance(value, str) else len(text)
+    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}... ({length:,} characters)"
+
+
+def _printable(number: int) -> bool:
+    """Whether str, repr and JSON can write the integer: Python refuses one of more than sys.get_int_max_str_digits()
+    digits, and a run's record must hold its parameters."""
+    try:
+        repr(number)
+    except ValueError:
+        return False
+    return True
 
 
 def is_data(value) -> bool:
-    """JSON values only: None, bool, int, finite float, str, and lists and str-keyed dicts of them.
-    Anything else (a tuple, set, bytes, an object) could reach a notebook as code."""
-    if value is None or isinstance(value, (bool, int, str)):
+    """JSON values only: None, bool, int (one Python can print), finite float, str, and lists and str-keyed dicts
+    of them. Anything else (a tuple, set, bytes, an object) could reach a notebook as code."""
+    if isinstance(value, int):
+        return _printable(value)
+    if value is None or isinstance(value, str):
         return True
     if isinstance(value, float):
         return math.isfinite(value)
@@ -73,7 +101,7 @@ class Param:
     def _number_ok(self, value, kind) -> bool:
         if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else kind):
             return False
-        return (math.isfinite(value) and (self.low is None or value >= self.low)
+        return ((isinstance(value, int) or math.isfinite(value)) and (self.low is None or value >= self.low)
                 and (self.high is None or value <= self.high))
 
     def check(self, value):
@@ -94,13 +122,22 @@ class Param:
         else:
             ok = isinstance(value, self.type) and is_data(value) and (not self.choices or value in self.choices)
         if not ok:
-            raise ParamError(f"parameter {self.name!r} expects {self.expected()}; got {value!r} ({type(value).__name__})")
+            raise ParamError(f"parameter {self.name!r} expects {self.expected()}; got {shown(value)} ({type(value).__name__})")
         if self.validate is not None:
             try:
                 self.validate(value)
-            except ValueError as e:
-                raise ParamError(f"parameter {self.name!r}: {e}") from None
+            except ValueError as e:  # a validator quotes the value whole: shortened here, once for all of them
+                raise ParamError(f"parameter {self.name!r}: {str(e).replace(repr(value), shown(value))}") from None
         return float(value) if self.type is float else value
+
+    def parse(self, value):
+        """A command-line text or a grid file's value as this parameter reads it: a string parameter takes the text
+        as it is (precision=32 is '32', and so is a grid's integer 32), any other parses a text as data (coerce)."""
+        if self.type is not str:
+            return coerce(value)
+        if type(value) is int and _printable(value):
+            return str(value)
+        return value.strip() if isinstance(value, str) else value
 
 
 def _number(x) -> str:
@@ -108,8 +145,22 @@ def _number(x) -> str:
 
 
 def _a_folder(path: str):
-    if path and os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"{os.path.abspath(path)!r} is a file; expected a folder (created when missing)")
+    """A folder this process can write, or can create: checked before any work, so a run never trains first and fails
+    when it saves. Nothing is created: a temporary file in the folder, or in its nearest existing parent, tells."""
+    if not path:
+        return
+    folder = existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        blocked = "" if existing == folder else f"{folder!r} cannot be created: "
+        raise ValueError(f"{blocked}{existing!r} is a file; expected a folder (created when missing)")
+    try:
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as e:
+        where = "written" if existing == folder else f"created in {existing!r}"
+        raise ValueError(f"{folder!r} cannot be {where} ({e.strerror or e}); expected a folder this process can write "
+                         "(created when missing)") from None
 
 
 def _common(model: str):
@@ -130,7 +181,8 @@ SEED = Param("seed", int, 0, "seeds weights, data order and probes", low=0, high
 MODEL_CONFIG = {field: Param(f"model_kwargs[{field!r}]", kind, None, "", low=low, high=high) for field, kind, low, high in (
     ("n_layer", int, 1, None), ("n_head", int, 1, None), ("d_model", int, 1, None), ("max_len", int, 1, None),
     ("vocab_size", int, 1, None), ("num_classes", int, 2, None), ("dropout", float, 0, 1))}
-_TAIL = (SEED, Param("output_dir", str, "", "where results.json and charts go (empty: runs/interactive/tier<N>)"))
+_TAIL = (SEED, Param("output_dir", str, "", "where results.json and charts go (empty: runs/interactive/tier<N>)",
+                     validate=_a_folder))
 PRECISION = Param("precision", str, AUTO, "the AMP precision compared with fp32 ('auto': the best for the device)",
                   choices=PRECISION_CHOICES, canonical=canonical)
 
@@ -215,7 +267,7 @@ TIER_PARAMS = {
               "the blamed layers in fp32, bf16 instead of fp16, a gentler loss scale); 0 turns them off", low=0,
               added=True),
         Param("fp32_modules", list, [], "modules (model.named_modules() names) the AMP run keeps in fp32, autocast off "
-              "around them: a remedy the diagnosis may name", item=str, added=True),
+              "around them: a remedy the diagnosis may name", item=str, added=True, validate=check_fp32_modules),
         _LOOP["activation_checkpointing"],
         Param("emulated_amp", str, "short", "where the device only emulates the AMP precision (bf16 on a CPU without "
               "AVX512-BF16/AMX or a GPU before sm_80, fp16 on a CPU without AMX-FP16): 'short' runs the parity runs at batch 1 and no speed trials (emulated "
@@ -238,7 +290,8 @@ TRAIN_PARAMS = (
     replace(_LOOP["batch_size"], help="sequences per step on each rank (the global batch is batch_size x ranks)"),
     *_loop("grad_accum_steps", "eval_interval", "parallel", "log_every"),
     Param("reference", str, "", "results.json of a one-process run: the scaling efficiency is measured against it"),
-    Param("output_dir", str, "runs/train", "where rank 0 writes results.json, loss.png and (by default) checkpoints"),
+    Param("output_dir", str, "runs/train", "where rank 0 writes results.json, loss.png and (by default) checkpoints",
+          validate=_a_folder),
 )
 
 # Parameters that say where and how a run keeps its files, not what it computes: a resumed or
@@ -270,7 +323,7 @@ def check_values(params: dict, known: dict, where: str) -> dict:
     """known's defaults ({name: Param}) updated with `params`, every name and value checked."""
     for name in params:
         if name not in known:
-            raise ParamError(f"unknown parameter {name!r} for {where}; known parameters: {sorted(known)}")
+            raise ParamError(f"unknown parameter {shown(name)} for {where}; known parameters: {sorted(known)}")
     checked = {**{name: p.default for name, p in known.items()}, **{name: known[name].check(value) for name, value in params.items()}}
     if checked.get("model") in REGISTRY:
         _check_model_config(checked["model"], checked["model_kwargs"], checked["device"])
@@ -282,13 +335,16 @@ def _check_model_config(name: str, kwargs: dict, device: str):
     model that cannot be built is refused before anything is allocated."""
     for field, value in kwargs.items():
         if field not in MODEL_CONFIG:
-            raise ParamError(f"parameter 'model_kwargs': unknown field {field!r} of {name!r}; expected some of "
+            raise ParamError(f"parameter 'model_kwargs': unknown field {shown(field)} of {name!r}; expected some of "
                              f"{sorted(MODEL_CONFIG)}")
         MODEL_CONFIG[field].check(value)
     try:
         check_config(name, kwargs, memory_bytes(resolve_device(device)))
-    except ValueError as e:
-        raise ParamError(f"parameter 'model_kwargs': {e}") from None
+    except ValueError as e:  # it quotes model_kwargs whole
+        raise ParamError(f"parameter 'model_kwargs': {str(e).replace(repr(kwargs), shown(kwargs))}") from None
+    except OverflowError:  # its parameter count, past what a float holds, cannot be said in GiB
+        raise ParamError(f"parameter 'model_kwargs': {name!r} with {shown(kwargs)} has more parameters than a float "
+                         "counts; expected a config that fits the device's memory") from None
 
 
 def check_params(tier: int, params: dict) -> dict:
@@ -297,11 +353,11 @@ def check_params(tier: int, params: dict) -> dict:
 
 
 def add_arguments(parser, params):
-    """One --option per parameter (underscores as dashes), values parsed as data (see coerce). A true/false
-    option given alone means true: --compile is --compile True."""
+    """One --option per parameter (underscores as dashes), each value read as its parameter's type says (Param.parse).
+    A true/false option given alone means true: --compile is --compile True."""
     for p in params:
         flag = {"nargs": "?", "const": True} if p.type is bool else {}
-        parser.add_argument("--" + p.name.replace("_", "-"), type=coerce, default=p.default, **flag,
+        parser.add_argument("--" + p.name.replace("_", "-"), type=p.parse, default=p.default, **flag,
                             help=f"{p.help} (default: {p.default!r})")
 
 

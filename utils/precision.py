@@ -416,10 +416,20 @@ def convert_for(plan: PrecisionPlan, model: nn.Module) -> nn.Module:
 _AUTOCAST_DEVICES = ("cpu", "cuda")
 
 
+def check_fp32_modules(names):
+    """fp32_modules names submodules: '' is named_modules()'s name for the model itself, and the whole model kept in
+    fp32 leaves nothing to AMP, which would then be judged safe and fast as fp32 against itself."""
+    if "" in names:
+        raise UnsupportedPrecision(f"fp32_modules {list(names)!r} names '', the root module (the whole model): nothing "
+                                   "would be left to AMP, so fp32 would be compared with itself; expected submodule names "
+                                   "from model.named_modules(), such as 'lm_head'")
+
+
 def keep_in_fp32(model: nn.Module, names) -> nn.Module:
     """Run each named module (model.named_modules()'s names) with autocast off and its floating inputs cast to
     fp32: the remedy for a layer whose output leaves fp16's range, as T5's feed-forward does. Hooks, in place, so
-    state_dict, deepcopy and checkpoints are unchanged; idempotent. An unknown name is refused, with examples."""
+    state_dict, deepcopy and checkpoints are unchanged; idempotent. The root ('') and an unknown name are refused."""
+    check_fp32_modules(names)
     modules = dict(model.named_modules())
     unknown = [n for n in names if n not in modules]
     if unknown:

@@ -8,27 +8,28 @@
 Everything lands in runs/<name>/: one folder per run (the executed notebook, results.json, charts),
 summary.csv with a row per run, and summary.png, a grid of every verdict.
 
--p values are Python literals where they are one (3, 1e-3, [1, 2]), else text (gpt-small); each is
-checked against the tier's parameter spec (utils/params.py, listed below) before anything runs.
+A -p value is read as its parameter's type: the text itself for a string parameter (precision=32 is '32',
+model=gpt-small), a Python literal for any other (3, 1e-3, [1, 2], True); each is checked against the tier's
+parameter spec (utils/params.py, listed below) before anything runs, and a parameter given twice is an error.
 A grid file is YAML: each key a notebook parameter, each list an axis of the cross product:
     model: [gpt-tiny, gpt-small]
-    precision: [bf16-mixed, 16-mixed]
+    precision: [bf16-mixed, 16-mixed, 32]   # a string parameter takes a YAML integer as its text: 32 is '32'
     batch_size: [8, 16]
     lr: 0.001            # a scalar is the same for every run
-To pass a list-valued parameter (batch_sizes, strengths) as one value, nest it: [[1, 2, 4]].
-Parameters that a tier does not have are not passed to it; a name no selected tier knows, a value of the
-wrong type or range, a device this machine lacks, or a grid of more than --max-runs runs (counted before it
-is expanded) is rejected before anything runs.
+To pass a list-valued parameter (batch_sizes, strengths) as one value, nest it: [[1, 2, 4]]. A grid file is
+at most 256 KiB, without YAML aliases, its lists and mappings at most 20 deep, each key a name.
+Parameters that a tier does not have are not passed to it; a name no selected tier knows or given both by -p
+and by the grid, a value of the wrong type or range, a device this machine lacks, or a grid of more than
+--max-runs runs (counted before it is expanded) is rejected before anything runs.
 
 Each run's folder name ends in a digest of its tier and full parameters: its identity is its content.
 A run executes in a temporary folder and replaces its previous outputs only when it finishes, so an
 interrupted batch loses nothing that had finished; summary.csv is rewritten after every run. --resume
 skips a run only when its recorded digest, run.json, results.json and notebook are complete, valid and
-agree; any other run is redone and its summary row says why, and tier 3 continues its fine-tuning
+agree, and the results and notebook are the files the run wrote (their sha256 in run.json); any other run is redone and its summary row says why, and tier 3 continues its fine-tuning
 runs from their newest checkpoints (resume=True; kept in runs/<name>/checkpoints/<run>, see
-checkpoint_every). Ctrl-C or SIGTERM of the runner is passed to the running notebooks as Ctrl-C (a fine-tuning
-run checkpoints first); they are recorded as 'interrupted' and no further run starts; a second Ctrl-C stops
-at once. A kernel's own log goes to its run's kernel.log. One runner per output folder at a time (utils.runner.lock:
+checkpoint_every). How a stop works (Ctrl-C, SIGTERM, SIGHUP) is
+below. A kernel's own log goes to its run's kernel.log. One runner per output folder at a time (utils.runner.lock:
 host, pid and a heartbeat, so a folder shared by several machines is guarded too).
 
 --jobs N runs up to N notebooks at once here (each with its own GPU where there are GPUs, the cores split between
@@ -45,74 +46,160 @@ import itertools
 import math
 import os
 import re
+import signal
+import stat
 import sys
 import tempfile
 from pathlib import Path
+
+
+def _stopped_while_loading(signum, frame):
+    print("stopped before any run started (Ctrl-C while the runner loaded its modules)", file=sys.stderr)
+    raise SystemExit(130)
+
+
+if __name__ == "__main__":  # the imports below take seconds: a Ctrl-C then is one line, not a traceback through them
+    signal.signal(signal.SIGINT, _stopped_while_loading)
 
 import matplotlib
 import pandas as pd
 import yaml
 from matplotlib import pyplot as plt
 
-from utils.params import ROOT, TIER_PARAMS, ParamError, coerce, spec
+from utils.params import ROOT, TIER_PARAMS, ParamError, shown, spec
 from utils.loop.stops import INTERRUPTED
 from utils.plotting import plot_sweep, plot_verdict_grid
 from utils.results import read_json
 from utils.runner import Job, UsageError
-from utils.runner.execute import _STOP, run_digest, stops_passed_to_notebooks, why_rerun
+from utils.runner.execute import (_STOP, CHECKSUMS, NOT_STARTED, STOP_WINDOW_S, not_started_row, run_digest,
+                                  stops_passed_to_notebooks, why_rerun)
 from utils.runner.local import LocalExecutor, cpu_count, named_gpu
 from utils.runner.lock import batch_lock
 from utils.runner.ray_cluster import RayExecutor
 from utils.tiers import TIERS
 
 MAX_RUNS = 1000  # a grid larger than this is a typo more often than a plan: --max-runs raises it
-POLL_S = 0.5  # how often the driver looks for finished runs (and for a stop) while runs execute
+MAX_GRID_BYTES = 256 * 1024  # a grid of --max-runs runs fits in a few KiB; PyYAML reads ~100 KB/s: a bound on the wait
+MAX_GRID_DEPTH = 20  # lists and mappings in a grid: 4 or 5 are needed; thousands overflow Python's stack as it reads them
+# A --name or a run id is one folder name: the OS allows 255 bytes (eCryptfs 143), and a run's temporary folder adds 10.
+MAX_FOLDER_NAME = 128
+NOT_WRITTEN = "not_written"  # a summary's attrs: why summary.csv could not be written
+POLL_S = 0.5
+STOPS = f"""Stops: Ctrl-C, SIGTERM or SIGHUP of the runner is passed to the running notebooks as Ctrl-C (a fine-tuning run
+checkpoints first); they are recorded 'interrupted', the runs not yet started 'not_started', and the exit code is 1.
+Signals within {STOP_WINDOW_S:g} s of the first are one stop (GNU timeout signals the runner and then its process group,
+Slurm and systemd signal every process, a key bounces); a later, separate one stops at once, exit 130: the notebooks are
+killed, finished runs are kept, and the next run into the folder removes what the killed ones left. A notebook kernel
+that gets SIGTERM itself stops as by Ctrl-C too. Give a scheduler's stop time to checkpoint: timeout -k 60 ..., Slurm
+--signal=TERM@60 or KillWait, Kubernetes terminationGracePeriodSeconds; Colab's stop button is Ctrl-C."""  # how often the driver looks for finished runs (and for a stop) while runs execute
+
+
+# Every tier gives a parameter name the same type (a test checks it): a -p value or a grid's value is read by its
+# name, before the tiers that take it are known.
+_PARAMS = {p.name: p for params in TIER_PARAMS.values() for p in params}
+
+
+def _typed(name: str, value):
+    """A -p text or a grid's value as its parameter's type reads it (Param.parse); an unknown name is refused later."""
+    return _PARAMS[name].parse(value) if name in _PARAMS else value
 
 
 def parse_assignments(pairs) -> dict:
-    """-p name=value pairs, values coerced as Python literals where they are one."""
-    params = {}
+    """-p name=value pairs, each value read as its parameter's type says: the text for a string parameter
+    (precision=32 is '32'), a Python literal for any other (3, 1e-3, [1, 2], True). A name given twice is an error."""
+    params, given = {}, {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
-        if not sep or not name.strip():
-            raise UsageError(f"parameter {pair!r} is not name=value")
-        params[name.strip()] = coerce(value)
+        name = name.strip()
+        if not sep or not name:
+            raise UsageError(f"parameter {shown(pair)} is not name=value")
+        if name in given:
+            raise UsageError(f"parameter {shown(name)} is given twice (-p {shown(given[name])} and -p {shown(pair)}); "
+                             "expected each once")
+        given[name], params[name] = pair, _typed(name, value)
     return params
 
 
 class _GridLoader(yaml.SafeLoader):
-    """YAML's safe loader, except that a parameter given twice is an error, not the later value silently."""
+    """YAML's safe loader, made strict for a grid: a parameter given twice is an error, not the later value silently;
+    a key is a name, never a list or mapping; no aliases (500 bytes of them expand to millions of values); lists and
+    mappings at most MAX_GRID_DEPTH deep (thousands overflow Python's stack); integers Python can read."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.depth = 0
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        line = event.start_mark.line + 1
+        if isinstance(event, yaml.AliasEvent):
+            raise UsageError(f"alias {shown('*' + event.anchor)} at line {line} repeats a value by reference; expected "
+                             "every value written out (a grid takes no aliases)")
+        self.depth += 1
+        try:
+            if self.depth > MAX_GRID_DEPTH:
+                raise UsageError(f"lists and mappings nested more than {MAX_GRID_DEPTH} deep at line {line}; expected "
+                                 f"at most {MAX_GRID_DEPTH} levels")
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
 
     def construct_mapping(self, node, deep=False):
         lines = {}
         for key_node, _ in node.value:
             key, line = key_node.value, key_node.start_mark.line + 1
-            if isinstance(key_node, yaml.ScalarNode) and key in lines:
-                raise UsageError(f"parameter {key!r} is given twice (lines {lines[key]} and {line}); expected each once")
+            if not isinstance(key_node, yaml.ScalarNode):
+                kind = "list" if isinstance(key_node, yaml.SequenceNode) else "mapping"
+                raise UsageError(f"key {shown(self.construct_object(key_node, deep=True))} at line {line} is a {kind}; "
+                                 "expected a parameter name (or, inside a value, a field name)")
+            if key in lines:
+                raise UsageError(f"parameter {shown(key)} is given twice (lines {lines[key]} and {line}); expected each once")
             lines[key] = line
         return super().construct_mapping(node, deep)
 
+    def construct_yaml_int(self, node):
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError:  # more digits than Python reads (sys.get_int_max_str_digits)
+            raise UsageError(f"integer {shown(node.value)} at line {node.start_mark.line + 1} has more than "
+                             f"{sys.get_int_max_str_digits():,} digits; expected a parameter's value") from None
+
+
+_GridLoader.add_constructor("tag:yaml.org,2002:int", _GridLoader.construct_yaml_int)
+
 
 def read_grid(path: Path) -> dict:
-    """A grid file's mapping, or a UsageError that names the file and what is wrong with it."""
-    if not path.exists():
-        raise UsageError(f"grid file {str(path)!r} does not exist")
-    if not path.is_file():
-        raise UsageError(f"grid file {str(path)!r} is a folder, not a file; expected a YAML file")
+    """A grid file's mapping, or a UsageError that names the file and what is wrong with it: its kind and size are
+    checked before it is read, its aliases, nesting and keys as it is read, all before anything is expanded."""
+    name = shown(str(path))
     try:
-        grid = yaml.load(path.read_bytes().decode("utf-8"), Loader=_GridLoader)
+        info = path.stat()
+        if stat.S_ISDIR(info.st_mode):
+            raise UsageError(f"grid file {name} is a folder, not a file; expected a YAML file")
+        if not stat.S_ISREG(info.st_mode):
+            raise UsageError(f"grid file {name} is not a regular file (a device, a pipe or a socket); expected a YAML file")
+        if info.st_size > MAX_GRID_BYTES:
+            raise UsageError(f"grid file {name} is {info.st_size:,} bytes; expected at most {MAX_GRID_BYTES:,} (a grid "
+                             "of names and lists fits in a few KiB)")
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise UsageError(f"grid file {name} does not exist") from None
+    except OSError as e:  # a name too long, a loop of links, a folder or file this user may not read
+        raise UsageError(f"grid file {name} cannot be read: {e.strerror}; expected a readable YAML file") from None
+    try:
+        grid = yaml.load(data.decode("utf-8"), Loader=_GridLoader)
     except UnicodeDecodeError as e:
-        raise UsageError(f"grid file {str(path)!r} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+        raise UsageError(f"grid file {name} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
                          "expected a YAML file saved as UTF-8") from None
     except UsageError as e:
-        raise UsageError(f"grid file {str(path)!r}: {e}") from None
+        raise UsageError(f"grid file {name}: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise UsageError(f"grid file {str(path)!r} is not valid YAML: {getattr(e, 'problem', None) or e}{where}") from None
+        raise UsageError(f"grid file {name} is not valid YAML: {getattr(e, 'problem', None) or e}{where}") from None
     grid = {} if grid is None else grid
     if not isinstance(grid, dict) or not all(isinstance(k, str) for k in grid):
-        raise UsageError(f"grid file {str(path)!r} holds {type(grid).__name__} {str(grid)[:60]!r}; expected a mapping of "
+        raise UsageError(f"grid file {name} holds {type(grid).__name__} {shown(grid)}; expected a mapping of "
                          "parameter names to values (name: [value, ...])")
     return grid
 
@@ -126,7 +213,7 @@ def expand_grid(grid: dict) -> list:
     """Cross product of the grid's list values; scalars are shared. {} gives one empty run."""
     if not isinstance(grid, dict):
         raise UsageError(f"a grid must be a mapping of parameter names to values; got {type(grid).__name__}")
-    axes = {k: [coerce(x) for x in v] if isinstance(v, list) else [coerce(v)] for k, v in grid.items()}
+    axes = {k: [_typed(k, x) for x in v] if isinstance(v, list) else [_typed(k, v)] for k, v in grid.items()}
     for name, values in axes.items():
         if not values:
             raise UsageError(f"grid parameter {name!r} has an empty list; give at least one value")
@@ -167,7 +254,11 @@ def plan_runs(tiers, params: dict, grid: dict, max_runs: int = None) -> list:
         if name == "output_dir":
             raise UsageError("output_dir is set by the runner (runs/<name>/<run>/); use --out and --name instead")
         if name not in everything:
-            raise UsageError(f"unknown parameter {name!r} for tier(s) {list(tiers)}; known parameters: {sorted(everything)}")
+            raise UsageError(f"unknown parameter {shown(name)} for tier(s) {list(tiers)}; known parameters: {sorted(everything)}")
+    twice = [name for name in params if name in grid]  # the grid's value would win, silently
+    if twice:
+        raise UsageError(f"parameter {twice[0]!r} is given both by -p ({shown(params[twice[0]])}) and by the grid "
+                         f"({shown(grid[twice[0]])}); expected it once, in one of them")
     count = grid_size(grid, tiers)
     if max_runs is not None and count > max_runs:
         axes = " x ".join(f"{len(v)} {k}" for k, v in grid.items() if isinstance(v, list))
@@ -185,7 +276,8 @@ def plan_runs(tiers, params: dict, grid: dict, max_runs: int = None) -> list:
                 continue
             seen.add(digest)
             suffix = "".join(f"_{k}-{_slug(v)}" for k, v in point.items() if k in known[tier])
-            runs.append((f"tier{tier}{suffix}_{digest}", tier, chosen))
+            name = f"tier{tier}{suffix}"[:MAX_FOLDER_NAME - len(digest) - 1]  # many axes add up; the digest stays
+            runs.append((f"{name}_{digest}", tier, chosen))
     return runs
 
 
@@ -194,8 +286,13 @@ def write_summary(rows: list, out_dir: Path, log=print) -> pd.DataFrame:
     run): rewritten after every run, so an interruption keeps what finished."""
     summary = pd.DataFrame(rows)
     tmp = out_dir / ".summary.csv.tmp"
-    summary.to_csv(tmp, index=False)
-    tmp.replace(out_dir / "summary.csv")
+    try:
+        summary.to_csv(tmp, index=False)
+        tmp.replace(out_dir / "summary.csv")
+    except OSError as e:  # the folder failed (full, read-only): the runs go on, and the end says so
+        summary.attrs[NOT_WRITTEN] = f"{e.strerror or e} ({e.filename or tmp})"
+        log(f"summary.csv not written: {summary.attrs[NOT_WRITTEN]}")
+        return summary
     for name, draw in (("summary.png", plot_verdict_grid), ("sweep.png", plot_sweep)) if rows else ():
         try:
             fig = draw(summary, path=out_dir / name)
@@ -212,13 +309,13 @@ def run_all(runs, out_dir: Path, resume: bool = False, progress: bool = False, t
     order whatever order the runs finish in. After a stop, queued runs never start."""
     executor = executor or LocalExecutor()
     rows, total, cancelled = {}, len(runs), False
-    executor.on_start = lambda job: log(f"[{job.index + 1}/{total}] {job.run_id} ..." + (
+    executor.on_start = lambda job: log(f"[{job.index + 1}/{total}] {job.run_id} ...{executor.start_note}" + (
         f" (again: {job.extra['rerun_reason']})" if job.extra["rerun_reason"] else ""))
     for i, (run_id, tier, params) in enumerate(runs):
         reason = why_rerun(out_dir / run_id, tier, params) if resume and (out_dir / run_id).exists() else ""
         if resume and reason is None:
             log(f"[{i + 1}/{total}] {run_id}: complete, skipped (--resume)")
-            rows[i] = read_json(out_dir / run_id / "run.json")
+            rows[i] = {k: v for k, v in read_json(out_dir / run_id / "run.json").items() if k != CHECKSUMS}
         elif not _STOP:
             if resume and "resume" in spec(tier):  # an interrupted fine-tuning run continues from its checkpoints
                 params = {"resume": True, **params}
@@ -238,6 +335,10 @@ def run_all(runs, out_dir: Path, resume: bool = False, progress: bool = False, t
             summary = write_summary([rows[k] for k in sorted(rows)], out_dir, log)
     if _STOP and len(rows) < total:
         log(f"{_STOP[0]}: {total - len(rows)} run(s) not started; --resume runs them")
+        for i, (run_id, tier, params) in enumerate(runs):
+            if i not in rows:
+                rows[i] = not_started_row(run_id, tier, params, f"{_STOP[0]} came before it started; --resume runs it")
+        summary = write_summary([rows[k] for k in sorted(rows)], out_dir, log)
     return summary
 
 
@@ -258,9 +359,13 @@ def parameters_help() -> str:
 
 
 def _output_folder(out: Path, name: str) -> Path:
-    """--out/--name, checked before anything runs: the name stays inside --out, and --out can be written."""
+    """--out/--name, checked before anything runs: the name stays inside --out, is one folder name the OS takes, and
+    --out can be written."""
+    size = len(os.fsencode(name))
+    if size > MAX_FOLDER_NAME:
+        raise UsageError(f"--name {shown(name)} is {size:,} bytes long; expected a folder name of at most {MAX_FOLDER_NAME}")
     if not re.fullmatch(r"\w[\w.+-]*", name):
-        raise UsageError(f"--name {name!r} must be a plain folder name inside --out: letters, digits, '_', '.', '+' "
+        raise UsageError(f"--name {shown(name)} must be a plain folder name inside --out: letters, digits, '_', '.', '+' "
                          "or '-', not starting with '.' (no '/', '..', spaces or control characters)")
     out_dir = out / name
     if out_dir.is_symlink() or (out_dir.exists() and out_dir.resolve().parent != out.resolve()):
@@ -276,7 +381,7 @@ def _output_folder(out: Path, name: str) -> Path:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m utils.run", description=__doc__, epilog=parameters_help(),
+    parser = argparse.ArgumentParser(prog="python -m utils.run", description=f"{__doc__}\n{STOPS}", epilog=parameters_help(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiers", type=int, nargs="+", choices=sorted(TIERS), default=sorted(TIERS), help="tiers to run")
     parser.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE", help="notebook parameter")
@@ -356,10 +461,16 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("stopped at once: the running notebooks did not finish; finished runs are kept, --resume runs the rest",
-              file=sys.stderr)
+        print(_stopped_at_once(locals().get("out_dir")), file=sys.stderr)
         return 130
     return _report(summary, out_dir, args)
+
+
+def _stopped_at_once(out_dir) -> str:
+    """The line of a runner stopped at once: what is kept, and what the next run on the folder removes."""
+    left = sorted(p.name for p in out_dir.glob(".*.*") if p.is_dir()) if out_dir else []
+    return ("stopped at once: the running notebooks did not finish; finished runs are kept, --resume runs the rest"
+            + (f"; the next run into {out_dir} removes their temporary folder(s) {', '.join(left)}" if left else ""))
 
 
 def _run_stoppably(runs, out_dir: Path, args, executor) -> pd.DataFrame:
@@ -380,15 +491,19 @@ def _report(summary: pd.DataFrame, out_dir: Path, args) -> int:
     broken = summary[summary["run_status"] != "ok"]
     failed = summary[summary["verdict"] == "fail"]
     timing = summary[summary["timing_failed"].fillna(False).astype(bool)]
-    stopped = (broken["run_status"] == INTERRUPTED).sum()
-    print(f"summary: {out_dir / 'summary.csv'} ({len(summary) - len(broken)} ok, {stopped} interrupted (--resume continues "
-          f"them), {len(broken) - stopped} crashed or timed out, "
+    stopped, unstarted = ((broken["run_status"] == status).sum() for status in (INTERRUPTED, NOT_STARTED))
+    where = (f"NOT written to {out_dir / 'summary.csv'}: {summary.attrs[NOT_WRITTEN]}" if NOT_WRITTEN in summary.attrs
+             else out_dir / "summary.csv")
+    print(f"summary: {where} ({len(summary) - len(broken)} ok, {stopped} interrupted and {unstarted} not started "
+          f"(--resume continues them), {len(broken) - stopped - unstarted} crashed or timed out, "
           f"{len(failed)} with a failing verdict, {len(timing)} with a failing timing verdict)")
     for row in broken.itertuples():
         print(f"  {row.run_status}: {row.run_id}: {row.error}")
-    gate = len(broken) or (args.fail_on_verdict and len(failed)) or (args.fail_on_timing and len(timing))
+    gate = len(broken) or NOT_WRITTEN in summary.attrs or (args.fail_on_verdict and len(failed)) or (
+        args.fail_on_timing and len(timing))
     return 1 if gate else 0
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # loaded: main() handles stops from here on
     sys.exit(main())

@@ -103,7 +103,8 @@ def check_causality(model: nn.Module, seq_len: int = 32, seed: int = 0) -> Check
     changed[:, cut:] = (x[:, cut:] + 1 + _random_tokens(vocab - 1, 2, T - cut, g, device)) % vocab  # every later token differs
     model.eval()
     with torch.no_grad():  # the same input twice first: a model whose outputs move by themselves leaks nothing
-        a, again, b = forward(model, x).float(), forward(model, x).float(), forward(model, changed).float()
+        # detached: a model may hand back a tensor that asks for a gradient even here (a fresh leaf), and only values are read
+        a, again, b = (forward(model, t).detach().float() for t in (x, x, changed))
     empty = pd.DataFrame(columns=["position", "max_abs_change", "leaked"])
     if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
         return CheckResult(Verdict("causality", "fail", "the outputs are NaN/Inf, so causality cannot be judged "
@@ -138,7 +139,8 @@ def check_gradient_flow(model: nn.Module, data=None, batch_size: int = 4, seq_le
     model.train()
     model.zero_grad(set_to_none=True)
     loss = compute_loss(model, x.to(device), y.to(device))
-    loss.backward()
+    if loss.requires_grad:  # a loss computed under no_grad has no graph: no parameter gets a gradient, the finding below
+        loss.backward()
     loss = loss.detach()
     rows = []
     for name, p in model.named_parameters():
@@ -165,6 +167,10 @@ def check_gradient_flow(model: nn.Module, data=None, batch_size: int = 4, seq_le
     if counts.get("nan", 0):
         verdict = Verdict("gradient_flow", "fail", f"NaN/Inf gradients in {counts['nan']} parameter(s): {names('nan')}. "
                           f"Loss was {float(loss):.4g}; look for log(0), division by zero or overflow in the forward.")
+    elif counts.get("unused", 0) == len(df):
+        verdict = Verdict("gradient_flow", "fail", f"none of the model's {len(df)} parameters gets a gradient: the loss "
+                          "is cut off from every weight (.detach() or no_grad in the forward), so training cannot change "
+                          "it. Compute the logits from the weights with autograd on.")
     elif counts.get("unused", 0):
         verdict = Verdict("gradient_flow", "fail", f"{counts['unused']} parameter(s) get no gradient: {names('unused')}. "
                           "They are not used in the forward or are cut off by .detach()/no_grad; remove them or "
@@ -196,7 +202,7 @@ def check_numerics(model: nn.Module, n_batches: int = 8, batch_size: int = 4, se
         else:
             x = torch.randint(2, (batch_size, seq_len), generator=g).to(device) * (vocab - 1)  # ids 0 and vocab-1
         with torch.no_grad():
-            out = forward(model, x).float()
+            out = forward(model, x).detach().float()  # values only, whatever the model's output asks of autograd
         finite = torch.isfinite(out)
         vals = out[finite]
         rows.append({"batch": i, "input": kind, "nan": int(torch.isnan(out).sum()), "inf": int(torch.isinf(out).sum()),
@@ -276,7 +282,8 @@ def check_memory(model: nn.Module, plan: PrecisionPlan, batch_sizes=(1, 2, 4, 8,
                 torch.cuda.reset_peak_memory_stats(device)
                 with plan.autocast():
                     loss = compute_loss(model, x, y)
-                loss.backward()
+                if loss.requires_grad:  # no graph (no_grad in the forward): nothing to go back through; gradient_flow says so
+                    loss.backward()
                 synchronize(device)
                 measured, kind = torch.cuda.max_memory_allocated(device), "cuda_peak_allocated"
             else:

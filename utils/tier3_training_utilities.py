@@ -26,12 +26,12 @@ from utils.diagnosis import candidates, cause, drifting_layers, probe_rerun, rem
 from utils.loop.config import TrainConfig
 from utils.loop.steps import adamw
 from utils.loop.stops import INTERRUPTED, OVERFLOW_STORM
-from utils.loop.trainer import FineTuneResult, Trainer
+from utils.loop.trainer import FineTuneResult, Trainer, check_batch_fits
 from utils.measure import (ACTIVATION_BYTES_METHOD, MIN_TRIALS_FOR_INTERVAL, matmul_time_fraction, measure_matmul_peak,
                            measured_flops_per_token, op_time_shares, peak_activation_bytes, PEAK_ACTIVATION_METHOD,
                            ratio_of_medians, saved_activation_bytes, training_flops_per_token)
 from utils.models import UnsupportedModel, checkpoint_blocks, compute_loss, count_parameters
-from utils.params import TIER3_LOOP, output_folder
+from utils.params import TIER3_LOOP, output_folder, spec
 from utils.precision import (FP32, AUTO, PrecisionPlan, baseline_name, bf16_native, convert_for, emulated_here, fp32_plan,
                              gpu_busy_share, label, resolve, resolve_device, synchronize, tf32_matmuls)
 from utils.parity import (SMOOTHING, calibration_text, compare, figures as parity_figures, problems as parity_problems,
@@ -54,7 +54,7 @@ def test_fine_tuning(model, *, data=None, precision=AUTO, use_amp=None, plan: Pr
     compile, log_every), each checked by name before any work starts; their defaults are tier 3's.
     """
     config = TrainConfig.from_params(settings, "test_fine_tuning")
-    device = resolve_device(device)
+    device = resolve_device(None if device is None else spec(3)["device"].check(str(device)))  # tier 3's device rule
     plan = plan or resolve(precision, device, use_amp)
     return Trainer(model, config, plan, device, data, callbacks, progress).run()
 
@@ -253,6 +253,10 @@ def _compile_figures(trials: pd.DataFrame, amp_precision: str, gemm_fraction: di
 
 
 DIVERGED = 1.25  # an fp32 eval loss that ends 25% above where it started diverged (short noisy runs wobble ~5%)
+# An fp32 eval loss that moves less than this share of its start did not train. Healthy tiny models move 7x more at the
+# least: gpt-tiny 0.74% after 1 step of batch 1 x 16 tokens, 4-14% in the tests' 2-12 step runs, 40% in tier 3's default
+# 60 steps. Either way counts: the built-in classifier's loss rises 2.5-17% over its first 1-30 steps, and learns later.
+STILL = 1e-3
 
 
 def _baseline_verdict(ref: FineTuneResult) -> Verdict:
@@ -265,9 +269,20 @@ def _baseline_verdict(ref: FineTuneResult) -> Verdict:
     if len(bad) or not np.isfinite(end):
         return Verdict("fp32_baseline", "fail", "the fp32 run itself went NaN/Inf" + (f" at step {int(bad.min())}" if len(bad) else "")
                        + ": the model or the learning rate is at fault, not AMP. Lower lr, check Tier 1 numerics.")
+    steps, norms = len(ref.history), ref.history["grad_norm"]
+    if (norms == 0).all():
+        return Verdict("fp32_baseline", "fail", f"every gradient was zero in all {steps} fp32 steps (gradient norm 0 "
+                       f"throughout), so nothing trained: eval loss {start:.3f} -> {end:.3f}. The loss reaches the weights "
+                       "only through terms whose gradient is zero (multiplied by 0, or cut off by .detach()); tier 1's "
+                       "gradient_flow lists them as vanishing. AMP is not judged against a model that cannot learn.")
     if end > DIVERGED * start:
         return Verdict("fp32_baseline", "fail", f"the fp32 run itself diverged: eval loss {start:.3f} -> {end:.3f}. "
                        "The learning rate is likely too high; AMP is not judged against a diverging baseline.")
+    if abs(end - start) < STILL * start:
+        return Verdict("fp32_baseline", "fail", f"the fp32 run did not learn: eval loss {start:.4f} -> {end:.4f} moved "
+                       f"less than {STILL:.1%} in {steps} steps, though gradients flowed (norms up to {norms.max():.2g}). "
+                       f"Check that the logits depend on the weights being trained, and that lr ({ref.config['lr']:g}) is "
+                       "not too small; AMP is not judged against a baseline that does not learn.")
     return Verdict("fp32_baseline", "pass", f"fp32 trains: eval loss {start:.3f} -> {end:.3f}.")
 
 
@@ -459,8 +474,12 @@ def _sweep(run: Prepared, plans, config: TrainConfig):
 
 def run_tier3(run: Prepared, progress: bool = False) -> TierResult:
     """Tier 3 on a prepared run: fp32 against the AMP precision the run resolved, timed, compared and judged."""
-    run.record["tf32"] = run.params["tf32"] if run.device.type == "cuda" else None
-    with tf32_matmuls(run.params["tf32"], run.device):
+    p = run.params
+    check_batch_fits(run.model, p["batch_size"], run.seq_len, run.device)  # the batches it draws, before any is drawn
+    if p["sweep_batch_sizes"]:
+        check_batch_fits(run.model, max(p["sweep_batch_sizes"]), run.seq_len, run.device, "sweep_batch_sizes")
+    run.record["tf32"] = p["tf32"] if run.device.type == "cuda" else None
+    with tf32_matmuls(p["tf32"], run.device):
         return _benchmark(run, progress)
 
 

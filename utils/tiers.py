@@ -8,6 +8,7 @@ utils.present shows a result in a notebook; tests exercise the same code without
 """
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pandas as pd
 from matplotlib import pyplot as plt
 
 from utils.models import UnsupportedModel
-from utils.params import SHARED_MACHINE_ENV, TIER_PARAMS, is_data, output_folder
+from utils.params import SHARED_MACHINE_ENV, TIER_PARAMS, ParamError, is_data, output_folder, shown
 from utils.plotting import (plot_amp_layer_error, plot_attention_entropy, plot_attention_maps, plot_gradient_norms,
                             plot_init_std, plot_latency, plot_loss_curves, plot_loss_scale, plot_memory,
                             plot_memory_vs_batch, plot_remedies, plot_robustness, plot_speedup_sweep, plot_throughput,
@@ -70,7 +71,10 @@ def run_tier(tier: int, params: dict = None, *, model=None, data=None, progress:
     precision the suite cannot run is the tier's one 'supported' verdict (refusal_as_verdict=False: raised)."""
     if tier not in TIERS:
         raise ValueError(f"unknown tier {tier!r}; expected one of {sorted(TIERS)}")
-    params = params or {}
+    if params is not None and not isinstance(params, Mapping):
+        raise ParamError(f"params must be a mapping of parameter names to values, such as {{'seq_len': 16}}; got "
+                         f"{type(params).__name__} {shown(params)}")
+    params = dict(params or {})
     try:
         return _shared_machine_said(TIERS[tier].runner(prepare(tier, model, params, data), progress))
     except UnsupportedModel as e:  # an honest refusal is the tier's one verdict, not a traceback

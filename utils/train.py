@@ -97,16 +97,19 @@ def main(argv=None) -> int:
     if "RANK" in os.environ:  # started by torchrun: join its process group, take this rank's device
         params["device"] = str(init_from_env(str(params["device"])))
     r = ranks()
+    # What only the model can tell, said in one line too: its factory cannot build it, a batch of it cannot fit, or its
+    # loss reaches no weight (found at the first step, before any update).
     try:
         run = prepare_training(None, params)
-    except (ParamError, ModelLoadError) as e:  # what only the factory can tell: it cannot build
+        p, out = run.params, Path(run.params["output_dir"])
+        loop = {q.name: p[q.name] for q in FINE_TUNING if q.name in p}
+        config = TrainConfig(**{**loop, "seq_len": run.seq_len,
+                                "checkpoint_dir": p["checkpoint_dir"] or str(out / "checkpoints")})
+        result = Trainer(run.model, config, run.plan, run.device, run.data).run()
+    except (ParamError, ModelLoadError) as e:
         if r.main:
             print(f"utils.train: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    p, out = run.params, Path(run.params["output_dir"])
-    loop = {q.name: p[q.name] for q in FINE_TUNING if q.name in p}
-    config = TrainConfig(**{**loop, "seq_len": run.seq_len, "checkpoint_dir": p["checkpoint_dir"] or str(out / "checkpoints")})
-    result = Trainer(run.model, config, run.plan, run.device, run.data).run()
     summary = result.summary()
     tokens_per_step = p["batch_size"] * p["grad_accum_steps"] * run.seq_len  # one rank's
     per_rank = [tokens_per_step / t for t in gather(summary["median_step_time_s"], r)]

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from utils.loop.distributed import Ranks, full_tensor, gradient_sync, mean_over_ranks, rows
-from utils.models import compute_loss
+from utils.models import UnsupportedModel, compute_loss
 from utils.params import LOG_EVERY_ACCELERATOR
 from utils.precision import LossScaler, PrecisionPlan
 
@@ -99,12 +99,25 @@ def adamw(param_groups, lr: float, device: torch.device, sharded: bool = False) 
     return torch.optim.AdamW(param_groups, lr=lr, betas=(0.9, 0.95), fused=fused or None)
 
 
+def cannot_train(model: nn.Module) -> UnsupportedModel:
+    """Why a model whose loss reaches no parameter is refused at its first step, before any update: its backward would
+    fail, or train nothing."""
+    model = getattr(model, "_orig_mod", getattr(model, "module", model))  # the user's model inside compile or DDP
+    why = ("its logits are cut off from every weight (.detach() or no_grad in the forward)"
+           if any(p.requires_grad for p in model.parameters()) else "every parameter is frozen (requires_grad=False)")
+    return UnsupportedModel(f"{type(model).__name__} cannot be trained: no parameter gets a gradient from its loss, since "
+                            f"{why}. Expected a model whose loss reaches its weights (tier 1's gradient_flow shows which "
+                            "parameters get one)")
+
+
 def forward_backward(model: nn.Module, batch, scaler: LossScaler, window: int) -> torch.Tensor:
     """Forward and loss under autocast, then the scaled backward. The loss is divided by the
     accumulation window so the summed gradients are a mean. Returns the unscaled, undivided loss."""
     x, y = batch
     with scaler.plan.autocast():
         loss = compute_loss(model, x, y)
+    if not loss.requires_grad:  # no graph at all (no_grad in the forward)
+        raise cannot_train(model)
     scaler.backward(loss / window)
     return loss.detach()
 
@@ -118,6 +131,8 @@ def train_step(net: nn.Module, train_net: nn.Module, batches: list, scaler: Loss
     for i, batch in enumerate(batches):
         with gradient_sync(net, parallel, sync=i == len(batches) - 1):  # all-reduce once per window
             loss_sum = loss_sum + forward_backward(train_net, batch, scaler, len(batches))
+    if not any(p.grad is not None for p in net.parameters()):  # the graph reached no weight; read on the host, no sync
+        raise cannot_train(net)
     scaler.unscale(optimizer)
     grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(net.parameters(), max_grad_norm))
     nonfinite = ~torch.isfinite(grad_norm)

@@ -33,8 +33,10 @@ from utils.loop.config import TrainConfig
 from utils.loop.distributed import gather, load_training_state, mean_over_ranks, ranks, rows, training_state, wrap
 from utils.loop.steps import RECORD, LRSchedule, adamw, evaluate, log_interval, param_groups, to_device, train_step, warmup_cosine
 from utils.measure import StepTimer
-from utils.models import check_fp32_master_weights, checkpoint_blocks, load_model, load_task_data, model_max_len
-from utils.precision import PrecisionPlan, convert_for
+from utils.models import (check_fp32_master_weights, checkpoint_blocks, load_model, load_task_data, model_max_len,
+                          model_vocab_size)
+from utils.params import ParamError
+from utils.precision import PrecisionPlan, convert_for, memory_bytes
 
 
 @dataclass
@@ -98,6 +100,24 @@ def amp_summary(history: pd.DataFrame) -> dict:
             "final_loss_scale": float(history["loss_scale"].iloc[-1]), "min_loss_scale": float(history["loss_scale"].min())}
 
 
+def check_batch_fits(model: nn.Module, batch_size: int, seq_len: int, device: torch.device, name: str = "batch_size"):
+    """A batch whose token ids and fp32 logits alone exceed the device's memory (a lower bound on one step's: the loss
+    is taken on fp32 logits) is refused before training, naming the largest that could fit. Where the memory is not
+    known, nothing is checked."""
+    memory = memory_bytes(device)
+    if memory is None:
+        return
+    if getattr(model, "task", None) == "classification":
+        per_sequence = 8 * (seq_len + 1)  # int64 token ids and a label
+    else:  # int64 token ids and targets, and fp32 logits over the output width at every position
+        width = getattr(model, "suite_output_width", None) or model_vocab_size(model) or 0
+        per_sequence = seq_len * (16 + 4 * width)
+    if batch_size * per_sequence > memory:
+        raise ParamError(f"parameter {name!r}: {batch_size:,} sequences of {seq_len} tokens need at least "
+                         f"{batch_size * per_sequence / 2**30:,.1f} GiB for one step's token ids and fp32 logits alone, "
+                         f"more than the device's {memory / 2**30:,.1f} GiB; expected at most {memory // per_sequence:,}")
+
+
 class Trainer:
     """One fine-tuning run of `model` (an nn.Module or a load_model spec) under `plan` on `device`.
     callbacks: objects with an optional on_step_end(record), called once per step, in order, at log points."""
@@ -115,6 +135,7 @@ class Trainer:
             checkpoint_blocks(self.model)
         self.cfg = config = replace(config, seq_len=min(config.seq_len, model_max_len(self.model)))  # as the tiers cap it
         self.data = load_task_data(self.model, data, config.seq_len)
+        check_batch_fits(self.model, config.batch_size, config.seq_len, device)
         self._count_steps()
         self._build()
         self.records, self.evals, self.saved, self.notes, self.resumed_from = [], None, [], [], None

@@ -28,6 +28,7 @@ from utils.tiers import TIERS
 NOTEBOOK_DIR = ROOT / "notebooks"
 KERNEL_LOG = "kernel.log"  # a run's kernel process's own log, kept in its folder when it wrote anything
 NOT_STARTED = "not_started"  # a summary row's run_status for a run a stop kept from starting
+KERNEL_STOP = "KeyboardInterrupt in its kernel (a SIGTERM or Ctrl-C sent to it, or code that raised it)"
 CHECKSUMS = "checksums"  # run.json's field of what the run wrote (not in its summary row)
 KERNEL_START_TRIES = 3  # a kernel that dies before its first cell (ZeroMQ's port race when many start) is started again
 
@@ -316,7 +317,7 @@ def _finished(results: dict) -> dict:
 def _failed(e: BaseException, timeout: int, checkpoints: Path) -> dict:
     """A row's fields for a notebook that did not finish: stopped (by this runner, or its kernel by a signal of its own),
     timed out or crashed."""
-    stop = _STOP[0] if _STOP else "a stop of its kernel (SIGTERM or Ctrl-C)" if getattr(e, "ename", "") == "KeyboardInterrupt" else ""
+    stop = _STOP[0] if _STOP else KERNEL_STOP if getattr(e, "ename", "") == "KeyboardInterrupt" else ""
     if stop:
         saved = any(checkpoints.rglob(CHECKPOINT_PATTERN))
         status, error = INTERRUPTED, (f"{stop} stopped it before it wrote its results (--resume runs it again"

@@ -2,7 +2,8 @@
 records the runner's host and pid, and a heartbeat (the file's modification time, renewed every HEARTBEAT_S).
 A lock is taken over only when it is provably stale: its runner was on this host and its pid is gone, or the
 heartbeat stopped (unchanged for STALE_BEATS heartbeats, watched here: no clock is compared across machines).
-A pid that is absent here says nothing about a runner on another host."""
+A pid that is absent here says nothing about a runner on another host; a record that names no valid pid of this
+host is damaged, and only its heartbeat tells."""
 
 import contextlib
 import json
@@ -13,10 +14,12 @@ import threading
 import time
 from pathlib import Path
 
+from utils.params import SHOWN_CHARS, shown
 from utils.runner import UsageError
 
 HEARTBEAT_S = 5.0
 STALE_BEATS = 3
+PID_LIMIT = 2**31  # a pid is a C int (pid_t): a larger number names no process, and os.kill overflows on it
 
 
 def _alive(pid: int) -> bool:
@@ -44,7 +47,7 @@ def machine() -> str:
 def _holder(lock: Path) -> dict:
     """The lock's record; a bare pid (an older runner's lock) is a runner on this machine."""
     text = lock.read_text(errors="replace").strip()
-    if text.isdigit():
+    if text.isascii() and text.isdigit():
         return {"host": socket.gethostname(), "machine": machine(), "pid": int(text)}
     try:
         holder = json.loads(text)
@@ -63,13 +66,26 @@ def _heartbeat_stopped(lock: Path) -> bool:
         return True
 
 
+def _pid(holder: dict):
+    """The record's pid, or None where it names none (absent, not an integer, out of a pid's range): damaged."""
+    pid = holder.get("pid")
+    return pid if type(pid) is int and 0 < pid < PID_LIMIT else None
+
+
 def _stale(lock: Path) -> bool:
     holder = _holder(lock)
-    if not holder:  # being written right now, or damaged: a damaged one stops beating too
-        return _heartbeat_stopped(lock)
-    if holder.get("machine") == machine():  # a pid of this machine and namespace: its absence is proof
-        return not _alive(int(holder.get("pid", 0)))
+    if _pid(holder) and holder.get("machine") == machine():  # a pid of this machine and namespace: its absence is proof
+        return not _alive(_pid(holder))
+    # Another machine's runner, or a record being written or damaged (no valid pid of this machine): a dead runner's
+    # heartbeat stops.
     return _heartbeat_stopped(lock)
+
+
+def _who(holder: dict) -> str:
+    """The runner a lock names, as far as its record says: '?' for what it lacks, a damaged host shortened."""
+    host = holder.get("host", "?")
+    host = host if isinstance(host, str) and host.isprintable() and len(host) <= SHOWN_CHARS else shown(host)
+    return f"pid {_pid(holder) or '?'} on {host}"
 
 
 def _beat(lock: Path, stop: threading.Event):
@@ -92,8 +108,7 @@ def batch_lock(out_dir: Path):
                 raise UsageError(f"{lock} is a folder (or another non-file), not a runner's lock file; remove it and "
                                "run again") from None
             if lock.exists() and not _stale(lock):
-                holder = _holder(lock)
-                raise UsageError(f"another runner (pid {holder.get('pid', '?')} on {holder.get('host', '?')}) is writing "
+                raise UsageError(f"another runner ({_who(_holder(lock))}) is writing "
                                f"{out_dir}; wait for it to finish, or use another --name") from None
             lock.unlink(missing_ok=True)  # stale: its runner is gone
     mine = {"host": socket.gethostname(), "machine": machine(), "pid": os.getpid(), "heartbeat_s": HEARTBEAT_S,
