@@ -73,7 +73,8 @@ class Child:
 
     def wait_for_line(self, stream: str, match, deadline_s: float) -> str:
         """The first line of `stream` ('stdout' or 'stderr') that `match` accepts (a predicate, or a prefix), as soon
-        as the child has written it: a test can act at once on a line, as a second Ctrl-C right after the first."""
+        as the child has written it: a test can act at once on a line (the second SIGTERM of GNU timeout, right after
+        the runner said it took the first)."""
         accept = match if callable(match) else (lambda line: line.startswith(match))
         end = time.monotonic() + deadline_s
         with self.changed:

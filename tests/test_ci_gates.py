@@ -42,7 +42,8 @@ def test_name_imported_inside_another_function_fails_ruff(tree):
     module = tree / "utils" / "tier3_training_utilities.py"
     plant(module, "    with plan.autocast():\n        loss = compute_loss(model, x, y)",
           "    with autocast():\n        loss = compute_loss(model, x, y)")
-    plant(module, '    device = resolve_device(device)\n', '    from torch.amp import autocast  # noqa: F401\n    device = resolve_device(device)\n')
+    plant(module, '    config = TrainConfig.from_params(settings, "test_fine_tuning")\n',
+          '    from torch.amp import autocast  # noqa: F401\n    config = TrainConfig.from_params(settings, "test_fine_tuning")\n')
     result = gate(tree, "ruff", "check", "utils", "tests")
     assert result.returncode != 0 and "F821" in result.stdout and "autocast" in result.stdout
 

@@ -2,12 +2,14 @@
 is expected, exit 2 before any kernel starts where it is a usage error, and nothing lost or left hanging."""
 
 import contextlib
+import fcntl
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import termios
 import threading
 import time
 from pathlib import Path
@@ -405,6 +407,7 @@ def test_sigterm_to_a_kernel_outside_fine_tuning_is_recorded_interrupted_never_c
 def test_the_runners_stop_comes_once_however_often_it_is_sent_together(signum, capfd, monkeypatch):
     """Any stop signal (SIGHUP: a closed terminal) is one line and one stop; the same stop sent again at once (GNU
     timeout's second SIGTERM, a bounced key) is nothing more; only a later, separate one stops at once."""
+    monkeypatch.setattr(stops, "STOP_WINDOW_S", float("inf"))  # however slowly this machine sends the second
     with execution.stops_passed_to_notebooks():
         os.kill(os.getpid(), signum)
         os.kill(os.getpid(), signal.SIGTERM)
@@ -413,6 +416,47 @@ def test_the_runners_stop_comes_once_however_often_it_is_sent_together(signum, c
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert capfd.readouterr().err == f"{signum.name}: {execution.STOP_LINE}\n" and not execution._STOP
+
+
+HUNG_UP = """
+import signal, sys
+from utils.runner import execute
+with execute.stops_passed_to_notebooks():
+    print("ready", flush=True)
+    signal.pause()  # until the terminal hangs up
+    for _ in range(100):  # a batch goes on logging its runs' ends to the closed terminal
+        print("a run ended", flush=True)
+    with open(sys.argv[1], "w") as f:
+        f.write(",".join(execute._STOP))
+"""
+
+
+def test_a_closed_terminal_is_a_stop_and_printing_after_it_ends_nothing(tmp_path):
+    """SIGHUP (an SSH drop, a closed terminal) is a stop like Ctrl-C, and the batch goes on to record its runs: writes
+    to the hung-up terminal (EIO) go nowhere instead of ending it."""
+    terminal, its_end = os.openpty()
+    proc = subprocess.Popen([sys.executable, "-c", HUNG_UP, str(tmp_path / "stops")], cwd=ROOT, stdin=its_end,
+                            stdout=its_end, stderr=its_end, start_new_session=True,  # the terminal is its own:
+                            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))  # it gets the hang-up
+    os.close(its_end)
+    said = b""
+    while b"ready" not in said:
+        chunk = os.read(terminal, 1024)
+        assert chunk, f"the child closed its terminal first: {said!r}"
+        said += chunk
+    os.close(terminal)  # the terminal hangs up: SIGHUP to the session's leader
+    assert proc.wait(60) == 0
+    assert (tmp_path / "stops").read_text() == "SIGHUP"
+
+
+def test_under_nohup_a_hang_up_stays_ignored():
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with execution.stops_passed_to_notebooks():
+            assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN)
+    finally:
+        signal.signal(signal.SIGHUP, previous)
 
 
 def test_a_factory_that_raises_keyboardinterrupt_is_one_line_naming_it(tmp_path, capsys):

@@ -127,8 +127,8 @@ def the_run(batch: Path) -> Path:
      "results.json is not the file the run wrote (its sha256 differs from run.json's)"),
     (lambda run: nbformat.write(nbformat.v4.new_notebook(), run / "tier1_validation.ipynb"),
      "tier1_validation.ipynb is not the file the run wrote (its sha256 differs from run.json's)"),
-    (lambda run: write_json_atomic(run / "run.json", {k: v for k, v in read_json(run / "run.json").items() if k != "checksums"}),
-     "run.json has no checksum of results.json (an older record): its outputs cannot be verified"),
+    (lambda run: write_json_atomic(run / "run.json", {**read_json(run / "run.json"), "checksums": ["forged"]}),
+     "run.json is corrupt (its checksums are not a mapping of file names to sha256)"),
 ])
 def test_resume_redoes_a_damaged_run_and_names_the_file(done_batch, tmp_path, capsys, damage, reason):
     batch = copy_of(done_batch, tmp_path)
@@ -141,6 +141,13 @@ def test_resume_redoes_a_damaged_run_and_names_the_file(done_batch, tmp_path, ca
     summary = pd.read_csv(batch / "summary.csv")
     assert reason in summary.loc[0, "rerun_reason"] and summary.loc[0, "run_status"] == "ok"
     assert read_json(the_run(batch) / "results.json")["status"] == "pass"
+
+
+def test_a_record_from_before_checksums_is_trusted_as_it_was(done_batch, tmp_path):
+    """Runs recorded by an older version (no checksums in run.json) are not all redone on --resume."""
+    run = the_run(copy_of(done_batch, tmp_path))
+    write_json_atomic(run / "run.json", {k: v for k, v in read_json(run / "run.json").items() if k != "checksums"})
+    assert why_rerun(run, 1, plan_runs([1], runner.parse_assignments(TINY1[3::2]), {})[0][2]) is None
 
 
 def test_resume_with_other_parameters_runs_them(done_batch, tmp_path, capsys):

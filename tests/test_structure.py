@@ -8,9 +8,10 @@ import pytest
 
 from utils import precision
 from utils.loop.config import TrainConfig
-from utils.params import FINE_TUNING, check_params
-from utils.run import run_digest
-from utils.tier3_training_utilities import test_fine_tuning
+from utils.loop.stops import STOP_WINDOW_S
+from utils.params import FINE_TUNING, SHOWN_CHARS, check_params
+from utils.run import MAX_FOLDER_NAME, MAX_GRID_BYTES, MAX_GRID_DEPTH, run_digest
+from utils.tier3_training_utilities import STILL, test_fine_tuning
 from utils.training.amp_utils import AmpWandbCallback
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,6 +62,16 @@ def test_precision_names_are_written_in_one_module_only():
     found = [f"{path.relative_to(ROOT)}:{line} {value!r}" for path in SOURCES if path.name != "precision.py"
              for line, value in precision_literals(path)]
     assert not found, f"precision names outside utils/precision.py (ask the plan, or use its constants): {found}"
+
+
+def test_the_limits_the_readme_states_are_the_codes():
+    """Each number the README gives a newcomer is the constant the code uses: changing one fails here, not in a user's
+    reading."""
+    readme = " ".join((ROOT / "README.md").read_text().split())  # wrapped lines as one
+    for said in (f"Signals within {STOP_WINDOW_S:g} s of the first", f"at most {MAX_GRID_BYTES // 1024} KiB",
+                 f"nested more than {MAX_GRID_DEPTH} deep", f"at most {MAX_FOLDER_NAME} bytes",
+                 f"shortened to {SHOWN_CHARS} characters", f"under {STILL:.1%}"):
+        assert said in readme, said
 
 
 def test_a_planted_precision_literal_is_found(tmp_path):

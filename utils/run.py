@@ -16,8 +16,8 @@ A grid file is YAML: each key a notebook parameter, each list an axis of the cro
     precision: [bf16-mixed, 16-mixed, 32]   # a string parameter takes a YAML integer as its text: 32 is '32'
     batch_size: [8, 16]
     lr: 0.001            # a scalar is the same for every run
-To pass a list-valued parameter (batch_sizes, strengths) as one value, nest it: [[1, 2, 4]]. A grid file is
-at most 256 KiB, without YAML aliases, its lists and mappings at most 20 deep, each key a name.
+To pass a list-valued parameter (batch_sizes, strengths) as one value, nest it: [[1, 2, 4]]. A grid file's size,
+nesting and keys are checked as it is read, and YAML aliases are refused (README: grids are read strictly).
 Parameters that a tier does not have are not passed to it; a name no selected tier knows or given both by -p
 and by the grid, a value of the wrong type or range, a device this machine lacks, or a grid of more than
 --max-runs runs (counted before it is expanded) is rejected before anything runs.
@@ -36,8 +36,9 @@ host, pid and a heartbeat, so a folder shared by several machines is guarded too
 them: --threads); --executor ray runs each as a Ray task (RAY_ADDRESS or --ray-address joins a cluster, whose nodes
 must share --out). Every engine executes a run the same way (utils.runner.execute).
 
-Exit code: 0 when every notebook ran, 1 when any was interrupted, crashed or timed out (its executed notebook keeps the
-error cell, its summary row names the exception), 2 for bad arguments. --fail-on-verdict also exits 1
+Exit code: 0 when every notebook ran, 1 when any was interrupted, not started, crashed or timed out (its executed
+notebook keeps the error cell, its summary row names the exception) or summary.csv could not be written, 2 for bad
+arguments, 130 for a stop at once. --fail-on-verdict also exits 1
 when a non-timing check fails, --fail-on-timing when a timing check does (they vary with load).
 """
 
@@ -84,14 +85,15 @@ MAX_GRID_DEPTH = 20  # lists and mappings in a grid: 4 or 5 are needed; thousand
 # A --name or a run id is one folder name: the OS allows 255 bytes (eCryptfs 143), and a run's temporary folder adds 10.
 MAX_FOLDER_NAME = 128
 NOT_WRITTEN = "not_written"  # a summary's attrs: why summary.csv could not be written
-POLL_S = 0.5
+POLL_S = 0.5  # how often the driver looks for finished runs (and for a stop) while runs execute
 STOPS = f"""Stops: Ctrl-C, SIGTERM or SIGHUP of the runner is passed to the running notebooks as Ctrl-C (a fine-tuning run
 checkpoints first); they are recorded 'interrupted', the runs not yet started 'not_started', and the exit code is 1.
 Signals within {STOP_WINDOW_S:g} s of the first are one stop (GNU timeout signals the runner and then its process group,
 Slurm and systemd signal every process, a key bounces); a later, separate one stops at once, exit 130: the notebooks are
 killed, finished runs are kept, and the next run into the folder removes what the killed ones left. A notebook kernel
-that gets SIGTERM itself stops as by Ctrl-C too. Give a scheduler's stop time to checkpoint: timeout -k 60 ..., Slurm
---signal=TERM@60 or KillWait, Kubernetes terminationGracePeriodSeconds; Colab's stop button is Ctrl-C."""  # how often the driver looks for finished runs (and for a stop) while runs execute
+that gets SIGTERM itself stops as by Ctrl-C too; in a kernel only a later Ctrl-C stops at once, never a SIGTERM (the
+scheduler's and the runner's copies of one stop can arrive seconds apart on Ray). Under nohup, SIGHUP stays ignored. Give a scheduler's stop time to checkpoint: timeout -k 60 ..., Slurm
+--signal=TERM@60 or KillWait, Kubernetes terminationGracePeriodSeconds; Colab's stop button is Ctrl-C."""
 
 
 # Every tier gives a parameter name the same type (a test checks it): a -p value or a grid's value is read by its
@@ -135,14 +137,15 @@ class _GridLoader(yaml.SafeLoader):
         if isinstance(event, yaml.AliasEvent):
             raise UsageError(f"alias {shown('*' + event.anchor)} at line {line} repeats a value by reference; expected "
                              "every value written out (a grid takes no aliases)")
-        self.depth += 1
+        level = isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent))  # a value inside is no level
+        self.depth += level
         try:
             if self.depth > MAX_GRID_DEPTH:
                 raise UsageError(f"lists and mappings nested more than {MAX_GRID_DEPTH} deep at line {line}; expected "
                                  f"at most {MAX_GRID_DEPTH} levels")
             return super().compose_node(parent, index)
         finally:
-            self.depth -= 1
+            self.depth -= level
 
     def construct_mapping(self, node, deep=False):
         lines = {}
@@ -460,15 +463,22 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(_stopped_at_once(locals().get("out_dir")), file=sys.stderr)
+    except StoppedAtOnce:
+        print(_stopped_at_once(out_dir), file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # before any run started (a stale lock's watch, Ray's start): nothing to keep
+        print("stopped before any run started", file=sys.stderr)
         return 130
     return _report(summary, out_dir, args)
 
 
-def _stopped_at_once(out_dir) -> str:
+class StoppedAtOnce(Exception):
+    """A second, separate stop while runs executed: the notebooks were killed."""
+
+
+def _stopped_at_once(out_dir: Path) -> str:
     """The line of a runner stopped at once: what is kept, and what the next run on the folder removes."""
-    left = sorted(p.name for p in out_dir.glob(".*.*") if p.is_dir()) if out_dir else []
+    left = sorted(p.name for p in out_dir.glob(".*.*") if p.is_dir())
     return ("stopped at once: the running notebooks did not finish; finished runs are kept, --resume runs the rest"
             + (f"; the next run into {out_dir} removes their temporary folder(s) {', '.join(left)}" if left else ""))
 
@@ -480,14 +490,11 @@ def _run_stoppably(runs, out_dir: Path, args, executor) -> pd.DataFrame:
             return run_all(runs, out_dir, args.resume, args.progress, args.timeout, executor=executor)
         except KeyboardInterrupt:
             executor.kill()
-            raise
+            raise StoppedAtOnce from None
 
 
 def _report(summary: pd.DataFrame, out_dir: Path, args) -> int:
     """The batch in one line, a line per run that did not finish, and the exit code the gates give."""
-    if summary.empty:
-        print(f"summary: no run finished in {out_dir}; --resume runs them")
-        return 1
     broken = summary[summary["run_status"] != "ok"]
     failed = summary[summary["verdict"] == "fail"]
     timing = summary[summary["timing_failed"].fillna(False).astype(bool)]

@@ -34,7 +34,7 @@ if [ "$left" -lt 60 ]; then
     echo "environment $name: FAILED: the install took $((SECONDS - started)) s of its $budget s budget"
     exit 1
 fi
-timeout "$left" "$venv/bin/python" -m pytest -q -m versions -p no:cacheprovider -o addopts="" tests 2>&1 | tail -n 25
+timeout "$left" "$venv/bin/python" -m pytest -q -rs -m versions -p no:cacheprovider -o addopts="" tests 2>&1 | tail -n 25
 code=${PIPESTATUS[0]}
 case $code in
     0) echo "environment $name: PASSED in $((SECONDS - started)) s ($versions)";;

@@ -45,8 +45,10 @@ _SIGNALS = StopSignals()  # this process's: the kernel's SIGTERM handler and the
 @contextmanager
 def stop_requests():
     """Ctrl-C or SIGTERM (a Colab or scheduler stop) during training asks the loop to stop after the
-    current step, checkpoint and return, instead of dying mid-step; a later, separate signal interrupts at
-    once (StopSignals). Yields a function that says whether a stop was asked. Python allows handlers only in
+    current step, checkpoint and return, instead of dying mid-step; a later, separate Ctrl-C interrupts at
+    once (StopSignals). A later SIGTERM never does: it is the same stop relayed (a scheduler signals the process,
+    and its runner passes the stop on, on Ray through a file, seconds later); what stops a process at once after
+    it is SIGKILL. Yields a function that says whether a stop was asked. Python allows handlers only in
     the main thread; elsewhere signals keep their usual effect."""
     global _SIGNALS
     if threading.current_thread() is not threading.main_thread():
@@ -55,7 +57,7 @@ def stop_requests():
     _SIGNALS = signals = StopSignals()  # a stop before this run (a cell stopped earlier) is not this run's
 
     def handler(signum, frame):
-        if signals.take() == AGAIN:
+        if signals.take() == AGAIN and signum == signal.SIGINT:
             raise KeyboardInterrupt
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -69,9 +71,10 @@ def stop_requests():
 def sigterm_as_ctrl_c():
     """In a notebook kernel: SIGTERM (a scheduler's stop of every process) acts as Ctrl-C does at that moment. In
     training the loop checkpoints and returns (stop_requests); in any other cell it raises KeyboardInterrupt; in an
-    idle kernel it is ignored, as Ctrl-C is. The same stop sent twice (the scheduler's and the runner's) is one."""
+    idle kernel it is ignored, as Ctrl-C is. A SIGTERM after the first is that stop again (the scheduler's and the
+    runner's copies, seconds apart on Ray): it never interrupts the cells that record and show the stopped run."""
     def handler(signum, frame):
-        if _SIGNALS.take() == SAME:
+        if _SIGNALS.take() != FIRST:
             return
         ctrl_c = signal.getsignal(signal.SIGINT)  # the kernel's own: default_int_handler in a cell, ignored when idle
         if callable(ctrl_c):

@@ -38,6 +38,7 @@ STOP_LINE = (f"the running notebooks are stopped as by Ctrl-C (a fine-tuning run
              f"starts; a second stop more than {STOP_WINDOW_S:g} s later stops at once")
 _STOP = []  # the signals that asked this process to stop (SIGINT, SIGTERM, a driver's stop), in order
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+HANGUP = getattr(signal, "SIGHUP", None)
 
 
 class LocalKernelManager(AsyncKernelManager):
@@ -88,8 +89,8 @@ def run_notebook(source: Path, target: Path, kernel_log: Path = None, cwd: Path 
         shutil.rmtree(sockets, ignore_errors=True)
 
 
-def _signal_kernels(sig):
-    """`sig` to every running notebook's kernel, to its process group where it has one."""
+def _signal_kernels(sig, group: bool = True):
+    """`sig` to every running notebook's kernel: to its process group where it has one and `group` asks for it."""
     with _KERNELS_LOCK:
         kernels = list(_KERNELS)
     for km in kernels:
@@ -97,7 +98,7 @@ def _signal_kernels(sig):
             continue
         pgid, pid = getattr(km.provisioner, "pgid", None), getattr(km.provisioner, "pid", None)
         with contextlib.suppress(OSError):
-            if pgid and hasattr(os, "killpg"):
+            if group and pgid and hasattr(os, "killpg"):
                 os.killpg(pgid, sig)
             elif pid:
                 os.kill(pid, sig)
@@ -107,8 +108,9 @@ def interrupt_kernels():
     """Ctrl-C for every running notebook: SIGTERM to the kernel's process group, which the notebooks' set-up cell makes
     act as Ctrl-C (utils.loop.stops.sigterm_as_ctrl_c). Tier 3's loop then checkpoints and returns; a cell elsewhere
     ends in KeyboardInterrupt. SIGTERM, not SIGINT: a scheduler that signals every process sends the kernel SIGTERM
-    too, and the kernel takes the two as one stop only when they are the same signal (ipykernel owns SIGINT in a cell)."""
-    _signal_kernels(signal.SIGTERM)
+    too, and the kernel takes the two as one stop only when they are the same signal (ipykernel owns SIGINT in a cell).
+    To the kernel alone: processes it started keep their own way of stopping."""
+    _signal_kernels(signal.SIGTERM, group=False)
 
 
 def kill_kernels():
@@ -145,15 +147,30 @@ def stops_passed_to_notebooks():
         # stand-in); a closed terminal (SIGHUP) has no stderr left
         with contextlib.suppress(OSError):
             os.write(2, f"{signal.Signals(signum).name}: {STOP_LINE}\n".encode())
+        if signum == HANGUP:
+            _off_the_terminal()
         ask_stop(signal.Signals(signum).name)
 
-    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+    # nohup's ignored SIGHUP stays ignored: such a batch was asked to outlive its terminal
+    stops = [s for s in STOP_SIGNALS if not (s == HANGUP and signal.getsignal(s) == signal.SIG_IGN)]
+    previous = {s: signal.signal(s, handler) for s in stops}
     try:
         yield
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
         _STOP.clear()
+
+
+def _off_the_terminal():
+    """After a hang-up, what the runner prints goes nowhere instead of failing (a write to a closed terminal raises
+    EIO, which would end the batch before it records its runs); a file, a pipe or a terminal still open stays."""
+    with open(os.devnull, "wb") as null:
+        for fd in (1, 2):
+            try:
+                os.write(fd, b"")  # a hung-up terminal refuses even this (and no longer says it is a terminal)
+            except OSError:
+                os.dup2(null.fileno(), fd)
 
 
 class RunStopped(Exception):
@@ -211,11 +228,14 @@ def why_rerun(run_dir: Path, tier: int, params: dict):
         if not isinstance(results, dict) or results.get("status") != record.get("verdict"):
             return f"{run_dir / 'results.json'} does not match run.json"
         _read(run_dir / TIERS[tier].notebook, lambda p: nbformat.read(p, as_version=4))
-        kept = record.get(CHECKSUMS) or {}
+        kept = record.get(CHECKSUMS)
+        if kept is None:  # a record from before checksums were kept: trusted as it was then (its files parse and agree)
+            return None
+        if not isinstance(kept, dict):
+            return f"{run_dir / 'run.json'} is corrupt (its checksums are not a mapping of file names to sha256)"
         for name, digest in checksums(run_dir, tier).items():
             if kept.get(name) != digest:
-                return (f"{run_dir / name} is not the file the run wrote (its sha256 differs from run.json's)" if name in kept
-                        else f"run.json has no checksum of {name} (an older record): its outputs cannot be verified")
+                return f"{run_dir / name} is not the file the run wrote (its sha256 differs from run.json's)"
     except ValueError as e:
         return str(e)
     return None
@@ -285,18 +305,21 @@ def execute(run_id: str, tier: int, params: dict, out_dir: Path, progress: bool 
             retries = _notebook(tier, {**keep, **params}, tmp, progress, timeout, env)
             row.update(_finished(read_json(tmp / "results.json")), kernel_start_retries=retries)
         except Exception as e:  # a failing notebook must not stop the others (a second Ctrl-C is no Exception)
-            row.update(_failed(e, timeout, Path(keep.get("checkpoint_dir", tmp))))
+            row.update(_failed(e, timeout, Path({**keep, **params}.get("checkpoint_dir") or tmp)))
         row.update(duration_s=round(time.perf_counter() - t0, 2), ended_at=round(time.time(), 3))
         if (tmp / KERNEL_LOG).exists() and not (tmp / KERNEL_LOG).stat().st_size:
             (tmp / KERNEL_LOG).unlink()
-        write_json_atomic(tmp / "run.json", {**row, CHECKSUMS: checksums(tmp, tier)})
         finished = row["run_status"] == "ok"
+        write_json_atomic(tmp / "run.json", {**row, CHECKSUMS: checksums(tmp, tier)})
         if row["run_status"] == INTERRUPTED and why_rerun(out_dir / run_id, tier, params) is None:
             shutil.rmtree(tmp)  # a complete earlier run of the same parameters stays: nothing finished is lost
         else:
             _replace_dir(tmp, out_dir / run_id)
     except OSError as e:  # the file system failed this run: its problem, not the batch's
-        kept = f"; its finished results are kept in {tmp}, which the next run into {out_dir} puts in place" if finished else ""
+        kept = "" if not finished else (
+            f"; its finished results are kept in {tmp}, which the next run into {out_dir} puts in place"
+            if (tmp / "run.json").exists() else f"; its finished results are in {tmp} without their run.json, so the "
+            f"next run into {out_dir} removes that folder: copy what you need first")
         row.update(run_status="crashed", verdict=None, timing_failed=False, error=f"file system: {e}{kept}",
                    duration_s=round(time.perf_counter() - t0, 2), ended_at=round(time.time(), 3))
         if tmp is not None and not finished:

@@ -133,8 +133,10 @@ def _finished_run(folder: Path) -> str:
     """The run id of a temporary run folder that holds a finished run (its run.json says ok), else ''."""
     with contextlib.suppress(OSError, ValueError, AttributeError):
         record = json.loads((folder / "run.json").read_text())
-        if record.get("run_status") == "ok" and folder.name.startswith(f".{record['run_id']}."):
-            return record["run_id"]
+        run_id = record.get("run_id")
+        if record.get("run_status") == "ok" and isinstance(run_id, str) and folder.name.startswith(f".{run_id}.") \
+                and "/" not in run_id and run_id.strip("."):
+            return run_id
     return ""
 
 
