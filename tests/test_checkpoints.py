@@ -292,7 +292,7 @@ def test_the_runner_records_a_storm_as_a_fail_verdict_and_an_interruption_as_int
 
     monkeypatch.setenv("SUITE_TEST_FAULT", f"interrupt:{TRIAL_FORWARDS + 14}")  # step 2 of the 16-mixed run
     assert main(faulty) == 1  # the batch is not complete
-    assert "1 interrupted (--resume continues them)" in capsys.readouterr().out
+    assert "1 interrupted and 0 not started (--resume continues them)" in capsys.readouterr().out
     faulty_row = pd.read_csv(tmp_path / "b" / "summary.csv").iloc[0]
     assert faulty_row["run_status"] == "interrupted"
     assert "the 16-mixed fine-tuning run was interrupted at step 2" in faulty_row["error"]
