@@ -28,6 +28,6 @@ for env in "colab 3.13 600" "floor 3.11 600"; do
     results+=("$result")
 done
 echo
-echo "=== every environment: PASSED, FAILED, or SKIPPED (not run here: this CI run checked less than the README names) ==="
+echo "=== every environment: PASSED, FAILED, or SKIPPED (a SKIPPED one was not run: this CI run checked less than the README names) ==="
 printf '%s\n' "${results[@]}"
 exit "$status"
