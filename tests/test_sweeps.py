@@ -409,9 +409,12 @@ def test_a_killed_ray_worker_crashes_its_run_only_and_resume_completes(tmp_path,
     ray_cluster.mark.unlink(missing_ok=True)
     killed = []
 
-    def kill_a_worker():
+    def kill_a_worker():  # in a thread while main() runs: a deadline it misses is said below, in the test's thread
         deadline = time.time() + 240
-        while not ray_cluster.mark.exists() and time.time() < deadline:
+        while not ray_cluster.mark.exists():
+            if time.time() > deadline:
+                killed.append(None)
+                return
             time.sleep(0.05)
         kernel = kernel_of_a_run(tmp_path / "default")
         worker = int((Path("/proc") / str(kernel) / "stat").read_text().rsplit(")", 1)[1].split()[1])
@@ -420,8 +423,10 @@ def test_a_killed_ray_worker_crashes_its_run_only_and_resume_completes(tmp_path,
 
     killer = threading.Thread(target=kill_a_worker)
     killer.start()
-    assert main(args) == 1
+    code = main(args)
     killer.join()
+    assert killed != [None], "no run paused in its first training step (its mark) within 240 s"
+    assert code == 1
     runs = summary(tmp_path, "default")
     crashed = runs[runs["run_status"] == "crashed"]
     assert list(crashed["run_id"]) == killed and "WorkerCrashedError" in crashed["error"].iloc[0]
