@@ -26,7 +26,8 @@ Each run's folder name ends in a digest of its tier and full parameters: its ide
 A run executes in a temporary folder and replaces its previous outputs only when it finishes, so an
 interrupted batch loses nothing that had finished; summary.csv is rewritten after every run. --resume
 skips a run only when its recorded digest, run.json, results.json and notebook are complete, valid and
-agree, and the results and notebook are the files the run wrote (their sha256 in run.json); any other run is redone and its summary row says why, and tier 3 continues its fine-tuning
+agree, and the results and notebook are the files the run wrote (their sha256 in run.json); any other run is
+redone and its summary row says why, and tier 3 continues its fine-tuning
 runs from their newest checkpoints (resume=True; kept in runs/<name>/checkpoints/<run>, see
 checkpoint_every). How a stop works (Ctrl-C, SIGTERM, SIGHUP) is
 below. A kernel's own log goes to its run's kernel.log. One runner per output folder at a time (utils.runner.lock:
@@ -92,8 +93,9 @@ Signals within {STOP_WINDOW_S:g} s of the first are one stop (GNU timeout signal
 Slurm and systemd signal every process, a key bounces); a later, separate one stops at once, exit 130: the notebooks are
 killed, finished runs are kept, and the next run into the folder removes what the killed ones left. A notebook kernel
 that gets SIGTERM itself stops as by Ctrl-C too; in a kernel only a later Ctrl-C stops at once, never a SIGTERM (the
-scheduler's and the runner's copies of one stop can arrive seconds apart on Ray). Under nohup, SIGHUP stays ignored. Give a scheduler's stop time to checkpoint: timeout -k 60 ..., Slurm
---signal=TERM@60 or KillWait, Kubernetes terminationGracePeriodSeconds; Colab's stop button is Ctrl-C."""
+scheduler's and the runner's copies of one stop can arrive seconds apart on Ray). Under nohup, SIGHUP stays ignored.
+Give a scheduler's stop time to checkpoint: timeout -k 60 ..., Slurm --signal=TERM@60 or KillWait, Kubernetes
+terminationGracePeriodSeconds; Colab's stop button is Ctrl-C."""
 
 
 # Every tier gives a parameter name the same type (a test checks it): a -p value or a grid's value is read by its
@@ -384,7 +386,8 @@ def _output_folder(out: Path, name: str) -> Path:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m utils.run", description=f"{__doc__}\n{STOPS}", epilog=parameters_help(),
+    parser = argparse.ArgumentParser(prog="python -m utils.run", description=f"{__doc__}\n{STOPS}",
+                                     epilog=parameters_help(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiers", type=int, nargs="+", choices=sorted(TIERS), default=sorted(TIERS), help="tiers to run")
     parser.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE", help="notebook parameter")

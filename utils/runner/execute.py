@@ -105,9 +105,9 @@ def _signal_kernels(sig, group: bool = True):
 
 
 def interrupt_kernels():
-    """Ctrl-C for every running notebook: SIGTERM to the kernel's process group, which the notebooks' set-up cell makes
-    act as Ctrl-C (utils.loop.stops.sigterm_as_ctrl_c). Tier 3's loop then checkpoints and returns; a cell elsewhere
-    ends in KeyboardInterrupt. SIGTERM, not SIGINT: a scheduler that signals every process sends the kernel SIGTERM
+    """Ctrl-C for every running notebook: SIGTERM to the kernel, which the notebooks' set-up cell makes act as Ctrl-C
+    (utils.loop.stops.sigterm_as_ctrl_c). Tier 3's loop then checkpoints and returns; a cell elsewhere ends in
+    KeyboardInterrupt. SIGTERM, not SIGINT: a scheduler that signals every process sends the kernel SIGTERM
     too, and the kernel takes the two as one stop only when they are the same signal (ipykernel owns SIGINT in a cell).
     To the kernel alone: processes it started keep their own way of stopping."""
     _signal_kernels(signal.SIGTERM, group=False)
@@ -279,13 +279,12 @@ def base_row(run_id: str, tier: int, params: dict, where: dict = None) -> dict:
 
 def crashed_row(run_id: str, tier: int, params: dict, where: dict, error: str) -> dict:
     """The row of a run that an engine lost (its thread or worker died) before execute() could record it."""
-    return {**base_row(run_id, tier, params, where), "run_status": "crashed", "verdict": None, "timing_failed": False,
-            "error": error}
+    return {**base_row(run_id, tier, params, where), **_unfinished("crashed", error)}
 
 
 def not_started_row(run_id: str, tier: int, params: dict, why: str) -> dict:
     """The row of a planned run that a stop kept from starting: listed, so a stopped batch never reads as complete."""
-    return {**base_row(run_id, tier, params), "run_status": NOT_STARTED, "verdict": None, "timing_failed": False, "error": why}
+    return {**base_row(run_id, tier, params), **_unfinished(NOT_STARTED, why)}
 
 
 def execute(run_id: str, tier: int, params: dict, out_dir: Path, progress: bool = False, timeout: int = None,
@@ -320,7 +319,7 @@ def execute(run_id: str, tier: int, params: dict, out_dir: Path, progress: bool 
             f"; its finished results are kept in {tmp}, which the next run into {out_dir} puts in place"
             if (tmp / "run.json").exists() else f"; its finished results are in {tmp} without their run.json, so the "
             f"next run into {out_dir} removes that folder: copy what you need first")
-        row.update(run_status="crashed", verdict=None, timing_failed=False, error=f"file system: {e}{kept}",
+        row.update(_unfinished("crashed", f"file system: {e}{kept}"),
                    duration_s=round(time.perf_counter() - t0, 2), ended_at=round(time.time(), 3))
         if tmp is not None and not finished:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -349,4 +348,9 @@ def _failed(e: BaseException, timeout: int, checkpoints: Path) -> dict:
         status, error = "timeout", f"no cell may run longer than --timeout {timeout} s"
     else:
         status, error = "crashed", f"{getattr(e, 'ename', type(e).__name__)}: {getattr(e, 'evalue', None) or e}".strip()[:500]
+    return _unfinished(status, error)
+
+
+def _unfinished(status: str, error: str) -> dict:
+    """A row's fields for a run that has no verdict: how it ended and why."""
     return {"run_status": status, "verdict": None, "timing_failed": False, "error": error}
