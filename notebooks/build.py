@@ -97,14 +97,13 @@ def section(title: str, text: str, check: str):
             new_code_cell(f'{MACHINE_SECTIONS.get(check, "")}present(result, "{check}", charts)')]
 
 
-def notebook(tier: int, title: str, intro: str, sections, verdicts: str):
-    """A tier's notebook: its sections' prose (title, text, check) in the order the registry (utils.tiers) gives."""
-    if tuple(check for _, _, check in sections) != TIERS[tier].sections:
-        raise ValueError(f"tier {tier}'s sections must be {TIERS[tier].sections}, in that order")
+def notebook(tier: int, title: str, intro: str, prose: dict, verdicts: str):
+    """A tier's notebook: a section per check, in the order the registry (utils.tiers) gives, each with its prose
+    (check -> (title, text))."""
     cells = [new_markdown_cell(f"# {title}\n{badge(TIERS[tier].notebook)}\n\n{intro}"), new_code_cell(SETUP), parameters_cell(tier),
              *run_cells(tier)]
-    for args in sections:
-        cells += section(*args)
+    for check in TIERS[tier].sections:
+        cells += section(*prose[check], check)
     return cells + [new_markdown_cell(f"## Verdicts\n{verdicts}"), new_code_cell("summarize(result)")]
 
 
@@ -115,56 +114,52 @@ batch size at fault and what to try. Bring your own model with the `model` param
 (`gpt-tiny`, `encoder-small`, ...), `hf:NAME_OR_PATH` (Hugging Face), `package.module:factory` or
 `path/to/file.py:factory`. A model the suite cannot handle (an encoder-decoder, a vision model, logits for fewer
 positions than given) is refused in one line that says what is supported. Every table behind a section is
-`result.checks[name].data`, and `results.json` holds them all.""", [
-        ("Shapes over edge cases", """\
+`result.checks[name].data`, and `results.json` holds them all.""", {
+        "shapes": ("Shapes over edge cases", """\
 Batch 1, sequence length 1, the model's maximum length, a padding mask and a batch of mixed content (all zeros,
 the largest token id, random). The expected shape comes from the model itself: `(batch, seq, vocab)` for a causal
-LM, `(batch, classes)` for a classifier. A failure usually means a hard-coded size in a reshape or position table.""",
-         "shapes"),
-        ("Causality", """\
+LM, `(batch, classes)` for a classifier. A failure usually means a hard-coded size in a reshape or position table."""),
+        "causality": ("Causality", """\
 For a causal LM, the logits at a position may depend only on the tokens up to it: the second half of the input is
 changed and the first half's logits must not move. A model that sees the future fails (a missing causal mask); a
-classifier or masked LM sees the whole sequence by design, so the check does not apply.""", "causality"),
-        ("Gradient flow", """\
+classifier or masked LM sees the whole sequence by design, so the check does not apply."""),
+        "gradient_flow": ("Gradient flow", """\
 One forward and backward on real data. Each bar is a parameter's gradient norm on a log scale; red bars are
-flagged: **unused** (no gradient: not in the forward, or cut by `.detach()`), **NaN**, **vanishing** or **exploding**.""",
-         "gradient_flow"),
-        ("Numerical stability", """\
+flagged: **unused** (no gradient: not in the forward, or cut by `.detach()`), **NaN**, **vanishing** or **exploding**."""),
+        "numerics": ("Numerical stability", """\
 Outputs over random, repeated-token and extreme-id inputs: any NaN or Inf fails; very large logits warn (they
-saturate softmax and overflow fp16).""", "numerics"),
-        ("Initialization", """\
+saturate softmax and overflow fp16)."""),
+        "initialization": ("Initialization", """\
 Standard deviation of every parameter as initialized (log scale). All-zero weight matrices fail (their units never
-differentiate); tiny or huge spreads warn. Biases and norm gains are constant by design and not flagged.""",
-         "initialization"),
-        ("Memory footprint vs batch size", """\
+differentiate); tiny or huge spreads warn. Biases and norm gains are constant by design and not flagged."""),
+        "memory": ("Memory footprint vs batch size", """\
 One training step per batch size: the CUDA allocator's peak on a GPU, or on a CPU the bytes of activations
 autograd saves for backward. The check stops cleanly at the first out-of-memory and reports the largest batch that fit.
-A straight line means memory is dominated by activations: AMP and activation checkpointing shrink it.""", "memory"),
-        ("Inference latency", """\
+A straight line means memory is dominated by activations: AMP and activation checkpointing shrink it."""),
+        "latency": ("Inference latency", """\
 Forward passes after warm-up, with the device synchronized around each. The histogram marks p50, p95 and p99; a
 long tail points at data-dependent work or a busy machine. This is a **timing** verdict: it can change on a busy
-machine, so it does not decide the tier's status and nbval does not compare it.""", "latency"),
-    ], "The worst non-timing status decides the tier. `results.json` in the output directory holds everything for the batch runner.")
+machine, so it does not decide the tier's status and nbval does not compare it."""),
+    }, "The worst non-timing status decides the tier. `results.json` in the output directory holds everything for the batch runner.")
 
 
 def tier2():
     return notebook(2, "Tier 2: how does the model behave?", """\
 Attention patterns per head, robustness to perturbations, and **AMP readiness**: the forward pass in fp32 and under
-autocast side by side, layer by layer, to find where mixed precision first drifts or overflows before you train with it.""", [
-        ("Attention patterns", """\
+autocast side by side, layer by layer, to find where mixed precision first drifts or overflows before you train with it.""", {
+        "attention": ("Attention patterns", """\
 Each map is one head's attention (mean over the batch): rows are queries, columns keys; a causal model shows a
 lower triangle. Below, each head's entropy normalized to its allowed keys (1 = uniform, 0 = one key) and its mean
-peak weight. A **collapsed** head puts over 90% of its weight on one key.""", "attention"),
-        ("Robustness", """\
+peak weight. A **collapsed** head puts over 90% of its weight on one key."""),
+        "robustness": ("Robustness", """\
 Predictions on the same inputs under Gaussian noise added to the embeddings (strength = noise std relative to the
 embedding's) and under random token substitution (strength = fraction replaced). Left: agreement with the clean
-predictions; right: KL divergence. Steep early drops mean a fragile model.""", "robustness"),
-        ("AMP readiness", """\
+predictions; right: KL divergence. Steep early drops mean a fragile model."""),
+        "amp_readiness": ("AMP readiness", """\
 Every layer's output under fp16 and bf16 autocast, relative to fp32, in forward order (log scale); the dashed line is
 the drift tolerance. Layer names in red carry activations beyond fp16's maximum (65504): there fp16 overflows to Inf
-and a GradScaler will skip every step. bf16 has fp32's range but fewer digits, so it drifts, but it does not overflow.""",
-         "amp_readiness"),
-    ], "The worst status decides the tier; `results.json` holds the verdicts and tables.")
+and a GradScaler will skip every step. bf16 has fp32's range but fewer digits, so it drifts, but it does not overflow."""),
+    }, "The worst status decides the tier; `results.json` holds the verdicts and tables.")
 
 
 def tier3():
@@ -180,34 +175,34 @@ A long run survives a stop: interrupt the kernel (or a scheduler's SIGTERM) duri
 checkpoints, ends with an `interrupted` verdict and keeps what it did; run again with `resume = True` to continue
 bit for bit (`checkpoint_every` also checkpoints on the way). A run whose loss goes NaN, or whose fp16 steps are
 skipped `max_skipped_in_a_row` times in a row (an overflow storm), stops itself with a diagnosis: the step, the
-loss scale's fall and the layer with the largest activation.""", [
-        ("Is the fp32 baseline sound?", """\
+loss scale's fall and the layer with the largest activation.""", {
+        "fp32_baseline": ("Is the fp32 baseline sound?", """\
 AMP is judged against fp32, so fp32 must train first: a baseline whose loss goes NaN or rises (a learning rate too
-high, a broken model) fails here, and then AMP is not blamed for it (amp_safe says it was not judged).""",
-         "fp32_baseline"),
-        ("Is AMP safe? Loss curves and loss scale", """\
+high, a broken model) fails here, and then AMP is not blamed for it (amp_safe says it was not judged)."""),
+        "amp_safe": ("Is AMP safe? Loss curves and loss scale", """\
 Training loss per optimizer update for both precisions, update for update: a step the GradScaler skips is not an
 update, so the fp16 run makes it up on the same batch and its k-th update sits beside fp32's k-th. Below, the gap
 between their 10-update rolling medians (a one-update spike that recovers does not count, a lasting drift does)
 against the tolerance; crosses mark updates made after skipped steps. The second chart is the loss scale per step:
 with fp16 the GradScaler halves it whenever gradients overflow and skips that step. Its calibration (the descent from
 its first guess, 65536, and isolated back-offs after which steps stand again) is normal and not held against AMP;
-skips that keep coming, a scale below 1 and storms are. bf16 and fp32 need no scaler, so it stays at 1.""", "amp_safe"),
-        ("Is AMP worth it? Speed and memory", """\
+skips that keep coming, a scale below 1 and storms are. bf16 and fp32 need no scaler, so it stays at 1."""),
+        "amp_worth_it": ("Is AMP worth it? Speed and memory", """\
 Tokens per second, the median of the interleaved trials with bars from the slowest to the fastest; activations saved
 for backward per precision beside parameters and AdamW state (which autocast leaves in fp32), and on a GPU the
 allocator's peak; with `sweep_batch_sizes`, the speedup per batch size (small batches leave matmuls too small to
 profit). MFU, the matmul peak ratio and Amdahl's bound are in the figures above. This is a **timing** verdict: it
 does not decide the tier's status and nbval does not compare it. Where the AMP precision is only emulated, nothing
-is timed (see above).""", "amp_worth_it"),
-        ("Diagnosis: why AMP failed, and which remedy works", """Only when amp_safe fails (on a healthy run it says there is nothing to diagnose). The failing AMP run is run again
+is timed (see above)."""),
+        "diagnosis": ("Diagnosis: why AMP failed, and which remedy works", """\
+Only when amp_safe fails (on a healthy run it says there is nothing to diagnose). The failing AMP run is run again
 with probes on every layer and parameter (never in the speed trials): the cause is the first layer whose output leaves
 the precision's range (fp16: beyond 65504) with its step, else the first parameters whose gradients overflow before
 unscaling (and the step the loss scale collapsed), else the layers that drift most from fp32. Then remedies, each a
 parity run of its own, until one passes or `remedy_runs` are spent: the blamed layer in fp32 (`fp32_modules` asks for
 it by name), bf16 instead of fp16, a gentler loss scale. The chart: each run's largest loss gap against the
-tolerance, and its skipped steps; green passes.""", "diagnosis"),
-    ], "**fp32_baseline**: fp32 itself trains (its loss is finite, moves and does not diverge). **amp_safe**: loss parity update for update within the tolerance, finite "
+tolerance, and its skipped steps; green passes."""),
+    }, "**fp32_baseline**: fp32 itself trains (its loss is finite, moves and does not diverge). **amp_safe**: loss parity update for update within the tolerance, finite "
        "losses, no skipping beyond the GradScaler's calibration, no collapsed scale and no overflow storm. **amp_worth_it**: the speedup interval lies above 1 (a timing verdict). "
        "**diagnosis**: the cause of an amp_safe failure and the remedy that passes parity (warn), or none (fail). "
        "**interrupted** (instead of the four): the run was stopped and can be resumed.")

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from tests.packages import optional
-from utils import precision
+from utils import device
 from utils.loop.trainer import amp_summary
 from utils.precision import resolve as resolve_precision
 from utils.training.amp_utils import AmpWandbCallback
@@ -15,15 +15,15 @@ pytestmark = pytest.mark.versions  # what differs between versions: run in every
 def gpu(monkeypatch):
     """Pretend a CUDA device of a given compute capability is present (only the resolver asks)."""
     def install(major, minor, name):
-        monkeypatch.setattr(precision, "device_capability", lambda device: (major, minor))
-        monkeypatch.setattr(precision, "device_name", lambda device: name)
+        monkeypatch.setattr(device, "device_capability", lambda device: (major, minor))
+        monkeypatch.setattr(device, "device_name", lambda device: name)
     return install
 
 
 @pytest.fixture
 def cpu_bf16(monkeypatch):
     def install(native):
-        monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
+        monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: native)
     return install
 
 

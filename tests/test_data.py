@@ -5,14 +5,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from utils.data import BYTE_VOCAB_SIZE, decode, encode, load_classification_set, load_corpus
+from utils.data import BYTE_VOCAB_SIZE, encode, load_classification_set, load_corpus
 
 
 def test_builtin_corpus_is_deterministic_and_split():
     a, b = load_corpus(), load_corpus()
     assert a.fingerprint == b.fingerprint and torch.equal(a.train, b.train)
     assert len(a.train) > 200_000 and 0.08 < len(a.val) / (len(a.train) + len(a.val)) < 0.12
-    assert "def " in decode(a.train[:5000])
+    assert b"def " in bytes(a.train[:5000].tolist())  # the tokens are the source text's bytes
 
 
 def test_batches_are_next_token_pairs_and_seeded():
@@ -28,8 +28,8 @@ def test_batches_are_next_token_pairs_and_seeded():
 
 def test_round_trip_utf8():
     text = "naïve café → ok"
-    assert decode(encode(text)) == text
-    assert int(encode(text).max()) < BYTE_VOCAB_SIZE
+    assert bytes(encode(text).tolist()) == text.encode("utf-8")  # one token per UTF-8 byte, so within BYTE_VOCAB_SIZE
+    assert encode(text).dtype == torch.uint8 and int(encode(text).max()) < BYTE_VOCAB_SIZE
 
 
 def test_user_text_file(tmp_path):

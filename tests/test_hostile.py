@@ -21,7 +21,7 @@ import torch
 from tests.packages import optional
 from tests import processes
 from tests.user_models import NarrowLogits, NoisyLM
-from utils import models as model_loading, precision
+from utils import device, models as model_loading
 from utils import run as runner
 from utils.runner import execute as execution
 from utils.loop import stops
@@ -137,12 +137,12 @@ def test_a_partial_of_a_users_class_is_not_taken_for_the_standard_library(tmp_pa
 
 
 def test_a_cuda_device_past_the_machines_count_names_what_it_has(monkeypatch):
-    monkeypatch.setattr(precision, "cuda_device_count", lambda: 1)
+    monkeypatch.setattr(device, "cuda_device_count", lambda: 1)
     with pytest.raises(ValueError) as e:
-        precision.check_device("cuda:3")
+        device.check_device("cuda:3")
     assert str(e.value) == "'cuda:3' asks for CUDA device 3, but this machine has 1 (cuda:0)"
-    precision.check_device("cuda:0")
-    precision.check_device("cuda")
+    device.check_device("cuda:0")
+    device.check_device("cuda")
 
 
 def test_a_factory_that_builds_on_the_meta_device_is_refused_by_name():
@@ -411,23 +411,24 @@ def test_the_runners_stop_comes_once_however_often_it_is_sent_together(signum, c
     with execution.stops_passed_to_notebooks():
         os.kill(os.getpid(), signum)
         os.kill(os.getpid(), signal.SIGTERM)
-        assert execution._STOP == [signum.name]
+        assert execution.stop_reason() == signum.name
         monkeypatch.setattr(stops, "STOP_WINDOW_S", -1.0)
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
-    assert capfd.readouterr().err == f"{signum.name}: {execution.STOP_LINE}\n" and not execution._STOP
+    assert capfd.readouterr().err == f"{signum.name}: {execution.STOP_LINE}\n" and not execution.stop_reason()
 
 
 HUNG_UP = """
-import signal, sys
+import sys, time
 from utils.runner import execute
 with execute.stops_passed_to_notebooks():
     print("ready", flush=True)
-    signal.pause()  # until the terminal hangs up
+    while not execute.stop_reason():  # until the terminal hangs up (signal.pause() would miss a hang-up before it)
+        time.sleep(0.01)
     for _ in range(100):  # a batch goes on logging its runs' ends to the closed terminal
         print("a run ended", flush=True)
     with open(sys.argv[1], "w") as f:
-        f.write(",".join(execute._STOP))
+        f.write(execute.stop_reason())
 """
 
 

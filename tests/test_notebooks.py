@@ -16,7 +16,7 @@ import pytest
 import torch
 from traitlets import CaselessStrEnum
 
-from utils.params import TIER_PARAMS, check_params, defaults
+from utils.params import TIER_PARAMS, check_params
 from utils.runner import execute as execution
 from utils.runner.execute import run_notebook
 from utils.results import read_json
@@ -30,7 +30,7 @@ SMALL = {
     "tier1_validation.ipynb": {"seq_len": 16, "batch_sizes": [1, 2], "latency_iters": 5},
     "tier2_analysis.ipynb": {"batch_size": 2, "seq_len": 16, "strengths": [0.05, 0.2]},
     "tier3_training.ipynb": {"model": "gpt-tiny", "steps": 6, "batch_size": 4, "seq_len": 32, "trials": 1,
-                             "warmup_steps": 1, "timed_steps": 2, "sweep_batch_sizes": [2]},
+                             "timing_warmup_steps": 1, "timed_steps": 2, "sweep_batch_sizes": [2]},
 }
 EXPECTED = {1: dict.fromkeys(["shapes", "causality", "gradient_flow", "numerics", "initialization", "memory"], "pass"),
             2: dict.fromkeys(["attention", "robustness", "amp_readiness"], "pass"),
@@ -75,7 +75,7 @@ def test_committed_notebook_matches_its_builder_and_carries_outputs(tier, name):
 def test_parameters_cell_is_the_tiers_spec(tier, name):
     """papermill skips parameter lines it cannot parse: every knob of the spec must be seen, with the spec's default."""
     found = papermill.inspect_notebook(str(NOTEBOOKS / name))
-    assert {k: ast.literal_eval(v["default"]) for k, v in found.items()} == defaults(tier)
+    assert {k: ast.literal_eval(v["default"]) for k, v in found.items()} == {p.name: p.default for p in TIER_PARAMS[tier]}
     assert list(found) == [p.name for p in TIER_PARAMS[tier]]
 
 

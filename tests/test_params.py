@@ -1,14 +1,15 @@
 """The parameter spec is the one source of truth: every value is checked by name and type, and the README,
 the notebooks (see test_notebooks), `python -m utils.run --help` and the benchmark's options come from it."""
 
+import argparse
 import re
 from pathlib import Path
 
 import pytest
+import torch
 
-from utils import precision
-from utils import prepare as prepare_module
-from utils.params import TIER_PARAMS, ParamError, check_params, coerce, defaults, markdown_table
+from utils import device
+from utils.params import TIER_PARAMS, ParamError, add_arguments, check_params, coerce, markdown_table, spec
 from utils.run import main as run_main
 from utils.tiers import run_tier
 from utils.training.amp_benchmark import main as benchmark_main
@@ -61,9 +62,21 @@ def test_bad_values_are_refused_by_name_with_the_expected_type(tier, name, value
 
 
 def test_good_values_fill_in_the_defaults():
-    assert check_params(3, {"lr": 1, "steps": 5}) == {**defaults(3), "lr": 1.0, "steps": 5}
+    defaults = {tier: {name: p.default for name, p in spec(tier).items()} for tier in (2, 3)}
+    assert check_params(3, {"lr": 1, "steps": 5}) == {**defaults[3], "lr": 1.0, "steps": 5}
     assert isinstance(check_params(3, {"lr": 1})["lr"], float)  # an integer is a number too
-    assert check_params(2, {}) == defaults(2) and defaults(2)["amp_tolerance"] == 0.05
+    assert check_params(2, {}) == defaults[2] and defaults[2]["amp_tolerance"] == 0.05
+
+
+@pytest.mark.parametrize("given", [{}, {"warmup_steps": 5}, {"timing_warmup_steps": 5}])
+def test_tier3s_timing_warm_up_is_delivered_under_its_name_whichever_name_was_given(given):
+    checked = check_params(3, given)
+    assert "warmup_steps" not in checked and checked["timing_warmup_steps"] == (5 if given else 3)
+    with pytest.raises(ParamError, match="'timing_warmup_steps' is given twice, also by its former name 'warmup_steps'"):
+        check_params(3, {"warmup_steps": 1, "timing_warmup_steps": 1})
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, TIER_PARAMS[3])  # the benchmark's command line: --warmup-steps still sets it
+    assert parser.parse_args(["--warmup-steps", "2"]).timing_warmup_steps == 2
 
 
 def test_command_line_values_are_literals_or_text():
@@ -94,16 +107,16 @@ TINY = {1: {"seq_len": 16, "latency_iters": 3, "batch_sizes": [1]},
 def test_device_cpu_means_cpu_in_every_check_even_where_cuda_is_available(tier, monkeypatch):
     """Pretend this machine has CUDA, at the project's device seam: any check that resolved its own device
     would pick it and fail (this torch has no CUDA). With device='cpu' resolved once, every check runs on the CPU."""
-    monkeypatch.setattr(precision, "cuda_available", lambda: True)
-    resolved = []
-    real = prepare_module.resolve_device
-    monkeypatch.setattr(prepare_module, "resolve_device", lambda d: resolved.append(d) or real(d))
+    monkeypatch.setattr(device, "cuda_available", lambda: True)
+    resolved, real = [], device.resolve_device
+    monkeypatch.setattr(device, "resolve_device", lambda d=None: resolved.append((d, real(d))) or resolved[-1][1])
     result = run_tier(tier, {**TINY[tier], "device": "cpu"})
-    assert resolved == ["cpu"] and result.record["device"] == "cpu"
+    assert resolved[0] == ("cpu", torch.device("cpu")) and result.record["device"] == "cpu"
+    assert {str(d) for _, d in resolved} == {"cpu"}, resolved  # every device resolved in the run is the one given
     assert not [v for v in result.verdicts if v.reason.startswith("the check crashed")], result.verdict_table().to_string()
     # The control: 'auto' now means the (pretended) GPU, so a check that resolved its own device would leave the CPU.
     # (Running 'auto' here would fail on a CPU and pass on a real GPU: the seam is what is tested, not the machine.)
-    assert precision.resolve_device("auto").type == "cuda" and precision.resolve_device(None).type == "cuda"
+    assert device.resolve_device("auto").type == "cuda" and device.resolve_device(None).type == "cuda"
 
 
 @pytest.mark.gpu

@@ -9,15 +9,16 @@ import pytest
 
 from tests.test_checkpoints import SignalAt, same_run
 from tests.user_models import CalibratesFp16, TinyGPTWrapper
-from utils import precision
+from utils import device
 from utils.diagnosis import candidates
 from utils.loop.stops import OVERFLOW_STORM
 from utils.parity import STAND, back_offs, calibration_text, compare, figures, problems
-from utils.precision import BF16, FP16, FP32, bf16_native, emulated_here, resolve
+from utils.device import bf16_native
+from utils.precision import BF16, FP16, FP32, emulated_here, resolve
 from utils.tier3_training_utilities import HOST_BOUND, _worth_verdict, test_fine_tuning
 from utils.tiers import run_tier
 
-CPU = precision.resolve_device("cpu")
+CPU = device.resolve_device("cpu")
 TIER3 = dict(batch_size=4, seq_len=32, trials=1, warmup_steps=1, timed_steps=1, device="cpu", remedy_runs=0)
 LIMITS = {"steps": 30, "max_skipped_fraction": 0.05, "tolerance": 0.05}
 
@@ -167,7 +168,7 @@ def test_a_cpu_without_native_bf16_is_not_offered_bf16(no_native_bf16):
 @pytest.mark.seam
 def test_a_cpu_with_native_bf16_is_offered_bf16(monkeypatch):
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
-    monkeypatch.setattr(precision, "cpuinfo", lambda: "flags : fpu avx512f avx512_bf16")
+    monkeypatch.setattr(device, "cpuinfo", lambda: "flags : fpu avx512f avx512_bf16")
     assert "bf16 instead of fp16" in [what for what, _ in candidates({"layers": []}, resolve(FP16, CPU), CPU)]
     assert emulated_here(resolve(BF16, CPU), CPU) is None
 
@@ -214,11 +215,11 @@ def test_tier3_measures_the_gpus_busy_share_through_the_seam(monkeypatch):
             return seconds
         return kernel_seconds
     params = {**TIER3, "steps": 2, "trials": 3, "precision": BF16, "emulated_amp": "full"}
-    monkeypatch.setattr(precision, "kernel_seconds", gpu_that_computes(1e-7))  # far under a step: the GPU waits
+    monkeypatch.setattr(device, "kernel_seconds", gpu_that_computes(1e-7))  # far under a step: the GPU waits
     worth = run_tier(3, params, model=TinyGPTWrapper()).checks["amp_worth_it"]
     assert set(worth.extra["gpu_busy"]) == {FP32, BF16} and all(0 < b < HOST_BOUND for b in worth.extra["gpu_busy"].values())
     assert "host-bound: the GPU computes" in worth.verdict.reason
-    monkeypatch.setattr(precision, "kernel_seconds", gpu_that_computes(1e3))  # far over a step: the GPU is busy throughout
+    monkeypatch.setattr(device, "kernel_seconds", gpu_that_computes(1e3))  # far over a step: the GPU is busy throughout
     worth = run_tier(3, params, model=TinyGPTWrapper()).checks["amp_worth_it"]
     assert worth.extra["gpu_busy"] == {FP32: 1.0, BF16: 1.0} and "host-bound" not in worth.verdict.reason
     assert "the GPU computes 100% of a bf16-mixed step and 100% of an fp32 step" in worth.verdict.reason

@@ -89,3 +89,23 @@ def test_fail_on_verdict_exit_code(tmp_path):
     assert summary.loc[0, "run_status"] == "ok" and summary.loc[0, "verdict"] == "fail"
     assert summary.loc[0, "verdict.initialization"] == "fail"
     assert main([*args, "--fail-on-verdict", "--resume"]) == 1
+
+
+# Run ids of tier 3 as they were before its timing warm-up was renamed (warmup_steps -> timing_warmup_steps): a finished
+# run's folder and --resume must find it under either spelling.
+TIER3_IDS = {"default": "tier3_838bb6bf20", "warmup 5": "tier3_df0039d6de",
+             "grid": ["tier3_warmup_steps-1_29b3f63283", "tier3_warmup_steps-2_08a01ba339"]}
+
+
+@pytest.mark.parametrize("name", ["warmup_steps", "timing_warmup_steps"])
+def test_a_renamed_parameter_keeps_the_run_ids_of_finished_runs(name):
+    assert [r[0] for r in plan_runs([3], {}, {})] == [TIER3_IDS["default"]]
+    assert [r[0] for r in plan_runs([3], {name: 3}, {})] == [TIER3_IDS["default"]]
+    assert plan_runs([3], parse_assignments([f"{name}=5"]), {}) == [(TIER3_IDS["warmup 5"], 3, {"timing_warmup_steps": 5})]
+    assert [r[0] for r in plan_runs([3], {}, {name: [1, 2]})] == TIER3_IDS["grid"]
+    with pytest.raises(UsageError, match="given twice, also by its former name"):
+        plan_runs([3], {"warmup_steps": 1, "timing_warmup_steps": 1}, {})
+    with pytest.raises(UsageError, match="'timing_warmup_steps' is given both by -p"):
+        plan_runs([3], {"warmup_steps": 1}, {"timing_warmup_steps": [1]})
+    with pytest.raises(UsageError, match="unknown parameter 'warmup_steps' for tier"):  # tier 1 never had it
+        plan_runs([1], {"warmup_steps": 1}, {})

@@ -30,7 +30,7 @@ def no_device_queries(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("compute_effective_precision queried the device")
     for name in ("cuda_available", "device_capability", "device_name", "cpu_has_native_bf16"):  # the device seam
-        monkeypatch.setattr(f"utils.precision.{name}", forbidden)
+        monkeypatch.setattr(f"utils.device.{name}", forbidden)
 
 
 @pytest.mark.parametrize("requested, use_amp, cuda_available, use_gpu",

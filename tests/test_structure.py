@@ -50,7 +50,7 @@ def _docstrings(tree) -> set:
 def precision_literals(path: Path) -> list:
     """(line, string) of each string constant in `path` that is a precision's name (prose in messages and docstrings
     may mention one; 'auto' is also a device and a task word)."""
-    spellings = {name for name in precision._ALIASES if name != precision.AUTO} | precision._FP16_SPELLINGS
+    spellings = {a for p in precision._REGISTRY.values() for a in (p.name, *p.aliases)} | precision._FP16_SPELLINGS
     tree = ast.parse(path.read_text())
     skip = _docstrings(tree)
     return [(n.lineno, n.value) for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
@@ -111,3 +111,16 @@ def test_a_deprecation_warned_from_the_projects_code_fails_the_tests():
         with pytest.raises(category):
             exec(compile(f"import warnings; warnings.warn('removed next release', {category.__name__})", "utils/x.py", "exec"),
                  {"__name__": "utils.planted"})
+
+
+def _names(path: Path) -> set:
+    """Every name a module uses, imports or reads as an attribute."""
+    nodes = list(ast.walk(ast.parse(path.read_text())))
+    return ({n.id for n in nodes if isinstance(n, ast.Name)} | {n.attr for n in nodes if isinstance(n, ast.Attribute)}
+            | {a.name for n in nodes if isinstance(n, ast.ImportFrom) for a in n.names})
+
+
+def test_the_runners_stop_state_is_read_and_changed_only_through_its_functions():
+    """execute.ask_stop, stop_reason and clear_stop own the runner's stop: no other module touches its list."""
+    touching = [str(path.relative_to(ROOT)) for path in SOURCES if "_STOP" in _names(path)]
+    assert touching == ["utils/runner/execute.py"], touching

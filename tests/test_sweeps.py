@@ -441,7 +441,8 @@ def test_a_killed_ray_worker_crashes_its_run_only_and_resume_completes(tmp_path,
 
 @pytest.mark.slow
 def test_a_node_that_cannot_see_out_refuses_with_the_reason(tmp_path, ray_cluster):
-    from utils.runner.ray_cluster import MARKER, RayExecutor
+    from utils.runner.lock import RAY_MARKER as MARKER
+    from utils.runner.ray_cluster import RayExecutor
     engine = RayExecutor(tmp_path)
     (tmp_path / MARKER).write_text("not this driver's token")  # as a node-local folder of the same path would hold
     engine.submit(Job(0, "r0", 1, {"device": "cpu"}, tmp_path))

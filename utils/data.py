@@ -1,15 +1,12 @@
 """Corpora, byte-level tokenization and batches. Nothing is downloaded.
 
-The built-in corpus is the source text of a fixed list of Python standard-library modules, which
-every Python ships. Its text differs slightly between Python versions, so `TextCorpus.fingerprint`
-(a SHA-256 of the bytes) is recorded with results: two runs are comparable when fingerprints match.
-
-Tokens are bytes (vocabulary 256), so any text file works and nothing needs training. They are
-stored one byte each (uint8) and widened to int64 per batch, so a corpus takes about its file's size
-in memory; a user's file is read in chunks and checked to be UTF-8 on the way (the error names the
-file and the byte offset).
-The train/validation split is deterministic: the first 90% of each document trains, the rest
-validates. Batches are drawn with an explicit torch.Generator, so a seed fixes the data order.
+The built-in corpus is the source of a fixed list of Python standard-library modules, which every Python ships. Its
+text differs slightly between Python versions, so `TextCorpus.fingerprint` (a SHA-256 of the bytes) is recorded with
+results: two runs are comparable when fingerprints match.
+Tokens are bytes (vocabulary 256), so any text file works and nothing needs training. They are stored one byte each
+(uint8) and widened to int64 per batch, so a corpus takes about its file's size in memory. The train/validation split
+is deterministic (the first 90% of each document trains); batches are drawn with an explicit torch.Generator, so a
+seed fixes the data order.
 """
 
 import codecs
@@ -32,8 +29,6 @@ STDLIB_MODULES = (
 # with N classes gets the first N; the first four are the default set.
 CLASSIFICATION_MODULES = ("argparse", "calendar", "fractions", "textwrap", "difflib", "csv", "statistics", "shlex")
 BYTE_MASK_ID = 255  # masked-LM mask for byte tokens: 0xFF never occurs in UTF-8 text
-
-
 CHUNK_BYTES = 1 << 20
 
 
@@ -42,10 +37,6 @@ def encode(text: str, tokenizer=None) -> torch.Tensor:
     if tokenizer is None:
         return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8)
     return torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.int32)
-
-
-def decode(tokens) -> str:
-    return bytes(int(t) for t in tokens).decode("utf-8", errors="replace")
 
 
 def _stdlib_text(module: str) -> str:
@@ -63,9 +54,7 @@ class TextCorpus:
     fingerprint: str
     vocab_size: int = BYTE_VOCAB_SIZE  # the tokenizer's, when the text was tokenized with one
 
-    @property
-    def train_tokens(self) -> int:
-        return len(self.train)
+    train_tokens = property(lambda self: len(self.train))
 
     @property
     def top_id(self) -> int:
@@ -78,12 +67,10 @@ class TextCorpus:
             if len(split) < seq_len + 2:
                 raise ValueError(f"{name} split of corpus {self.source!r} has {len(split)} tokens; "
                                  f"expected at least seq_len + 2 = {seq_len + 2}. Use a longer text or a shorter seq_len")
-        if model_vocab_size is not None:
-            top = self.top_id
-            if top >= model_vocab_size:
-                raise ValueError(f"corpus {self.source!r} has token id {top} but the model's vocabulary is "
-                                 f"{model_vocab_size}; expected a model with vocab_size >= {self.vocab_size} "
-                                 "(or a tokenizer= whose ids fit the model)")
+        if model_vocab_size is not None and (top := self.top_id) >= model_vocab_size:
+            raise ValueError(f"corpus {self.source!r} has token id {top} but the model's vocabulary is "
+                             f"{model_vocab_size}; expected a model with vocab_size >= {self.vocab_size} "
+                             "(or a tokenizer= whose ids fit the model)")
 
     def get_batch(self, split: str, batch_size: int, seq_len: int, generator: torch.Generator):
         """Random next-token windows: x = tokens[i:i+T], y = tokens[i+1:i+T+1]."""
@@ -175,21 +162,10 @@ class MaskedLMData:
     mask_id: int
     mask_prob: float = 0.15
 
-    @property
-    def source(self) -> str:
-        return f"{self.corpus.source} (masked, mask id {self.mask_id})"
-
-    @property
-    def fingerprint(self) -> str:
-        return self.corpus.fingerprint
-
-    @property
-    def train_tokens(self) -> int:
-        return self.corpus.train_tokens
-
-    @property
-    def top_id(self) -> int:
-        return self.corpus.top_id
+    fingerprint = property(lambda self: self.corpus.fingerprint)
+    train_tokens = property(lambda self: self.corpus.train_tokens)
+    top_id = property(lambda self: self.corpus.top_id)
+    source = property(lambda self: f"{self.corpus.source} (masked, mask id {self.mask_id})")
 
     def _mask(self, x: torch.Tensor, generator: torch.Generator):
         masked = torch.rand(x.shape, generator=generator) < self.mask_prob
@@ -219,13 +195,8 @@ class ClassificationSet:
     class_names: tuple
     vocab_size: int = BYTE_VOCAB_SIZE
 
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
-    def train_tokens(self) -> int:
-        return sum(len(train) for train, _ in self.documents)
+    num_classes = property(lambda self: len(self.class_names))
+    train_tokens = property(lambda self: sum(len(train) for train, _ in self.documents))
 
     def get_batch(self, split: str, batch_size: int, seq_len: int, generator: torch.Generator):
         labels = torch.randint(self.num_classes, (batch_size,), generator=generator)
@@ -263,9 +234,6 @@ def load_classification_set(num_classes: int = 4, val_fraction: float = 0.2, tok
     if not 2 <= num_classes <= len(CLASSIFICATION_MODULES):
         raise ValueError(f"the built-in classification set has 2 to {len(CLASSIFICATION_MODULES)} classes; the model has "
                          f"{num_classes}. Bring labelled data of your own (data=) for this model")
-    modules, documents = CLASSIFICATION_MODULES[:num_classes], []
-    for module in modules:
-        tokens = encode(_stdlib_text(module), tokenizer)
-        cut = int(len(tokens) * (1 - val_fraction))
-        documents.append((tokens[:cut], tokens[cut:]))
-    return ClassificationSet(documents, tuple(modules), BYTE_VOCAB_SIZE if tokenizer is None else len(tokenizer))
+    modules = CLASSIFICATION_MODULES[:num_classes]
+    split = [_split([encode(_stdlib_text(m), tokenizer)], m, val_fraction) for m in modules]  # views: no copy
+    return ClassificationSet([(s.train, s.val) for s in split], modules, BYTE_VOCAB_SIZE if tokenizer is None else len(tokenizer))

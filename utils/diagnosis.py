@@ -2,22 +2,21 @@
 
 The probes run on a re-run of the failing AMP parity run (the same weights, data, seed and schedule, so the same
 steps), never in the speed trials. Forward hooks find the first layer whose output leaves the precision's range
-(fp16: beyond 65504; any: non-finite) and the step; gradient hooks find the first parameters whose gradients are
+(non-finite: a 16-bit output past its largest value, fp16's 65504, is inf) and the step; gradient hooks find the first parameters whose gradients are
 non-finite before unscaling; the run's own loss-scale history says when the scale collapsed. With neither, the
 layers whose outputs drift most from fp32 on one batch are to blame. Then remedies, each a parity run of its own
 judged by the tier's rule, in order, within a budget of runs: the blamed layers in fp32, bf16 instead of fp16,
 a gentler GradScaler. The first that passes is the answer; none passing is an answer too.
 """
 
-import copy
 import math
 from dataclasses import replace
 
 import torch
 import torch.nn as nn
 
-from utils.measure import first_floating, layer_errors, layer_outputs
-from utils.precision import BF16, FP16, FP16_MAX, PrecisionPlan, convert_for, fp32_plan, label, resolve, bf16_native
+from utils.measure import first_floating, layer_comparison
+from utils.precision import PrecisionPlan, label
 
 GENTLE_SCALER = {"init_scale": 2.0 ** 8, "growth_interval": 500}  # a scale that starts low and grows rarely
 DRIFT_LAYERS = 3  # layers reported when outputs drift without overflowing
@@ -48,8 +47,7 @@ class Probe:
             if self.activation is not None or t is None or not t.numel() or not torch.is_grad_enabled():
                 return
             peak = float(t.detach().abs().max())
-            # Out of range: non-finite, or an fp16 output past 65504 (a kept-fp32 output may be large, and is fine).
-            if not math.isfinite(peak) or (t.dtype == torch.float16 and peak > FP16_MAX):
+            if not math.isfinite(peak):  # out of range: a 16-bit output past its largest value is already inf
                 self.activation = {"layer": name, "max_abs": peak, "step": self.step}  # the innermost: it finishes first
         return hook
 
@@ -77,28 +75,23 @@ class Probe:
 
 def probe_rerun(model: nn.Module, plan: PrecisionPlan, until: int, train) -> tuple:
     """Re-run the failing run with a Probe until its first finding (or step `until`). train(plan, model, callbacks)
-    runs the parity run's loop. Returns (activation, gradients) findings, and the stop of an interrupted re-run."""
-    model = convert_for(plan, copy.deepcopy(model))
+    runs the parity run's loop (and raises the caller's stop if it is interrupted). Returns the (activation,
+    gradients) findings."""
+    model = plan.prepare(model)
     probe = Probe(model, until)
     try:
-        result = train(plan, model, [probe])
-        stop = result.stop if result.interrupted else None
+        train(plan, model, [probe])
     except _Seen:
-        stop = None
+        pass
     finally:
         probe.remove()
-    return probe.activation, probe.gradients, stop
+    return probe.activation, probe.gradients
 
 
 def drifting_layers(model: nn.Module, x: torch.Tensor, plan: PrecisionPlan) -> list:
     """The layers whose outputs differ most from fp32 under `plan` on batch x: [{layer, rel_error}], worst first."""
-    was_training = model.training
-    model.eval()
-    ref = layer_outputs(model, x, fp32_plan(x.device))
-    amp = layer_outputs(convert_for(plan, copy.deepcopy(model)), x, plan)
-    model.train(was_training)
     column = f"rel_error_{plan.precision}"
-    df = layer_errors(ref, {plan.precision: amp})
+    df = layer_comparison(model, x, [plan])[1]
     df = df[df["layer"] != "<output>"].nlargest(DRIFT_LAYERS, column)
     return [{"layer": layer, "rel_error": float(err)} for layer, err in zip(df["layer"], df[column])]
 
@@ -108,8 +101,7 @@ def cause(plan: PrecisionPlan, activation, gradients, collapse, drift) -> dict:
     precision = label(plan.precision)
     if activation:
         value = "Inf/NaN" if not math.isfinite(activation["max_abs"]) else f"{activation['max_abs']:.3g}"
-        text = (f"{activation['layer']!r} output {value} at step {activation['step']} under {precision}"
-                + (" (a value in it passed fp16's largest, 65504)" if plan.precision == FP16 else ""))
+        text = f"{activation['layer']!r} output {value} at step {activation['step']} under {precision}{plan.out_of_range()}"
         return {"kind": "activation", "text": text, "layers": [activation["layer"]], **activation}
     if gradients:
         first = gradients["parameters"][0]
@@ -134,8 +126,8 @@ def candidates(found: dict, plan: PrecisionPlan, device: torch.device) -> list:
     if found["layers"]:
         out.append((f"{', '.join(found['layers'])} in fp32",
                     replace(plan, fp32_modules=tuple(dict.fromkeys((*kept, *found["layers"]))))))
-    if plan.precision == FP16 and bf16_native(device):
-        out.append(("bf16 instead of fp16", replace(resolve(BF16, device), fp32_modules=kept)))
+    if alternative := plan.alternative(device):
+        out.append(alternative)
     if plan.use_scaler:
         out.append((f"a gentler loss scale (initial {GENTLE_SCALER['init_scale']:g}, doubling after "
                     f"{GENTLE_SCALER['growth_interval']} clean steps)", replace(plan, **GENTLE_SCALER)))
@@ -144,16 +136,15 @@ def candidates(found: dict, plan: PrecisionPlan, device: torch.device) -> list:
 
 def try_remedies(options: list, budget: int, train, judge, fp32_step_s: float) -> tuple:
     """Each remedy's parity run, in order, until one passes or `budget` runs are spent. judge(result) returns the
-    parity figures and their problems (none: it passes). Returns the rows, and the stop of an interrupted run."""
+    parity figures and their problems (none: it passes); train raises the caller's stop if a run is interrupted.
+    Returns the rows."""
     rows = []
     for what, plan in options[:budget]:
         result = train(plan, None, ())
-        if result.interrupted:
-            return rows, result.stop
         rows.append(remedy_row(what, result, *judge(result), fp32_step_s))
         if rows[-1]["passed"]:
             break
-    return rows, None
+    return rows
 
 
 def remedy_row(what: str, result, parity: dict, problems: list, fp32_step_s: float) -> dict:

@@ -3,13 +3,7 @@
     python -m utils.gpu_check                  # on a GPU: writes benchmarks/<gpu name>/gpu_check.json and .png
     python -m utils.gpu_check --device cpu --quick --out /tmp/check   # the same plumbing on a CPU, tiny sizes
 
-It runs the `gpu` tests (pytest -m gpu), then tier 3's benchmark (fp32 against AMP, interleaved trials,
-loss parity) on the built-in gpt-small and on a Hugging Face GPT-2 small built from its config (no
-download; skipped, with the reason, without transformers), for 16-mixed and bf16-mixed, and fp8 where the
-GPU has float8 tensor cores and torchao is installed. Each result keeps its device, precision, speedup
-with interval, tokens/s, MFU and verdicts; a precision the device refuses is recorded with the reason.
-Then, per model in bf16-mixed, what a host read every step costs: the wall time of a training step with
-the records read every step (a loop that logs float(loss) each step) against every 10 steps.
+What it runs, what each result keeps and what must hold: the README's "GPU check".
 """
 
 import argparse
@@ -28,14 +22,15 @@ from matplotlib import pyplot as plt
 from utils.environment import run_record
 from utils.params import LOG_EVERY_ACCELERATOR, ROOT
 from utils.plotting import plot_check_speedups
-from utils.precision import BF16, FP16, GPU_CHECKED, fp32_plan, resolve_device
+from utils import device as dev
+from utils.precision import BF16, FP16, GPU_CHECKED, fp32_plan
 from utils.results import write_json_atomic
 from utils.tier3_training_utilities import HOST_BOUND, test_fine_tuning
 from utils.tiers import run_tier
 
 # emulated_amp='full': the check times every precision, also where the device only emulates it (bf16 on a T4).
-SIZES = {"full": dict(steps=30, batch_size=16, seq_len=256, trials=3, warmup_steps=3, timed_steps=5, emulated_amp="full"),
-         "quick": dict(steps=4, batch_size=2, seq_len=32, trials=1, warmup_steps=1, timed_steps=1, emulated_amp="full")}
+SIZES = {"full": dict(steps=30, batch_size=16, seq_len=256, trials=3, timing_warmup_steps=3, timed_steps=5, emulated_amp="full"),
+         "quick": dict(steps=4, batch_size=2, seq_len=32, trials=1, timing_warmup_steps=1, timed_steps=1, emulated_amp="full")}
 # gpt2-small compiled at a size where the GPU, not the host, decides the step: compiled bf16 against compiled fp32.
 LARGE = {name: {**sizes, "steps": 4 if name == "full" else 2, "seq_len": 1024 if name == "full" else 64, "compile": True}
          for name, sizes in SIZES.items()}
@@ -120,33 +115,28 @@ def expectations(check: dict) -> list:
                       and "the GPU computes" in r["verdicts"]["amp_worth_it"][1],
                       f"busy {r.get('gpu_busy')}; amp_worth_it: {r['verdicts']['amp_worth_it'][1]}"))
     expect(f"gpt2-small compiled bf16 >= {COMPILED_BF16_SPEEDUP}x compiled fp32 (TF32 off)", ("gpt2-small", BF16, True),
-           lambda r: _at_least(_compiled_figure(r, "amp_speedup", check), COMPILED_BF16_SPEEDUP))
+           lambda r: _compiled_at_least(r, "amp_speedup", COMPILED_BF16_SPEEDUP, check))
     expect(f"gpt2-small compiled bf16: MFU >= {COMPILED_MFU:.0%} of the bf16 matmul peak measured here",
-           ("gpt2-small", BF16, True), lambda r: _at_least(_compiled_figure(r, "mfu", check), COMPILED_MFU))
+           ("gpt2-small", BF16, True), lambda r: _compiled_at_least(r, "mfu", COMPILED_MFU, check))
     return out
 
 
-def _compiled_figure(row: dict, what: str, check: dict) -> tuple:
-    """A figure of the compiled gpt2-small run ('amp_speedup' or 'mfu') and how it reads; (None, why) without one."""
+def _compiled_at_least(row: dict, what: str, floor: float, check: dict) -> tuple:
+    """Whether a figure of the compiled gpt2-small run ('amp_speedup' or 'mfu') reaches `floor`, and how it reads."""
     if "compiled" not in row:
-        return None, f"no compiled figures: {row['status']}, {row['verdicts']}"[:400]
+        return False, f"no compiled figures: {row['status']}, {row['verdicts']}"[:400]
     if what == "amp_speedup":
-        return row["compiled"]["amp_speedup"], f"{row['compiled']['amp_speedup']:.2f}x"
+        return row["compiled"]["amp_speedup"] >= floor, f"{row['compiled']['amp_speedup']:.2f}x"
     mfu = row["compiled"]["mfu"][BF16]
-    return mfu, (f"{mfu:.1%} of {row['matmul_peak_flops'][BF16] / 1e12:.0f} TFLOP/s measured (datasheet: "
-                 f"{check.get('datasheet_bf16_flops')})")
-
-
-def _at_least(figure: tuple, floor: float) -> tuple:
-    value, text = figure
-    return value is not None and value >= floor, text
+    return mfu >= floor, (f"{mfu:.1%} of {row['matmul_peak_flops'][BF16] / 1e12:.0f} TFLOP/s measured (datasheet: "
+                          f"{check.get('datasheet_bf16_flops')})")
 
 
 def sync_cost(model: str, device: torch.device, sizes: dict, precision: str = BF16) -> dict:
     """Wall seconds per training step with the records read every step and every LOG_EVERY_ACCELERATOR
     steps, in interleaved trials: the training loop's wall time over its steps, so every host wait is
     in it (per-step CUDA events would miss the device's idle time between steps)."""
-    steps = sizes["warmup_steps"] + 2 * LOG_EVERY_ACCELERATOR
+    steps = sizes["timing_warmup_steps"] + 2 * LOG_EVERY_ACCELERATOR
     per_step = {1: [], LOG_EVERY_ACCELERATOR: []}
     for trial in range(sizes["trials"]):
         for every in (1, LOG_EVERY_ACCELERATOR) if trial % 2 == 0 else (LOG_EVERY_ACCELERATOR, 1):
@@ -166,7 +156,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the plumbing, measures nothing")
     parser.add_argument("--out", type=Path, default=None, help="folder for gpu_check.json/.png (default: benchmarks/<device>)")
     args = parser.parse_args(argv)
-    device = resolve_device(args.device)
+    device = dev.resolve_device(args.device)
     record = run_record(device, fp32_plan(device))
     out = args.out or ROOT / "benchmarks" / re.sub(r"[^A-Za-z0-9.]+", "-", record["device_name"]).strip("-")
     sizes = SIZES["quick" if args.quick else "full"]

@@ -15,7 +15,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from utils.models import compute_loss, get_logits
-from utils.precision import FP16_MAX, PrecisionPlan, synchronize
+from utils import device as dev
+from utils.precision import PrecisionPlan, fp32_plan, spec
 
 def matmul_params(model: nn.Module) -> int:
     """Parameters that take part in matmuls (2-D weights not only used as embedding lookups).
@@ -86,10 +87,10 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float
     def matmul_time(n):
         a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
         a @ b  # warm-up
-        synchronize(device)
+        dev.synchronize(device)
         t0 = time.perf_counter()
         a @ b
-        synchronize(device)
+        dev.synchronize(device)
         return time.perf_counter() - t0
 
     # The probe must be large enough that a GPU's launch overhead (~20 us) does not dominate it: a 512 probe on an
@@ -99,14 +100,14 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float
         n = probe
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     a @ b
-    synchronize(device)
+    dev.synchronize(device)
     count, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         a @ b
         count += 1
         if count % 4 == 0:
-            synchronize(device)
-    synchronize(device)
+            dev.synchronize(device)
+    dev.synchronize(device)
     return 2 * n ** 3 * count / (time.perf_counter() - t0)
 
 
@@ -139,10 +140,10 @@ class _OpTimer(TorchDispatchMode):
         return sum(self.kinds.values())
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        synchronize(self.device)
+        dev.synchronize(self.device)
         t0 = time.perf_counter()
         out = func(*args, **(kwargs or {}))
-        synchronize(self.device)
+        dev.synchronize(self.device)
         self.kinds[op_kind(func.overloadpacket.__name__)] += time.perf_counter() - t0
         return out
 
@@ -326,8 +327,14 @@ def layer_outputs(model: nn.Module, x: torch.Tensor, plan: PrecisionPlan) -> dic
     return outputs
 
 
+def beyond_range(precision: str) -> str:
+    """layer_errors' column that says a layer's fp32 peak passes the precision's largest value ('beyond_fp16_range')."""
+    return f"beyond_{spec(precision).short}_range"
+
+
 def layer_errors(ref: dict, runs: dict) -> pd.DataFrame:
-    """One row per layer: its fp32 peak, and per precision its relative error and whether it went non-finite."""
+    """One row per layer: its fp32 peak, and per precision its relative error, whether it went non-finite and, for a
+    precision with a largest value, whether the fp32 peak passes it (beyond_range)."""
     rows = []
     for name, r in ref.items():
         row = {"layer": name, "fp32_max_abs": float(r.abs().max()) if r.numel() else 0.0}
@@ -338,8 +345,23 @@ def layer_errors(ref: dict, runs: dict) -> pd.DataFrame:
             row[f"nonfinite_{p}"] = bool(o is not None and not torch.isfinite(o).all())
         rows.append(row)
     df = pd.DataFrame(rows)
-    df["beyond_fp16_range"] = df["fp32_max_abs"] > FP16_MAX
+    for p in runs:
+        if spec(p).largest:
+            df[beyond_range(p)] = df["fp32_max_abs"] > spec(p).largest
     return df
+
+
+def layer_comparison(model: nn.Module, x: torch.Tensor, plans) -> tuple:
+    """Each leaf layer's output on batch x in fp32 and under each plan (on the copy it prepares), in eval mode, the
+    model left as it was: (the fp32 outputs, layer_errors' table)."""
+    was_training = model.training
+    model.eval()
+    try:
+        ref = layer_outputs(model, x, fp32_plan(x.device))
+        runs = {plan.precision: layer_outputs(plan.prepare(model), x, plan) for plan in plans}
+    finally:
+        model.train(was_training)
+    return ref, layer_errors(ref, runs)
 
 
 def largest_activation(model: nn.Module, x: torch.Tensor, plan: PrecisionPlan) -> dict:

@@ -1,12 +1,6 @@
-"""Reference transformer models, a loader for user models, and one adapter for their outputs.
-
-Two built-in families, each in named sizes:
-  gpt-*      decoder-only causal LM (GPT-2 style: pre-norm, causal self-attention, tied embeddings)
-  encoder-*  bidirectional encoder (BERT style) with a classification head on the first token
-
-`load_model(spec)` turns a registry name, "package.module:factory" or "path/to/file.py:factory"
-into an nn.Module. `get_logits(output)` finds the logits in whatever a model returns.
-"""
+"""Reference transformer models in named sizes (gpt-*: GPT-2-style causal LMs; encoder-*: BERT-style classifiers),
+`load_model(spec)` for those, Hugging Face and user models, and `get_logits(output)`, which finds the logits in whatever
+a model returns."""
 
 import functools
 import importlib
@@ -24,14 +18,7 @@ import torch.nn.functional as F
 from torch.distributed._composable import checkpoint as composable_checkpoint
 
 from utils.data import BYTE_MASK_ID, MaskedLMData, load_classification_set, load_corpus
-
-
-class ModelLoadError(ValueError):
-    """A model spec that does not resolve, or a factory that fails."""
-
-
-class UnsupportedModel(ModelLoadError):
-    """A model the suite cannot validate or train, refused with the reason before any check runs."""
+from utils.errors import ModelLoadError, UnsupportedModel
 
 
 TASKS = ("causal-lm", "classification", "masked-lm")
@@ -102,8 +89,7 @@ def _load_hf(name: str, task: str, kwargs: dict) -> nn.Module:
         if refused in kwargs:
             raise ModelLoadError(f"model_kwargs {refused}={kwargs[refused]!r} refused for hf:{name}: training keeps fp32 "
                                  "master weights and autocast casts per op; drop it and choose precision instead")
-    transformers = _transformers()
-    hub = dict(_hub_access(name))
+    transformers, hub = _transformers(), dict(_hub_access(name))
     try:
         config = transformers.AutoConfig.from_pretrained(name, **hub)
     except Exception as e:
@@ -136,10 +122,9 @@ def _load_hf(name: str, task: str, kwargs: dict) -> nn.Module:
 def load_tokenizer(spec: str):
     """A Hugging Face tokenizer by name or path ('hf:' prefix optional)."""
     name = spec.removeprefix("hf:")
+    transformers, hub = _transformers(), dict(_hub_access(name, "tokenizer"))
     try:
-        return _transformers().AutoTokenizer.from_pretrained(name, **dict(_hub_access(name, "tokenizer")))
-    except ModelLoadError:
-        raise
+        return transformers.AutoTokenizer.from_pretrained(name, **hub)
     except Exception as e:
         raise ModelLoadError(f"cannot load tokenizer {spec!r}: {type(e).__name__}: {e}; expected a Hugging Face "
                              "tokenizer name or a folder saved with save_pretrained") from e
@@ -230,17 +215,19 @@ class Block(nn.Module):
 
 
 class _Transformer(nn.Module):
-    """Embeddings and a stack of pre-norm blocks, shared by both families."""
+    """Embeddings and a stack of pre-norm blocks, shared by both families; each family sets `causal` and adds its
+    head (_add_head), then every weight is initialized."""
 
-    def __init__(self, cfg: ModelConfig, causal: bool):
+    causal: bool
+
+    def __init__(self, cfg: ModelConfig = ModelConfig()):
         super().__init__()
         self.config = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.max_len, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg, causal) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, self.causal) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model)
-
-    def _init_weights(self):
+        self._add_head(cfg)
         # GPT-2 init: N(0, 0.02), residual projections scaled down by depth so activations stay O(1).
         for name, p in self.named_parameters():
             if p.dim() >= 2:
@@ -265,13 +252,11 @@ class _Transformer(nn.Module):
 class GPT(_Transformer):
     """Decoder-only causal language model: input_ids (B, T) -> logits (B, T, vocab_size)."""
 
-    task = "causal-lm"
+    task, causal = "causal-lm", True
 
-    def __init__(self, cfg: ModelConfig = ModelConfig()):
-        super().__init__(cfg, causal=True)
+    def _add_head(self, cfg: ModelConfig):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.tok_emb.weight  # weight tying, as in GPT-2
-        self._init_weights()
 
     def forward(self, input_ids, attention_mask=None):
         return self.lm_head(self.encode(input_ids, attention_mask))
@@ -280,12 +265,10 @@ class GPT(_Transformer):
 class EncoderClassifier(_Transformer):
     """Bidirectional encoder with a classification head: input_ids (B, T) -> logits (B, num_classes)."""
 
-    task = "classification"
+    task, causal = "classification", False
 
-    def __init__(self, cfg: ModelConfig = ModelConfig()):
-        super().__init__(cfg, causal=False)
+    def _add_head(self, cfg: ModelConfig):
         self.head = nn.Linear(cfg.d_model, cfg.num_classes)
-        self._init_weights()
 
     def forward(self, input_ids, attention_mask=None):
         return self.head(self.encode(input_ids, attention_mask)[:, 0])
@@ -333,14 +316,6 @@ def _refuse_non_factory(module: str, name: str, spec: str):
                              f"callable that builds an nn.Module {guard}")
 
 
-def config_parameters(cls, cfg: ModelConfig) -> int:
-    """A built-in model's parameter count from its config alone, before anything is allocated."""
-    d = cfg.d_model
-    per_block = 12 * d * d + 13 * d  # two norms, qkv, proj, the 4x MLP
-    head = 0 if cls is GPT else d * cfg.num_classes + cfg.num_classes  # the GPT's head is the tied embedding
-    return (cfg.vocab_size + cfg.max_len) * d + cfg.n_layer * per_block + 2 * d + head
-
-
 def check_config(name: str, overrides: dict, memory):
     """A built-in model's config with overrides (already checked by field, type and range): a ValueError when its
     heads do not divide its width, or its fp32 weights alone exceed `memory` bytes (None: not known, not checked)."""
@@ -348,7 +323,10 @@ def check_config(name: str, overrides: dict, memory):
     cfg = replace(cfg, **overrides)
     if cfg.d_model % cfg.n_head:
         raise ValueError(f"{name!r} with {overrides}: d_model={cfg.d_model} must be divisible by n_head={cfg.n_head}")
-    weights = 4 * config_parameters(cls, cfg)
+    d = cfg.d_model  # the parameter count from the config alone, before anything is allocated
+    per_block = 12 * d * d + 13 * d  # two norms, qkv, proj, the 4x MLP
+    head = 0 if cls is GPT else d * cfg.num_classes + cfg.num_classes  # the GPT's head is the tied embedding
+    weights = 4 * ((cfg.vocab_size + cfg.max_len) * d + cfg.n_layer * per_block + 2 * d + head)
     if memory is not None and weights > memory:
         raise ValueError(f"{name!r} with {overrides} has {weights / 4:,.0f} parameters, {weights / 2**30:,.1f} GiB of "
                          f"fp32 weights alone, more than the device's {memory / 2**30:,.1f} GiB; expected a smaller config")
@@ -391,8 +369,7 @@ def _resolve_factory(spec: str):
             raise ModelLoadError(f"cannot import module {target!r} from spec {spec!r}: {e}") from e
     if not hasattr(module, attr):
         raise ModelLoadError(f"module {target!r} has no attribute {attr!r} (from spec {spec!r})")
-    factory = getattr(module, attr)
-    inner = factory
+    inner = factory = getattr(module, attr)
     while isinstance(inner, functools.partial):  # a partial of a user's class is the class's
         inner = inner.func
     _refuse_non_factory(str(getattr(inner, "__module__", None) or ""), str(getattr(inner, "__name__", "")),
@@ -402,7 +379,6 @@ def _resolve_factory(spec: str):
 
 def load_model(spec, task=None, **kwargs) -> nn.Module:
     """An nn.Module from `spec`: a module (returned as is), a registry name, 'hf:NAME_OR_PATH', or a factory.
-
     kwargs go to the factory (for registry names: ModelConfig overrides such as vocab_size; for hf:
     models: from_pretrained arguments such as num_labels or attn_implementation). task picks the Auto
     class of an hf: model ('auto': from its config's architectures)."""
@@ -432,15 +408,13 @@ def load_model(spec, task=None, **kwargs) -> nn.Module:
 
 
 def check_fp32_master_weights(model: nn.Module):
-    """Training keeps fp32 master weights: a model whose parameters are already 16-bit is refused before training,
-    with the reason."""
+    """Training keeps fp32 master weights: a model whose parameters are already 16-bit is refused, with the reason."""
     low = [(n, p.dtype) for n, p in model.named_parameters() if p.is_floating_point() and p.element_size() < 4]
     if low:
-        dtype = str(low[0][1]).replace("torch.", "")
+        more = f" and {len(low) - 1} more" if len(low) > 1 else ""
         raise UnsupportedModel(
-            f"{type(model).__name__} has {dtype} parameters ({low[0][0]!r}" + (f" and {len(low) - 1} more" if len(low) > 1
-                                                                             else "") + "): training needs fp32 master "
-            "weights. AMP keeps the weights, their gradients and AdamW's moments in fp32 and casts each op's inputs, "
+            f"{type(model).__name__} has {str(low[0][1]).replace('torch.', '')} parameters ({low[0][0]!r}{more}): training "
+            "needs fp32 master weights. AMP keeps the weights, their gradients and AdamW's moments in fp32 and casts each op's inputs, "
             "because an update (lr x gradient) is often below a 16-bit weight's last digit and would be rounded away, "
             "and AdamW's second moment underflows in 16 bits. Load the model in fp32 (no .half(), .to(dtype) or "
             "dtype=) and choose the precision parameter instead")
@@ -510,10 +484,8 @@ def model_task(model: nn.Module, logits: torch.Tensor) -> str:
              for suffix, t in _HF_TASK_SUFFIXES.items() if c.__name__.endswith(suffix)]
     if found:  # a Hugging Face model's class says its task (RobertaForMaskedLM gives (B, T, vocab) like a causal LM)
         return found[0]
-    if logits.dim() == 3:
-        return "causal-lm"
-    if logits.dim() == 2:
-        return "classification"
+    if logits.dim() in (2, 3):
+        return "causal-lm" if logits.dim() == 3 else "classification"
     raise UnsupportedModel(f"cannot tell the task from logits of shape {tuple(logits.shape)}; the suite supports {SUPPORTED}")
 
 
@@ -541,9 +513,8 @@ def probe_model(model: nn.Module, task: str = "auto") -> str:
     task = model_task(model, logits) if task in (None, "auto") else task
     if task not in TASKS:
         raise UnsupportedModel(f"unknown task {task!r}; expected one of {TASKS}")
-    want = (2, 8) if task != "classification" else (2,)
+    want, shape = ((2,), "(batch, classes)") if task == "classification" else ((2, 8), "(batch, seq, vocab)")
     if tuple(logits.shape[:len(want)]) != want or logits.dim() != len(want) + 1:
-        shape = "(batch, seq, vocab)" if task != "classification" else "(batch, classes)"
         raise UnsupportedModel(f"{name} returns logits of shape {tuple(logits.shape)} for input_ids (2, 8); a {task} must "
                                f"return {shape} (a forward that keeps only the last position, as some minimal GPTs do "
                                f"without targets, cannot be trained or checked per position). The suite supports {SUPPORTED}")
@@ -560,21 +531,16 @@ def model_vocab_size(model: nn.Module):
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if isinstance(vocab, int):
         return vocab
-    for module in model.modules():
-        if isinstance(module, nn.Embedding):
-            return module.num_embeddings
-    return None
+    return next((m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)), None)
 
 
 _MAX_LEN_FIELDS = ("max_len", "max_position_embeddings", "n_positions", "max_seq_len", "block_size", "n_ctx")
 
 
 def model_max_len(model: nn.Module, cap: int = 4096) -> int:
-    """The longest input the model takes, from (in order) a length field on its config or on the model
-    itself (our max_len, Hugging Face's max_position_embeddings / n_positions, max_seq_len, block_size,
-    n_ctx), a position embedding's size, or a measurement: the longest of 64, 128, ... `cap` tokens
-    that one forward accepts. Positions that start after a padding index (RoBERTa's convention) are
-    taken off; the answer is cached on the model as `suite_max_len`."""
+    """The longest input the model takes, from (in order) a length field (_MAX_LEN_FIELDS) on its config or on the
+    model, a position embedding's size, or the longest of 64, 128, ... `cap` tokens that one forward accepts; less
+    the positions up to a padding index (RoBERTa's convention); cached on the model as `suite_max_len`."""
     if isinstance(getattr(model, "suite_max_len", None), int):
         return model.suite_max_len
     cfg = getattr(model, "config", None)

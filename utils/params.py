@@ -1,12 +1,10 @@
-"""Each tier's parameters: the one place a name, type, default and help text is written.
-
-The notebooks' parameters cells, the batch runner's checks, the benchmark's command line and the
-README's table are all generated from TIER_PARAMS, and a test fails when any of them drifts.
-Parameters are data (JSON values), never code: a value of another type is refused, naming the
-parameter, the type it expects and what it got, before any work starts.
-"""
+"""Each tier's parameters: the one place a name, type, default and help text is written. The notebooks' parameters
+cells, the batch runner's checks, the benchmark's command line and the README's table are generated from TIER_PARAMS
+(a test fails when one drifts). Parameters are data (JSON values), never code: a value of another type is refused,
+naming the parameter, the type it expects and what it got, before any work starts."""
 
 import ast
+import contextlib
 import math
 import os
 import sys
@@ -15,8 +13,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from utils.models import REGISTRY, TASKS, check_config, check_spec
-from utils.precision import (AUTO, DEVICE_FORMS, PRECISION_CHOICES, canonical, check_device, check_fp32_modules, memory_bytes,
-                             resolve_device)
+from utils import device as dev
+from utils.precision import AUTO, PRECISION_CHOICES, canonical, check_fp32_modules
 
 PARALLEL_CHOICES = ("ddp", "fsdp2")  # utils.train under torchrun: each rank a replica, or parameters sharded
 LOG_EVERY_ACCELERATOR = 10  # optimizer steps between reads of the loop's records on a GPU (utils.loop.steps)
@@ -33,8 +31,7 @@ SHOWN_CHARS = 80  # the most of a value an error message quotes: a 10 MB value m
 
 
 def shown(value) -> str:
-    """A value as every usage error quotes it: its repr, cut to SHOWN_CHARS characters with its length said (a
-    string's own, else its repr's)."""
+    """A value as every usage error quotes it: its repr, cut to SHOWN_CHARS characters with its length said."""
     try:
         text = repr(value)
     except ValueError:  # an integer of more digits than Python prints, alone or inside a list or mapping
@@ -45,8 +42,7 @@ def shown(value) -> str:
 
 
 def _printable(number: int) -> bool:
-    """Whether str, repr and JSON can write the integer: Python refuses one of more than sys.get_int_max_str_digits()
-    digits, and a run's record must hold its parameters."""
+    """Whether repr and JSON can write it (not past sys.get_int_max_str_digits()): a run's record holds its parameters."""
     try:
         repr(number)
     except ValueError:
@@ -85,11 +81,11 @@ class Param:
     min_items: int = 0  # a list's shortest length
     validate: object = None  # value -> None, or a ValueError saying what is wrong (what this machine has, say)
     added: bool = False  # added after runs were recorded: left out of a run's identity while at its default (utils.run)
+    formerly: str = None  # its name before a rename: still accepted, and the name a run's identity keeps (utils.run)
 
     def expected(self) -> str:
-        what = f"a list of {_ITEM_NAMES[self.item]}" if self.type is list else _TYPE_NAMES[self.type]
-        if self.min_items:
-            what = f"a list of at least {self.min_items} {_ITEM_NAMES[self.item]}"
+        least = f"at least {self.min_items} " if self.min_items else ""
+        what = f"a list of {least}{_ITEM_NAMES[self.item]}" if self.type is list else _TYPE_NAMES[self.type]
         if self.choices:
             what += " in " + ", ".join(map(repr, self.choices)) + (" (or an alias)" if self.canonical else "")
         if self.low is not None and self.high is not None:
@@ -105,15 +101,12 @@ class Param:
                 and (self.high is None or value <= self.high))
 
     def check(self, value):
-        """The value if it fits this parameter (ints are accepted as floats, an alias as its canonical name),
-        else a ParamError."""
+        """The value if it fits this parameter (an int as a float, an alias as its canonical name), else a ParamError."""
         if value is None and self.optional:
             return None
         if self.canonical and isinstance(value, str):
-            try:
+            with contextlib.suppress(ValueError):  # refused below, naming the choices
                 value = self.canonical(value)
-            except ValueError:
-                pass  # refused below, naming the choices
         if self.type in (int, float):
             ok = self._number_ok(value, self.type)
         elif self.type is list:
@@ -171,8 +164,8 @@ def _common(model: str):
             Param("task", str, "auto", "'auto' (an hf: model's architectures, else the logits' shape), 'causal-lm', "
                   "'classification' or 'masked-lm'", choices=("auto", *TASKS)),
             Param("tokenizer", str, "", "a Hugging Face tokenizer name or folder (empty: an hf: model's own, else bytes)"),
-            Param("device", str, "auto", f"{DEVICE_FORMS} ('auto': CUDA if available); checked against this machine",
-                  validate=check_device))
+            Param("device", str, "auto", f"{dev.DEVICE_FORMS} ('auto': CUDA if available); checked against this machine",
+                  validate=dev.check_device))
 
 
 SEED = Param("seed", int, 0, "seeds weights, data order and probes", low=0, high=2**32 - 1)
@@ -190,8 +183,7 @@ PRECISION = Param("precision", str, AUTO, "the AMP precision compared with fp32 
 # utils.train and test_fine_tuning all take.
 FINE_TUNING = (
     Param("steps", int, 60, "optimizer steps of each fine-tuning run (fp32 and AMP)", low=1),
-    Param("epochs", float, None, "passes over the training tokens; overrides steps (None: steps decides)", low=1e-12,
-          optional=True),
+    Param("epochs", float, None, "passes over the training tokens; overrides steps (None: steps decides)", low=1e-12, optional=True),
     Param("batch_size", int, 16, "sequences per step", low=1),
     Param("seq_len", int, 128, "tokens per sequence (capped at the model's maximum)", low=1),
     Param("lr", float, 1e-3, "peak learning rate (warm-up, then cosine decay)", low=1e-12, high=10),
@@ -218,8 +210,9 @@ FINE_TUNING = (
           "them (non-reentrant, per block: the model's nn.ModuleList elements): less memory, about a third more "
           "compute; tier 3 measures both beside each other", added=True),
     Param("make_up_skipped", bool, False, "count steps as updates: each step the GradScaler skips (fp16) is made up "
-          "by one more, at most `steps` more in all, so an AMP run makes as many updates as fp32 on the same batches (tier 3's parity runs do): a skipped step's batch is drawn again for the step that makes it "
-          "up, so each step's record is read before the next draw", added=True),
+          "by one more, at most `steps` more in all, so an AMP run makes as many updates as fp32 on the same batches "
+          "(tier 3's parity runs do): a skipped step's batch is drawn again for the step that makes it up, so each "
+          "step's record is read before the next draw", added=True),
     Param("log_every", int, 0, "optimizer steps between reads of the per-step records from the device, where "
           f"progress, callbacks and stop checks run (0: every step on a CPU, every {LOG_EVERY_ACCELERATOR} on a GPU)", low=0),
 )
@@ -251,7 +244,8 @@ TIER_PARAMS = {
         PRECISION,
         *_loop("steps", "batch_size", "seq_len", "lr"),
         Param("trials", int, 3, "interleaved speed trials per precision", low=1),
-        Param("warmup_steps", int, 3, "steps per trial excluded from timing", low=0),
+        Param("timing_warmup_steps", int, 3, "steps per trial excluded from timing (its former name, warmup_steps, is "
+              "still accepted)", low=0, formerly="warmup_steps"),
         Param("timed_steps", int, 5, "timed steps per trial", low=1),
         Param("parity_tolerance", float, 0.05, "largest relative loss gap for 'AMP is safe'", low=1e-6, high=1),
         Param("max_skipped_fraction", float, 0.05, "largest share of steps the GradScaler may skip for 'AMP is safe'",
@@ -264,26 +258,24 @@ TIER_PARAMS = {
               "AMP is measured against true fp32. The record says which"),
         replace(_LOOP["max_skipped_in_a_row"], optional=False),
         Param("remedy_runs", int, 2, "when amp_safe fails: parity runs the diagnosis may spend trying remedies (keep "
-              "the blamed layers in fp32, bf16 instead of fp16, a gentler loss scale); 0 turns them off", low=0,
-              added=True),
+              "the blamed layers in fp32, bf16 instead of fp16, a gentler loss scale); 0 turns them off", low=0, added=True),
         Param("fp32_modules", list, [], "modules (model.named_modules() names) the AMP run keeps in fp32, autocast off "
               "around them: a remedy the diagnosis may name", item=str, added=True, validate=check_fp32_modules),
         _LOOP["activation_checkpointing"],
         Param("emulated_amp", str, "short", "where the device only emulates the AMP precision (bf16 on a CPU without "
-              "AVX512-BF16/AMX or a GPU before sm_80, fp16 on a CPU without AMX-FP16): 'short' runs the parity runs at batch 1 and no speed trials (emulated "
-              "speed says nothing about AMP), to fit in about a minute; 'full' runs the whole comparison, slowly",
-              choices=("short", "full"), added=True),
+              "AVX512-BF16/AMX or a GPU before sm_80, fp16 on a CPU without AMX-FP16): 'short' runs the parity runs at "
+              "batch 1 and no speed trials (emulated speed says nothing about AMP), to fit in about a minute; 'full' runs "
+              "the whole comparison, slowly", choices=("short", "full"), added=True),
         _LOOP["checkpoint_every"], replace(_LOOP["checkpoint_dir"], optional=False), _LOOP["resume"],
         *_TAIL),
 }
 # Tier 3's fine-tuning runs: the loop's settings it takes from its parameters (the rest are the loop's defaults).
-# Tier 3's own warmup_steps is the timing warm-up of its speed trials; the loop's LR warm-up keeps its default.
 TIER3_LOOP = ("steps", "batch_size", "seq_len", "lr", "seed", "compile", "max_skipped_in_a_row", "checkpoint_every",
               "checkpoint_dir", "resume", "activation_checkpointing")
 
 # utils.train (torchrun): the loop's settings and tier 3's model and precision, plus what a multi-process run adds.
 TRAIN_PARAMS = (
-    *(p for p in _common("gpt-small")),
+    *_common("gpt-small"),
     replace(PRECISION, help="the precision to train in ('auto': the best for the device, fp32 where AMP would not pay)"),
     *_loop("steps", "seq_len", "lr", "seed", "checkpoint_every", "resume", "compile"),
     replace(_LOOP["max_skipped_in_a_row"], optional=False), replace(_LOOP["checkpoint_dir"], optional=False),
@@ -304,7 +296,6 @@ SHARED_MACHINE_ENV = "SUITE_SHARED_MACHINE"
 
 
 def spec(tier: int) -> dict:
-    """{name: Param} for a tier."""
     if tier not in TIER_PARAMS:
         raise ParamError(f"unknown tier {tier!r}; expected one of {sorted(TIER_PARAMS)}")
     return {p.name: p for p in TIER_PARAMS[tier]}
@@ -315,12 +306,19 @@ def output_folder(tier: int, output_dir: str) -> Path:
     return Path(output_dir or ROOT / "runs" / "interactive" / f"tier{tier}")
 
 
-def defaults(tier: int) -> dict:
-    return {name: p.default for name, p in spec(tier).items()}
+def current_names(params: dict, known) -> dict:
+    """`params` with a parameter's former name (Param.formerly, of the Params `known`) as its name; both is an error."""
+    for p in known:
+        if p.formerly in params and p.name in params:
+            raise ParamError(f"parameter {p.name!r} is given twice, also by its former name {p.formerly!r}; expected it once")
+        if p.formerly in params:
+            params = {p.name if name == p.formerly else name: value for name, value in params.items()}
+    return params
 
 
 def check_values(params: dict, known: dict, where: str) -> dict:
     """known's defaults ({name: Param}) updated with `params`, every name and value checked."""
+    params = current_names(params, known.values())
     for name in params:
         if name not in known:
             raise ParamError(f"unknown parameter {shown(name)} for {where}; known parameters: {sorted(known)}")
@@ -339,7 +337,7 @@ def _check_model_config(name: str, kwargs: dict, device: str):
                              f"{sorted(MODEL_CONFIG)}")
         MODEL_CONFIG[field].check(value)
     try:
-        check_config(name, kwargs, memory_bytes(resolve_device(device)))
+        check_config(name, kwargs, dev.memory_bytes(dev.resolve_device(device)))
     except ValueError as e:  # it quotes model_kwargs whole
         raise ParamError(f"parameter 'model_kwargs': {str(e).replace(repr(kwargs), shown(kwargs))}") from None
     except OverflowError:  # its parameter count, past what a float holds, cannot be said in GiB
@@ -353,18 +351,18 @@ def check_params(tier: int, params: dict) -> dict:
 
 
 def add_arguments(parser, params):
-    """One --option per parameter (underscores as dashes), each value read as its parameter's type says (Param.parse).
-    A true/false option given alone means true: --compile is --compile True."""
+    """One --option per parameter (underscores as dashes; a former name too), each value read as its parameter's type
+    says (Param.parse). A true/false option given alone means true: --compile is --compile True."""
     for p in params:
         flag = {"nargs": "?", "const": True} if p.type is bool else {}
-        parser.add_argument("--" + p.name.replace("_", "-"), type=p.parse, default=p.default, **flag,
+        names = ["--" + name.replace("_", "-") for name in (p.name, p.formerly) if name]
+        parser.add_argument(*names, dest=p.name, type=p.parse, default=p.default, **flag,
                             help=f"{p.help} (default: {p.default!r})")
 
 
 def coerce(text):
-    """A command-line value as data: a Python/JSON literal where the text is one (3, 1e-3, [1, 2],
-    {'a': 1}, True, None), else the text itself. Tuples, sets and bytes are not data here: the
-    parameter checks refuse them by type."""
+    """A command-line value as data: a Python/JSON literal where the text is one (3, 1e-3, [1, 2], {'a': 1}, True,
+    None), else the text itself. Tuples, sets and bytes are not data here: the checks refuse them by type."""
     if not isinstance(text, str):
         return text
     try:

@@ -1,24 +1,17 @@
 """Loss parity: does an AMP run train as fp32 does? Judged the way the GradScaler works.
 
-A step the GradScaler skips is not an update: the weights stay as they were and the LR schedule does not advance.
-So the two runs are compared update for update, not step for step: the AMP run's k-th update beside fp32's k-th.
-Tier 3's fp16 parity runs make up their skipped steps (utils.loop: make_up_skipped): a skipped step's batch is retried
-by the step after it, so the k-th update of either run is made on the same batch, and both end after the same
-number of updates on the same data; the comparison differs in precision alone, and the final evaluations compare
-like with like. (Training of your own consumes a skipped step's batch; over a few calibration skips the two differ
-by those few batches.)
+A skipped step is not an update (the weights and the LR schedule stay), so the runs are compared update for update:
+the AMP run's k-th update beside fp32's k-th. Tier 3's parity runs make up their skipped steps (make_up_skipped: the
+next step retries the batch), so both make the same updates on the same data and differ in precision alone.
 
-Calibration is the GradScaler doing its job, and is not held against AMP. A back-off is a run of skipped steps
-in a row (each halves the scale). It is calibration when the scale stays at COLLAPSED (1) or above (without a
-GradScaler, as in bf16 or fp32, a skipped step is non-finite gradients, never calibration) and
-  - it belongs to the scale's descent from its first value: every back-off up to the first after which the steps
-    stand (STAND updates in a row follow it); a descent that never ends is skipping that keeps coming; or
-  - it is isolated, wherever in the run: STAND updates in a row came before it, and the steps stand after it (or
-    every step left, at least one, where the run ends sooner).
-What hurts training is held against it: skipping that keeps coming (back-offs that are not calibration, beyond
-max_skipped_fraction of the steps), a scale that collapses below 1, a storm (the loop stops the run:
-max_skipped_in_a_row), a NaN loss, a lasting gap of the smoothed curves, a gap of the final evaluations, and an
-AMP run that made up its skips and still could not make as many updates as fp32 (its allowance is `steps` more).
+Calibration is the GradScaler doing its job, not held against AMP. A back-off (skipped steps in a row, each halving
+the scale) is calibration when the scale stays at COLLAPSED (1) or above (without a GradScaler a skip is non-finite
+gradients, never calibration) and it belongs to the scale's descent from its first value (every back-off up to the
+first that STAND updates in a row follow; a descent that never ends is skipping that keeps coming), or it is isolated
+(STAND updates before it, and after it, or every step left where the run ends sooner).
+Held against AMP: skipping beyond calibration over max_skipped_fraction of the steps, a scale collapsed below 1, a
+storm (the loop stops the run), a NaN loss, a lasting gap of the smoothed curves or of the final evaluations, and an
+AMP run that made up its skips and still made fewer updates than fp32 (its allowance is `steps` more).
 """
 
 import math
@@ -26,7 +19,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from utils.precision import FP16, FP32, label
+from utils.precision import FP32, label, spec
 
 STAND = 5  # updates in a row that show the scale holds: before a back-off, it is isolated; after it, steps stand again
 SMOOTHING = 10  # updates in the rolling median that the gap compares (a one-update spike that recovers is noise)
@@ -45,9 +38,8 @@ def updates(history: pd.DataFrame) -> pd.Series:
 
 
 def back_offs(history: pd.DataFrame) -> list:
-    """The runs of skipped steps in a row, each {first, last, steps, scale_from, scale_to, before, after, calibration}:
-    before and after are the updates in a row around it (from the run's start, to its end); calibration per the
-    module's rule."""
+    """The runs of skipped steps in a row, each {first, last, steps, scale_from, scale_to, before, after, at_end,
+    calibration}: before and after, the updates in a row around it; calibration per the module's rule."""
     skipped, steps = history["skipped"].astype(bool).to_numpy(), history["step"].to_numpy()
     scales, runs, i, previous_end = history["loss_scale"].to_numpy(), [], 0, -1
     while i < len(skipped):
@@ -89,9 +81,8 @@ def runaway(p: dict) -> bool:
 
 
 def compare(ref: pd.DataFrame, amp: pd.DataFrame) -> pd.DataFrame:
-    """The table behind amp_safe: one row per update (fp32's, then any the AMP run made beyond them): each run's loss
-    at it, the relative gap of the two smoothed curves, the AMP step that made it, the loss scale it was made at, and
-    the steps the GradScaler skipped before it (its retries). An update the AMP run never made has no AMP loss."""
+    """The table behind amp_safe, one row per update (fp32's, then any more the AMP run made): each run's loss, the
+    relative gap of the smoothed curves, the AMP step, its loss scale and the skipped steps before it (its retries)."""
     def made(history, loss):
         numbered = history.assign(update=updates(history))
         retries = numbered.groupby("update")["skipped"].sum().rename("skipped_before")
@@ -107,8 +98,8 @@ def compare(ref: pd.DataFrame, amp: pd.DataFrame) -> pd.DataFrame:
 
 
 def figures(table: pd.DataFrame, ref, amp, limits: dict) -> dict:
-    """amp_safe's figures from the table and the two runs (FineTuneResult-like: history, final_eval_loss, stop, plan).
-    limits: tolerance, max_skipped_fraction and steps (the steps each run was asked for)."""
+    """amp_safe's figures from the table and the two runs (history, final_eval_loss, stop, plan); limits: tolerance,
+    max_skipped_fraction and steps (asked of each run)."""
     judged = table["relative_gap"].dropna()  # updates one run never made: the made-up count says so (problems)
     worst = judged.idxmax() if len(judged) else None
     offs = back_offs(amp.history)
@@ -158,8 +149,7 @@ def calibration_text(p: dict) -> str:
 
 
 def problems(p: dict, bf16_native: bool) -> list:
-    """What amp_safe names against an AMP run (none: it passes). bf16_native: whether to advise bf16 (the device runs
-    it natively)."""
+    """What amp_safe names against an AMP run (none: it passes). bf16_native: advise bf16, which the device runs."""
     tol, out = p["tolerance"], []
     if p["stop"]:  # a run cut short: its stop says what went wrong; gaps and fractions of it add nothing
         return [f"the run stopped: {p['stop']['message'].rstrip('.')}"]
@@ -181,7 +171,7 @@ def problems(p: dict, bf16_native: bool) -> list:
     if runaway(p):
         advice = (f"; {label(p['amp_precision'])} overflows here: look for activations beyond fp16's range (Tier 2 AMP "
                   "readiness)" + (", or use bf16, which this device runs natively" if bf16_native else "")
-                  if p["amp_precision"] == FP16 else "")
+                  if spec(p["amp_precision"]).scaler else "")  # a narrow range the GradScaler guards: fp16
         out.append(f"{p['other_skips']} of {p['steps']} steps were skipped beyond the GradScaler's calibration "
                    f"({p['skipped_fraction']:.0%} > {p['max_skipped_fraction']:.0%}){advice}")
     return out

@@ -1,5 +1,5 @@
 """Charts for every tier (matplotlib). Each function takes results as data, returns the Figure, and
-writes a PNG when given a path (atomically: a temp file, then a rename)."""
+writes a PNG when given a path (atomically: a temp file, then a rename). Which tier draws which: utils.tiers.TIERS."""
 
 import os
 import tempfile
@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from utils.params import RUN_CONTROL
-from utils.precision import FP32, MIXED, color, label, short_label
+from utils.precision import FP32, color, compared, label, short_label
 
 STATUS_COLORS = {"pass": "tab:green", "warn": "tab:orange", "fail": "tab:red"}
 
@@ -29,8 +29,6 @@ def save_figure(fig, path):
     return fig
 
 
-# --- Tier 3: fp32 vs AMP -------------------------------------------------------------------------
-
 def plot_loss_curves(parity: pd.DataFrame, amp_precision: str, tolerance: float = None, path=None):
     """Training loss per optimizer update, fp32 and AMP on the same batches and seed (a skipped step is not an update:
     the updates the GradScaler retried are marked); below, their relative gap."""
@@ -42,15 +40,13 @@ def plot_loss_curves(parity: pd.DataFrame, amp_precision: str, tolerance: float 
     if len(retried):
         ax.scatter(retried["update"], retried["loss_amp"], marker="x", color="black", zorder=3,
                    label=f"made after skipped steps ({int(retried['skipped_before'].sum())})")
-    ax.set_ylabel("training loss (nats/token)")
-    ax.set_title(f"Loss parity: fp32 vs {label(amp_precision)}, update for update")
+    ax.set(ylabel="training loss (nats/token)", title=f"Loss parity: fp32 vs {label(amp_precision)}, update for update")
     ax.legend()
     gap_ax.plot(parity["update"], 100 * parity["relative_gap"], color="gray")
     if tolerance is not None:
         gap_ax.axhline(100 * tolerance, color="tab:red", linestyle="--", label=f"tolerance {tolerance:.0%}")
         gap_ax.legend(loc="upper right")
-    gap_ax.set_xlabel("optimizer update")
-    gap_ax.set_ylabel("smoothed gap (%)")
+    gap_ax.set(xlabel="optimizer update", ylabel="smoothed gap (%)")
     return save_figure(fig, path)
 
 
@@ -63,9 +59,7 @@ def plot_training(history: pd.DataFrame, evals: pd.DataFrame, title: str, path=N
         ax.scatter(skipped["step"], skipped["loss"], marker="x", color="black", zorder=3, label="skipped step")
     if len(evals):
         ax.plot(evals["step"], evals["eval_loss"], "o-", color="tab:blue", label="eval loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.set_title(title)
+    ax.set(xlabel="optimizer step", ylabel="loss (nats/token)", title=title)
     ax.legend()
     return save_figure(fig, path)
 
@@ -84,8 +78,7 @@ def plot_check_speedups(results: list, device_name: str, path=None):
         if "speedup" not in r:
             ax.text(i, 0.05, "refused", ha="center", va="bottom", rotation=90, color="gray")
     ax.axhline(1, color="black", linewidth=0.8)
-    ax.set_ylabel("speedup over fp32 (median, 95% CI)")
-    ax.set_title(f"GPU check: {device_name}")
+    ax.set(ylabel="speedup over fp32 (median, 95% CI)", title=f"GPU check: {device_name}")
     return save_figure(fig, path)
 
 
@@ -99,8 +92,7 @@ def plot_throughput(trials: pd.DataFrame, path=None):
     bars = ax.bar(labels, med.values, yerr=[med.values - lo.values, hi.values - med.values], capsize=6, color=colors)
     for bar, (loop, _) in zip(bars, med.index):
         bar.set_alpha(1.0 if loop == "ours" else 0.5)  # the bare reference loop is drawn faint
-    ax.set_ylabel("tokens / s (median of trials, bars: min-max)")
-    ax.set_title("Training throughput")
+    ax.set(ylabel="tokens / s (median of trials, bars: min-max)", title="Training throughput")
     return save_figure(fig, path)
 
 
@@ -114,15 +106,13 @@ def plot_memory(memory: dict, path=None):
     bottom = np.zeros(len(parts))
     for kind, shade in zip(kinds, ("lightgray", "darkgray", "dimgray", None)):
         values = np.array([parts[p][kind] for p in parts]) / 2**20
-        ax.bar(names, values, bottom=bottom, label=kind.replace("_", " "),
-               color=shade or [color(p) for p in parts])
+        ax.bar(names, values, bottom=bottom, label=kind.replace("_", " "), color=shade or [color(p) for p in parts])
         bottom += values
     peaks = [(n, parts[p]["cuda_peak"] / 2**20) for n, p in zip(names, parts) if parts[p].get("cuda_peak")]
     if peaks:
         ax.scatter(*zip(*peaks), marker="_", s=2000, color="black", zorder=3, label="CUDA peak")
-    ax.set_ylabel("MiB")
+    ax.set(ylabel="MiB", title=f"Memory: activations shrink by {memory['activation_saving']:.0%} under AMP; the rest stays fp32")
     ax.legend(fontsize=8)
-    ax.set_title(f"Memory: activations shrink by {memory['activation_saving']:.0%} under AMP; the rest stays fp32")
     return save_figure(fig, path)
 
 
@@ -140,9 +130,7 @@ def plot_loss_scale(parity: dict, path=None):
             ax.scatter(at, [scales[s - 1] for s in at], color=marker_color, marker="v", zorder=3,
                        label=f"skipped: {kind} ({len(at)})")
     ax.set_yscale("log", base=2)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss scale")
-    ax.set_title("Loss scale and skipped steps")
+    ax.set(xlabel="optimizer step", ylabel="loss scale", title="Loss scale and skipped steps")
     ax.legend()
     return save_figure(fig, path)
 
@@ -159,8 +147,7 @@ def plot_remedies(remedies: pd.DataFrame, tolerance: float, path=None):
     bars = gap_ax.barh(names, gaps.fillna(top).clip(lower=top / 100, upper=top), color=colors)
     gap_ax.bar_label(bars, ["NaN/Inf" if pd.isna(g) else f"{g:.1%}" for g in gaps], padding=3, fontsize=8)
     gap_ax.axvline(tolerance, color="gray", linestyle="--", label=f"tolerance {tolerance:.0%}")
-    gap_ax.set_xlim(0, top)
-    gap_ax.set_xlabel("largest relative loss gap to fp32")
+    gap_ax.set(xlim=(0, top), xlabel="largest relative loss gap to fp32")
     gap_ax.legend(loc="lower right")
     skip_ax.barh(names, remedies["skipped_steps"][::-1], color=colors)
     skip_ax.set_xlabel("skipped steps")
@@ -175,23 +162,17 @@ def plot_speedup_sweep(sweep: pd.DataFrame, path=None):
                 yerr=[sweep["speedup"] - sweep["ci_low"], sweep["ci_high"] - sweep["speedup"]], marker="o", capsize=5)
     ax.axhline(1.0, color="gray", linestyle="--", label="break-even")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("batch size")
-    ax.set_ylabel("speedup (fp32 time / AMP time)")
-    ax.set_title("Where AMP starts to pay")
+    ax.set(xlabel="batch size", ylabel="speedup (fp32 time / AMP time)", title="Where AMP starts to pay")
     ax.legend()
     return save_figure(fig, path)
 
-
-# --- Tier 1: validation ---------------------------------------------------------------------------
 
 def _per_parameter_bars(names, values, statuses, xlabel: str, title: str, path):
     """One horizontal bar per parameter on a log axis; flagged ones (status other than 'ok') in red."""
     fig, ax = plt.subplots(figsize=(8, max(3, 0.18 * len(names))))
     ax.barh(names, values, color=["tab:blue" if s == "ok" else "tab:red" for s in statuses])
-    ax.set_xscale("log")
+    ax.set(xscale="log", xlabel=xlabel, title=title)
     ax.invert_yaxis()
-    ax.set_xlabel(xlabel)
-    ax.set_title(title)
     ax.tick_params(axis="y", labelsize=7)
     return save_figure(fig, path)
 
@@ -215,10 +196,8 @@ def plot_memory_vs_batch(memory: pd.DataFrame, path=None):
     """Training-step memory per batch size: CUDA peak, or activations saved for backward on CPU."""
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(memory["batch_size"], memory["bytes"] / 2**20, marker="o")
-    ax.set_xlabel("batch size")
     measure = memory["measure"].iloc[0] if len(memory) else "bytes"
-    ax.set_ylabel(f"MiB ({measure.replace('_', ' ')})")
-    ax.set_title("Memory vs batch size")
+    ax.set(xlabel="batch size", ylabel=f"MiB ({measure.replace('_', ' ')})", title="Memory vs batch size")
     return save_figure(fig, path)
 
 
@@ -228,14 +207,10 @@ def plot_latency(latency: pd.DataFrame, stats: dict, path=None):
     ax.hist(latency["latency_ms"], bins=20, color="tab:blue", alpha=0.7)
     for q, style in (("p50", "-"), ("p95", "--"), ("p99", ":")):
         ax.axvline(stats[f"{q}_ms"], color="black", linestyle=style, label=f"{q} {stats[f'{q}_ms']:.2f} ms")
-    ax.set_xlabel("latency per forward (ms)")
-    ax.set_ylabel("count")
-    ax.set_title("Inference latency")
+    ax.set(xlabel="latency per forward (ms)", ylabel="count", title="Inference latency")
     ax.legend()
     return save_figure(fig, path)
 
-
-# --- Tier 2: analysis -----------------------------------------------------------------------------
 
 def plot_attention_maps(maps: dict, max_layers: int = 4, path=None):
     """Attention weights (batch mean) for each head of the first layers: rows are queries, columns keys."""
@@ -243,10 +218,8 @@ def plot_attention_maps(maps: dict, max_layers: int = 4, path=None):
     heads = max(maps[name].shape[0] for name in layers)
     fig, axes = plt.subplots(len(layers), heads, figsize=(2.2 * heads, 2.2 * len(layers)), squeeze=False)
     for i, name in enumerate(layers):
-        for h in range(heads):
-            ax = axes[i][h]
-            ax.set_xticks([])
-            ax.set_yticks([])
+        for h, ax in enumerate(axes[i]):
+            ax.set(xticks=[], yticks=[])
             if h < maps[name].shape[0]:
                 ax.imshow(maps[name][h].numpy(), cmap="viridis", vmin=0)
                 ax.set_title(f"{name}\nhead {h}", fontsize=7)
@@ -265,9 +238,7 @@ def plot_attention_entropy(attention: pd.DataFrame, path=None):
     ax.bar(x - 0.2, attention["normalized_entropy"], width=0.4, label="normalized entropy")
     ax.bar(x + 0.2, attention["max_weight"], width=0.4, label="mean max weight", color="tab:orange")
     ax.set_xticks(x, labels, fontsize=6, rotation=90)
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("fraction")
-    ax.set_title("Attention entropy and peak weight per head")
+    ax.set(ylim=(0, 1.05), ylabel="fraction", title="Attention entropy and peak weight per head")
     ax.legend()
     return save_figure(fig, path)
 
@@ -278,28 +249,25 @@ def plot_robustness(robustness: pd.DataFrame, path=None):
     for kind, group in robustness.groupby("perturbation"):
         ax.plot(group["strength"], 100 * group["agreement"], marker="o", label=kind)
         kl_ax.plot(group["strength"], group["kl"], marker="o", label=kind)
-    ax.set_xlabel("perturbation strength")
-    ax.set_ylabel("agreement with clean predictions (%)")
-    ax.set_title("Robustness: agreement")
+    ax.set(xlabel="perturbation strength", ylabel="agreement with clean predictions (%)", title="Robustness: agreement")
     ax.legend()
-    kl_ax.set_xlabel("perturbation strength")
-    kl_ax.set_ylabel("KL(clean || perturbed) (nats)")
-    kl_ax.set_title("Robustness: divergence")
+    kl_ax.set(xlabel="perturbation strength", ylabel="KL(clean || perturbed) (nats)", title="Robustness: divergence")
     return save_figure(fig, path)
 
 
 def plot_amp_layer_error(amp: pd.DataFrame, tolerance: float, path=None):
-    """Relative error of each layer's output under fp16 and bf16 autocast against fp32, in forward
-    order; the dashed line is the drift tolerance, red names mark activations beyond fp16's range."""
+    """Relative error of each layer's output under each compared autocast precision against fp32, in forward order;
+    the dashed line is the drift tolerance, red names mark activations beyond a compared precision's range."""
     fig, ax = plt.subplots(figsize=(max(7, 0.25 * len(amp)), 4.5))
     x = np.arange(len(amp))
-    for p in MIXED:
+    for p in compared():
         err = amp[f"rel_error_{p}"].replace([np.inf], np.nan).clip(lower=1e-8)
         ax.plot(x, err, marker=".", color=color(p), label=short_label(p))
     ax.axhline(tolerance, color="gray", linestyle="--", label=f"tolerance {tolerance:.0%}")
     ax.set_yscale("log")
     ax.set_xticks(x, amp["layer"], rotation=90, fontsize=6)
-    for tick, over in zip(ax.get_xticklabels(), amp["beyond_fp16_range"]):
+    beyond = amp.filter(like="beyond_").any(axis=1)  # a column per precision with a range (layer_errors)
+    for tick, over in zip(ax.get_xticklabels(), beyond):
         if over:
             tick.set_color("tab:red")
     ax.set_ylabel("relative error vs fp32 (log)")
@@ -307,8 +275,6 @@ def plot_amp_layer_error(amp: pd.DataFrame, tolerance: float, path=None):
     ax.legend()
     return save_figure(fig, path)
 
-
-# --- Batch runs -----------------------------------------------------------------------------------
 
 def plot_verdict_grid(summary: pd.DataFrame, path=None):
     """One row per run, one column per check: green pass, orange warn, red fail, black a run that crashed
@@ -326,15 +292,13 @@ def plot_verdict_grid(summary: pd.DataFrame, path=None):
     cmap = ListedColormap([STATUS_COLORS["pass"], STATUS_COLORS["warn"], STATUS_COLORS["fail"], "black"])
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(checks) + 3), max(2.5, 0.45 * len(summary) + 1.5)))
     ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0, vmax=3, aspect="auto")
-    names = {code: status for status, code in codes.items()}
     for (i, j), code in np.ndenumerate(grid):
         if code == code:  # not NaN: this run has this check
-            ax.text(j, i, names[int(code)], ha="center", va="center", color="white", fontsize=8)
+            ax.text(j, i, list(codes)[int(code)], ha="center", va="center", color="white", fontsize=8)
     labels = [c.removeprefix("verdict.") for c in checks] or ["(no check ran)"]
     ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
     ax.set_yticks(range(len(summary)), [f"{r} ({s})" if s != "ok" else r for r, s in zip(summary["run_id"], summary["run_status"])])
-    ax.set_title("Verdicts per run: green pass, orange warn, red fail, black crashed; blank: not run in that tier")
-    ax.title.set_fontsize(9)
+    ax.set_title("Verdicts per run: green pass, orange warn, red fail, black crashed; blank: not run in that tier", fontsize=9)
     return save_figure(fig, path)
 
 
@@ -351,9 +315,7 @@ def sweep_labels(runs: pd.DataFrame) -> list:
 def plot_sweep(summary: pd.DataFrame, path=None):
     """Tier 3 across a sweep, a bar per run: AMP's speedup over fp32 with its 95% interval (left; 1.0 is break-even)
     and the loss parity gap against its tolerance (right). None when no tier-3 run has a speedup yet."""
-    if "speedup" not in summary.columns:
-        return None
-    runs = summary[summary["speedup"].notna()].reset_index(drop=True)
+    runs = summary[summary["speedup"].notna()].reset_index(drop=True) if "speedup" in summary.columns else summary.iloc[:0]
     if runs.empty:
         return None
     names, y = sweep_labels(runs), np.arange(len(runs))

@@ -1,6 +1,7 @@
-"""Precision: every precision name, the device a run takes, and the plan that says how a run computes and why.
+"""Precision: the registry of precisions (what each is and does), the plan that says how a run computes and why,
+and the model copy a plan trains.
 
-    plan = resolve("auto", device)   # a PrecisionPlan: precision, reason, autocast, loss scaler, label, colour
+    plan = resolve("auto", device)   # a PrecisionPlan: precision, reason, autocast, loss scaler, the model it trains
 
 The rules (a person reads the reason; nothing falls back silently):
   CUDA sm_80+ (A100, H100, L4, RTX 30xx+)  bf16 autocast, no GradScaler (bf16 has fp32's range)
@@ -11,74 +12,116 @@ The rules (a person reads the reason; nothing falls back silently):
 fp8 (torchao float8 Linear matmuls inside bf16 autocast) runs on sm_89+; fp8-emulated runs the same path on
 any device, slowly: it tests the path and says nothing about speed.
 
-No other module writes a precision name in code. Tests pretend a GPU at the device seam (cuda_available,
-device_capability, device_name). Only torch.amp APIs are used; torch.cuda.amp is deprecated.
+No other module branches on a precision's identity: what a precision does is a field of its Precision, and adding
+one is one register() call. Only torch.amp APIs are used; torch.cuda.amp is deprecated.
 """
 
-import os
-import re
+import copy
+from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
-from utils.models import UnsupportedModel
+from utils import device as dev
+from utils.errors import UnsupportedPrecision
 
-# The canonical names (Lightning's), the only spellings stored in results and compared anywhere.
+# The canonical names (Lightning's), the only spellings stored in results.
 AUTO, FP32, FP16, BF16, FP8, FP8_EMULATED = "auto", "32", "16-mixed", "bf16-mixed", "fp8", "fp8-emulated"
-FP8_PRECISIONS = (FP8, FP8_EMULATED)
-MIXED = (FP16, BF16)  # the autocast precisions every device can run (tier 2 compares both)
 GPU_CHECKED = (FP16, BF16, FP8)  # what python -m utils.gpu_check benchmarks against fp32
-PRECISIONS = (FP32, FP16, BF16, *FP8_PRECISIONS)
-PRECISION_CHOICES = (AUTO, *PRECISIONS)
-# Every accepted spelling: the seed's "16", Lightning's "32-true", dtype names. The runner and the Python
-# API both go through canonical(), so they accept the same ones.
-_ALIASES = {
-    AUTO: AUTO,
-    FP32: FP32, "32-true": FP32, "fp32": FP32, "float32": FP32,
-    "16": FP16, FP16: FP16, "fp16": FP16, "float16": FP16,
-    "bf16": BF16, BF16: BF16, "bfloat16": BF16,
-    FP8: FP8, "float8": FP8, FP8_EMULATED: FP8_EMULATED,
-}
 # fp16 spellings whose runs carry a loss scale, Lightning's true-half ones included (AmpWandbCallback).
 _FP16_SPELLINGS = {"16", FP16, "16_true", "16-true"}
-_DTYPES = {FP32: None, FP16: torch.float16, BF16: torch.bfloat16, FP8: torch.bfloat16, FP8_EMULATED: torch.bfloat16}
-_SHORT = {FP32: "fp32", FP16: "fp16", BF16: "bf16", FP8: "fp8", FP8_EMULATED: "fp8 (emulated)"}
-_COLORS = {FP32: "tab:blue", FP16: "tab:red", BF16: "tab:orange"}
-FP16_MAX = 65504.0  # fp16's largest finite value: an activation or scaled gradient beyond it overflows
 FP8_MIN_CAPABILITY = (8, 9)  # L4, H100, H200: float8 tensor cores
-BF16_MIN_CAPABILITY = (8, 0)  # A100 and later: bf16 tensor cores (a T4 or V100 only emulates bf16)
+REMEDIES = ("fp32_modules", "init_scale", "growth_interval")  # what a remedy changes in a plan (utils.diagnosis)
 
 
-class UnsupportedPrecision(UnsupportedModel):
-    """A precision this device, this install or this model cannot run, refused with the reason."""
+@dataclass(frozen=True)
+class Precision:
+    """What one precision is and does; every rule that depends on a precision reads a field here."""
+
+    name: str                   # canonical, stored in results
+    short: str                  # the dtype people say: fp32, fp16, bf16, fp8
+    dtype: torch.dtype = None   # autocast's dtype; None: no autocast (fp32)
+    aliases: tuple = ()         # other accepted spellings: the seed's "16", Lightning's "32-true", dtype names
+    color: str = None           # every chart's colour for it (None: the chart's default)
+    scaler: bool = False        # a GradScaler scales the loss (a narrow range underflows small gradients)
+    largest: float = None       # its largest finite value: an fp32 activation beyond it overflows
+    compared: bool = False      # tier 2 compares it with fp32 on every device (the autocast precisions)
+    fp8: bool = False           # float8 Linear matmuls (torchao) inside autocast
+    emulated: bool = False      # asked for as emulation: the path is tested, its speed means nothing
+    emulation: Callable = None  # device -> why the device only emulates it (its speed says nothing), or None
+    instead: str = None         # what the diagnosis tries in its place, where the device runs that natively
+    key: str = None             # its name in tier 2's '<key>_safe' fields (default: short)
+
+
+_REGISTRY = {}
+
+
+def register(precision: Precision):
+    """Add a precision: the runner, the tiers and the charts accept and handle it from here on."""
+    _REGISTRY[precision.name] = precision
+
+
+for _p in (Precision(FP32, "fp32", aliases=("32-true", "fp32", "float32"), color="tab:blue"),
+           Precision(FP16, "fp16", torch.float16, ("16", "fp16", "float16"), "tab:red", scaler=True,
+                     largest=torch.finfo(torch.float16).max, compared=True, emulation=dev.fp16_emulated, instead=BF16),
+           Precision(BF16, "bf16", torch.bfloat16, ("bf16", "bfloat16"), "tab:orange", compared=True,
+                     emulation=dev.bf16_emulated),
+           Precision(FP8, "fp8", torch.bfloat16, ("float8",), fp8=True),
+           Precision(FP8_EMULATED, "fp8 (emulated)", torch.bfloat16, fp8=True, emulated=True, key="fp8")):
+    register(_p)
+
+
+class _Choices:
+    """The accepted names, read from the registry when asked: a registration counts at once (parameters use it)."""
+
+    def __iter__(self):
+        return iter((AUTO, *_REGISTRY))
+
+    def __contains__(self, name):
+        return name == AUTO or name in _REGISTRY
+
+
+PRECISION_CHOICES = _Choices()
+
+
+def spec(precision: str) -> Precision:
+    return _REGISTRY[precision]
+
+
+def compared() -> list:
+    """The autocast precisions tier 2 compares with fp32 on every device."""
+    return [p.name for p in _REGISTRY.values() if p.compared]
 
 
 def canonical(requested) -> str:
     """The canonical name of any accepted spelling, or a ValueError listing what is accepted."""
     key = str(requested).strip().lower()
-    if key not in _ALIASES:
-        raise ValueError(f"unknown precision {requested!r}; expected one of {', '.join(map(repr, PRECISION_CHOICES))} "
-                         f"(aliases: {', '.join(sorted(_ALIASES))})")
-    return _ALIASES[key]
+    for p in _REGISTRY.values():
+        if key == p.name or key in p.aliases:
+            return p.name
+    if key == AUTO:
+        return AUTO
+    aliases = sorted(a for p in _REGISTRY.values() for a in (p.name, *p.aliases))
+    raise ValueError(f"unknown precision {requested!r}; expected one of {', '.join(map(repr, PRECISION_CHOICES))} "
+                     f"(aliases: {', '.join(sorted({AUTO, *aliases}))})")
 
 
 def label(precision: str) -> str:
     """A precision as people say it: fp32 for '32', the others as they are."""
-    return _SHORT[FP32] if precision == FP32 else precision
+    return _REGISTRY[FP32].short if precision == FP32 else precision
 
 
 def short_label(precision: str) -> str:
     """The dtype a precision computes in: fp32, fp16, bf16, fp8."""
-    return _SHORT[precision]
+    return _REGISTRY[precision].short
 
 
 def color(precision: str, default: str = "gray") -> str:
     """The colour every chart gives a precision."""
-    return _COLORS.get(precision, default)
+    return getattr(_REGISTRY.get(precision), "color", None) or default
 
 
 def is_fp16(spelling: str) -> bool:
@@ -86,119 +129,14 @@ def is_fp16(spelling: str) -> bool:
     return spelling in _FP16_SPELLINGS
 
 
-# --- The device seam: the only place this project asks torch which accelerator it has -------------------
-
-def cuda_available() -> bool:
-    return torch.cuda.is_available()
-
-
-def device_capability(device: torch.device) -> tuple:
-    return torch.cuda.get_device_capability(device)
-
-
-def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device)
-
-
-def kernel_seconds(fn, device: torch.device, warmup=None):
-    """Seconds the GPU spent running kernels while fn() ran (after warmup(), unprofiled), overlapping kernels counted
-    once (the profiler's CUDA kernel intervals); None off CUDA, where no device runs apart from the host."""
-    if device.type != "cuda":
-        return None
-    if warmup:
-        warmup()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize(device)
-    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
-                   if e.device_type == torch.autograd.DeviceType.CUDA)
-    busy, end = 0.0, float("-inf")
-    for start, stop in spans:
-        if stop > end:
-            busy, end = busy + stop - max(start, end), stop
-    return busy / 1e6  # the profiler's times are microseconds
-
-
-def gpu_busy_share(fn, steps: int, step_s: float, device: torch.device):
-    """The share of a training step's wall time (step_s, timed apart) the GPU computes: kernel time of `steps` calls
-    of fn, per step, over step_s. None where there is no GPU to wait (a CPU runs each op as the host calls it)."""
-    seconds = kernel_seconds(lambda: [fn() for _ in range(steps)], device, warmup=fn)  # lazy init is not a step's
-    return None if seconds is None else min(1.0, seconds / steps / step_s)
-
-
-def cuda_device_count() -> int:
-    return torch.cuda.device_count() if cuda_available() else 0
-
-
-DEVICE_FORMS = "'auto', 'cpu', 'cuda' or 'cuda:N'"
-
-
-def check_device(text: str):
-    """A device this machine has, or a ValueError naming what it has: checked before any work starts, so a
-    run never dies inside torch on a device that is not there (or on 'meta', which holds no data)."""
-    match = re.fullmatch(r"(auto|cpu|cuda)(?::(\d+))?", text)
-    if not match or (match[2] is not None and match[1] != "cuda"):
-        raise ValueError(f"expects {DEVICE_FORMS}; got {text!r}")
-    count = cuda_device_count()
-    if match[1] == "cuda" and count == 0:
-        raise ValueError(f"{text!r} asks for CUDA, but this machine has no CUDA device (torch {torch.__version__}, "
-                         "torch.cuda.is_available() is False); expected 'auto' or 'cpu'")
-    if match[2] is not None and int(match[2]) >= count:
-        have = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
-        raise ValueError(f"{text!r} asks for CUDA device {match[2]}, but this machine has {count} ({have})")
-
-
-def memory_bytes(device: torch.device):
-    """The memory a model's weights must fit in: the GPU's, or this machine's RAM (a container's limit where one is
-    set); None where the OS does not say."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    if not hasattr(os, "sysconf"):
-        return None
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    limit = Path("/sys/fs/cgroup/memory.max")  # cgroup v2: 'max' or a number of bytes
-    text = limit.read_text().strip() if limit.is_file() else ""
-    return min(ram, int(text)) if text.isdigit() else ram
-
-
-def resolve_device(device=None) -> torch.device:
-    """None or 'auto' -> CUDA when available, else CPU; anything else as torch.device understands it."""
-    if device is None or device == AUTO:
-        return torch.device("cuda" if cuda_available() else "cpu")
-    return torch.device(device)
-
-
-def synchronize(device: torch.device):
-    """Wait for queued kernels, so a timer measures work done rather than work launched."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-# oneDNN (which runs CPU matmuls) uses bf16 instructions only at these ISA levels or above;
-# ONEDNN_MAX_CPU_ISA set to a lower one makes it emulate bf16, as on a CPU without them.
-_ONEDNN_BELOW_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
-
-
-def cpuinfo() -> str:
-    path = Path("/proc/cpuinfo")
-    return path.read_text(errors="ignore") if path.exists() else ""
-
-
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU computes bf16 in hardware (x86 avx512_bf16 or amx_bf16 flags, read from
-    /proc/cpuinfo) and ONEDNN_MAX_CPU_ISA does not cap oneDNN below them. Elsewhere bf16 autocast is
-    emulated and usually slower than fp32."""
-    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in _ONEDNN_BELOW_BF16:
-        return False
-    flags = cpuinfo()
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def cpu_has_native_fp16() -> bool:
-    """True where oneDNN can run fp16 matmuls in hardware: AMX-FP16 (Granite Rapids and later), not capped below it by
-    ONEDNN_MAX_CPU_ISA. Every other CPU emulates fp16 autocast, far slower than fp32."""
-    capped = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in (*_ONEDNN_BELOW_BF16, "AVX512_CORE_BF16", "AVX512_CORE_AMX")
-    return not capped and "amx_fp16" in cpuinfo()
+def safe_fields(safe: dict) -> dict:
+    """Tier 2's verdict per precision, {'fp16_safe': True, 'bf16_safe': False, 'fp8_safe': None (not compared)}."""
+    out = {}
+    for p in _REGISTRY.values():
+        field = f"{p.key or p.short}_safe"
+        if p.dtype is not None and out.get(field) is None:
+            out[field] = safe.get(p.name)
+    return out
 
 
 # --- The plan ---------------------------------------------------------------------------------------------
@@ -208,7 +146,7 @@ class PrecisionPlan:
     """What a run will do: effective precision, autocast dtype, whether a GradScaler runs, and why."""
 
     requested: str
-    precision: str  # one of PRECISIONS
+    precision: str  # a registered name
     device_type: str
     reason: str
     fp32_modules: tuple = ()  # modules run with autocast off and fp32 inputs (keep_in_fp32): a layer AMP overflows
@@ -216,26 +154,46 @@ class PrecisionPlan:
     growth_interval: int = None  # steps without overflow before the scale doubles (None: torch's, 2000)
 
     @property
+    def spec(self) -> Precision:
+        return _REGISTRY[self.precision]
+
+    @property
     def autocast_dtype(self):
-        return _DTYPES[self.precision]
+        return self.spec.dtype
 
     @property
     def enabled(self) -> bool:
-        return self.precision != FP32
+        return self.spec.dtype is not None
 
     @property
     def use_scaler(self) -> bool:
-        # fp16's narrow range (max 65504, min normal 6e-5) underflows small gradients: scale the loss.
-        return self.precision == FP16
+        return self.spec.scaler
 
     @property
     def fp8(self) -> bool:
-        return self.precision in FP8_PRECISIONS
+        return self.spec.fp8
 
     @property
     def emulated(self) -> bool:
-        """Emulated float8 matmuls: the path is tested, its speed means nothing."""
-        return self.precision == FP8_EMULATED
+        return self.spec.emulated
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """A copy of `model` as this plan trains it (convert_for): the model itself stays as it was."""
+        return convert_for(self, copy.deepcopy(model))
+
+    def alternative(self, device: torch.device):
+        """(what, plan): the precision to try instead, where the device runs it natively and this one does not
+        fit (fp16's range: bf16), keeping this plan's fp32 modules; None where there is none."""
+        instead = self.spec.instead
+        if not instead or _REGISTRY[instead].emulation(device):
+            return None
+        return (f"{short_label(instead)} instead of {self.spec.short}",
+                replace(resolve(instead, device), fp32_modules=self.fp32_modules))
+
+    def out_of_range(self) -> str:
+        """What an output past this precision's largest value is, for a diagnosis's text ('' without a limit)."""
+        largest = self.spec.largest
+        return f" (a value in it passed {self.spec.short}'s largest, {largest:g})" if largest else ""
 
     def autocast(self):
         """The autocast context for this plan; a no-op when the plan is fp32."""
@@ -245,7 +203,7 @@ class PrecisionPlan:
     def grad_scaler(self, sharded: bool = False) -> torch.amp.GradScaler:
         """A GradScaler that is live for fp16 and a pass-through otherwise, so one loop serves all. Under
         FSDP2 (sharded) the sharded one, whose skip decision is agreed across ranks."""
-        tuned = {k: v for k, v in (("init_scale", self.init_scale), ("growth_interval", self.growth_interval)) if v}
+        tuned = {k: v for k, v in self.remedies().items() if k != "fp32_modules"}
         if sharded and self.use_scaler:
             return ShardedGradScaler(device=self.device_type, **tuned)
         return torch.amp.GradScaler(self.device_type, enabled=self.use_scaler, **tuned)
@@ -253,12 +211,14 @@ class PrecisionPlan:
     def loss_scaler(self, sharded: bool = False) -> "LossScaler":
         return LossScaler(self, self.grad_scaler(sharded))
 
+    def remedies(self) -> dict:
+        """The remedies this plan carries, only those set: a record or checkpoint without any stays as it was."""
+        return {k: list(v) if isinstance(v, tuple) else v for k in REMEDIES if (v := getattr(self, k))}
+
     def to_dict(self) -> dict:
-        remedies = {k: v for k, v in (("fp32_modules", list(self.fp32_modules)), ("init_scale", self.init_scale),
-                                      ("growth_interval", self.growth_interval)) if v}  # only where set: records stay as they were
         return {"requested": self.requested, "precision": self.precision, "device_type": self.device_type,
                 "autocast_dtype": str(self.autocast_dtype).replace("torch.", "") if self.enabled else "float32",
-                "grad_scaler": self.use_scaler, "reason": self.reason, **remedies}
+                "grad_scaler": self.use_scaler, "reason": self.reason, **self.remedies()}
 
 
 class LossScaler:
@@ -313,14 +273,14 @@ class LossScaler:
 def _best_mixed(device: torch.device):
     """The mixed precision this device runs fastest, or None, and why."""
     if device.type == "cuda":
-        major, minor = device_capability(device)
-        name = device_name(device)
-        if bf16_native(device):
+        major, minor = dev.device_capability(device)
+        name = dev.device_name(device)
+        if dev.bf16_native(device):
             return BF16, f"{name} (sm_{major}{minor}) has native bf16: bf16 autocast, no GradScaler needed"
         return FP16, (f"{name} (sm_{major}{minor}) predates sm_80: fp16 autocast with GradScaler "
                       "(bf16 is only emulated there, slower than fp32)")
     if device.type == "cpu":
-        if bf16_native(device):
+        if dev.bf16_native(device):
             return BF16, "CPU has native bf16 (AVX512-BF16/AMX): bf16 autocast"
         return None, "CPU lacks native bf16 (no avx512_bf16/amx_bf16): autocast would be emulated and slower, so fp32"
     return None, f"no mixed-precision rule for device type {device.type!r}, so fp32"
@@ -333,7 +293,7 @@ def resolve(requested=AUTO, device=None, use_amp=None) -> PrecisionPlan:
     with a warning in the reason where the device only emulates it).
     use_amp: the seed's flag. False forces fp32; True means 'auto' but never plain fp32 by request.
     """
-    device = resolve_device(device)
+    device = dev.resolve_device(device)
     want, asked = canonical(requested), str(requested)
     if use_amp is False:
         return PrecisionPlan(asked, FP32, device.type, "use_amp=False: fp32")
@@ -341,7 +301,7 @@ def resolve(requested=AUTO, device=None, use_amp=None) -> PrecisionPlan:
         want = AUTO
     if want == FP32:
         return PrecisionPlan(asked, FP32, device.type, "fp32 requested")
-    if want in FP8_PRECISIONS:
+    if want != AUTO and _REGISTRY[want].fp8:
         return PrecisionPlan(asked, want, device.type, _fp8_reason(want, device))
     best, why = _best_mixed(device)
     if want == AUTO:
@@ -382,18 +342,18 @@ def _torchao_float8():
 
 def _fp8_reason(want: str, device: torch.device) -> str:
     """Why fp8 can run here, or UnsupportedPrecision saying why not (device, capability, torchao)."""
-    if want == FP8:
+    if not _REGISTRY[want].emulated:
         if device.type != "cuda":
             raise UnsupportedPrecision(f"fp8 needs a CUDA GPU with float8 tensor cores (sm_89+: L4, H100, H200); this run "
                                        f"is on {device.type}. ('fp8-emulated' runs the same path slowly, to test it.)")
-        capability = device_capability(device)
+        capability = dev.device_capability(device)
         if capability < FP8_MIN_CAPABILITY:
             raise UnsupportedPrecision(f"fp8 needs float8 tensor cores (sm_89+: L4, H100, H200); "
-                                       f"{device_name(device)} is sm_{capability[0]}{capability[1]}")
+                                       f"{dev.device_name(device)} is sm_{capability[0]}{capability[1]}")
     _torchao_float8()
     how = "torchao float8 Linear matmuls (dynamic tensorwise scales) inside bf16 autocast"
-    if want == FP8_EMULATED:
-        return f"fp8-emulated requested: {how}, emulated (tests the path; slow, so no speed meaning)"
+    if _REGISTRY[want].emulated:
+        return f"{want} requested: {how}, emulated (tests the path; slow, so no speed meaning)"
     return f"fp8 requested: {how}; compile=True fuses the float8 casts, as torchao recommends"
 
 
@@ -461,24 +421,11 @@ def _autocast_back(module, args, output):
         torch.set_autocast_enabled(d, True)
 
 
-def bf16_native(device: torch.device) -> bool:
-    """bf16 runs natively here, so it is worth offering: a CPU with bf16 instructions (cpu_has_native_bf16), a GPU from
-    sm_80. Elsewhere bf16 autocast runs, but emulated and slower than fp32."""
-    if device.type == "cpu":
-        return cpu_has_native_bf16()
-    return device.type == "cuda" and tuple(device_capability(device)) >= BF16_MIN_CAPABILITY
-
-
 def emulated_here(plan: PrecisionPlan, device: torch.device):
-    """Why this device only emulates the plan's mixed precision, so that its speed here says nothing about AMP's
-    (None where it runs natively). fp8-emulated is asked for as emulation and has its own rule."""
-    if plan.precision == BF16 and not bf16_native(device):
-        return (f"{short_label(BF16)} is only emulated here ("
-                + ("this CPU has no AVX512-BF16/AMX instructions" if device.type == "cpu" else
-                   f"{device_name(device)} predates sm_80") + ")")
-    if plan.precision == FP16 and device.type == "cpu" and not cpu_has_native_fp16():
-        return "fp16 is only emulated here (this CPU has no fp16 matmul instructions, AMX-FP16)"
-    return None
+    """Why this device only emulates the plan's precision, so that its speed here says nothing about AMP's (None where
+    it runs natively). fp8-emulated is asked for as emulation and has its own rule."""
+    why = plan.spec.emulation(device) if plan.spec.emulation else None
+    return f"{plan.spec.short} is only emulated here ({why})" if why else None
 
 
 @contextmanager

@@ -7,9 +7,11 @@ from pathlib import Path
 import torch
 
 from utils.environment import run_record
-from utils.models import UnsupportedModel, check_fp32_master_weights, load_model, load_task_data, load_tokenizer, model_max_len, probe_model
+from utils.loop.config import fitted_seq_len
+from utils.models import UnsupportedModel, load_model, load_task_data, load_tokenizer, model_max_len, probe_model
 from utils.params import TRAIN_PARAMS, check_params, check_values
-from utils.precision import PrecisionPlan, comparison_plan, fp32_plan, resolve, resolve_device
+from utils import device as dev
+from utils.precision import PrecisionPlan, comparison_plan, fp32_plan, resolve
 
 
 @dataclass
@@ -30,24 +32,19 @@ def prepare(tier: int, model, params: dict, data=None) -> Prepared:
     or a spec) overrides the `model` parameter; `device` may be a torch.device. A tier with a precision
     compares it with fp32; the others check in fp32."""
     p = check_params(tier, _device_as_text(params))
-    device = resolve_device(p["device"])
+    device = dev.resolve_device(p["device"])
     plan = (comparison_plan(p["precision"], device) if "precision" in p
             else fp32_plan(device, f"tier {tier} runs its checks in fp32"))
     if p.get("fp32_modules"):
         plan = replace(plan, fp32_modules=tuple(p["fp32_modules"]))
-    run = _load(p, model, device, plan, data)
-    if tier == 3:  # it trains: refused here, before any trial
-        check_fp32_master_weights(run.model)
-    return run
+    return _load(p, model, device, plan, data)
 
 
 def prepare_training(model, params: dict, data=None) -> Prepared:
     """prepare() for utils.train: its parameters, and the precision asked for (fp32 too), not a comparison."""
     p = check_values(_device_as_text(params), {q.name: q for q in TRAIN_PARAMS}, "utils.train")
-    device = resolve_device(p["device"])
-    run = _load(p, model, device, resolve(p["precision"], device), data)
-    check_fp32_master_weights(run.model)
-    return run
+    device = dev.resolve_device(p["device"])
+    return _load(p, model, device, resolve(p["precision"], device), data)
 
 
 def _device_as_text(params: dict) -> dict:
@@ -61,12 +58,12 @@ def _load(p: dict, model, device: torch.device, plan: PrecisionPlan, data) -> Pr
     task = probe_model(model, p["task"])
     own = isinstance(spec, str) and spec.startswith("hf:") and _has_tokenizer(spec)  # an hf: model's own tokenizer
     tokenizer = load_tokenizer(p["tokenizer"]) if p["tokenizer"] else load_tokenizer(spec) if own else None
-    seq_len = min(p["seq_len"], model_max_len(model))
+    seq_len = fitted_seq_len(model, p["seq_len"])
     try:
         data = load_task_data(model, data, seq_len, tokenizer)
     except UnsupportedModel as e:  # found only now, from the model's outputs: say which model parameter it was
         raise UnsupportedModel(f"parameter 'model' {spec if isinstance(spec, str) else type(model).__name__!r}: {e}") from None
-    record = {**run_record(device, plan), "task": task, "seq_len": seq_len, "max_len": model_max_len(model),
+    record = {**run_record(device, plan, p.get("tf32")), "task": task, "seq_len": seq_len, "max_len": model_max_len(model),
               "data": getattr(data, "source", type(data).__name__), "vocab": getattr(data, "vocab_size", None)}
     return Prepared(p, model, device, plan, data, seq_len, record)
 

@@ -1,11 +1,15 @@
 """Results as files: JSON written atomically (a temp file in the same folder, then a rename), so a
-reader never sees half a file and an interrupted run leaves nothing behind."""
+reader never sees half a file and an interrupted run leaves nothing behind; and the commands' exit codes."""
 
 import json
 import math
 import os
 import tempfile
 from pathlib import Path
+
+# What utils.run and utils.train exit with: all ran; a run crashed or failed its gate; bad arguments (as argparse
+# exits); stopped by Ctrl-C (what a shell reports for it).
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def json_safe(value):

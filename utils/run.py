@@ -54,10 +54,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+from utils.results import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, read_json
+
 
 def _stopped_while_loading(signum, frame):
     print("stopped before any run started (Ctrl-C while the runner loaded its modules)", file=sys.stderr)
-    raise SystemExit(130)
+    raise SystemExit(EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":  # the imports below take seconds: a Ctrl-C then is one line, not a traceback through them
@@ -68,15 +70,14 @@ import pandas as pd
 import yaml
 from matplotlib import pyplot as plt
 
-from utils.params import ROOT, TIER_PARAMS, ParamError, shown, spec
+from utils.params import ROOT, TIER_PARAMS, ParamError, current_names, shown, spec
 from utils.loop.stops import INTERRUPTED
 from utils.plotting import plot_sweep, plot_verdict_grid
-from utils.results import read_json
 from utils.runner import Job, UsageError
-from utils.runner.execute import (_STOP, CHECKSUMS, NOT_STARTED, STOP_WINDOW_S, not_started_row, run_digest,
-                                  stops_passed_to_notebooks, why_rerun)
+from utils.runner.execute import (CHECKSUMS, NOT_STARTED, STOP_WINDOW_S, run_digest, stop_reason, stops_passed_to_notebooks,
+                                  unfinished_row, why_rerun)
 from utils.runner.local import LocalExecutor, cpu_count, named_gpu
-from utils.runner.lock import batch_lock
+from utils.runner.lock import OK, batch_lock, temp_prefix
 from utils.runner.ray_cluster import RayExecutor
 from utils.tiers import TIERS
 
@@ -99,8 +100,8 @@ terminationGracePeriodSeconds; Colab's stop button is Ctrl-C."""
 
 
 # Every tier gives a parameter name the same type (a test checks it): a -p value or a grid's value is read by its
-# name, before the tiers that take it are known.
-_PARAMS = {p.name: p for params in TIER_PARAMS.values() for p in params}
+# name (or former name), before the tiers that take it are known.
+_PARAMS = {name: p for params in TIER_PARAMS.values() for p in params for name in (p.name, p.formerly) if name}
 
 
 def _typed(name: str, value):
@@ -109,8 +110,7 @@ def _typed(name: str, value):
 
 
 def parse_assignments(pairs) -> dict:
-    """-p name=value pairs, each value read as its parameter's type says: the text for a string parameter
-    (precision=32 is '32'), a Python literal for any other (3, 1e-3, [1, 2], True). A name given twice is an error."""
+    """-p name=value pairs, each value read as its parameter's type says (_typed). A name given twice is an error."""
     params, given = {}, {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
@@ -174,8 +174,8 @@ _GridLoader.add_constructor("tag:yaml.org,2002:int", _GridLoader.construct_yaml_
 
 
 def read_grid(path: Path) -> dict:
-    """A grid file's mapping, or a UsageError that names the file and what is wrong with it: its kind and size are
-    checked before it is read, its aliases, nesting and keys as it is read, all before anything is expanded."""
+    """A grid file's mapping, or a UsageError that names the file and what is wrong with it (its kind and size checked
+    before it is read, its aliases, nesting and keys as it is read)."""
     name = shown(str(path))
     try:
         info = path.stat()
@@ -216,8 +216,6 @@ def grid_size(grid: dict, tiers) -> int:
 
 def expand_grid(grid: dict) -> list:
     """Cross product of the grid's list values; scalars are shared. {} gives one empty run."""
-    if not isinstance(grid, dict):
-        raise UsageError(f"a grid must be a mapping of parameter names to values; got {type(grid).__name__}")
     axes = {k: [_typed(k, x) for x in v] if isinstance(v, list) else [_typed(k, v)] for k, v in grid.items()}
     for name, values in axes.items():
         if not values:
@@ -231,9 +229,8 @@ def _slug(value) -> str:
 
 
 def _absolute_paths(params: dict) -> dict:
-    """A 'path/to/file.py:factory' spec, an hf: model or tokenizer folder and a checkpoint_dir relative to where the
-    runner was started, made absolute once, here: notebooks run in their own folders, and a resume must find the
-    same checkpoints."""
+    """A 'path/to/file.py:factory' spec, an hf: model or tokenizer folder and a checkpoint_dir made absolute once, here:
+    notebooks run in their own folders, and a resume must find the same checkpoints."""
     target, sep, attr = str(params.get("model", "")).rpartition(":")
     if sep and target.endswith(".py") and Path(target).is_file():
         params = {**params, "model": f"{Path(target).resolve()}:{attr}"}
@@ -248,12 +245,16 @@ def _absolute_paths(params: dict) -> dict:
 
 
 def plan_runs(tiers, params: dict, grid: dict, max_runs: int = None) -> list:
-    """One (run_id, tier, parameters) per tier and distinct grid point; every name and value checked up
-    front. The run id ends in the content digest, so two different runs never share a folder. A grid of more
-    than max_runs runs is refused before it is expanded."""
+    """One (run_id, tier, parameters) per tier and distinct grid point, every name and value checked (a grid of more
+    than max_runs runs before it is expanded). The run id ends in the content digest: two runs never share a folder."""
     if not isinstance(grid, dict):
         raise UsageError(f"a grid must be a mapping of parameter names to values; got {type(grid).__name__}")
     known = {tier: spec(tier) for tier in tiers}
+    renamed = [p for names in known.values() for p in names.values() if p.formerly]
+    try:  # a former name is read as the parameter's; the run id keeps the former (run_digest, the suffix below)
+        params, grid = current_names(params, renamed), current_names(grid, renamed)
+    except ParamError as e:
+        raise UsageError(str(e)) from None
     everything = set().union(*known.values())
     for name in [*params, *grid]:
         if name == "output_dir":
@@ -280,7 +281,7 @@ def plan_runs(tiers, params: dict, grid: dict, max_runs: int = None) -> list:
             if digest in seen:  # a grid axis another tier ignores repeats the same run
                 continue
             seen.add(digest)
-            suffix = "".join(f"_{k}-{_slug(v)}" for k, v in point.items() if k in known[tier])
+            suffix = "".join(f"_{known[tier][k].formerly or k}-{_slug(v)}" for k, v in point.items() if k in known[tier])
             name = f"tier{tier}{suffix}"[:MAX_FOLDER_NAME - len(digest) - 1]  # many axes add up; the digest stays
             runs.append((f"{name}_{digest}", tier, chosen))
     return runs
@@ -314,6 +315,10 @@ def run_all(runs, out_dir: Path, resume: bool = False, progress: bool = False, t
     order whatever order the runs finish in. After a stop, queued runs never start."""
     executor = executor or LocalExecutor()
     rows, total, cancelled = {}, len(runs), False
+
+    def summarize():
+        return write_summary([rows[k] for k in sorted(rows)], out_dir, log)
+
     executor.on_start = lambda job: log(f"[{job.index + 1}/{total}] {job.run_id} ...{executor.start_note}" + (
         f" (again: {job.extra['rerun_reason']})" if job.extra["rerun_reason"] else ""))
     for i, (run_id, tier, params) in enumerate(runs):
@@ -321,13 +326,13 @@ def run_all(runs, out_dir: Path, resume: bool = False, progress: bool = False, t
         if resume and reason is None:
             log(f"[{i + 1}/{total}] {run_id}: complete, skipped (--resume)")
             rows[i] = {k: v for k, v in read_json(out_dir / run_id / "run.json").items() if k != CHECKSUMS}
-        elif not _STOP:
+        elif not stop_reason():
             if resume and "resume" in spec(tier):  # an interrupted fine-tuning run continues from its checkpoints
                 params = {"resume": True, **params}
             executor.submit(Job(i, run_id, tier, params, out_dir, progress, timeout, {"rerun_reason": reason}))
-    summary = write_summary([rows[k] for k in sorted(rows)], out_dir, log) if rows else pd.DataFrame()
+    summary = summarize() if rows else pd.DataFrame()
     while executor.busy:
-        if _STOP and not cancelled:
+        if stop_reason() and not cancelled:
             executor.cancel()
             cancelled = True
         for job, row in executor.collect(POLL_S):
@@ -337,21 +342,15 @@ def run_all(runs, out_dir: Path, resume: bool = False, progress: bool = False, t
             log(f"[{job.index + 1}/{total}] {job.run_id}: {row['run_status']}" +
                 (f", verdict {row['verdict']}" if row.get("verdict") else f" ({row['error']})") +
                 (f" in {row['duration_s']:.1f}s" if "duration_s" in row else ""))
-            summary = write_summary([rows[k] for k in sorted(rows)], out_dir, log)
-    if _STOP and len(rows) < total:
-        log(f"{_STOP[0]}: {total - len(rows)} run(s) not started; --resume runs them")
+            summary = summarize()
+    if stop_reason() and len(rows) < total:
+        log(f"{stop_reason()}: {total - len(rows)} run(s) not started; --resume runs them")
         for i, (run_id, tier, params) in enumerate(runs):
             if i not in rows:
-                rows[i] = not_started_row(run_id, tier, params, f"{_STOP[0]} came before it started; --resume runs it")
-        summary = write_summary([rows[k] for k in sorted(rows)], out_dir, log)
+                why = f"{stop_reason()} came before it started; --resume runs it"
+                rows[i] = unfinished_row(Job(i, run_id, tier, params, out_dir), NOT_STARTED, why)
+        summary = summarize()
     return summary
-
-
-def _executor(args, out_dir: Path):
-    """The engine the arguments name, with each run's threads (default: this machine's cores split between --jobs)."""
-    if args.executor == "ray":
-        return RayExecutor(out_dir, args.ray_address, args.threads or 1)
-    return LocalExecutor(args.jobs, args.threads)
 
 
 def parameters_help() -> str:
@@ -451,12 +450,13 @@ def main(argv=None) -> int:
         if args.dry_run:
             for run_id, tier, params in runs:
                 print(f"{run_id}: {TIERS[tier].notebook} {params}")
-            return 0
+            return EXIT_OK
         out_dir = _output_folder(args.out.resolve(), args.name)  # absolute once: notebooks run in their own folders
         with batch_lock(out_dir):
             os.environ.setdefault("SUITE_ROOT", str(ROOT))  # the notebooks' set-up cell finds utils/ here
             # The engine first: ray.init installs a SIGTERM handler of its own, which ours must replace.
-            executor = _executor(args, out_dir)
+            executor = (RayExecutor(out_dir, args.ray_address, args.threads or 1) if args.executor == "ray"
+                        else LocalExecutor(args.jobs, args.threads))
             try:
                 print(f"{len(runs)} run(s) into {out_dir}" + (f", {args.jobs} at a time" if args.jobs > 1 else "")
                       + (" on Ray" if args.executor == "ray" else ""))
@@ -465,13 +465,13 @@ def main(argv=None) -> int:
                 executor.close()
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except StoppedAtOnce:
         print(_stopped_at_once(out_dir), file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except KeyboardInterrupt:  # before any run started (a stale lock's watch, Ray's start): nothing to keep
         print("stopped before any run started", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     return _report(summary, out_dir, args)
 
 
@@ -480,14 +480,13 @@ class StoppedAtOnce(Exception):
 
 
 def _stopped_at_once(out_dir: Path) -> str:
-    """The line of a runner stopped at once: what is kept, and what the next run on the folder removes."""
-    left = sorted(p.name for p in out_dir.glob(".*.*") if p.is_dir())
+    left = sorted(p.name for p in out_dir.glob(temp_prefix("*") + "*") if p.is_dir())
     return ("stopped at once: the running notebooks did not finish; finished runs are kept, --resume runs the rest"
             + (f"; the next run into {out_dir} removes their temporary folder(s) {', '.join(left)}" if left else ""))
 
 
 def _run_stoppably(runs, out_dir: Path, args, executor) -> pd.DataFrame:
-    """run_all with stops passed to the notebooks; a second stop kills them while the lock is still held."""
+    """run_all with stops passed to the notebooks; a stop at once kills them while the lock is still held."""
     with stops_passed_to_notebooks():
         try:
             return run_all(runs, out_dir, args.resume, args.progress, args.timeout, executor=executor)
@@ -498,7 +497,7 @@ def _run_stoppably(runs, out_dir: Path, args, executor) -> pd.DataFrame:
 
 def _report(summary: pd.DataFrame, out_dir: Path, args) -> int:
     """The batch in one line, a line per run that did not finish, and the exit code the gates give."""
-    broken = summary[summary["run_status"] != "ok"]
+    broken = summary[summary["run_status"] != OK]
     failed = summary[summary["verdict"] == "fail"]
     timing = summary[summary["timing_failed"].fillna(False).astype(bool)]
     stopped, unstarted = ((broken["run_status"] == status).sum() for status in (INTERRUPTED, NOT_STARTED))
@@ -511,7 +510,7 @@ def _report(summary: pd.DataFrame, out_dir: Path, args) -> int:
         print(f"  {row.run_status}: {row.run_id}: {row.error}")
     gate = len(broken) or NOT_WRITTEN in summary.attrs or (args.fail_on_verdict and len(failed)) or (
         args.fail_on_timing and len(timing))
-    return 1 if gate else 0
+    return EXIT_FAILED if gate else EXIT_OK
 
 
 if __name__ == "__main__":

@@ -1,17 +1,7 @@
-"""Tier 1: does the model work at all?
-
-Seven checks, each returning its data (a DataFrame) and a Verdict (pass / warn / fail) whose reason
-names the input, parameter or batch size at fault and what to try:
-  shapes            edge-case inputs: batch 1, sequence 1, the maximum length, padding, mixed content
-  causality         a causal LM's early logits must not change when only later tokens do
-  gradient_flow     one backward on real data: unused, NaN, vanishing and exploding gradients (key biases,
-                    whose gradient is zero by design, are noted, not flagged)
-  numerics          NaN/Inf and output statistics over many inputs
-  initialization    per-parameter mean/std: all-zero, tiny or huge weights (embeddings: their own bound)
-  memory            footprint per batch size, stopping cleanly at out-of-memory
-  latency           inference p50/p95/p99 and throughput
-`run_tier1` runs them all and returns one table of verdicts.
-"""
+"""Tier 1: does the model work at all? Seven checks (run_tier1 runs them all), each its data and a Verdict whose
+reason names the input, parameter or batch size at fault and what to try: shapes (edge-case inputs), causality,
+gradient_flow (one backward on real data), numerics, initialization, memory (per batch size, stopping cleanly at
+out-of-memory) and latency (inference p50/p95/p99)."""
 
 import math
 import re
@@ -22,10 +12,12 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
+from utils.loop.config import fitted_seq_len
 from utils.models import (compute_loss, count_parameters, forward, load_task_data, model_device, model_max_len, model_task,
                           model_vocab_size)
 from utils.measure import saved_activation_bytes
-from utils.precision import PrecisionPlan, synchronize
+from utils import device as dev
+from utils.precision import PrecisionPlan
 from utils.prepare import Prepared
 from utils.verdicts import CheckResult, TierResult, Verdict, run_check
 
@@ -40,8 +32,8 @@ def _random_tokens(vocab: int, batch: int, seq: int, generator, device) -> torch
 
 
 def check_shapes(model: nn.Module, seed: int = 0) -> CheckResult:
-    """Output shapes over edge cases, against the shape a reference input implies: (B, T, vocab) for
-    a causal LM, (B, classes) for a classifier."""
+    """Output shapes over edge cases (batch 1, sequence 1, the maximum length, padding, mixed content), against the
+    shape a reference input implies: (B, T, vocab) for a causal LM, (B, classes) for a classifier."""
     device, vocab, max_len = model_device(model), model_vocab_size(model) or 256, model_max_len(model)
     g = torch.Generator().manual_seed(seed)
     ref_len = min(8, max_len)
@@ -53,11 +45,11 @@ def check_shapes(model: nn.Module, seed: int = 0) -> CheckResult:
     def expected(b, t):
         return (b, width) if task == "classification" else (b, t, width)
 
-    padded_mask = torch.ones(2, min(16, max_len), dtype=torch.long, device=device)
-    padded_mask[1, padded_mask.shape[1] // 2:] = 0  # second row: half padding
-    mixed = torch.stack([torch.zeros(min(16, max_len), dtype=torch.long),                # all token 0
-                         torch.full((min(16, max_len),), vocab - 1, dtype=torch.long),   # the largest token id
-                         torch.randint(vocab, (min(16, max_len),), generator=g)]).to(device)
+    n = min(16, max_len)
+    padded_mask = torch.ones(2, n, dtype=torch.long, device=device)
+    padded_mask[1, n // 2:] = 0  # second row: half padding
+    mixed = torch.stack([torch.zeros(n, dtype=torch.long), torch.full((n,), vocab - 1, dtype=torch.long),  # 0, the max id
+                         torch.randint(vocab, (n,), generator=g)]).to(device)
     cases = [("batch 1", _random_tokens(vocab, 1, ref_len, g, device), None),
              ("sequence length 1", _random_tokens(vocab, 2, 1, g, device), None),
              (f"maximum length {max_len}", _random_tokens(vocab, 2, max_len, g, device), None),
@@ -91,10 +83,10 @@ def check_shapes(model: nn.Module, seed: int = 0) -> CheckResult:
 def check_causality(model: nn.Module, seq_len: int = 32, seed: int = 0) -> CheckResult:
     """A causal LM's logits at position t may depend on tokens 0..t only: change the second half of the
     input, and the first half's logits must not move (beyond float noise)."""
-    task = model.task
+    task, empty = model.task, pd.DataFrame(columns=["position", "max_abs_change", "leaked"])
     if task != "causal-lm":
         return CheckResult(Verdict("causality", "pass", f"not applicable: a {task} model sees the whole sequence by design."),
-                           pd.DataFrame(columns=["position", "max_abs_change", "leaked"]))
+                           empty)
     device, vocab = model_device(model), model_vocab_size(model) or 256
     T = max(2, min(seq_len, 16))
     cut, g = T // 2, torch.Generator().manual_seed(seed)
@@ -105,7 +97,6 @@ def check_causality(model: nn.Module, seq_len: int = 32, seed: int = 0) -> Check
     with torch.no_grad():  # the same input twice first: a model whose outputs move by themselves leaks nothing
         # detached: a model may hand back a tensor that asks for a gradient even here (a fresh leaf), and only values are read
         a, again, b = (forward(model, t).detach().float() for t in (x, x, changed))
-    empty = pd.DataFrame(columns=["position", "max_abs_change", "leaked"])
     if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
         return CheckResult(Verdict("causality", "fail", "the outputs are NaN/Inf, so causality cannot be judged "
                                    "(see numerics)."), empty)
@@ -133,7 +124,7 @@ def check_gradient_flow(model: nn.Module, data=None, batch_size: int = 4, seq_le
                         vanishing: float = 1e-8, exploding: float = 1e3) -> CheckResult:
     """One forward + backward on real data; every trainable parameter's gradient norm, classified."""
     device = model_device(model)
-    seq_len = min(seq_len, model_max_len(model))
+    seq_len = fitted_seq_len(model, seq_len)
     data = load_task_data(model, data, seq_len)
     x, y = data.get_batch("train", batch_size, seq_len, torch.Generator().manual_seed(seed))
     model.train()
@@ -189,7 +180,7 @@ def check_numerics(model: nn.Module, n_batches: int = 8, batch_size: int = 4, se
                    large: float = 1e4) -> CheckResult:
     """NaN/Inf and statistics of the outputs over random, repeated-token and extreme-id inputs."""
     device, vocab = model_device(model), model_vocab_size(model) or 256
-    seq_len = min(seq_len, model_max_len(model))
+    seq_len = fitted_seq_len(model, seq_len)
     g = torch.Generator().manual_seed(seed)
     model.eval()
     rows = []
@@ -229,9 +220,8 @@ def check_numerics(model: nn.Module, n_batches: int = 8, batch_size: int = 4, se
 
 
 def check_initialization(model: nn.Module, tiny: float = 1e-4, huge: float = 1.0, huge_embedding: float = 1.5) -> CheckResult:
-    """Per-parameter mean and std. Matrices that are all zero (units never differentiate), or whose
-    std is tiny or huge, are flagged; 1-D tensors (biases, norm gains) are expected to be constant.
-    Embedding tables get their own bound: nn.Embedding's documented default init is N(0, 1)."""
+    """Per-parameter mean and std: all-zero matrices (units never differentiate) and tiny or huge stds are flagged, 1-D
+    tensors (biases, norm gains) may be constant; embeddings get their own bound (nn.Embedding's default init is N(0, 1))."""
     embeddings = {f"{m_name}.weight".lstrip(".") for m_name, m in model.named_modules() if isinstance(m, nn.Embedding)}
     rows = []
     for name, p in model.named_parameters():
@@ -258,16 +248,12 @@ def check_initialization(model: nn.Module, tiny: float = 1e-4, huge: float = 1.0
     return CheckResult(verdict, df)
 
 
-def _is_oom(error: Exception) -> bool:
-    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
-
-
 def check_memory(model: nn.Module, plan: PrecisionPlan, batch_sizes=(1, 2, 4, 8, 16), seq_len: int = 32,
                  seed: int = 0) -> CheckResult:
-    """Training-step memory per batch size: the CUDA allocator's peak, or on a CPU the bytes of
-    activations saved for backward. Stops at the first out-of-memory and reports the largest batch that fit."""
+    """Training-step memory per batch size (the CUDA allocator's peak; on a CPU the activations saved for backward),
+    stopping at the first out-of-memory with the largest batch that fit."""
     device, vocab = model_device(model), model_vocab_size(model) or 256
-    seq_len = min(seq_len, model_max_len(model))
+    seq_len = fitted_seq_len(model, seq_len)
     g = torch.Generator().manual_seed(seed)
     model.train()
     with torch.no_grad():
@@ -278,18 +264,17 @@ def check_memory(model: nn.Module, plan: PrecisionPlan, batch_sizes=(1, 2, 4, 8,
         y = torch.zeros(bs, dtype=torch.long, device=device) if task == "classification" else x
         try:
             if device.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(device)
+                dev.start_peak(device)
                 with plan.autocast():
                     loss = compute_loss(model, x, y)
                 if loss.requires_grad:  # no graph (no_grad in the forward): nothing to go back through; gradient_flow says so
                     loss.backward()
-                synchronize(device)
-                measured, kind = torch.cuda.max_memory_allocated(device), "cuda_peak_allocated"
+                dev.synchronize(device)
+                measured, kind = dev.peak_bytes(device), "cuda_peak_allocated"
             else:
                 measured, kind = saved_activation_bytes(model, plan, (x, y)), "saved_activations"
         except Exception as e:
-            if not _is_oom(e):
+            if not dev.out_of_memory(e):
                 raise
             oom_at = bs
             break
@@ -313,20 +298,19 @@ def check_memory(model: nn.Module, plan: PrecisionPlan, batch_sizes=(1, 2, 4, 8,
 
 def check_latency(model: nn.Module, batch_size: int = 1, seq_len: int = 32, warmup: int = 3, iters: int = 30,
                   seed: int = 0, jitter: float = 3.0, jitter_floor_ms: float = 1.0) -> CheckResult:
-    """Inference latency after warm-up, synchronized: p50/p95/p99 and tokens/s. A tail over `jitter`
-    times the median warns, unless it is within `jitter_floor_ms` of it: sub-millisecond wobble is
-    scheduler noise, not a property of the model."""
+    """Inference latency after warm-up, synchronized: p50/p95/p99 and tokens/s. A tail over `jitter` times the median
+    warns, unless within `jitter_floor_ms` of it (sub-millisecond wobble is scheduler noise, not the model's)."""
     device, vocab = model_device(model), model_vocab_size(model) or 256
-    seq_len = min(seq_len, model_max_len(model))
+    seq_len = fitted_seq_len(model, seq_len)
     x = _random_tokens(vocab, batch_size, seq_len, torch.Generator().manual_seed(seed), device)
     model.eval()
     times = []
     with torch.no_grad():
         for i in range(warmup + iters):
-            synchronize(device)
+            dev.synchronize(device)
             t0 = time.perf_counter()
             forward(model, x)
-            synchronize(device)
+            dev.synchronize(device)
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
     ms = np.array(times) * 1000

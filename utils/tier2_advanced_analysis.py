@@ -7,16 +7,16 @@
 `run_tier2` runs them all and returns one table of verdicts.
 """
 
-import copy
 
 import pandas as pd
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils.models import count_parameters, forward, load_task_data, model_device, model_max_len, model_vocab_size
-from utils.measure import layer_errors, layer_outputs
-from utils.precision import BF16, FP16, MIXED, PrecisionPlan, convert_for, fp32_plan, resolve, short_label
+from utils.loop.config import fitted_seq_len
+from utils.models import count_parameters, forward, load_task_data, model_device, model_vocab_size
+from utils.measure import beyond_range, layer_comparison
+from utils.precision import PrecisionPlan, compared, resolve, safe_fields, short_label, spec
 from utils.prepare import Prepared
 from utils.verdicts import CheckResult, TierResult, Verdict, run_check
 
@@ -24,7 +24,7 @@ from utils.verdicts import CheckResult, TierResult, Verdict, run_check
 
 def sample_batch(model: nn.Module, data=None, batch_size: int = 4, seq_len: int = 32, seed: int = 0):
     """Real inputs for the model's task: validation windows of the built-in (or given) data."""
-    seq_len = min(seq_len, model_max_len(model))
+    seq_len = fitted_seq_len(model, seq_len)
     data = load_task_data(model, data, seq_len)
     x, _ = next(iter(data.eval_batches(1, batch_size, seq_len)))
     return x.to(model_device(model))
@@ -186,27 +186,21 @@ def analyze_robustness(model: nn.Module, x: torch.Tensor, strengths=(0.01, 0.05,
 
 
 def analyze_amp_readiness(model: nn.Module, x: torch.Tensor, plan: PrecisionPlan, tolerance: float = 0.05) -> CheckResult:
-    """Forward in fp32 and under autocast (fp16 and bf16), layer by layer.
+    """Forward in fp32 and under autocast (each compared precision, and the plan's), layer by layer.
 
-    Per layer: relative error ||amp - fp32|| / ||fp32|| and the fp32 activation max. A layer drifts
-    when its error passes `tolerance`; an activation beyond 65504 overflows fp16. The table holds the
-    errors of `plan`'s precision (a mixed one); both dtypes decide the verdict on which is safe."""
+    Per layer: relative error ||amp - fp32|| / ||fp32|| and the fp32 activation max. A layer drifts when its error
+    passes `tolerance`; an activation beyond a precision's largest value (fp16: 65504) overflows it. The table holds
+    the errors of `plan`'s precision; every precision compared decides the verdict on which is safe."""
     device = model_device(model)
-    was_training = model.training
-    model.eval()
-    ref = layer_outputs(model, x, fp32_plan(device))
+    plans = [plan if p == plan.precision else resolve(p, device) for p in compared()]
+    plans += [] if plan.precision in compared() else [plan]  # fp8: float8 Linear layers, on the copy it prepares
+    ref, df = layer_comparison(model, x, plans)
     if not torch.isfinite(ref["<output>"]).all():
-        model.train(was_training)
         return CheckResult(Verdict("amp_readiness", "fail", "the fp32 forward is already NaN/Inf: that is the model, not "
                                    "mixed precision (see Tier 1 numerics); AMP readiness cannot be judged."), pd.DataFrame())
-    runs = {p: layer_outputs(model, x, resolve(p, device)) for p in MIXED}
-    if plan.fp8:  # float8 Linear layers on a copy: the model itself stays as it was
-        runs[plan.precision] = layer_outputs(convert_for(plan, copy.deepcopy(model)), x, plan)
-    model.train(was_training)
-    df = layer_errors(ref, runs)
     df["rel_error"] = df[f"rel_error_{plan.precision}"]
     df["drifts"] = df["rel_error"] > tolerance
-    return _readiness_verdict(df, list(runs), plan, tolerance)
+    return _readiness_verdict(df, [p.precision for p in plans], plan, tolerance)
 
 
 def _readiness_verdict(df: pd.DataFrame, precisions: list, plan: PrecisionPlan, tolerance: float) -> CheckResult:
@@ -215,32 +209,34 @@ def _readiness_verdict(df: pd.DataFrame, precisions: list, plan: PrecisionPlan, 
         hit = df[mask & (df["layer"] != "<output>")]
         return hit.iloc[0]["layer"] if len(hit) else None
 
-    fp16_overflow = df["beyond_fp16_range"] | df[f"nonfinite_{FP16}"]
+    overflows = {p: df[f"nonfinite_{p}"] | df.get(beyond_range(p), False) for p in precisions}
     safe, why = {}, {}
     for p in precisions:
         out_err = float(df[df["layer"] == "<output>"][f"rel_error_{p}"].iloc[0])
-        overflow = first(fp16_overflow) if p == FP16 else first(df[f"nonfinite_{p}"])
-        drift = first(df[f"rel_error_{p}"] > tolerance)
+        overflow, drift = first(overflows[p]), first(df[f"rel_error_{p}"] > tolerance)
         safe[p] = overflow is None and out_err <= tolerance
         why[p] = (f"overflows at {overflow}" if overflow else f"output error {out_err:.2%}" +
                   (f", first drifting layer {drift}" if drift else ""))
-    ok = [p for p in MIXED if safe[p]]
-    findings = "; ".join(f"{short_label(p)}: {why[p]}" for p in why)
-    extra = {"table_precision": plan.precision, "tolerance": tolerance,
-             "first_drift_layer": first(df["drifts"]), "first_fp16_overflow_layer": first(fp16_overflow),
-             "fp16_safe": safe[FP16], "bf16_safe": safe[BF16], "fp8_safe": safe.get(plan.precision) if plan.fp8 else None}
+    both, ok = compared(), [p for p in compared() if safe[p]]
+    names, findings = [short_label(p) for p in both], "; ".join(f"{short_label(p)}: {why[p]}" for p in why)
+    extra = {"table_precision": plan.precision, "tolerance": tolerance, "first_drift_layer": first(df["drifts"]),
+             **{f"first_{spec(p).short}_overflow_layer": first(overflows[p]) for p in both if spec(p).largest},
+             **safe_fields(safe)}
     if not ok:
-        verdict = Verdict("amp_readiness", "fail", f"neither fp16 nor bf16 is safe (tolerance {tolerance:.0%}): {findings}. "
-                          "Keep the named layer in fp32 (autocast(enabled=False) around it) or rescale its activations.")
-    elif len(ok) == 1:
-        verdict = Verdict("amp_readiness", "warn", f"only {short_label(ok[0])} is safe (tolerance {tolerance:.0%}): {findings}. "
-                          f"Use {ok[0]}.")
+        verdict = Verdict("amp_readiness", "fail", f"neither {' nor '.join(names)} is safe (tolerance {tolerance:.0%}): "
+                          f"{findings}. Keep the named layer in fp32 (autocast(enabled=False) around it) or rescale its "
+                          "activations.")
+    elif len(ok) < len(both):
+        verdict = Verdict("amp_readiness", "warn", f"only {', '.join(map(short_label, ok))} is safe (tolerance "
+                          f"{tolerance:.0%}): {findings}. Use {ok[0]}.")
     else:
-        verdict = Verdict("amp_readiness", "pass", f"fp16 and bf16 both safe (tolerance {tolerance:.0%}): {findings}; "
-                          f"max activation {df['fp32_max_abs'].max():.3g} (fp16 limit 65504).")
-    if extra["fp8_safe"] is False and verdict.status == "pass":  # the precision asked for is the one that drifts
-        verdict = Verdict("amp_readiness", "warn", f"fp16 and bf16 are safe but {short_label(plan.precision)} is not (tolerance "
-                          f"{tolerance:.0%}): {findings}. Keep the named layer out of float8 (module_filter_fn) or use bf16.")
+        limits = ", ".join(f"{spec(p).short} limit {spec(p).largest:g}" for p in both if spec(p).largest)
+        verdict = Verdict("amp_readiness", "pass", f"{' and '.join(names)} both safe (tolerance {tolerance:.0%}): "
+                          f"{findings}; max activation {df['fp32_max_abs'].max():.3g} ({limits}).")
+    if not safe[plan.precision] and verdict.status == "pass":  # the precision asked for is the one that drifts
+        out = "out of float8 (module_filter_fn)" if plan.fp8 else "in fp32 (fp32_modules)"
+        verdict = Verdict("amp_readiness", "warn", f"{' and '.join(names)} are safe but {short_label(plan.precision)} is "
+                          f"not (tolerance {tolerance:.0%}): {findings}. Keep the named layer {out} or use {short_label(ok[-1])}.")
     return CheckResult(verdict, df, extra)
 
 

@@ -1,13 +1,10 @@
 """Tier 3: fine-tune in fp32 and with AMP. Is AMP safe for this model, and is it worth it here?
 
-Speed: both precisions start from the same weights, data order, seed and schedule; trials are interleaved
-(fp32, AMP, fp32, AMP, ...) so drift in the machine hits both alike; warm-up steps are dropped; the loop times
-each step on the device's clock and reads nothing back within a step, the bare reference loop synchronizes
-around each; the speedup is a ratio of medians with a bootstrap interval. Memory: CUDA peak per trial, and on
-any device the bytes of activations saved for backward. Parity: both precisions train the same steps; the AMP
-loss curve is compared with fp32's. Context: tokens/s and model-FLOPs utilization against matmul peaks measured
-here, and an Amdahl bound on the speedup (only matmuls get faster).
-
+Speed: both precisions start from the same weights, data order, seed and schedule; trials are interleaved so drift
+in the machine hits both alike; warm-up steps are dropped; the loop times each step on the device's clock and reads
+nothing back within it; the speedup is a ratio of medians with a bootstrap interval. Memory: CUDA peak per trial, and
+the bytes of activations saved for backward. Parity: the AMP loss curve against fp32's over the same steps (utils.parity).
+Context: tokens/s and MFU against matmul peaks measured here, and an Amdahl bound (only matmuls get faster).
 run_tier3(run) is the tier (utils.tiers runs it); test_fine_tuning is the seed's entry point to the loop.
 """
 
@@ -25,15 +22,16 @@ import torch.nn as nn
 from utils.diagnosis import candidates, cause, drifting_layers, probe_rerun, remedy_row, try_remedies
 from utils.loop.config import TrainConfig
 from utils.loop.steps import adamw
-from utils.loop.stops import INTERRUPTED, OVERFLOW_STORM
+from utils.loop.stops import INTERRUPTED, OVERFLOW_STORM, status
 from utils.loop.trainer import FineTuneResult, Trainer, check_batch_fits
 from utils.measure import (ACTIVATION_BYTES_METHOD, MIN_TRIALS_FOR_INTERVAL, matmul_time_fraction, measure_matmul_peak,
                            measured_flops_per_token, op_time_shares, peak_activation_bytes, PEAK_ACTIVATION_METHOD,
                            ratio_of_medians, saved_activation_bytes, training_flops_per_token)
-from utils.models import UnsupportedModel, checkpoint_blocks, compute_loss, count_parameters
+from utils.models import UnsupportedModel, check_fp32_master_weights, checkpoint_blocks, compute_loss, count_parameters
 from utils.params import TIER3_LOOP, output_folder, spec
-from utils.precision import (FP32, AUTO, PrecisionPlan, baseline_name, bf16_native, convert_for, emulated_here, fp32_plan,
-                             gpu_busy_share, label, resolve, resolve_device, synchronize, tf32_matmuls)
+from utils import device as dev
+from utils.precision import (FP32, AUTO, PrecisionPlan, baseline_name, convert_for, emulated_here, fp32_plan, label, resolve,
+                             tf32_matmuls)
 from utils.parity import (SMOOTHING, calibration_text, compare, figures as parity_figures, problems as parity_problems,
                           runaway)
 from utils.prepare import Prepared
@@ -42,19 +40,13 @@ from utils.verdicts import CheckResult, TierResult, Verdict
 
 def test_fine_tuning(model, *, data=None, precision=AUTO, use_amp=None, plan: PrecisionPlan = None, device=None,
                      callbacks=(), progress: bool = True, **settings) -> FineTuneResult:
-    """Fine-tune `model` (an nn.Module or a load_model spec) and record every optimizer step: the seed's entry
-    point to utils.loop.trainer.Trainer.
-
-    precision: any accepted spelling ('auto', '32', '16-mixed', 'bf16-mixed', 'fp8', 'fp8-emulated', 'fp16',
-    ...); use_amp: the seed's flag (see utils.precision.resolve); plan: a ready PrecisionPlan, which overrides
-    both. callbacks: objects with an optional on_step_end(record) method, called once per step, in order, at
-    the loop's log points. settings: the loop's (utils.loop.config.TrainConfig: steps, epochs, batch_size,
-    seq_len, lr, weight_decay, warmup_steps, grad_accum_steps, max_grad_norm, seed, eval_interval,
-    eval_batches, max_skipped_in_a_row, checkpoint_every, checkpoint_dir, keep_checkpoints, resume, parallel,
-    compile, log_every), each checked by name before any work starts; their defaults are tier 3's.
-    """
+    """Fine-tune `model` (an nn.Module or a load_model spec) and record every optimizer step: the seed's entry point
+    to utils.loop.trainer.Trainer. precision: any accepted spelling; use_amp: the seed's flag (utils.precision.resolve);
+    plan: a ready PrecisionPlan, which overrides both. callbacks: objects with an optional on_step_end(record), called
+    once per step, in order. settings: the loop's (utils.loop.config.TrainConfig), each checked by name before any
+    work starts; their defaults are tier 3's."""
     config = TrainConfig.from_params(settings, "test_fine_tuning")
-    device = resolve_device(None if device is None else spec(3)["device"].check(str(device)))  # tier 3's device rule
+    device = dev.resolve_device(None if device is None else spec(3)["device"].check(str(device)))  # tier 3's device rule
     plan = plan or resolve(precision, device, use_amp)
     return Trainer(model, config, plan, device, data, callbacks, progress).run()
 
@@ -63,89 +55,66 @@ test_fine_tuning.__test__ = False  # a library function, not a pytest test
 
 
 def minimal_loop_step_times(model: nn.Module, plan: PrecisionPlan, data, config: TrainConfig, steps: int, device) -> list:
-    """The plainest correct AMP loop (autocast forward, scaled backward, AdamW step), timed per step:
-    the yardstick for the engine's own overhead."""
-    model = convert_for(plan, model)
-    optimizer = adamw(model.parameters(), config.lr, device)
-    scaler = plan.grad_scaler()
-    generator = torch.Generator().manual_seed(config.seed)
-    times = []
+    """The plainest correct AMP loop (_minimal_step), timed per step: the yardstick for the engine's own overhead."""
+    model, generator = convert_for(plan, model), torch.Generator().manual_seed(config.seed)
+    optimizer, scaler, times = adamw(model.parameters(), config.lr, device), plan.grad_scaler(), []
     for _ in range(steps):
-        synchronize(device)
+        dev.synchronize(device)
         t0 = time.perf_counter()
         x, y = data.get_batch("train", config.batch_size, config.seq_len, generator)
         _minimal_step(model, plan, optimizer, scaler, x.to(device), y.to(device))
-        synchronize(device)
+        dev.synchronize(device)
         times.append(time.perf_counter() - t0)
     return times
 
 
-def _minimal_step(model: nn.Module, plan: PrecisionPlan, optimizer, scaler, x, y):
+def _minimal_step(model: nn.Module, plan: PrecisionPlan, optimizer, scaler, x, y, zero_grad: bool = True):
     with plan.autocast():
         loss = compute_loss(model, x, y)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    if zero_grad:  # kept for _memory_parts, which counts them
+        optimizer.zero_grad(set_to_none=True)
 
 
-def _bare_step(run: Prepared, plan: PrecisionPlan, batch):
-    """A bare training step (_minimal_step) on a fresh copy of the model under `plan`, as a function to call."""
-    model = convert_for(plan, copy.deepcopy(run.model))
+def _bare_step(run: Prepared, plan: PrecisionPlan, batch, warm: bool = False):
+    """A bare training step (_minimal_step) on a fresh copy of the model under `plan`, as a function to call; warm:
+    called once first (first-call costs are not a step's)."""
+    model = plan.prepare(run.model)
     optimizer, scaler = adamw(model.parameters(), run.params["lr"], run.device), plan.grad_scaler()
-    return lambda: _minimal_step(model, plan, optimizer, scaler, *batch)
+    def step():
+        _minimal_step(model, plan, optimizer, scaler, *batch)
 
-
-def _time_shares(run: Prepared, plan: PrecisionPlan, batch) -> dict:
-    """Where a training step's op time goes under `plan` (utils.measure.op_time_shares), on the real model and batch:
-    matmuls and attention (what autocast speeds up), casts (what it adds), the optimizer and the rest."""
-    step = _bare_step(run, plan, batch)
-    step()  # warm-up: first-call costs are not a step's
-    return op_time_shares(step, run.device)
+    if warm:
+        step()
+    return step
 
 
 BUSY_STEPS = 3  # training steps profiled for the GPU's kernel time, apart from the timed trials
 
 
-def _busy_shares(run: Prepared, plans, trials: pd.DataFrame, batch) -> dict:
-    """Per precision, the share of our loop's step the GPU computes: the kernel time of a bare training step (profiled
-    after a warm-up, apart from the timed trials, so no timed step reads anything back) over the median step time of
-    our loop in the trials. None off a GPU."""
-    ours = trials[trials["loop"] == "ours"]
-    return {plan.precision: gpu_busy_share(_bare_step(run, plan, batch), BUSY_STEPS,
-                                           float(ours[ours["precision"] == plan.precision]["step_time_s"].median()),
-                                           run.device) for plan in plans}
-
-
 def _memory_parts(run: Prepared, plan: PrecisionPlan, batch) -> dict:
-    """Weights, gradients and AdamW state after one step under `plan`, each the bytes of its own tensors; on a GPU the
-    allocator's peak over that step above what was allocated before (beside the parts' sum: the rest is temporaries
-    and autocast's weight copies)."""
-    cuda = run.device.type == "cuda"
-    if cuda:  # the peak this copy reaches, above what was allocated before it
-        torch.cuda.reset_peak_memory_stats(run.device)
-        before = torch.cuda.memory_allocated(run.device)
-    model = convert_for(plan, copy.deepcopy(run.model))
-    optimizer, scaler = adamw(model.parameters(), run.params["lr"], run.device), plan.grad_scaler()
-    with plan.autocast():
-        loss = compute_loss(model, *batch)
-    scaler.scale(loss).backward()
-    gradients = sum(p.grad.nbytes for p in model.parameters() if p.grad is not None)
-    scaler.step(optimizer)
-    scaler.update()
-    return {"weights": sum(p.nbytes for p in model.parameters()), "gradients": gradients,
+    """Weights, gradients and AdamW state after one step under `plan`, the bytes of their tensors; on a GPU the peak over
+    that step above what was allocated before (beyond the parts' sum: temporaries and autocast's weight copies)."""
+    before = dev.start_peak(run.device)
+    model = plan.prepare(run.model)
+    optimizer = adamw(model.parameters(), run.params["lr"], run.device)
+    _minimal_step(model, plan, optimizer, plan.grad_scaler(), *batch, zero_grad=False)
+    peak = dev.peak_bytes(run.device)
+    return {"weights": sum(p.nbytes for p in model.parameters()),
+            "gradients": sum(p.grad.nbytes for p in model.parameters() if p.grad is not None),
             "optimizer_state": sum(t.nbytes for state in optimizer.state.values() for t in state.values()
                                    if isinstance(t, torch.Tensor)),
-            "cuda_peak": torch.cuda.max_memory_allocated(run.device) - before if cuda else None}
+            "cuda_peak": None if peak is None else peak - before}
 
 
 def _checkpointing_peaks(run: Prepared, plans, batch) -> dict:
-    """Per precision, the peak activation bytes of one step with and without activation checkpointing
-    (PEAK_ACTIVATION_METHOD: it sees inside checkpointed blocks). The checkpointed AMP step is also the check that
-    checkpointing runs under autocast: a failure is a refusal with the reason, before any trial."""
+    """Per precision, the peak activation bytes of one step with and without activation checkpointing; the checkpointed
+    AMP step is also the check that checkpointing runs under autocast (a failure is a refusal, before any trial)."""
     peaks = {}
     for plan in plans:
-        plain = convert_for(plan, copy.deepcopy(run.model))
+        plain = plan.prepare(run.model)
         try:
             checkpointed = peak_activation_bytes(checkpoint_blocks(copy.deepcopy(plain)), plan, batch)
         except RuntimeError as e:
@@ -155,14 +124,12 @@ def _checkpointing_peaks(run: Prepared, plans, batch) -> dict:
     return peaks
 
 
-def _beside_plain(run: Prepared, amp: FineTuneResult, peaks: dict) -> tuple:
+def _beside_plain(run: Prepared, amp: FineTuneResult, peaks: dict) -> dict:
     """With activation checkpointing: the peaks measured before the trials, and the checkpointed AMP run's losses beside
-    a plain AMP run's. Returns the figures, and the stop of an interrupted plain run."""
-    plain = _rerun(run, amp.plan, activation_checkpointing=False)
-    if plain.interrupted:
-        return None, plain.stop
+    a plain AMP run's."""
+    plain = _rerun(run, amp.plan, activation_checkpointing=False, what="the plain run beside the checkpointed one")
     return {"peak_activation_bytes": peaks, "method": PEAK_ACTIVATION_METHOD,
-            "amp_loss_max_abs_diff_vs_plain": float((amp.history["loss"] - plain.history["loss"]).abs().max())}, None
+            "amp_loss_max_abs_diff_vs_plain": float((amp.history["loss"] - plain.history["loss"]).abs().max())}
 
 
 def where_time_goes(speed: dict) -> str:
@@ -170,10 +137,10 @@ def where_time_goes(speed: dict) -> str:
     casts and the optimizer under AMP, and the batch from which AMP wins (with a sweep)."""
     shares, amp = speed["time_shares"], speed["amp_precision"]
     g = shares[FP32]["matmul_attention"]
-    bound = 1 / ((1 - g) + g / speed["matmul_ratio"])  # Amdahl, from the same measurement as the share
+    bound = amdahl(g, speed["matmul_ratio"])  # from the same measurement as the share
     text = (f"what limits it: {1 - g:.0%} of an fp32 step's op time (aten ops timed on the host) is outside matmuls and "
-            f"attention, which autocast "
-            f"does not speed up (so at most {bound:.2f}x with {speed['matmul_ratio']:.1f}x faster matmuls); "
+            f"attention, which autocast does not speed up (so at most {bound:.2f}x with {speed['matmul_ratio']:.1f}x "
+            f"faster matmuls); "
             f"under {label(amp)}, casts take {shares[amp]['casts']:.0%} and the optimizer {shares[amp]['optimizer']:.0%}")
     wins = [row["batch_size"] for row in speed["sweep"] if row["ci_low"] and row["ci_low"] > 1]
     if speed["sweep"]:
@@ -181,61 +148,71 @@ def where_time_goes(speed: dict) -> str:
     return text
 
 
-def _interrupted(stop: dict, what: str) -> dict:
-    return {**stop, "message": f"{what} was {stop['message']}"}
+def amdahl(share: float, ratio: float) -> float:
+    """Amdahl's bound on a step's speedup when only `share` of it (the matmuls) runs `ratio` times faster."""
+    return 1 / ((1 - share) + share / ratio)
+
+
+class Stopped(Exception):
+    """A run of tier 3 was interrupted (Ctrl-C, SIGTERM), its stop the argument: run_tier3 catches it and records it."""
+
+
+def _finished(result: FineTuneResult, what: str) -> FineTuneResult:
+    """The run's result; an interrupted run stops the tier (Stopped), its message naming the run."""
+    if result.interrupted:
+        raise Stopped({**result.stop, "message": f"{what} was {result.stop['message']}"})
+    return result
 
 
 def _speed_trials(run: Prepared, plans, config: TrainConfig, trials: int, warmup: int, timed: int, loops: tuple):
-    """Interleaved timing: in each trial every (loop, precision) runs once from the same initial weights,
-    precisions alternating fp32, AMP. The loops ('ours'; 'compiled', our loop on the torch.compile'd model;
-    'minimal', a bare loop) change order every trial so none always runs first. Returns one row per run with
-    the median of its timed steps (and for 'compiled' the compile time), and the stop of an interrupted run."""
+    """Interleaved timing: each trial runs every (loop, precision) once from the same initial weights, fp32 then AMP;
+    the loops ('ours', 'compiled', 'minimal') change order every trial so none always runs first. One row per run:
+    the median of its timed steps (for 'compiled' also the compile time)."""
     rows, device = [], run.device
     for trial in range(trials):
         for loop in loops if trial % 2 == 0 else loops[::-1]:
             for plan in plans:
                 model = copy.deepcopy(run.model)
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
+                dev.start_peak(device)
                 compiled = {}
                 if loop == "minimal":
                     times = minimal_loop_step_times(model, plan, run.data, config, warmup + timed, device)
                 else:
-                    result = Trainer(model, replace(config, steps=warmup + timed, compile=loop == "compiled"), plan,
-                                     device, run.data, progress=False).run()
-                    if result.interrupted:
-                        return None, _interrupted(result.stop, f"a {label(plan.precision)} speed trial")
+                    result = _finished(Trainer(model, replace(config, steps=warmup + timed, compile=loop == "compiled"),
+                                               plan, device, run.data, progress=False).run(),
+                                       f"a {label(plan.precision)} speed trial")
                     times, compiled = list(result.history["step_time_s"]), result.config.get("compile", {})
                 step_time = statistics.median(times[warmup:])
                 rows.append({"trial": trial, "loop": loop, "precision": plan.precision, "step_time_s": step_time,
                              "tokens_per_s": config.batch_size * config.seq_len / step_time,
-                             "cuda_peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+                             "cuda_peak_bytes": dev.peak_bytes(device),
                              "compile_time_s": compiled.get("compile_time_s"), "compile_fallback": compiled.get("fallback"),
                              "graph_breaks": compiled.get("graph_breaks")})
-    return pd.DataFrame(rows), None
+    return pd.DataFrame(rows)
+
+
+def _per_precision(trials: pd.DataFrame, column: str, loop: str = "ours") -> dict:
+    """One loop's trials' `column`, per precision, in the order the trials ran."""
+    return dict(list(trials[trials["loop"] == loop].groupby("precision", sort=False)[column]))
 
 
 def _median_tokens_per_s(trials: pd.DataFrame, loop: str = "ours") -> dict:
     """Median tokens/s of one loop's trials, per precision."""
-    rows = trials[trials["loop"] == loop]
-    return {p: float(g.median()) for p, g in rows.groupby("precision", sort=False)["tokens_per_s"]}
+    return {p: float(g.median()) for p, g in _per_precision(trials, "tokens_per_s", loop).items()}
 
 
 def _speedup(trials: pd.DataFrame, amp_precision: str, loop: str = "ours") -> dict:
     """Median speedup of AMP over fp32 and its 95% bootstrap interval."""
-    ours = trials[trials["loop"] == loop]
-    return ratio_of_medians(ours[ours["precision"] == FP32]["step_time_s"], ours[ours["precision"] == amp_precision]["step_time_s"])
+    step_time = _per_precision(trials, "step_time_s", loop)
+    return ratio_of_medians(step_time[FP32], step_time[amp_precision])
 
 
 def _compile_figures(trials: pd.DataFrame, amp_precision: str, gemm_fraction: dict) -> dict:
-    """Compiled against eager, per precision, from the same interleaved trials; compile time apart (the
-    first compile of each precision: later copies of the model reuse the compiled code); and why the gain
-    is what it is. GEMMs run the same library kernels compiled or not, so compiling can only shorten the
-    rest of the step: with GEMMs a share g of it, the gain is at most 1/g (all the rest fused away)."""
+    """Compiled against eager, per precision, from the same interleaved trials; compile time apart (the first compile:
+    later copies reuse the code); and why: GEMMs run the same kernels compiled or not, so the gain is at most 1/g."""
     eager, compiled = _median_tokens_per_s(trials), _median_tokens_per_s(trials, "compiled")
     rows = trials[trials["loop"] == "compiled"]
-    fallbacks = rows["compile_fallback"].dropna()
-    fallback = fallbacks.iloc[0] if len(fallbacks) else None
+    fallback = next(iter(rows["compile_fallback"].dropna()), None)
     gain = {p: compiled[p] / eager[p] for p in compiled}
     ceiling = {p: 1 / g for p, g in gemm_fraction.items()}
     counted = rows["graph_breaks"].dropna()  # None where compiling failed and the run fell back to eager
@@ -247,7 +224,7 @@ def _compile_figures(trials: pd.DataFrame, amp_precision: str, gemm_fraction: di
         f"{', '.join(f'{ceiling[p]:.2f}x ({label(p)})' for p in ceiling)}; the AdamW step is one fused kernel "
         "either way.")
     return {"tokens_per_s": compiled, "speedup_over_eager": gain, "amp_speedup": _speedup(trials, amp_precision, "compiled")["median"],
-            "compile_time_s": {p: float(g.max()) for p, g in rows.groupby("precision", sort=False)["compile_time_s"]},
+            "compile_time_s": {p: float(g.max()) for p, g in _per_precision(trials, "compile_time_s", "compiled").items()},
             "gemm_time_fraction": gemm_fraction, "gain_ceiling": ceiling, "graph_breaks": breaks,
             "fallback": fallback, "why": why}
 
@@ -263,7 +240,7 @@ def _baseline_verdict(ref: FineTuneResult) -> Verdict:
     """Is the fp32 run itself sound? If not, a gap to it says nothing about AMP."""
     start, end = ref.initial_eval_loss, ref.final_eval_loss
     if ref.stop:
-        return Verdict("fp32_baseline", "fail", f"the fp32 run itself stopped: {ref.stop['message']} The model or the "
+        return Verdict("fp32_baseline", status(ref.stop), f"the fp32 run itself stopped: {ref.stop['message']} The model or the "
                        "learning rate is at fault, not AMP.")
     bad = ref.history["step"][~np.isfinite(ref.history["loss"])]
     if len(bad) or not np.isfinite(end):
@@ -287,7 +264,7 @@ def _baseline_verdict(ref: FineTuneResult) -> Verdict:
 
 
 def _safe_verdict(p: dict, precision: str, baseline: Verdict, device: torch.device) -> Verdict:
-    tol, problems = p["tolerance"], parity_problems(p, bf16_native(device))
+    tol, problems = p["tolerance"], parity_problems(p, dev.bf16_native(device))
     if baseline.status == "fail":
         return Verdict("amp_safe", "warn", f"not judged: the fp32 baseline failed (see fp32_baseline), so a gap between "
                        f"{precision} and fp32 says nothing about AMP. Fix the baseline first.")
@@ -345,18 +322,13 @@ def _worth_verdict(speed: dict, plan: PrecisionPlan) -> Verdict:
 
 
 def _fine_tune_both(run: Prepared, plans, progress: bool):
-    """Loss parity runs: same weights, data, seed and schedule; only precision differs. Each run checkpoints
-    into its own folder, so an interrupted tier resumes both where they stopped. Returns the runs by
-    precision, and the stop of an interrupted one."""
+    """The parity runs by precision: same weights, data, seed and schedule, each checkpointing into its own folder (an
+    interrupted tier resumes both where they stopped)."""
     p = run.params
     folder = Path(p["checkpoint_dir"]) if p["checkpoint_dir"] else output_folder(3, p["output_dir"]) / "checkpoints"
-    runs = {}
-    for plan in plans:
-        config = _parity_config(run, checkpoint_dir=str(folder / plan.precision))
-        runs[plan.precision] = Trainer(copy.deepcopy(run.model), config, plan, run.device, run.data, progress=progress).run()
-        if runs[plan.precision].interrupted:
-            return runs, _interrupted(runs[plan.precision].stop, f"the {label(plan.precision)} fine-tuning run")
-    return runs, None
+    return {plan.precision: _finished(
+        Trainer(copy.deepcopy(run.model), _parity_config(run, checkpoint_dir=str(folder / plan.precision)), plan, run.device,
+                run.data, progress=progress).run(), f"the {label(plan.precision)} fine-tuning run") for plan in plans}
 
 
 def _parity_config(run: Prepared, **changes) -> TrainConfig:
@@ -368,52 +340,47 @@ def _parity_config(run: Prepared, **changes) -> TrainConfig:
                           **({"batch_size": EMULATED_BATCH} if _short(run) else {}), **changes})
 
 
-def _rerun(run: Prepared, plan: PrecisionPlan, model=None, callbacks=(), **changes) -> FineTuneResult:
+def _rerun(run: Prepared, plan: PrecisionPlan, model=None, callbacks=(), what="a diagnosis run", **changes) -> FineTuneResult:
     """A parity run again, for the diagnosis: the same steps under `plan` (or with a probed model), eager (compiling
     runs a training step of its own, which a probe would count), no checkpoints."""
     config = _parity_config(run, checkpoint_every=0, checkpoint_dir=None, resume=False, compile=False, **changes)
-    return Trainer(model or copy.deepcopy(run.model), config, plan, run.device, run.data, callbacks, progress=False).run()
+    return _finished(Trainer(model or copy.deepcopy(run.model), config, plan, run.device, run.data, callbacks,
+                             progress=False).run(), what)
 
 
 def _judge(run: Prepared, ref: FineTuneResult, amp: FineTuneResult) -> tuple:
     """An AMP run's parity figures against fp32, and the problems amp_safe would name (none: it passes)."""
     parity = _parity(run.params, ref, amp, {FP32: ref, amp.plan.precision: amp})[1]
-    return parity, parity_problems(parity, bf16_native(run.device))
+    return parity, parity_problems(parity, dev.bf16_native(run.device))
 
 
 def _diagnose(run: Prepared, ref: FineTuneResult, amp: FineTuneResult, parity: dict, safe: Verdict, x) -> tuple:
-    """The diagnosis check. Nothing to do when amp_safe passed; else the cause, from a probed re-run of the failing
-    run, and the remedies tried (utils.diagnosis). Returns the check, amp_safe's verdict with the diagnosis added,
-    and the stop of an interrupted re-run."""
+    """The diagnosis check (when amp_safe failed: the cause, from a probed re-run, and the remedies tried) and amp_safe's
+    verdict with the diagnosis added."""
     p = run.params
     if safe.status != "fail":
         ok = safe.status == "pass"
         return CheckResult(Verdict("diagnosis", "pass" if ok else "warn", "nothing to diagnose: amp_safe passed." if ok
-                                   else "not diagnosed: the fp32 baseline failed."), pd.DataFrame()), safe, None
-    until = (amp.stop or {}).get("step") or (parity["max_gap_step"] if parity["max_relative_gap"] > p["parity_tolerance"]
+                                   else "not diagnosed: the fp32 baseline failed."), pd.DataFrame()), safe
+    until = (amp.stop or {}).get("step") or (parity["max_gap_step"] if parity["max_relative_gap"] > parity["tolerance"]
                                              else p["steps"])
-    activation, gradients, stop = probe_rerun(run.model, amp.plan, until, lambda *a: _rerun(run, *a))
-    if stop:
-        return None, safe, stop
+    activation, gradients = probe_rerun(run.model, amp.plan, until, lambda *a: _rerun(run, *a))  # _rerun raises a stop
     collapse = parity["collapse"]
     runs_away = (amp.stop or {}).get("reason") == OVERFLOW_STORM or runaway(parity)
     gradients = gradients if collapse or runs_away else None  # else: the GradScaler calibrating (utils.parity), not the cause
     drift = None if activation or gradients else drifting_layers(run.model, x, amp.plan)
     found = cause(amp.plan, activation, gradients, collapse, drift)
     fp32_step_s = float(ref.history["step_time_s"].median())
-    rows, stop = try_remedies(candidates(found, amp.plan, run.device), p["remedy_runs"], lambda *a: _rerun(run, *a),
-                              lambda result: _judge(run, ref, result), fp32_step_s)
-    if stop:
-        return None, safe, stop
+    rows = try_remedies(candidates(found, amp.plan, run.device), p["remedy_runs"], lambda *a: _rerun(run, *a),
+                        lambda result: _judge(run, ref, result), fp32_step_s)
     passed = next((r["remedy"] for r in rows if r["passed"]), None)
     remedy = ("remedies are off (remedy_runs=0)" if not p["remedy_runs"] else f"the remedy that passes parity: {passed}"
               if passed else "no remedy passed parity" + (f" (tried: {'; '.join(r['remedy'] for r in rows)})" if rows else ""))
     text = f"cause: {found['text']}; {remedy}."
-    before = remedy_row(f"none: {amp.plan.precision} as asked", amp, parity, parity_problems(parity, bf16_native(run.device)),
-                        fp32_step_s)
+    before = remedy_row(f"none: {amp.plan.precision} as asked", amp, *_judge(run, ref, amp), fp32_step_s)
     return (CheckResult(Verdict("diagnosis", "warn" if passed else "fail", text), pd.DataFrame([before, *rows]),
-                        {"cause": found, "remedy": passed, "tolerance": p["parity_tolerance"]}),
-            replace(safe, reason=f"{safe.reason} Diagnosis: {text}"), None)
+                        {"cause": found, "remedy": passed, "tolerance": parity["tolerance"]}),
+            replace(safe, reason=f"{safe.reason} Diagnosis: {text}"))
 
 
 def _parity(p: dict, ref: FineTuneResult, amp: FineTuneResult, runs: dict):
@@ -430,22 +397,23 @@ def _throughput(run: Prepared, plans, trials: pd.DataFrame, batch, act: dict) ->
     fp32, amp = plans
     model0, device, p = run.model, run.device, run.params
     peaks = {plan.precision: measure_matmul_peak(device, plan.autocast_dtype or torch.float32) for plan in plans}
+    step_time = _per_precision(trials, "step_time_s")
     matmul_ratio = peaks[amp.precision] / peaks[FP32]
     gemm_fraction = matmul_time_fraction(copy.deepcopy(model0), fp32, batch)
-    amdahl = 1 / ((1 - gemm_fraction) + gemm_fraction / matmul_ratio)
+    bound = amdahl(gemm_fraction, matmul_ratio)
     flops_per_token = measured_flops_per_token(copy.deepcopy(model0), batch)
-    ours = trials[trials["loop"] == "ours"]
     tokens, speedup = _median_tokens_per_s(trials), _speedup(trials, amp.precision)
     return {"amp_precision": amp.precision, "batch_size": p["batch_size"], "seq_len": run.seq_len, "trials": p["trials"],
             "speedup": speedup, "baseline": baseline_name(device, p["tf32"]), "tokens_per_s": tokens,
             "matmul_peak_flops": peaks, "matmul_ratio": matmul_ratio,
-            "gemm_time_fraction_fp32": gemm_fraction, "amdahl_speedup_bound": amdahl,
-            "time_shares": {plan.precision: _time_shares(run, plan, batch) for plan in plans},
+            "gemm_time_fraction_fp32": gemm_fraction, "amdahl_speedup_bound": bound,
+            "time_shares": {plan.precision: op_time_shares(_bare_step(run, plan, batch, warm=True), device) for plan in plans},
             "time_shares_method": "op time: aten ops timed one by one on the host (utils.measure.op_time_shares), "
                                   "2 steps after a warm-up",
-            "gpu_busy": _busy_shares(run, plans, trials, batch),
+            "gpu_busy": {plan.precision: dev.gpu_busy_share(_bare_step(run, plan, batch), BUSY_STEPS,  # warms up itself
+                                                float(step_time[plan.precision].median()), device) for plan in plans},
             "gpu_busy_method": "wall time: the GPU's kernel time of a training step (profiler) over our loop's median step time",
-            "speedup_of_amdahl_bound": speedup["median"] / amdahl,
+            "speedup_of_amdahl_bound": speedup["median"] / bound,
             "flops_per_token": flops_per_token, "flops_counted_by": "torch.utils.flop_counter.FlopCounterMode",
             "flops_per_token_analytic": training_flops_per_token(model0, run.seq_len),
             "mfu": {prec: tokens[prec] * flops_per_token / peaks[prec] for prec in peaks},
@@ -453,42 +421,38 @@ def _throughput(run: Prepared, plans, trials: pd.DataFrame, batch, act: dict) ->
                                  for plan in plans},
                        "activation_bytes": act, "activation_bytes_method": ACTIVATION_BYTES_METHOD,
                        "activation_saving": 1 - act[amp.precision] / act[FP32],
-                       "cuda_peak_bytes": {prec: (int(ours[ours["precision"] == prec]["cuda_peak_bytes"].max())
-                                                  if device.type == "cuda" else None) for prec in peaks}}}
+                       "cuda_peak_bytes": {prec: int(peak.max()) if device.type == "cuda" else None
+                                           for prec, peak in _per_precision(trials, "cuda_peak_bytes").items()}}}
 
 
 def _sweep(run: Prepared, plans, config: TrainConfig):
-    """The speedup at each of sweep_batch_sizes, with fewer trials: where AMP starts to pay. Returns the rows, and
-    the stop of an interrupted trial."""
+    """The speedup at each of sweep_batch_sizes, with fewer trials: where AMP starts to pay."""
     p, sweep = run.params, []
     for bs in p["sweep_batch_sizes"]:
-        t, stop = _speed_trials(run, plans, replace(config, batch_size=bs), max(MIN_TRIALS_FOR_INTERVAL, p["trials"] // 2),
-                                p["warmup_steps"], p["timed_steps"], ("ours",))
-        if stop:
-            return sweep, stop
+        t = _speed_trials(run, plans, replace(config, batch_size=bs), max(MIN_TRIALS_FOR_INTERVAL, p["trials"] // 2),
+                          p["timing_warmup_steps"], p["timed_steps"], ("ours",))
         s = _speedup(t, plans[1].precision)
         sweep.append({"batch_size": bs, "speedup": s["median"], "ci_low": s["ci_low"], "ci_high": s["ci_high"],
                       **{f"tokens_per_s_{prec}": v for prec, v in _median_tokens_per_s(t).items()}})
-    return sweep, None
+    return sweep
 
 
 def run_tier3(run: Prepared, progress: bool = False) -> TierResult:
     """Tier 3 on a prepared run: fp32 against the AMP precision the run resolved, timed, compared and judged."""
     p = run.params
+    check_fp32_master_weights(run.model)  # it trains: refused before any trial
     check_batch_fits(run.model, p["batch_size"], run.seq_len, run.device)  # the batches it draws, before any is drawn
     if p["sweep_batch_sizes"]:
         check_batch_fits(run.model, max(p["sweep_batch_sizes"]), run.seq_len, run.device, "sweep_batch_sizes")
-    run.record["tf32"] = p["tf32"] if run.device.type == "cuda" else None
     with tf32_matmuls(p["tf32"], run.device):
-        return _benchmark(run, progress)
-
-
-def _interrupted_result(run: Prepared, stop: dict) -> TierResult:
-    """Ctrl-C / SIGTERM: say so, keep the checkpoints, judge nothing."""
-    verdict = Verdict(INTERRUPTED, "warn", f"{stop['message']}. Nothing was judged: run again with resume=True (the batch "
-                      "runner: --resume) to continue from the checkpoints.")
-    return TierResult(3, {INTERRUPTED: CheckResult(verdict, pd.DataFrame())}, run.params, run.record,
-                      {"parameters": count_parameters(run.model), "stop": stop})
+        try:
+            return _benchmark(run, progress)
+        except Stopped as stopped:  # Ctrl-C / SIGTERM: say so, keep the checkpoints, judge nothing
+            stop = stopped.args[0]
+            verdict = Verdict(INTERRUPTED, status(stop), f"{stop['message']}. Nothing was judged: run again with resume=True "
+                              "(the batch runner: --resume) to continue from the checkpoints.")
+            return TierResult(3, {INTERRUPTED: CheckResult(verdict, pd.DataFrame())}, p, run.record,
+                              {"parameters": count_parameters(run.model), "stop": stop})
 
 
 def _benchmark(run: Prepared, progress: bool) -> TierResult:
@@ -500,30 +464,19 @@ def _benchmark(run: Prepared, progress: bool) -> TierResult:
     short = _short(run)
     if not short:
         peaks = _checkpointing_peaks(run, plans, batch) if p["activation_checkpointing"] else None
-        trials, stop = _speed_trials(run, plans, _speed_config(run), p["trials"], p["warmup_steps"], p["timed_steps"],
-                                     ("ours", *(("compiled",) if p["compile"] else ()),
-                                      *(("minimal",) if p["minimal_loop"] else ())))
-        if stop:
-            return _interrupted_result(run, stop)
-        act = {plan.precision: saved_activation_bytes(convert_for(plan, copy.deepcopy(run.model)), plan, batch)
-               for plan in plans}
-    runs, stop = _fine_tune_both(run, plans, progress)
-    if stop:
-        return _interrupted_result(run, stop)
+        trials = _speed_trials(run, plans, _speed_config(run), p["trials"], p["timing_warmup_steps"], p["timed_steps"],
+                               ("ours", *(("compiled",) if p["compile"] else ()), *(("minimal",) if p["minimal_loop"] else ())))
+        act = {plan.precision: saved_activation_bytes(plan.prepare(run.model), plan, batch) for plan in plans}
+    runs = _fine_tune_both(run, plans, progress)
     ref, amp = runs[FP32], runs[amp_plan.precision]
     parity_df, parity = _parity(p, ref, amp, runs)
     if short:
         worth = _not_measured(run, short)
     else:
-        speed, stop = _speed_figures(run, plans, trials, batch, act, peaks, amp)
-        if stop:
-            return _interrupted_result(run, stop)
+        speed = _speed_figures(run, plans, trials, batch, act, peaks, amp)
         worth = CheckResult(_worth_verdict(speed, amp_plan), trials, speed)
     baseline = _baseline_verdict(ref)
-    diagnosis, safe, stop = _diagnose(run, ref, amp, parity, _safe_verdict(parity, amp_plan.precision, baseline, device),
-                                      batch[0])
-    if stop:
-        return _interrupted_result(run, _interrupted(stop, "a diagnosis run"))
+    diagnosis, safe = _diagnose(run, ref, amp, parity, _safe_verdict(parity, amp_plan.precision, baseline, device), batch[0])
     checks = {"fp32_baseline": CheckResult(baseline, ref.history[["step", "loss", "grad_norm", "skipped"]],
                                            {"initial_eval_loss": ref.initial_eval_loss, "final_eval_loss": ref.final_eval_loss,
                                             "stop": ref.stop}),
@@ -538,19 +491,17 @@ def _speed_config(run: Prepared) -> TrainConfig:
     """The loop's settings of a speed trial: no evaluation, no storm stop (a trial times steps, it judges nothing)."""
     p = run.params
     return TrainConfig(batch_size=p["batch_size"], seq_len=run.seq_len, lr=p["lr"], seed=p["seed"], eval_batches=0,
-                       eval_interval=p["warmup_steps"] + p["timed_steps"], max_skipped_in_a_row=None,
+                       eval_interval=p["timing_warmup_steps"] + p["timed_steps"], max_skipped_in_a_row=None,
                        activation_checkpointing=p["activation_checkpointing"])
 
 
 def _speed_figures(run: Prepared, plans, trials: pd.DataFrame, batch, act: dict, peaks, amp: FineTuneResult) -> tuple:
     """amp_worth_it's figures: throughput in context, memory, and what was asked beside them (checkpointing, compile,
-    the bare loop, the batch sweep). Returns them, and the stop of an interrupted run."""
+    the bare loop, the batch sweep)."""
     p, amp_plan = run.params, plans[1]
     speed = _throughput(run, plans, trials, batch, act)
     if peaks:
-        speed["memory"]["checkpointing"], stop = _beside_plain(run, amp, peaks)
-        if stop:
-            return speed, _interrupted(stop, "the plain run beside the checkpointed one")
+        speed["memory"]["checkpointing"] = _beside_plain(run, amp, peaks)
     if p["compile"]:
         gemm = {FP32: speed["gemm_time_fraction_fp32"], amp_plan.precision: matmul_time_fraction(copy.deepcopy(run.model),
                                                                                                    amp_plan, batch)}
@@ -559,8 +510,8 @@ def _speed_figures(run: Prepared, plans, trials: pd.DataFrame, batch, act: dict,
         speed["minimal_loop_tokens_per_s"] = _median_tokens_per_s(trials, "minimal")
         speed["loop_efficiency"] = {prec: speed["tokens_per_s"][prec] / speed["minimal_loop_tokens_per_s"][prec]
                                     for prec in speed["tokens_per_s"]}
-    speed["sweep"], stop = _sweep(run, plans, _speed_config(run))
-    return speed, stop
+    speed["sweep"] = _sweep(run, plans, _speed_config(run))
+    return speed
 
 
 EMULATED_BATCH = 1  # the parity runs' batch where the AMP precision is only emulated (emulated_amp='short')

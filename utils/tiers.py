@@ -1,16 +1,13 @@
-"""The tier as the unit: one record per tier (number, notebook, parameters, runner, charts, sections) in one
+"""The tier as the unit: one record per tier (number, notebook, parameters, runner, sections, charts) in one
 registry, TIERS, that run_tier, save_tier, the batch runner and the notebook builder iterate.
 
     result = run_tier(1, {"model": "gpt-tiny"})   # a TierResult: verdicts, tables, record, figures
     charts = save_tier(result)                    # results.json + one PNG per chart, in output_dir
-
-utils.present shows a result in a notebook; tests exercise the same code without one.
 """
 
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import pandas as pd
 from matplotlib import pyplot as plt
@@ -98,15 +95,10 @@ def _shared_machine_said(result: TierResult) -> TierResult:
     return result
 
 
-def output_dir(result: TierResult) -> Path:
-    """The run's output_dir parameter, or runs/interactive/tier<N> when it is empty."""
-    return output_folder(result.tier, result.parameters.get("output_dir"))
-
-
 def save_tier(result: TierResult) -> dict:
-    """Write results.json first, then every chart of every check that did not crash.
+    """Write results.json first (in output_dir), then every chart of every check that did not crash.
     Returns {check: [PNG paths]}; a chart that cannot be drawn is reported, never raised."""
-    out = output_dir(result)
+    out = output_folder(result.tier, result.parameters.get("output_dir"))
     result.save(out / "results.json")
     charts = {}
     for name, check in result.checks.items():

@@ -4,12 +4,10 @@
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 -m utils.train ...
     python -m utils.train ...             # one process, no torchrun: the reference for --reference
 
-Each rank trains on its rows of the same global batch (--batch-size per rank; the data order is the
-seeded generator's, so N ranks of B/N see exactly what one process of B sees), under DDP or FSDP2
-(--parallel fsdp2). The backend is NCCL on CUDA and gloo on CPU. Only rank 0 writes: results.json
-(history, evaluations, tokens/s per rank and in total, the scaling efficiency against --reference),
-loss.png and the checkpoints. Ctrl-C or SIGTERM (torchrun passes it to every rank) checkpoints and
-exits 130; the same command with --resume True continues. Options: see --help.
+Each rank trains on its rows of the same global batch (--batch-size per rank; the seeded data order gives N ranks
+of B/N exactly what one process of B sees), under DDP or FSDP2 (--parallel fsdp2), NCCL on CUDA, gloo on CPU. Only
+rank 0 writes: results.json (history, evaluations, tokens/s, the scaling efficiency against --reference), loss.png
+and the checkpoints. Ctrl-C or SIGTERM checkpoints and exits 130; the same command with --resume True continues.
 """
 
 import argparse
@@ -25,18 +23,16 @@ import torch.distributed as dist
 
 from utils.loop.config import TrainConfig
 from utils.loop.distributed import fsdp2_unavailable, gather, init_from_env, ranks
-from utils.loop.stops import INTERRUPTED
+from utils.loop.stops import INTERRUPTED, status
 from utils.loop.trainer import Trainer
 from utils.models import ModelLoadError, UnsupportedModel
 from utils.params import FINE_TUNING, TRAIN_PARAMS, ParamError, add_arguments, check_values
 from utils.plotting import plot_training
-from utils.precision import resolve, resolve_device
+from utils import device as dev
+from utils.precision import resolve
 from utils.prepare import prepare_training
-from utils.results import read_json, write_json_atomic
+from utils.results import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, read_json, write_json_atomic
 from utils.verdicts import Verdict
-
-EXIT_INTERRUPTED = 130  # what a shell reports for a process stopped by Ctrl-C
-EXIT_USAGE = 2  # bad arguments, as argparse exits
 
 
 def _reference(path: str) -> dict:
@@ -53,11 +49,8 @@ def _reference(path: str) -> dict:
 
 
 def _verdict(result) -> Verdict:
-    stop = result.stop
-    if stop and stop["reason"] == INTERRUPTED:
-        return Verdict("training", "warn", stop["message"])
-    if stop:
-        return Verdict("training", "fail", stop["message"])
+    if result.stop:
+        return Verdict("training", status(result.stop), result.stop["message"])
     return Verdict("training", "pass", f"eval loss {result.initial_eval_loss:.3f} -> {result.final_eval_loss:.3f} "
                    f"in {len(result.history)} steps")
 
@@ -84,7 +77,7 @@ def _checked_arguments(argv) -> tuple:
         checked = check_values(params, {p.name: p for p in TRAIN_PARAMS}, "utils.train")
         if checked["parallel"] == "fsdp2" and fsdp2_unavailable():
             raise ParamError(fsdp2_unavailable())
-        resolve(checked["precision"], resolve_device(checked["device"]))  # fp8 on a CPU: refused here, not on every rank
+        resolve(checked["precision"], dev.resolve_device(checked["device"]))  # fp8 on a CPU: refused here, not on every rank
         return params, _reference(params["reference"])
     except (ParamError, UnsupportedModel) as e:
         if not quiet:
@@ -139,7 +132,7 @@ def main(argv=None) -> int:
         gc.collect()
         dist.barrier()
         dist.destroy_process_group()
-    return EXIT_INTERRUPTED if stop_reason == INTERRUPTED else 1 if verdict.status == "fail" else 0
+    return EXIT_INTERRUPTED if stop_reason == INTERRUPTED else EXIT_FAILED if verdict.status == "fail" else EXIT_OK
 
 
 if __name__ == "__main__":

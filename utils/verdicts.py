@@ -26,17 +26,6 @@ class Verdict:
             raise ValueError(f"verdict status must be one of {STATUSES}; got {self.status!r} for check {self.check!r}")
 
 
-def verdict_table(verdicts) -> pd.DataFrame:
-    """One row per verdict, columns check / status / reason / timing."""
-    return pd.DataFrame([asdict(v) for v in verdicts], columns=["check", "status", "reason", "timing"])
-
-
-def worst_status(verdicts) -> str:
-    """'fail' if any non-timing verdict failed, else 'warn' if any warned, else 'pass'."""
-    statuses = {v.status for v in verdicts if not v.timing}
-    return next((s for s in ("fail", "warn") if s in statuses), "pass")
-
-
 @dataclass
 class CheckResult:
     """One check: its verdict, its data as a table, JSON-ready figures (extra) and arrays for charts."""
@@ -67,11 +56,14 @@ class TierResult:
         return [c.verdict for c in self.checks.values()]
 
     def verdict_table(self) -> pd.DataFrame:
-        return verdict_table(self.verdicts)
+        """One row per verdict, columns check / status / reason / timing."""
+        return pd.DataFrame([asdict(v) for v in self.verdicts], columns=["check", "status", "reason", "timing"])
 
     @property
     def status(self) -> str:
-        return worst_status(self.verdicts)
+        """'fail' if any non-timing verdict failed, else 'warn' if any warned, else 'pass'."""
+        statuses = {v.status for v in self.verdicts if not v.timing}
+        return next((s for s in ("fail", "warn") if s in statuses), "pass")
 
     def to_dict(self) -> dict:
         return {"tier": self.tier, "status": self.status, "parameters": self.parameters, "record": self.record,

@@ -1,6 +1,7 @@
 """AmpWandbCallback: AMP state to Weights & Biases, from a Lightning Trainer or from this project's loop."""
 
 import functools
+import importlib
 import warnings
 
 from utils.precision import PrecisionPlan, is_fp16
@@ -8,16 +9,13 @@ from utils.precision import PrecisionPlan, is_fp16
 
 @functools.cache
 def _lightning_callback_base():
-    """Lightning's Callback class, or None where Lightning is not installed. Imported on first use,
-    not at module import: Lightning is optional and takes seconds to import."""
-    try:
-        from lightning.pytorch import Callback  # optional dependency
-    except ImportError:
+    """Lightning's Callback class, or None without Lightning: imported on first use (optional, seconds to import)."""
+    for package in ("lightning.pytorch", "pytorch_lightning"):  # the older package name second
         try:
-            from pytorch_lightning import Callback  # optional dependency, the older package name
+            return importlib.import_module(package).Callback
         except ImportError:
-            return None
-    return Callback
+            pass
+    return None
 
 
 @functools.cache
@@ -26,18 +24,11 @@ def _with_base(cls, base):
 
 
 class AmpWandbCallback:
-    """Logs AMP state to Weights & Biases: amp/enabled (0/1), amp/precision (as given) and, for fp16
-    precisions, amp/loss_scale.
-
-    AmpWandbCallback(enabled, precision) is a Lightning Callback where Lightning is installed (a plain
-    class otherwise, so importing never needs Lightning): on_train_epoch_end(trainer, pl_module) logs
-    with the epoch as the step, reading the scale through self._get_loss_scale(trainer). The same object
-    serves this project's loop (test_fine_tuning(callbacks=[...])): on_step_end(record) also logs
-    amp/skipped_steps, with the optimizer step as the step. AmpWandbCallback.from_plan(plan) builds it
-    from a PrecisionPlan.
-
-    `log` is any callable(dict, step=int); by default wandb.log while a W&B run is active. Without a
-    run nothing is logged, and a logging error is warned about, never raised into training."""
+    """Logs amp/enabled (0/1), amp/precision (as given) and, for fp16, amp/loss_scale to Weights & Biases: per epoch
+    as a Lightning Callback (where Lightning is installed; a plain class otherwise, so importing never needs it), per
+    optimizer step with amp/skipped_steps in this project's loop (test_fine_tuning(callbacks=[...])).
+    `log`: any callable(dict, step=int); by default wandb.log while a W&B run is active, else nothing is logged.
+    A logging error is warned about, never raised into training."""
 
     def __new__(cls, *args, **kwargs):
         base = _lightning_callback_base()
@@ -56,12 +47,9 @@ class AmpWandbCallback:
         """The GradScaler's current scale in a Lightning trainer (trainer.strategy.precision_plugin.scaler),
         as a float, unrounded; None when any piece is missing (no strategy, no plugin, no scaler)."""
         scaler = getattr(getattr(getattr(trainer, "strategy", None), "precision_plugin", None), "scaler", None)
-        get_scale = getattr(scaler, "get_scale", None)
-        if get_scale is None:
-            return None
         try:
-            return float(get_scale())
-        except Exception:
+            return float(scaler.get_scale())
+        except Exception:  # no scaler (None has no get_scale), or one that cannot say
             return None
 
     def _logger(self):

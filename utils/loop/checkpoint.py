@@ -1,14 +1,7 @@
-"""Checkpoints for the fine-tuning loop: everything a run needs to continue exactly where it stopped.
-
-A checkpoint holds the model, optimizer, LR schedule and GradScaler states, the RNG states (torch's per
-rank, CUDA's where present, the data generator's), the step reached, the history so far and the run's
-identity (model structure, precision, data, schedule, world size). It is written to a temporary file in
-the same folder and renamed into place, so a crash mid-write never leaves a half file under a real
-name. It is read with torch.load(weights_only=True): tensors and plain containers only, never
-arbitrary pickled objects. Loading takes the newest checkpoint that reads back whole; an unreadable one
-is reported by name and the one before it is used. A checkpoint of another run (model, precision, data
-or schedule) is refused, naming the field that differs.
-"""
+"""Checkpoints for the fine-tuning loop: everything a run needs to continue exactly where it stopped (states, RNGs,
+step, history) and the run's identity, whose mismatch is refused by name. Written to a temporary file and renamed
+into place (a crash mid-write never leaves a half file under a real name); read with weights_only=True (never
+arbitrary pickled objects); an unreadable one is named and the one before it used."""
 
 import hashlib
 import os
@@ -32,15 +25,11 @@ def structure_digest(model: nn.Module) -> str:
     return f"{type(model).__name__}:" + hashlib.sha256("\n".join(entries).encode()).hexdigest()[:16]
 
 
-def checkpoint_path(folder: Path, step: int) -> Path:
-    return Path(folder) / f"step_{step:08d}.pt"
-
-
 def save_checkpoint(folder, state: dict, keep: int) -> Path:
     """Write state as step_<step>.pt atomically, then keep only the newest `keep` checkpoints."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    path = checkpoint_path(folder, state["step"])
+    path = folder / f"step_{state['step']:08d}.pt"
     tmp = folder / f".{path.name}.{os.getpid()}.tmp"
     try:
         torch.save({"format": FORMAT, **state}, tmp)
@@ -66,28 +55,22 @@ def clear_checkpoints(folder) -> list:
     return removed
 
 
-def _differences(saved: dict, current: dict) -> list:
-    return [f"{k} is {saved.get(k)!r} there and {current.get(k)!r} here" for k in current if saved.get(k) != current.get(k)]
-
-
 def load_latest(folder, identity: dict):
-    """(state, path, notes) for the newest readable checkpoint in `folder`, or (None, None, notes) when
-    there is none. notes name each unreadable checkpoint that was passed over. A readable checkpoint of
-    another run raises CheckpointMismatch."""
+    """(state, path, notes) for the newest readable checkpoint in `folder` (None, None, notes: none); notes name each
+    unreadable one passed over. A checkpoint of another run raises CheckpointMismatch."""
     notes = []
     for path in sorted(Path(folder).glob(PATTERN), reverse=True):
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-            missing = [k for k in KEYS if k not in state]
-            if missing:
+            if missing := [k for k in KEYS if k not in state]:
                 raise ValueError(f"missing {missing}")
         except Exception as e:  # truncated, corrupt, or not a checkpoint: say so and try the one before
             notes.append(f"checkpoint {path} is unreadable ({type(e).__name__}: {str(e)[:120]}); using the one before it")
             continue
         if state["format"] != FORMAT:
             raise CheckpointMismatch(f"checkpoint {path} has format {state['format']}; this version reads format {FORMAT}")
-        diffs = _differences(state["identity"], identity)
-        if diffs:
+        saved = state["identity"]
+        if diffs := [f"{k} is {saved.get(k)!r} there and {v!r} here" for k, v in identity.items() if saved.get(k) != v]:
             raise CheckpointMismatch(f"checkpoint {path} belongs to another run: " + "; ".join(diffs)
                                      + ". Point checkpoint_dir elsewhere, or resume=False to start over.")
         return state, path, notes

@@ -9,14 +9,14 @@ from torch._dynamo.utils import counters as dynamo_counters
 
 from utils.loop.distributed import Ranks, rows
 from utils.models import compute_loss
-from utils.precision import PrecisionPlan, synchronize
+from utils import device as dev
+from utils.precision import PrecisionPlan
 
 
 def compile_model(net: nn.Module, data, plan: PrecisionPlan, device, global_batch: int, seq_len: int, r: Ranks, seed: int):
     """torch.compile(net), compiled right away on one batch (forward and backward under the run's autocast).
     RNG states and gradients are put back: the run sees the same numbers. Returns (model, what happened)."""
-    rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    rng, cuda_rng = torch.get_rng_state(), dev.rng_state(device)
     x, y = (rows(t, r).to(device) for t in data.get_batch("train", global_batch, seq_len, torch.Generator().manual_seed(seed + 1)))
     fast = torch.compile(net)
     breaks_before = sum(dynamo_counters["graph_break"].values())
@@ -25,7 +25,7 @@ def compile_model(net: nn.Module, data, plan: PrecisionPlan, device, global_batc
         with plan.autocast():
             loss = compute_loss(fast, x, y)
         loss.backward()
-        synchronize(device)
+        dev.synchronize(device)
         info = {"compiled": True, "compile_time_s": time.perf_counter() - t0, "fallback": None,
                 "graph_breaks": sum(dynamo_counters["graph_break"].values()) - breaks_before}
     except Exception as e:  # no C++ compiler, an op the backend cannot lower, ...: train eager instead
@@ -34,6 +34,5 @@ def compile_model(net: nn.Module, data, plan: PrecisionPlan, device, global_batc
                 "fallback": f"torch.compile failed, so this run is eager: {type(e).__name__}: {str(e).strip()[:300]}"}
     net.zero_grad(set_to_none=True)
     torch.set_rng_state(rng)
-    if cuda_rng is not None:
-        torch.cuda.set_rng_state(cuda_rng, device)
+    dev.set_rng_state(cuda_rng, device)
     return fast, info

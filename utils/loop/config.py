@@ -4,7 +4,13 @@ with its default, type and range, so tier 3, utils.train and test_fine_tuning sh
 import os
 from dataclasses import field, make_dataclass
 
+from utils.models import model_max_len
 from utils.params import FINE_TUNING, LOOP_SPEC as _SPEC, ParamError
+
+
+def fitted_seq_len(model, seq_len: int) -> int:
+    """seq_len, capped at the longest sequence the model takes: the one rule for every tier and the loop."""
+    return min(seq_len, model_max_len(model))
 
 
 def _from_params(cls, params: dict, where: str = "the fine-tuning loop"):

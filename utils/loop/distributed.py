@@ -1,10 +1,8 @@
-"""Several processes, one loop: what the fine-tuning loop needs from torch.distributed.
+"""Several processes, one loop: what the fine-tuning loop needs from torch.distributed (under torchrun: utils.train).
 
-Launch with torchrun (see utils.train); the loop itself runs unchanged in one process. Each rank draws
-the same global batch from the seeded generator and keeps its own rows, so N ranks of batch B/N see
-exactly the data one process of batch B sees. DDP averages the gradients; FSDP2 (fully_shard) shards
-parameters, gradients and optimizer state, and casts with a MixedPrecisionPolicy. Autocast runs per
-rank as in one process; under FSDP2 the fp16 GradScaler is the sharded one, which agrees on skipped
+Each rank draws the same global batch from the seeded generator and keeps its rows, so N ranks of batch B/N see exactly
+what one process of batch B sees. DDP averages the gradients; FSDP2 (fully_shard) shards parameters, gradients and
+optimizer state and casts with a MixedPrecisionPolicy; its fp16 GradScaler is the sharded one, which agrees on skipped
 steps across ranks (under DDP the all-reduced gradients already agree).
 """
 
@@ -22,6 +20,7 @@ try:  # FSDP2 is torch.distributed.fsdp.fully_shard from torch 2.6 on; older tor
 except ImportError:
     fully_shard = MixedPrecisionPolicy = None
 
+from utils import device as dev
 from utils.precision import PrecisionPlan
 
 
@@ -43,30 +42,23 @@ def ranks() -> Ranks:
 
 
 def init_from_env(device_request: str) -> torch.device:
-    """Join the process group torchrun describes in the environment: NCCL on CUDA, gloo on CPU. Each rank
-    takes the GPU of its LOCAL_RANK."""
+    """Join the process group torchrun describes: NCCL on the GPU of this rank's LOCAL_RANK, gloo on CPU."""
     if "RANK" not in os.environ:
         raise RuntimeError("utils.train runs under torchrun, which sets RANK and WORLD_SIZE: "
                            "torchrun --nproc_per_node 2 -m utils.train ...")
-    use_cuda = device_request != "cpu" and torch.cuda.is_available()
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    if not use_cuda:
-        return torch.device("cpu")
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    torch.cuda.set_device(device)
-    return device
+    device = dev.local_gpu(device_request, int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("gloo" if device is None else "nccl")
+    return torch.device("cpu") if device is None else device
 
 
 def fsdp2_unavailable() -> str:
     """Why FSDP2 cannot run with this torch, or '' when it can."""
-    if fully_shard is None:
-        return f"FSDP2 (torch.distributed.fsdp.fully_shard, torch >= 2.6) is not in torch {torch.__version__}: use parallel='ddp'"
-    return ""
+    return "" if fully_shard else (f"FSDP2 (torch.distributed.fsdp.fully_shard, torch >= 2.6) is not in torch "
+                                   f"{torch.__version__}: use parallel='ddp'")
 
 
 def wrap(model: nn.Module, parallel: str, plan: PrecisionPlan, device: torch.device) -> nn.Module:
-    """The model under DDP or FSDP2. FSDP2 shards every element of every nn.ModuleList (the blocks of
-    ours and of Hugging Face models), then the root."""
+    """The model under DDP or FSDP2: FSDP2 shards each element of every nn.ModuleList (the blocks), then the root."""
     if parallel == "ddp":
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     why_not = fsdp2_unavailable()
@@ -82,8 +74,7 @@ def wrap(model: nn.Module, parallel: str, plan: PrecisionPlan, device: torch.dev
 
 
 def gradient_sync(model: nn.Module, parallel: str, sync: bool):
-    """A context in which backward does (sync=True) or does not all-reduce gradients: inside a gradient
-    accumulation window only the last micro-batch needs to."""
+    """A context in which backward all-reduces gradients (sync) or not: in an accumulation window only the last does."""
     if parallel == "ddp" and not sync:
         return model.no_sync()
     if parallel == "fsdp2":
@@ -98,8 +89,8 @@ def rows(tensor: torch.Tensor, r: Ranks) -> torch.Tensor:
 
 
 def mean_over_ranks(value, r: Ranks):
-    """The mean over ranks of a number or a tensor (the value itself, untouched, in one process). A tensor
-    is reduced where it lies; NCCL reduces CUDA tensors only, so there a number travels on this rank's GPU."""
+    """The mean over ranks of a number or a tensor (untouched in one process); NCCL reduces CUDA tensors only, so there
+    a number travels on this rank's GPU."""
     if r.world == 1:
         return value
     if isinstance(value, torch.Tensor):
@@ -107,7 +98,7 @@ def mean_over_ranks(value, r: Ranks):
         dist.all_reduce(total)
         return total / r.world
     on_gpu = dist.get_backend() == "nccl"
-    t = torch.tensor(float(value), device=torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu")
+    t = torch.tensor(float(value), device=dev.current_gpu() if on_gpu else "cpu")
     dist.all_reduce(t)
     return float(t) / r.world
 
@@ -118,8 +109,7 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
 
 
 def training_state(model: nn.Module, optimizer) -> tuple:
-    """Full (unsharded) model and optimizer state dicts on the CPU, keyed by parameter name. A collective
-    under FSDP2: every rank calls it."""
+    """Full (unsharded) model and optimizer state dicts on the CPU; a collective under FSDP2 (every rank calls it)."""
     return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 

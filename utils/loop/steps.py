@@ -1,13 +1,10 @@
 """The optimizer step's bookkeeping, kept on the device so that a step never waits for the host.
 
-On a GPU, reading a number back (float(loss), bool(finite), scaler.get_scale()) makes Python wait until
-every queued kernel has run, and the device then idles while Python prepares the next step: on a small
-model that is most of the time. So a step's record (loss, gradient norm, loss scale, skipped) stays on
-the device and the loop reads the records in one transfer at its log points; the LR schedule is a table
-on the device, indexed by a device count of the steps that really happened; a step with non-finite
-gradients is skipped inside the fused AdamW kernel (utils.precision.LossScaler.step; an unfused AdamW reads
-the flag on the host); and steps are timed with CUDA events (utils.measure.StepTimer). A CPU runs the same
-code: there every op has finished when it returns, so the wall clock times a step and a read costs nothing.
+On a GPU, reading a number back (float(loss), scaler.get_scale()) makes Python wait for every queued kernel, and the
+device then idles while Python prepares the next step: on a small model, most of the time. So a step's record stays on
+the device and the loop reads the records in one transfer at its log points; the LR schedule is a table on the device,
+indexed by a device count of the updates made; a non-finite step is skipped inside the fused AdamW kernel
+(utils.precision.LossScaler.step); steps are timed with CUDA events. A CPU runs the same code; a read costs nothing there.
 """
 
 import math
@@ -25,8 +22,8 @@ RECORD = ("loss", "lr", "grad_norm", "loss_scale", "skipped", "nonfinite_grads")
 
 
 def log_interval(log_every: int, device: torch.device) -> int:
-    """Steps between reads of the records: log_every, or (0) every step on a CPU, where a read costs
-    nothing, and every LOG_EVERY_ACCELERATOR steps on a GPU, where each read makes the host wait."""
+    """Steps between reads of the records: log_every, or (0) every step on a CPU, where a read costs nothing, and
+    every LOG_EVERY_ACCELERATOR steps on a GPU, where each read makes the host wait."""
     return log_every or (1 if device.type == "cpu" else LOG_EVERY_ACCELERATOR)
 
 
@@ -41,9 +38,8 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.1):
 
 
 class LRSchedule:
-    """lr x factor(n), n the optimizer steps that really happened (a skipped step does not advance it),
-    as a table on the device indexed there. A fused AdamW reads the LR tensor itself; another optimizer
-    is given it as a number (a host read, on the path that reads each step anyway)."""
+    """lr x factor(n), n the updates made (a skipped step does not advance it), as a table on the device indexed there.
+    A fused AdamW reads the LR tensor itself; another is given it as a number (a host read, on a path that reads anyway)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, lr: float, factor, total_steps: int, device: torch.device):
         # CUDA's fused kernel reads a float32 LR; the CPU's reads a double, as it would a Python float.
@@ -82,19 +78,17 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 def param_groups(model: nn.Module, weight_decay: float):
     """AdamW groups: decay matrices (weights, embeddings), not biases or norm gains (1-D tensors)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
 FUSED_ADAMW_DEVICES = ("cpu", "cuda")  # where torch (>= 2.4) has a fused AdamW kernel
 
 
 def adamw(param_groups, lr: float, device: torch.device, sharded: bool = False) -> torch.optim.AdamW:
-    """AdamW fused into one kernel per step where the device has one: the optimizer step is time AMP cannot
-    shorten. Measured on gpt-small (3.3M parameters) on a 2-core CPU, interleaved: the optimizer step alone
-    4.4x faster than the foreach default (2.0 vs 9.0 ms); the whole step at batch 16 x 128 unchanged within
-    noise (fp32 1.01x, bf16 1.00x), since the step is 80-240 ms there. FSDP2's sharded parameters keep foreach."""
+    """AdamW fused into one kernel per step where the device has one (FSDP2's sharded parameters keep foreach): the
+    optimizer step is time AMP cannot shorten. On gpt-small on a 2-core CPU the optimizer step alone ran 4.4x faster
+    than foreach (2.0 vs 9.0 ms), the whole 80-240 ms step at batch 16 x 128 the same within noise."""
     fused = device.type in FUSED_ADAMW_DEVICES and not sharded
     return torch.optim.AdamW(param_groups, lr=lr, betas=(0.9, 0.95), fused=fused or None)
 
@@ -111,8 +105,8 @@ def cannot_train(model: nn.Module) -> UnsupportedModel:
 
 
 def forward_backward(model: nn.Module, batch, scaler: LossScaler, window: int) -> torch.Tensor:
-    """Forward and loss under autocast, then the scaled backward. The loss is divided by the
-    accumulation window so the summed gradients are a mean. Returns the unscaled, undivided loss."""
+    """Forward and loss under autocast, then the scaled backward of loss / window (the summed gradients are a mean).
+    Returns the unscaled, undivided loss."""
     x, y = batch
     with scaler.plan.autocast():
         loss = compute_loss(model, x, y)
@@ -124,9 +118,8 @@ def forward_backward(model: nn.Module, batch, scaler: LossScaler, window: int) -
 
 def train_step(net: nn.Module, train_net: nn.Module, batches: list, scaler: LossScaler, optimizer: torch.optim.Optimizer,
                schedule: LRSchedule, max_grad_norm: float, parallel: str, device: torch.device) -> torch.Tensor:
-    """One optimizer step over the micro-batches of an accumulation window, reading nothing back to the
-    host (where AdamW is fused): unscale, clip, step (skipped for non-finite gradients), schedule. Returns
-    the step's record (RECORD) as one device tensor."""
+    """One optimizer step over an accumulation window's micro-batches, reading nothing back to the host (where AdamW
+    is fused): unscale, clip, step (skipped for non-finite gradients), schedule. Returns its RECORD as a device tensor."""
     loss_sum = 0.0
     for i, batch in enumerate(batches):
         with gradient_sync(net, parallel, sync=i == len(batches) - 1):  # all-reduce once per window
@@ -149,8 +142,7 @@ def train_step(net: nn.Module, train_net: nn.Module, batches: list, scaler: Loss
 @torch.no_grad()
 def evaluate(model: nn.Module, data, plan: PrecisionPlan, device: torch.device, batch_size: int, seq_len: int,
              n_batches: int, r: Ranks = Ranks()) -> float:
-    """Mean loss over fixed validation batches, in the run's precision. Under torchrun each rank takes
-    its rows of the same global batches, and the mean is over all of them."""
+    """Mean loss over fixed validation batches, in the run's precision (under torchrun: each rank's rows, mean over all)."""
     was_training = model.training
     model.eval()
     losses = []

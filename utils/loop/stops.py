@@ -12,7 +12,8 @@ import torch
 import torch.nn as nn
 
 from utils.measure import largest_activation
-from utils.precision import BF16, PrecisionPlan, bf16_native, label
+from utils import device as dev
+from utils.precision import BF16, PrecisionPlan, label
 
 INTERRUPTED, NONFINITE_LOSS, OVERFLOW_STORM = "interrupted", "nonfinite_loss", "overflow_storm"
 
@@ -22,10 +23,9 @@ FIRST, SAME, AGAIN = "first", "same", "again"
 
 
 class StopSignals:
-    """The stop signals a process receives, told apart by when they come. Schedulers send one stop more than once:
-    GNU timeout signals the command and then its process group, Slurm and systemd signal every process (a kernel gets
-    the scheduler's SIGTERM and its runner's), and a key pressed twice repeats itself. Signals within STOP_WINDOW_S of
-    the first are that same stop; only a later, separate one asks to stop at once."""
+    """A process's stop signals, told apart by when they come: schedulers send one stop more than once (GNU timeout
+    to the command then its group, Slurm and systemd to every process), a key pressed twice repeats itself. Within
+    STOP_WINDOW_S of the first it is that same stop; only a later, separate one asks to stop at once."""
 
     def __init__(self):
         self.at = None
@@ -44,12 +44,10 @@ _SIGNALS = StopSignals()  # this process's: the kernel's SIGTERM handler and the
 
 @contextmanager
 def stop_requests():
-    """Ctrl-C or SIGTERM (a Colab or scheduler stop) during training asks the loop to stop after the
-    current step, checkpoint and return, instead of dying mid-step; a later, separate Ctrl-C interrupts at
-    once (StopSignals). A later SIGTERM never does: it is the same stop relayed (a scheduler signals the process,
-    and its runner passes the stop on, on Ray through a file, seconds later); what stops a process at once after
-    it is SIGKILL. Yields a function that says whether a stop was asked. Python allows handlers only in
-    the main thread; elsewhere signals keep their usual effect."""
+    """Ctrl-C or SIGTERM during training asks the loop to stop after the current step, checkpoint and return, instead
+    of dying mid-step; a later, separate Ctrl-C interrupts at once (StopSignals), a later SIGTERM never (it is the same
+    stop relayed by a runner, on Ray seconds later; SIGKILL stops at once). Yields whether a stop was asked. Handlers
+    only in the main thread (Python's rule); elsewhere signals keep their usual effect."""
     global _SIGNALS
     if threading.current_thread() is not threading.main_thread():
         yield lambda: False
@@ -69,10 +67,9 @@ def stop_requests():
 
 
 def sigterm_as_ctrl_c():
-    """In a notebook kernel: SIGTERM (a scheduler's stop of every process) acts as Ctrl-C does at that moment. In
-    training the loop checkpoints and returns (stop_requests); in any other cell it raises KeyboardInterrupt; in an
-    idle kernel it is ignored, as Ctrl-C is. A SIGTERM after the first is that stop again (the scheduler's and the
-    runner's copies, seconds apart on Ray): it never interrupts the cells that record and show the stopped run."""
+    """In a notebook kernel SIGTERM acts as Ctrl-C does at that moment: in training the loop checkpoints and returns,
+    another cell raises KeyboardInterrupt, an idle kernel ignores it. A SIGTERM after the first is that stop again (the
+    scheduler's and the runner's copies): it never interrupts the cells that record and show the stopped run."""
     def handler(signum, frame):
         if _SIGNALS.take() != FIRST:
             return
@@ -84,6 +81,11 @@ def sigterm_as_ctrl_c():
         signal.signal(signal.SIGTERM, handler)
 
 
+def status(stop) -> str:
+    """A run's verdict from how it ended: interrupted warns (it resumes), any other stop fails, none passes."""
+    return "pass" if not stop else "warn" if stop["reason"] == INTERRUPTED else "fail"
+
+
 def interrupted(step: int, total_steps: int, checkpoint_dir) -> dict:
     return {"reason": INTERRUPTED, "step": step,
             "message": f"interrupted at step {step} of {total_steps}"
@@ -93,9 +95,8 @@ def interrupted(step: int, total_steps: int, checkpoint_dir) -> dict:
 
 def diagnosis(reason: str, step: int, at: int, count: int, records: list, net: nn.Module, x: torch.Tensor,
               plan: PrecisionPlan) -> dict:
-    """Why the run stopped at `step`: where it broke (`at`: the NaN loss, or the last of `count` skipped
-    steps in a row), the loss scale trajectory and the layer with the largest activation. The loop sees
-    records at log points, so `at` may come a few steps before the step the run stopped at."""
+    """Why the run stopped at `step` (seen at a log point): where it broke (`at`: the NaN loss, or the last of `count`
+    skipped steps in a row), the loss scale trajectory and the layer with the largest activation."""
     scales = [rec["loss_scale"] for rec in records[-30:]]
     act = largest_activation(net, x, plan)
     where = (f"the first non-finite output is {act['layer']!r}" if not math.isfinite(act["max_abs"])
@@ -104,7 +105,7 @@ def diagnosis(reason: str, step: int, at: int, count: int, records: list, net: n
     if reason == OVERFLOW_STORM:
         message = (f"overflow storm: {count} optimizer steps in a row skipped for non-finite gradients (to step {at})"
                    f"{seen}; loss scale {scales[0]:g} -> {scales[-1]:g}; {where} under {plan.precision}. "
-                   + (f"Use {BF16} (this device runs it natively), or find" if bf16_native(x.device) else "Find")
+                   + (f"Use {BF16} (this device runs it natively), or find" if dev.bf16_native(x.device) else "Find")
                    + " the layer whose activations outgrow fp16's 65504 (Tier 2 AMP readiness).")
     else:
         message = (f"the training loss went NaN/Inf at step {at}{seen} in {label(plan.precision)}; {where}. "

@@ -1,19 +1,11 @@
-"""The fine-tuning loop: one code path for fp32 and mixed precision, read top to bottom as named phases.
+"""The fine-tuning loop, one code path for fp32 and mixed precision, in named phases (each a Trainer method):
 
     result = Trainer(model, TrainConfig(steps=60), plan, device).run()
 
-set up     the model on its device (fp8: float8 Linear layers), its data, the step counts, DDP/FSDP2, AdamW, the
-           LR schedule, the plan's loss scaler, the data generator
-resume     the newest valid checkpoint of this same run, or a fresh folder
-train      per optimizer step: the window's micro-batches, forward + loss under autocast, scaled backward,
-           unscale, clip, step (skipped for non-finite gradients), schedule (utils.loop.steps). Nothing is
-           read back to the host: the step's record stays on the device
-log point  every log_every steps, at evaluations, checkpoints and the end: the pending records in one
-           transfer, callbacks (once per step, in order), evaluation, progress
-stop       Ctrl-C/SIGTERM (any rank), a NaN loss, or an overflow storm stops the run with a diagnosis
-checkpoint every checkpoint_every steps, at the end, and on a stop that can be resumed
-With precision '32' autocast and the GradScaler are disabled no-ops, so the fp32 and AMP runs differ in
-precision alone and can be compared like with like.
+set up (model, data, step counts, DDP/FSDP2, AdamW, schedule, loss scaler); resume (the newest valid checkpoint of
+this run); train (a step reads nothing back to the host: utils.loop.steps); log point (the pending records in one
+transfer, callbacks, evaluation, progress); stop (Ctrl-C/SIGTERM on any rank, a NaN loss, an overflow storm);
+checkpoint. Under precision '32' autocast and the GradScaler are no-ops, so fp32 and AMP runs differ in precision alone.
 """
 
 import itertools
@@ -29,14 +21,14 @@ from tqdm.auto import tqdm
 from utils.loop import stops
 from utils.loop.compile import compile_model
 from utils.loop.checkpoint import clear_checkpoints, load_latest, save_checkpoint, structure_digest
-from utils.loop.config import TrainConfig
+from utils.loop.config import TrainConfig, fitted_seq_len
 from utils.loop.distributed import gather, load_training_state, mean_over_ranks, ranks, rows, training_state, wrap
 from utils.loop.steps import RECORD, LRSchedule, adamw, evaluate, log_interval, param_groups, to_device, train_step, warmup_cosine
 from utils.measure import StepTimer
-from utils.models import (check_fp32_master_weights, checkpoint_blocks, load_model, load_task_data, model_max_len,
-                          model_vocab_size)
+from utils.models import check_fp32_master_weights, checkpoint_blocks, load_model, load_task_data, model_vocab_size
 from utils.params import ParamError
-from utils.precision import PrecisionPlan, convert_for, memory_bytes
+from utils import device as dev
+from utils.precision import PrecisionPlan, convert_for
 
 
 @dataclass
@@ -68,17 +60,9 @@ class FineTuneResult:
         """None when no evaluation ran (eval_batches=0): there is no loss to report, and NaN would read as a diverged run."""
         return float(self.eval_history[column].iloc[row]) if len(self.eval_history) else None
 
-    @property
-    def initial_eval_loss(self):
-        return self._eval("eval_loss", 0)
-
-    @property
-    def final_eval_loss(self):
-        return self._eval("eval_loss", -1)
-
-    @property
-    def final_perplexity(self):
-        return self._eval("perplexity", -1)
+    initial_eval_loss = property(lambda self: self._eval("eval_loss", 0))
+    final_eval_loss = property(lambda self: self._eval("eval_loss", -1))
+    final_perplexity = property(lambda self: self._eval("perplexity", -1))
 
     def summary(self) -> dict:
         """JSON-ready figures for reports and the batch runner."""
@@ -101,10 +85,9 @@ def amp_summary(history: pd.DataFrame) -> dict:
 
 
 def check_batch_fits(model: nn.Module, batch_size: int, seq_len: int, device: torch.device, name: str = "batch_size"):
-    """A batch whose token ids and fp32 logits alone exceed the device's memory (a lower bound on one step's: the loss
-    is taken on fp32 logits) is refused before training, naming the largest that could fit. Where the memory is not
-    known, nothing is checked."""
-    memory = memory_bytes(device)
+    """A batch whose token ids and fp32 logits alone (a lower bound on a step's memory) exceed the device's memory is
+    refused before training, naming the largest that could fit; unchecked where the memory is not known."""
+    memory = dev.memory_bytes(device)
     if memory is None:
         return
     if getattr(model, "task", None) == "classification":
@@ -133,7 +116,7 @@ class Trainer:
         self.model = convert_for(plan, self.model).train()  # fp8: float8 Linear layers; fp32_modules kept in fp32
         if config.activation_checkpointing:
             checkpoint_blocks(self.model)
-        self.cfg = config = replace(config, seq_len=min(config.seq_len, model_max_len(self.model)))  # as the tiers cap it
+        self.cfg = config = replace(config, seq_len=fitted_seq_len(self.model, config.seq_len))
         self.data = load_task_data(self.model, data, config.seq_len)
         check_batch_fits(self.model, config.batch_size, config.seq_len, device)
         self._count_steps()
@@ -142,8 +125,8 @@ class Trainer:
         self.start, self.micro_done, self.stop = 0, 0, None
 
     def _count_steps(self):
-        """Micro-batches to run, and optimizer steps as windows of grad_accum_steps (the last may be partial).
-        Under torchrun every rank draws the same global batch (batch_size x world) and keeps its rows."""
+        """Micro-batches to run, and optimizer steps as windows of grad_accum_steps (the last may be partial); every rank
+        draws the same global batch (batch_size x world) and keeps its rows."""
         cfg = self.cfg
         self.global_batch = cfg.batch_size * self.r.world
         if cfg.epochs is not None:
@@ -155,8 +138,7 @@ class Trainer:
         self.warmup_steps = max(1, self.total_steps // 10) if cfg.warmup_steps is None else cfg.warmup_steps
 
     def _build(self):
-        """What the run reports and what a checkpoint must match; then the wrapped model, AdamW, the schedule,
-        the loss scaler and the data generator."""
+        """What the run reports and a checkpoint must match; the wrapped model, AdamW, schedule, scaler, data generator."""
         cfg, r, device = self.cfg, self.r, self.device
         corpus = getattr(self.data, "source", "classification")
         self.config = {"steps": self.total_steps, "micro_batches": self.micro_total, "batch_size": cfg.batch_size,
@@ -164,10 +146,9 @@ class Trainer:
                        "device": str(device), "corpus": corpus, "corpus_fingerprint": getattr(self.data, "fingerprint", None),
                        "world_size": r.world, "parallel": self.parallel}
         # What a checkpoint must match to be resumed here: the same model, precision, data and schedule.
-        remedies = {k: v for k, v in self.plan.to_dict().items() if k in ("fp32_modules", "init_scale", "growth_interval")}
         made_up = {"make_up_skipped": True} if cfg.make_up_skipped else {}  # only where set: identities stay as they were
-        self.identity = {"model": structure_digest(self.model), "precision": self.plan.precision, **remedies, **made_up,
-                         "data": f"{corpus}:{self.config['corpus_fingerprint']}",
+        self.identity = {"model": structure_digest(self.model), "precision": self.plan.precision,
+                         **self.plan.remedies(), **made_up, "data": f"{corpus}:{self.config['corpus_fingerprint']}",
                          **{k: self.config[k] for k in ("steps", "micro_batches", "batch_size", "seq_len", "grad_accum_steps",
                                                         "seed", "world_size", "parallel")},
                          "lr": cfg.lr, "weight_decay": cfg.weight_decay, "warmup_steps": self.warmup_steps,
@@ -202,23 +183,21 @@ class Trainer:
             self.evals = self.evaluate(0)
 
     def _load(self, state: dict):
-        r, device = self.r, self.device
         load_training_state(self.net, self.optimizer, state["model"], state["optimizer"])
         self.schedule.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.generator.set_state(state["rng"]["data"])
-        torch.set_rng_state(state["rng"]["torch"][r.rank])
-        if device.type == "cuda" and state["rng"]["cuda"]:
-            torch.cuda.set_rng_state(state["rng"]["cuda"][r.rank], device)
-        self.start, self.micro_done, self.records, self.evals = (state["step"], state["micro_done"], state["history"],
-                                                                 state["evals"])
+        torch.set_rng_state(state["rng"]["torch"][self.r.rank])
+        if state["rng"]["cuda"]:
+            dev.set_rng_state(state["rng"]["cuda"][self.r.rank], self.device)
+        self.start, self.micro_done, self.records, self.evals = (state[k] for k in ("step", "micro_done", "history", "evals"))
 
     def checkpoint(self, step: int):
         """A collective under FSDP2: every rank gathers, rank 0 writes."""
         r, device = self.r, self.device
         model_state, optimizer_state = training_state(self.net, self.optimizer)
         rng = {"torch": gather(torch.get_rng_state(), r), "data": self.generator.get_state(),
-               "cuda": gather(torch.cuda.get_rng_state(device), r) if device.type == "cuda" else []}
+               "cuda": gather(dev.rng_state(device), r) if device.type == "cuda" else []}
         if r.main:
             self.saved.append(str(save_checkpoint(self.cfg.checkpoint_dir, {
                 "identity": self.identity, "config": self.config, "step": step, "micro_done": self.micro_done,
@@ -296,8 +275,8 @@ class Trainer:
         return batches
 
     def log_point(self, step: int):
-        """The pending records in one transfer (the loss averaged over ranks), then what needs them: records,
-        callbacks, progress. Returns where the loss first broke and an overflow storm, if any."""
+        """The pending records in one transfer (the loss averaged over ranks), then records, callbacks, progress.
+        Returns where the loss first broke and an overflow storm, if any."""
         values, loss = torch.stack(self.pending), RECORD.index("loss")
         values[:, loss] = mean_over_ranks(values[:, loss], self.r)
         first, broke_at, storm = step - len(self.pending) + 1, None, None

@@ -23,11 +23,13 @@ from utils.loop.checkpoint import PATTERN as CHECKPOINT_PATTERN
 from utils.loop.stops import AGAIN, INTERRUPTED, SAME, STOP_WINDOW_S, StopSignals
 from utils.params import ROOT, RUN_CONTROL, check_params, spec
 from utils.results import read_json, write_json_atomic
+from utils.runner import Job
+from utils.runner.lock import OK, OLD, temp_prefix
 from utils.tiers import TIERS
 
 NOTEBOOK_DIR = ROOT / "notebooks"
 KERNEL_LOG = "kernel.log"  # a run's kernel process's own log, kept in its folder when it wrote anything
-NOT_STARTED = "not_started"  # a summary row's run_status for a run a stop kept from starting
+NOT_STARTED, CRASHED = "not_started", "crashed"  # a summary row's run_status: a stop kept it from starting; it crashed
 KERNEL_STOP = "KeyboardInterrupt in its kernel (a SIGTERM or Ctrl-C sent to it, or code that raised it)"
 CHECKSUMS = "checksums"  # run.json's field of what the run wrote (not in its summary row)
 KERNEL_START_TRIES = 3  # a kernel that dies before its first cell (ZeroMQ's port race when many start) is started again
@@ -36,17 +38,15 @@ _KERNELS = weakref.WeakSet()  # the kernel managers of this process's running no
 _KERNELS_LOCK = threading.Lock()  # run threads add to it while a signal handler or a stop watcher reads it
 STOP_LINE = (f"the running notebooks are stopped as by Ctrl-C (a fine-tuning run checkpoints first) and no further run "
              f"starts; a second stop more than {STOP_WINDOW_S:g} s later stops at once")
-_STOP = []  # the signals that asked this process to stop (SIGINT, SIGTERM, a driver's stop), in order
+_STOP = []  # what asked this process to stop (SIGINT, SIGTERM, a driver's stop): read and cleared by the functions below
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 HANGUP = getattr(signal, "SIGHUP", None)
 
 
 class LocalKernelManager(AsyncKernelManager):
-    """The notebooks' kernel talks to this process over local sockets (ZeroMQ ipc) where the OS has them, not over
-    TCP: nothing outside the machine needs to reach it, and a TCP kernel prints a transport warning into every run.
-    The kernel starts in `run_cwd` with `run_env` added to its environment (its threads, its GPU): set per run, never
-    by changing this process's working folder, which every run of a parallel batch shares. With `stderr_path` set, the
-    kernel process's own stderr (ipykernel's log; a cell's output goes to the notebook) goes to that file."""
+    """A kernel over local sockets (ZeroMQ ipc) where the OS has them: a TCP kernel prints a transport warning into
+    every run. It starts in `run_cwd` with `run_env` added (set per run: every run of a parallel batch shares this
+    process's working folder), its own stderr (ipykernel's log) to `stderr_path` when set."""
     transport = CaselessStrEnum(["tcp", "ipc"], default_value="ipc" if os.name == "posix" else "tcp")
     stderr_path, run_cwd, run_env, ipc_prefix = None, None, {}, None
 
@@ -64,8 +64,7 @@ class LocalKernelManager(AsyncKernelManager):
 
 @contextlib.contextmanager
 def _ctrl_c_deliverable():
-    """A child inherits its launcher's blocked signals: a Ray worker blocks SIGINT, and a kernel it started would
-    never see a stop. SIGINT is unblocked while the kernel process is created, then the launcher's mask restored."""
+    """SIGINT unblocked while a kernel is started: a child inherits blocked signals, and a Ray worker blocks SIGINT."""
     if not hasattr(signal, "pthread_sigmask"):
         yield
         return
@@ -77,8 +76,7 @@ def _ctrl_c_deliverable():
 
 
 def run_notebook(source: Path, target: Path, kernel_log: Path = None, cwd: Path = None, env: dict = None, **kwargs):
-    """papermill.execute_notebook on the python3 kernel of this environment, over local sockets, the kernel started
-    in `cwd` with `env` added; its own log goes to `kernel_log` when given."""
+    """papermill.execute_notebook on this environment's python3 kernel, a LocalKernelManager."""
     sockets = tempfile.mkdtemp(prefix="suite-kernel-")
     manager = type("RunKernelManager", (LocalKernelManager,), {"stderr_path": kernel_log, "run_cwd": str(cwd) if cwd else None,
                                                              "run_env": env or {}, "ipc_prefix": os.path.join(sockets, "ipc")})
@@ -90,7 +88,7 @@ def run_notebook(source: Path, target: Path, kernel_log: Path = None, cwd: Path 
 
 
 def _signal_kernels(sig, group: bool = True):
-    """`sig` to every running notebook's kernel: to its process group where it has one and `group` asks for it."""
+    """`sig` to every running notebook's kernel (to its process group where it has one and `group` asks)."""
     with _KERNELS_LOCK:
         kernels = list(_KERNELS)
     for km in kernels:
@@ -105,16 +103,14 @@ def _signal_kernels(sig, group: bool = True):
 
 
 def interrupt_kernels():
-    """Ctrl-C for every running notebook: SIGTERM to the kernel, which the notebooks' set-up cell makes act as Ctrl-C
-    (utils.loop.stops.sigterm_as_ctrl_c). Tier 3's loop then checkpoints and returns; a cell elsewhere ends in
-    KeyboardInterrupt. SIGTERM, not SIGINT: a scheduler that signals every process sends the kernel SIGTERM
-    too, and the kernel takes the two as one stop only when they are the same signal (ipykernel owns SIGINT in a cell).
-    To the kernel alone: processes it started keep their own way of stopping."""
+    """Ctrl-C for every running notebook: SIGTERM to the kernel alone, which the set-up cell makes act as Ctrl-C
+    (utils.loop.stops.sigterm_as_ctrl_c). SIGTERM, not SIGINT: a scheduler that signals every process sends the kernel
+    SIGTERM too, and the kernel takes the two as one stop only when they are the same signal."""
     _signal_kernels(signal.SIGTERM, group=False)
 
 
 def kill_kernels():
-    """A stop at once: no kernel outlives its runner (a run's own thread then ends on the dead kernel)."""
+    """A stop at once: no kernel outlives its runner."""
     _signal_kernels(getattr(signal, "SIGKILL", signal.SIGTERM))
 
 
@@ -125,13 +121,21 @@ def ask_stop(why: str):
     interrupt_kernels()
 
 
+def stop_reason() -> str:
+    """What first asked this process to stop ('SIGTERM', a driver's stop), or '' while none has."""
+    return _STOP[0] if _STOP else ""
+
+
+def clear_stop():
+    """Forget the stop: a batch has ended, or a Ray worker starts its next task (a stop belongs to its own task)."""
+    _STOP.clear()
+
+
 @contextlib.contextmanager
 def stops_passed_to_notebooks():
-    """SIGINT (Ctrl-C), SIGTERM (a scheduler's stop, Colab's) and SIGHUP (a closed terminal) of the runner: said in one
-    line, passed to the running notebooks as Ctrl-C, and no further run starts. The same stop sent more than once
-    (within STOP_WINDOW_S: GNU timeout's to the runner and to its group) is one; a later, separate signal stops the
-    runner at once (KeyboardInterrupt). Python allows signal handlers only in the main thread; elsewhere signals act
-    as usual."""
+    """SIGINT, SIGTERM and SIGHUP (a closed terminal) of the runner: said in one line, passed to the running notebooks
+    as Ctrl-C, and no further run starts; signals within STOP_WINDOW_S are one stop, a later one stops the runner at
+    once (KeyboardInterrupt). Only in the main thread (Python's rule for handlers); elsewhere signals act as usual."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -159,12 +163,12 @@ def stops_passed_to_notebooks():
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-        _STOP.clear()
+        clear_stop()
 
 
 def _off_the_terminal():
-    """After a hang-up, what the runner prints goes nowhere instead of failing (a write to a closed terminal raises
-    EIO, which would end the batch before it records its runs); a file, a pipe or a terminal still open stays."""
+    """After a hang-up, what the runner prints goes nowhere: a write to the closed terminal raises EIO, which would end
+    the batch before it records its runs."""
     with open(os.devnull, "wb") as null:
         for fd in (1, 2):
             try:
@@ -174,32 +178,32 @@ def _off_the_terminal():
 
 
 class RunStopped(Exception):
-    """A notebook not continued because this runner was asked to stop."""
+    """A notebook not continued: this runner was asked to stop."""
 
 
 def _cell_hook(run_folder: Path, started: list):
-    """nbclient's on_cell_start hook. It notes that a cell started (so the kernel did start: a failure after that is a
-    finding, never retried). And once a stop was asked, no cell starts before the run has written its results (a
-    Ctrl-C between two cells would be lost: the kernel ignores it while idle); after, the cells that only show the
-    results still run, so an interrupted tier 3 notebook shows its stop."""
+    """nbclient's on_cell_start: notes that a cell started (a failure after it is a finding, never retried). After a
+    stop, no cell starts before the run wrote its results (an idle kernel ignores Ctrl-C); the cells that show them
+    still run, so an interrupted tier 3 notebook shows its stop."""
     def hook(cell, cell_index):
         started.append(cell_index)
-        if _STOP and not (run_folder / "results.json").exists():
-            raise RunStopped(f"{_STOP[0]} before cell {cell_index}")
+        if stop_reason() and not (run_folder / "results.json").exists():
+            raise RunStopped(f"{stop_reason()} before cell {cell_index}")
     return hook
 
 
 def run_digest(tier: int, params: dict) -> str:
     """A run's identity is its content: the tier and every parameter, defaults filled in (where it keeps
-    its files aside: RUN_CONTROL)."""
-    known = spec(tier)  # a parameter added later, at its default, leaves the ids of finished runs as they were
-    full = {k: v for k, v in check_params(tier, params).items()
+    its files aside: RUN_CONTROL). A parameter added later, at its default, or renamed (its former name kept here)
+    leaves the ids of finished runs as they were."""
+    known = spec(tier)
+    full = {known[k].formerly or k: v for k, v in check_params(tier, params).items()
             if k not in RUN_CONTROL and not (known[k].added and v == known[k].default)}
     return hashlib.sha256(json.dumps({"tier": tier, "parameters": full}, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def _read(path: Path, reader=read_json):
-    """A record file's content, or a ValueError that names the file and what is wrong with it."""
+    """A record file's content, or a ValueError that says what is wrong with it."""
     try:
         return reader(path)
     except FileNotFoundError:
@@ -222,7 +226,7 @@ def why_rerun(run_dir: Path, tier: int, params: dict):
             return f"{run_dir / 'run.json'} is corrupt (not a run record)"
         if record.get("digest") != run_digest(tier, params):
             return "its parameters changed"
-        if record.get("run_status") != "ok":
+        if record.get("run_status") != OK:
             return f"it ended {record.get('run_status')!r}"
         results = _read(run_dir / "results.json")
         if not isinstance(results, dict) or results.get("status") != record.get("verdict"):
@@ -243,7 +247,7 @@ def why_rerun(run_dir: Path, tier: int, params: dict):
 
 def _replace_dir(new: Path, final: Path):
     """Put a finished run in place; the previous one is removed only once the new one is there."""
-    old = final.with_name(f".{final.name}.old")
+    old = final.with_name(f".{final.name}{OLD}")
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         final.rename(old)
@@ -252,8 +256,7 @@ def _replace_dir(new: Path, final: Path):
 
 
 def _notebook(tier: int, params: dict, tmp: Path, progress: bool, timeout: int, env: dict) -> int:
-    """The tier's notebook, executed into tmp; a kernel that dies before its first cell is started again.
-    Returns how many starts failed; raises what the last try raised."""
+    """The tier's notebook, executed into tmp; returns how many kernel starts failed (each tried again)."""
     for failed in range(KERNEL_START_TRIES):
         started = []
         try:
@@ -261,14 +264,11 @@ def _notebook(tier: int, params: dict, tmp: Path, progress: bool, timeout: int, 
                          cwd=tmp, env=env, parameters={**params, "output_dir": "."}, progress_bar=progress,
                          execution_timeout=timeout, on_cell_start=_cell_hook(tmp, started))
             return failed
-        except PapermillExecutionError:  # a cell's own error: a finding, never retried
-            raise
-        except Exception as e:
-            if started or _STOP or failed + 1 == KERNEL_START_TRIES:
+        except Exception as e:  # a cell's own error (PapermillExecutionError) is a finding, never retried
+            if isinstance(e, PapermillExecutionError) or started or stop_reason() or failed + 1 == KERNEL_START_TRIES:
                 raise
             with open(tmp / KERNEL_LOG, "a") as log:
                 log.write(f"the kernel did not start ({type(e).__name__}: {e}); starting it again\n")
-    raise AssertionError("unreachable")
 
 
 def base_row(run_id: str, tier: int, params: dict, where: dict = None) -> dict:
@@ -277,38 +277,33 @@ def base_row(run_id: str, tier: int, params: dict, where: dict = None) -> dict:
             **{f"param.{k}": v for k, v in params.items()}, **(where or {}), "started_at": round(time.time(), 3)}
 
 
-def crashed_row(run_id: str, tier: int, params: dict, where: dict, error: str) -> dict:
-    """The row of a run that an engine lost (its thread or worker died) before execute() could record it."""
-    return {**base_row(run_id, tier, params, where), **_unfinished("crashed", error)}
-
-
-def not_started_row(run_id: str, tier: int, params: dict, why: str) -> dict:
-    """The row of a planned run that a stop kept from starting: listed, so a stopped batch never reads as complete."""
-    return {**base_row(run_id, tier, params), **_unfinished(NOT_STARTED, why)}
+def unfinished_row(job: Job, status: str, why: str, where: dict = None) -> dict:
+    """The row of a run that execute() did not record: an engine lost it (CRASHED: its thread or worker died), or a
+    stop kept it from starting (NOT_STARTED: listed, so a stopped batch never reads as complete)."""
+    return {**base_row(job.run_id, job.tier, job.params, where), **_unfinished(status, why)}
 
 
 def execute(run_id: str, tier: int, params: dict, out_dir: Path, progress: bool = False, timeout: int = None,
             env: dict = None, where: dict = None) -> dict:
     """Execute one notebook in a temporary folder, then move it to out_dir/run_id. `env` is added to the kernel's
-    environment (its threads, its GPU); `where` (engine, node, GPU, threads) goes into the row as it is. A crash,
-    a timeout or a file-system error is recorded in the returned row, never raised; an interrupted run replaces an
-    earlier run there only when that one was not complete. A run that finished but could not be moved into place
+    environment (its threads, its GPU); `where` (engine, node, GPU, threads) goes into the row. A crash, a timeout or a
+    file-system error is recorded in the row, never raised. A run that finished but could not be moved into place
     stays in its temporary folder, which the next runner on out_dir puts in place (utils.runner.lock)."""
-    row = base_row(run_id, tier, params, where)
-    t0, tmp, finished = time.perf_counter(), None, False
+    row, t0, tmp, finished = base_row(run_id, tier, params, where), time.perf_counter(), None, False
     # Checkpoints live beside the run folders, not in the temporary one: they must outlive an interrupted run.
     keep = {"checkpoint_dir": str(out_dir / "checkpoints" / run_id)} if "checkpoint_dir" in spec(tier) else {}
+    ended = lambda: {"duration_s": round(time.perf_counter() - t0, 2), "ended_at": round(time.time(), 3)}
     try:
-        tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{run_id}."))
+        tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=temp_prefix(run_id)))
         try:
             retries = _notebook(tier, {**keep, **params}, tmp, progress, timeout, env)
             row.update(_finished(read_json(tmp / "results.json")), kernel_start_retries=retries)
         except Exception as e:  # a failing notebook must not stop the others (a second Ctrl-C is no Exception)
             row.update(_failed(e, timeout, Path({**keep, **params}.get("checkpoint_dir") or tmp)))
-        row.update(duration_s=round(time.perf_counter() - t0, 2), ended_at=round(time.time(), 3))
+        row.update(ended())
         if (tmp / KERNEL_LOG).exists() and not (tmp / KERNEL_LOG).stat().st_size:
             (tmp / KERNEL_LOG).unlink()
-        finished = row["run_status"] == "ok"
+        finished = row["run_status"] == OK
         write_json_atomic(tmp / "run.json", {**row, CHECKSUMS: checksums(tmp, tier)})
         if row["run_status"] == INTERRUPTED and why_rerun(out_dir / run_id, tier, params) is None:
             shutil.rmtree(tmp)  # a complete earlier run of the same parameters stays: nothing finished is lost
@@ -319,8 +314,7 @@ def execute(run_id: str, tier: int, params: dict, out_dir: Path, progress: bool 
             f"; its finished results are kept in {tmp}, which the next run into {out_dir} puts in place"
             if (tmp / "run.json").exists() else f"; its finished results are in {tmp} without their run.json, so the "
             f"next run into {out_dir} removes that folder: copy what you need first")
-        row.update(_unfinished("crashed", f"file system: {e}{kept}"),
-                   duration_s=round(time.perf_counter() - t0, 2), ended_at=round(time.time(), 3))
+        row.update(_unfinished(CRASHED, f"file system: {e}{kept}"), **ended())
         if tmp is not None and not finished:
             shutil.rmtree(tmp, ignore_errors=True)
     return row
@@ -329,7 +323,7 @@ def execute(run_id: str, tier: int, params: dict, out_dir: Path, progress: bool 
 def _finished(results: dict) -> dict:
     """A row's fields from a run's results.json: its verdicts, figures and, when it stopped early, why."""
     stop = results.get("figures", {}).get("stop") or {}
-    row = {"run_status": INTERRUPTED if stop.get("reason") == INTERRUPTED else "ok", "error": stop.get("message", ""),
+    row = {"run_status": INTERRUPTED if stop.get("reason") == INTERRUPTED else OK, "error": stop.get("message", ""),
            "verdict": results["status"], "timing_failed": any(v["timing"] and v["status"] == "fail" for v in results["verdicts"]),
            "threads": results.get("record", {}).get("threads")}
     row.update({f"verdict.{v['check']}": v["status"] for v in results["verdicts"]})
@@ -337,9 +331,8 @@ def _finished(results: dict) -> dict:
 
 
 def _failed(e: BaseException, timeout: int, checkpoints: Path) -> dict:
-    """A row's fields for a notebook that did not finish: stopped (by this runner, or its kernel by a signal of its own),
-    timed out or crashed."""
-    stop = _STOP[0] if _STOP else KERNEL_STOP if getattr(e, "ename", "") == "KeyboardInterrupt" else ""
+    """A row's fields for a notebook stopped (by this runner, or its kernel by a signal of its own), timed out or crashed."""
+    stop = stop_reason() or (KERNEL_STOP if getattr(e, "ename", "") == "KeyboardInterrupt" else "")
     if stop:
         saved = any(checkpoints.rglob(CHECKPOINT_PATTERN))
         status, error = INTERRUPTED, (f"{stop} stopped it before it wrote its results (--resume runs it again"
@@ -347,7 +340,7 @@ def _failed(e: BaseException, timeout: int, checkpoints: Path) -> dict:
     elif isinstance(e, TimeoutError):  # nbclient's CellTimeoutError; a cell's own error is PapermillExecutionError
         status, error = "timeout", f"no cell may run longer than --timeout {timeout} s"
     else:
-        status, error = "crashed", f"{getattr(e, 'ename', type(e).__name__)}: {getattr(e, 'evalue', None) or e}".strip()[:500]
+        status, error = CRASHED, f"{getattr(e, 'ename', type(e).__name__)}: {getattr(e, 'evalue', None) or e}".strip()[:500]
     return _unfinished(status, error)
 
 

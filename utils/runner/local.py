@@ -10,9 +10,9 @@ import threading
 from collections import deque
 
 from utils.params import SHARED_MACHINE_ENV
-from utils.precision import cuda_device_count
+from utils import device as dev
 from utils.runner import Job
-from utils.runner.execute import _STOP, crashed_row, execute, kill_kernels
+from utils.runner.execute import CRASHED, execute, kill_kernels, stop_reason, unfinished_row
 
 
 def cpu_count() -> int:
@@ -24,7 +24,7 @@ def visible_gpus() -> list:
     listed = os.environ.get("CUDA_VISIBLE_DEVICES")
     if listed is not None:
         return [g.strip() for g in listed.split(",") if g.strip() and not g.strip().startswith("-")]
-    return [str(i) for i in range(cuda_device_count())]
+    return [str(i) for i in range(dev.cuda_device_count())]
 
 
 def wants_gpu(params: dict) -> bool:
@@ -65,7 +65,7 @@ class LocalExecutor:
         self.queued.append(job)
 
     def _start(self):
-        while self.queued and len(self.running) < self.jobs and not _STOP:  # after a stop, no run starts
+        while self.queued and len(self.running) < self.jobs and not stop_reason():  # after a stop, no run starts
             job = self.queued[0]
             gpu, named = None, named_gpu(job.params)
             if self.gpu_count and wants_gpu(job.params):
@@ -89,7 +89,7 @@ class LocalExecutor:
         try:
             row = execute(job.run_id, job.tier, job.params, job.out_dir, job.progress, job.timeout, env=env, where=where)
         except BaseException as e:  # never lose a run's end: the driver waits for it
-            row = crashed_row(job.run_id, job.tier, job.params, where, f"{type(e).__name__}: {e}")
+            row = unfinished_row(job, CRASHED, f"{type(e).__name__}: {e}", where)
         self.done.put((job, row))
 
     def collect(self, timeout: float) -> list:
@@ -114,8 +114,7 @@ class LocalExecutor:
     def cancel(self):
         self.queued.clear()
 
-    def kill(self):
-        """A stop at once: every kernel killed (each run's thread then ends on its dead kernel)."""
+    def kill(self):  # each run's thread then ends on its dead kernel
         kill_kernels()
 
     def close(self):

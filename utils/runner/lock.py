@@ -20,6 +20,15 @@ from utils.runner import UsageError
 HEARTBEAT_S = 5.0
 STALE_BEATS = 3
 PID_LIMIT = 2**31  # a pid is a C int (pid_t): a larger number names no process, and os.kill overflows on it
+# What runners leave in --out beside the run folders, named here once (this module clears what a dead runner left):
+OK = "ok"  # run.json's run_status of a run that finished (its verdict is its own)
+OLD = ".old"  # .<run>.old: a run's previous folder while a finished one replaces it (execute)
+RAY_MARKER = ".ray-driver"  # the Ray driver's token, and beside it its stop file (ray_cluster)
+
+
+def temp_prefix(run_id: str) -> str:
+    """The start of a run's temporary folder's name (.<run>.<random>), where it executes until it is put in place."""
+    return f".{run_id}."
 
 
 def _alive(pid: int) -> bool:
@@ -33,9 +42,8 @@ def _alive(pid: int) -> bool:
 
 
 def machine() -> str:
-    """Which machine and pid namespace a pid belongs to: the host name alone is not enough (containers on one host
-    share it with separate pids; clusters repeat names), so the boot id and the pid namespace are added where the OS
-    has them."""
+    """Which machine and pid namespace a pid belongs to: the host name, boot id and pid namespace (containers on one
+    host share its name with separate pids; clusters repeat names)."""
     parts = [socket.gethostname()]
     with contextlib.suppress(OSError):
         parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
@@ -73,11 +81,11 @@ def _pid(holder: dict):
 
 
 def _stale(lock: Path) -> bool:
+    """A pid of this machine and namespace: stale when it is gone. Another machine's runner, or a record being written
+    or damaged (no valid pid of this machine): stale when its heartbeat stopped."""
     holder = _holder(lock)
-    if _pid(holder) and holder.get("machine") == machine():  # a pid of this machine and namespace: its absence is proof
+    if _pid(holder) and holder.get("machine") == machine():
         return not _alive(_pid(holder))
-    # Another machine's runner, or a record being written or damaged (no valid pid of this machine): a dead runner's
-    # heartbeat stops.
     return _heartbeat_stopped(lock)
 
 
@@ -134,23 +142,24 @@ def _finished_run(folder: Path) -> str:
     with contextlib.suppress(OSError, ValueError, AttributeError):
         record = json.loads((folder / "run.json").read_text())
         run_id = record.get("run_id")
-        if record.get("run_status") == "ok" and isinstance(run_id, str) and folder.name.startswith(f".{run_id}.") \
+        if record.get("run_status") == OK and isinstance(run_id, str) and folder.name.startswith(temp_prefix(run_id)) \
                 and "/" not in run_id and run_id.strip("."):
             return run_id
     return ""
 
 
 def _clear_leftovers(out_dir: Path):
-    """What a dead or failed runner left: a finished run that was cut off while it replaced the one before (.name.old,
-    and no name), or that could not be moved into place (a temporary folder whose run.json says ok), is put in place
-    (--resume then checks it as any other); other temporary run folders and an engine's files are removed."""
+    """What a dead or failed runner left: a finished run cut off while it replaced the one before (.<run>.old and no
+    <run>), or not moved into place (a temporary folder whose run.json says ok), is put in place (--resume checks it);
+    other temporary run folders and an engine's files are removed."""
     for leftover in out_dir.glob(".*"):
-        if leftover.name.endswith(".old") and leftover.is_dir() and not (out_dir / leftover.name[1:-4]).exists():
-            leftover.rename(out_dir / leftover.name[1:-4])
-        elif leftover.is_dir() and not leftover.name.endswith(".old") and (run_id := _finished_run(leftover)):
+        previous = out_dir / leftover.name[1:-len(OLD)]
+        if leftover.name.endswith(OLD) and leftover.is_dir() and not previous.exists():
+            leftover.rename(previous)
+        elif leftover.is_dir() and not leftover.name.endswith(OLD) and (run_id := _finished_run(leftover)):
             shutil.rmtree(out_dir / run_id, ignore_errors=True)
             leftover.rename(out_dir / run_id)
         elif leftover.is_dir() and "." in leftover.name[1:]:
             shutil.rmtree(leftover, ignore_errors=True)
-        elif leftover.name.startswith(".ray-driver"):
+        elif leftover.name.startswith(RAY_MARKER):
             leftover.unlink(missing_ok=True)

@@ -1,13 +1,11 @@
-"""The Ray engine (--executor ray): each run is a Ray task asking for what it needs: one GPU for a run that computes
-on one when the cluster has GPUs (Ray sets its CUDA_VISIBLE_DEVICES), else `threads` CPUs. ray.init() starts a local
-Ray when no cluster is named; RAY_ADDRESS or --ray-address joins one. Ray is optional: without it the runner says so.
+"""The Ray engine (--executor ray): each run is a Ray task asking for one GPU when it computes on one and the cluster
+has GPUs (Ray sets its CUDA_VISIBLE_DEVICES), else `threads` CPUs. ray.init() starts a local Ray when no cluster is
+named (RAY_ADDRESS or --ray-address). Ray is optional: without it the runner says so.
 
-What a cluster needs: the project importable on every node at the same path as here (tasks get PYTHONPATH set to
-it), and --out one folder that every node sees at the same absolute path (NFS, a cluster file system). The driver
-writes a marker with a token of its own into --out; each task reads it first and, when it cannot see it, refuses with
-the reason instead of writing a run that the driver would never find. A stop of the driver is a file beside the marker:
-running tasks see it and stop their notebooks as Ctrl-C would (recorded 'interrupted'); queued tasks that start after
-it return at once without running."""
+A cluster needs the project importable on every node at the same path as here (tasks get PYTHONPATH), and --out one
+folder that every node sees at the same absolute path. The driver writes a marker with its token into --out; a task
+that cannot see it refuses with the reason instead of writing a run the driver would never find. A stop of the driver
+is a file beside the marker: running tasks stop their notebooks as Ctrl-C would; queued ones return without running."""
 
 import logging
 import os
@@ -18,10 +16,9 @@ from pathlib import Path
 
 from utils.params import ROOT
 from utils.runner import Job, UsageError
-from utils.runner.execute import _STOP, ask_stop, crashed_row, execute
+from utils.runner.execute import CRASHED, ask_stop, clear_stop, execute, stop_reason, unfinished_row
 from utils.runner.local import kernel_env, wants_gpu
-
-MARKER = ".ray-driver"  # in --out: the token of the driver whose tasks may write there
+from utils.runner.lock import RAY_MARKER  # in --out: the token of the driver whose tasks may write there
 STOP_POLL_S = 0.5
 
 
@@ -38,6 +35,10 @@ def _node(ray) -> str:
     return f"{socket.gethostname()} {ray.util.get_node_ip_address()} {ray.get_runtime_context().get_node_id()[:8]}"
 
 
+def _stop_file(out_dir: Path, token: str) -> Path:
+    return out_dir / f"{RAY_MARKER}.{token}.stop"
+
+
 def _watch_stop(stop_file: Path, done: threading.Event):
     while not done.wait(STOP_POLL_S):
         if stop_file.exists():
@@ -49,7 +50,7 @@ def run_task(job: Job, token: str, threads: int, shared: str):
     """One run on a Ray worker: the shared-folder check, then execute() as every engine runs it. None when the driver
     had stopped before this task started."""
     ray = _ray()
-    marker, stop_file = job.out_dir / MARKER, job.out_dir / f"{MARKER}.{token}.stop"
+    marker, stop_file = job.out_dir / RAY_MARKER, _stop_file(job.out_dir, token)
     gpus = os.environ.get("CUDA_VISIBLE_DEVICES", "") if ray.get_runtime_context().get_accelerator_ids().get("GPU") else ""
     where = {"executor": "ray", "node": _node(ray), "cuda_visible_devices": gpus, "threads": threads}
     try:
@@ -57,13 +58,12 @@ def run_task(job: Job, token: str, threads: int, shared: str):
     except OSError as e:
         seen = f"no file there ({e.strerror or e})"
     if seen:
-        return crashed_row(job.run_id, job.tier, job.params, where,
-                           f"node {where['node']} cannot see this driver's marker {marker} (it found {seen}): with "
-                           "--executor ray, --out must be one folder that every node sees at the same absolute path (NFS "
-                           "or a cluster file system), not a node-local path")
+        return unfinished_row(job, CRASHED, f"node {where['node']} cannot see this driver's marker {marker} (it found {seen}): "
+                              "with --executor ray, --out must be one folder that every node sees at the same absolute path "
+                              "(NFS or a cluster file system), not a node-local path", where)
     if stop_file.exists():
         return None
-    _STOP.clear()  # a Ray worker process runs task after task: a stop belongs to its own task
+    clear_stop()  # a Ray worker process runs task after task: a stop belongs to its own task
     done = threading.Event()
     threading.Thread(target=_watch_stop, args=(stop_file, done), daemon=True).start()
     try:
@@ -71,7 +71,7 @@ def run_task(job: Job, token: str, threads: int, shared: str):
                        env=kernel_env(threads, gpus, shared), where=where)
     finally:
         done.set()
-        _STOP.clear()
+        clear_stop()
 
 
 class RayExecutor:
@@ -92,8 +92,8 @@ class RayExecutor:
                                  "address is a running cluster's (ray status), that this machine is not too loaded to "
                                  "start a local Ray, and /tmp/ray/session_latest/logs") from None
         self.out_dir, self.threads, self.token = out_dir, threads, secrets.token_hex(8)
-        (out_dir / MARKER).write_text(self.token)
-        self.stop_file = out_dir / f"{MARKER}.{self.token}.stop"
+        (out_dir / RAY_MARKER).write_text(self.token)
+        self.stop_file = _stop_file(out_dir, self.token)
         self.gpus = ray.cluster_resources().get("GPU", 0) > 0
         self.refs, self.on_start = {}, None
         self.shared = "a Ray node runs other tasks beside this one, on its CPUs"
@@ -117,8 +117,8 @@ class RayExecutor:
             try:
                 finished.append((job, self.ray.get(ref)))
             except self.ray.exceptions.RayError as e:  # the worker or its node died: the run crashed there
-                finished.append((job, crashed_row(job.run_id, job.tier, job.params, {"executor": self.name, "threads": self.threads},
-                                                  f"{type(e).__name__}: {str(e).strip().splitlines()[0][:400]}")))
+                why = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:400]}"
+                finished.append((job, unfinished_row(job, CRASHED, why, {"executor": self.name, "threads": self.threads})))
         return finished
 
     @property
@@ -126,7 +126,7 @@ class RayExecutor:
         return bool(self.refs)
 
     def cancel(self):
-        self.stop_file.write_text(_STOP[0] if _STOP else "")  # running tasks stop their notebooks; queued ones never run
+        self.stop_file.write_text(stop_reason())  # running tasks stop their notebooks; queued ones never run
 
     def kill(self):
         """A stop at once: every task's worker ended, its kernel with it."""
@@ -137,7 +137,7 @@ class RayExecutor:
             self.ray.cancel(ref, force=True)
 
     def close(self):
-        for path in (self.stop_file, self.out_dir / MARKER):
+        for path in (self.stop_file, self.out_dir / RAY_MARKER):
             path.unlink(missing_ok=True)
         if self.owns:
             self.ray.shutdown()
