@@ -71,7 +71,9 @@ def parameters_cell(tier: int):
 
 def run_cells(tier: int):
     """One call runs the tier and writes its results; then what ran, which differs per machine."""
-    names = ", ".join(f"{p.name}={p.name}" for p in TIERS[tier].params)
+    # A renamed parameter keeps its former name under papermill too (-p warmup_steps 5 sets timing_warmup_steps).
+    names = ", ".join(f"{p.name}=globals().get({p.formerly!r}, {p.name})" if p.formerly else f"{p.name}={p.name}"
+                      for p in TIERS[tier].params)
     return [new_code_cell(f'''\
 from utils.present import describe, headline, present, summarize
 from utils.tiers import run_tier, save_tier

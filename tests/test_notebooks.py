@@ -79,6 +79,16 @@ def test_parameters_cell_is_the_tiers_spec(tier, name):
     assert list(found) == [p.name for p in TIER_PARAMS[tier]]
 
 
+def test_a_renamed_parameter_keeps_its_former_name_under_papermill():
+    """papermill sets -p warmup_steps 5 as a variable of that name (an unknown parameter, with a warning): tier 3's run
+    cell takes it as timing_warmup_steps, its name now; without it, the parameters cell's value counts."""
+    cell = next(c.source for c in load_builder().NOTEBOOKS[3]() if "run_tier(3" in c.source)
+    call = re.search(r"run_tier\(3, (dict\(.*?\))\)\n", cell, re.S)[1]
+    defaults = {p.name: p.default for p in TIER_PARAMS[3]}
+    assert eval(call, {**defaults, "warmup_steps": 5})["timing_warmup_steps"] == 5
+    assert eval(call, dict(defaults))["timing_warmup_steps"] == defaults["timing_warmup_steps"] != 5
+
+
 @pytest.mark.versions
 @pytest.mark.parametrize("tier, name", TIER_NOTEBOOKS)
 def test_notebook_runs_under_papermill_with_parameters(tier, name, tmp_path, capfd):

@@ -14,7 +14,7 @@ from utils.diagnosis import candidates
 from utils.loop.stops import OVERFLOW_STORM
 from utils.parity import STAND, back_offs, calibration_text, compare, figures, problems
 from utils.device import bf16_native
-from utils.precision import BF16, FP16, FP32, emulated_here, resolve
+from utils.precision import BF16, FP16, FP32, emulated_here, instead_here, resolve
 from utils.tier3_training_utilities import HOST_BOUND, _worth_verdict, test_fine_tuning
 from utils.tiers import run_tier
 
@@ -43,7 +43,7 @@ def run(hist: pd.DataFrame, plan_precision=FP16, final_eval=3.0, stop=None):
 def judged(amp_hist: pd.DataFrame, steps: int = 30, **amp):
     ref = run(history(steps), FP32)
     p = figures(compare(ref.history, amp_hist), ref, run(amp_hist, **amp), {**LIMITS, "steps": steps})
-    return p, problems(p, bf16_native=False)
+    return p, problems(p)
 
 
 # --- calibration, from loss-scale histories ------------------------------------------------------------------
@@ -162,7 +162,7 @@ def test_a_cpu_without_native_bf16_is_not_offered_bf16(no_native_bf16):
     assert emulated_here(resolve(BF16, CPU), CPU) == ("bf16 is only emulated here (this CPU has no AVX512-BF16/AMX "
                                                       "instructions)")
     p, _ = judged(history(41, skipped={1, 2, 9, 11, 13, 15, 17, 19, 21, 23, 25}))
-    assert "bf16" not in problems(p, bf16_native(CPU))[0] and "use bf16" in problems(p, True)[0]
+    assert "bf16" not in problems(p, instead_here(FP16, CPU))[0] and "use bf16" in problems(p, BF16)[0]
 
 
 @pytest.mark.seam

@@ -50,7 +50,7 @@ def _docstrings(tree) -> set:
 def precision_literals(path: Path) -> list:
     """(line, string) of each string constant in `path` that is a precision's name (prose in messages and docstrings
     may mention one; 'auto' is also a device and a task word)."""
-    spellings = {a for p in precision._REGISTRY.values() for a in (p.name, *p.aliases)} | precision._FP16_SPELLINGS
+    spellings = {a for p in precision._REGISTRY.values() for a in (p.name, *p.aliases)} | set(precision._TRUE_HALF)
     tree = ast.parse(path.read_text())
     skip = _docstrings(tree)
     return [(n.lineno, n.value) for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)

@@ -352,13 +352,14 @@ def layer_errors(ref: dict, runs: dict) -> pd.DataFrame:
 
 
 def layer_comparison(model: nn.Module, x: torch.Tensor, plans) -> tuple:
-    """Each leaf layer's output on batch x in fp32 and under each plan (on the copy it prepares), in eval mode, the
-    model left as it was: (the fp32 outputs, layer_errors' table)."""
+    """Each leaf layer's output on batch x in fp32 and under each plan (on the copy it prepares where it converts the
+    model; else on the model, which then needs no second copy's memory), in eval mode, the model left as it was:
+    (the fp32 outputs, layer_errors' table)."""
     was_training = model.training
     model.eval()
     try:
         ref = layer_outputs(model, x, fp32_plan(x.device))
-        runs = {plan.precision: layer_outputs(plan.prepare(model), x, plan) for plan in plans}
+        runs = {plan.precision: layer_outputs(plan.prepare(model) if plan.converts else model, x, plan) for plan in plans}
     finally:
         model.train(was_training)
     return ref, layer_errors(ref, runs)

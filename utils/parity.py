@@ -19,7 +19,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from utils.precision import FP32, label, spec
+from utils.precision import FP32, label, short_label, spec
 
 STAND = 5  # updates in a row that show the scale holds: before a back-off, it is isolated; after it, steps stand again
 SMOOTHING = 10  # updates in the rolling median that the gap compares (a one-update spike that recovers is noise)
@@ -148,8 +148,9 @@ def calibration_text(p: dict) -> str:
             + f", {p['other_skips']} beyond it")
 
 
-def problems(p: dict, bf16_native: bool) -> list:
-    """What amp_safe names against an AMP run (none: it passes). bf16_native: advise bf16, which the device runs."""
+def problems(p: dict, instead: str = None) -> list:
+    """What amp_safe names against an AMP run (none: it passes). instead: a precision to advise in its place
+    (precision.instead_here: one this device runs natively)."""
     tol, out = p["tolerance"], []
     if p["stop"]:  # a run cut short: its stop says what went wrong; gaps and fractions of it add nothing
         return [f"the run stopped: {p['stop']['message'].rstrip('.')}"]
@@ -169,9 +170,10 @@ def problems(p: dict, bf16_native: bool) -> list:
         out.append(f"final eval loss differs by {p['final_eval_relative_gap']:.1%} after "
                    f"{' and '.join(map(str, counts))} updates (tolerance {tol:.0%})")
     if runaway(p):
-        advice = (f"; {label(p['amp_precision'])} overflows here: look for activations beyond fp16's range (Tier 2 AMP "
-                  "readiness)" + (", or use bf16, which this device runs natively" if bf16_native else "")
-                  if spec(p["amp_precision"]).scaler else "")  # a narrow range the GradScaler guards: fp16
+        amp = spec(p["amp_precision"])
+        advice = (f"; {label(amp.name)} overflows here: look for activations beyond {amp.short}'s range (Tier 2 AMP "
+                  "readiness)" + (f", or use {short_label(instead)}, which this device runs natively" if instead else "")
+                  if amp.scaler else "")  # a narrow range the GradScaler guards: fp16
         out.append(f"{p['other_skips']} of {p['steps']} steps were skipped beyond the GradScaler's calibration "
                    f"({p['skipped_fraction']:.0%} > {p['max_skipped_fraction']:.0%}){advice}")
     return out

@@ -12,6 +12,7 @@ import pandas as pd
 
 from utils.params import RUN_CONTROL
 from utils.precision import FP32, color, compared, label, short_label
+from utils.results import OK
 
 STATUS_COLORS = {"pass": "tab:green", "warn": "tab:orange", "fail": "tab:red"}
 
@@ -283,7 +284,7 @@ def plot_verdict_grid(summary: pd.DataFrame, path=None):
     codes = {"pass": 0, "warn": 1, "fail": 2, "crashed": 3}
     grid = np.full((len(summary), max(1, len(checks))), np.nan)
     for i in range(len(summary)):
-        if summary.iloc[i]["run_status"] != "ok":
+        if summary.iloc[i]["run_status"] != OK:
             grid[i, :] = codes["crashed"]
             continue
         for j, check in enumerate(checks):
@@ -297,7 +298,7 @@ def plot_verdict_grid(summary: pd.DataFrame, path=None):
             ax.text(j, i, list(codes)[int(code)], ha="center", va="center", color="white", fontsize=8)
     labels = [c.removeprefix("verdict.") for c in checks] or ["(no check ran)"]
     ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
-    ax.set_yticks(range(len(summary)), [f"{r} ({s})" if s != "ok" else r for r, s in zip(summary["run_id"], summary["run_status"])])
+    ax.set_yticks(range(len(summary)), [f"{r} ({s})" if s != OK else r for r, s in zip(summary["run_id"], summary["run_status"])])
     ax.set_title("Verdicts per run: green pass, orange warn, red fail, black crashed; blank: not run in that tier", fontsize=9)
     return save_figure(fig, path)
 

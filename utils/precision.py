@@ -31,8 +31,7 @@ from utils.errors import UnsupportedPrecision
 # The canonical names (Lightning's), the only spellings stored in results.
 AUTO, FP32, FP16, BF16, FP8, FP8_EMULATED = "auto", "32", "16-mixed", "bf16-mixed", "fp8", "fp8-emulated"
 GPU_CHECKED = (FP16, BF16, FP8)  # what python -m utils.gpu_check benchmarks against fp32
-# fp16 spellings whose runs carry a loss scale, Lightning's true-half ones included (AmpWandbCallback).
-_FP16_SPELLINGS = {"16", FP16, "16_true", "16-true"}
+_TRUE_HALF = ("16-true", "16_true")  # Lightning's pure fp16, no precision here, whose runs scale the loss as well
 FP8_MIN_CAPABILITY = (8, 9)  # L4, H100, H200: float8 tensor cores
 REMEDIES = ("fp32_modules", "init_scale", "growth_interval")  # what a remedy changes in a plan (utils.diagnosis)
 
@@ -66,9 +65,9 @@ def register(precision: Precision):
 
 for _p in (Precision(FP32, "fp32", aliases=("32-true", "fp32", "float32"), color="tab:blue"),
            Precision(FP16, "fp16", torch.float16, ("16", "fp16", "float16"), "tab:red", scaler=True,
-                     largest=torch.finfo(torch.float16).max, compared=True, emulation=dev.fp16_emulated, instead=BF16),
+                     largest=torch.finfo(torch.float16).max, compared=True, emulation=lambda d: dev.fp16_emulated(d), instead=BF16),
            Precision(BF16, "bf16", torch.bfloat16, ("bf16", "bfloat16"), "tab:orange", compared=True,
-                     emulation=dev.bf16_emulated),
+                     emulation=lambda d: dev.bf16_emulated(d)),  # through the seam, where tests pretend a GPU
            Precision(FP8, "fp8", torch.bfloat16, ("float8",), fp8=True),
            Precision(FP8_EMULATED, "fp8 (emulated)", torch.bfloat16, fp8=True, emulated=True, key="fp8")):
     register(_p)
@@ -124,9 +123,21 @@ def color(precision: str, default: str = "gray") -> str:
     return getattr(_REGISTRY.get(precision), "color", None) or default
 
 
-def is_fp16(spelling: str) -> bool:
-    """An fp16 precision as Lightning and the seed spell it (mixed or true half): its runs carry a loss scale."""
-    return spelling in _FP16_SPELLINGS
+def carries_loss_scale(spelling: str) -> bool:
+    """Runs in this precision, as Lightning or the seed spell it (true half included), carry a loss scale."""
+    if spelling in _TRUE_HALF:
+        return True
+    try:
+        return getattr(_REGISTRY.get(canonical(spelling)), "scaler", False)
+    except ValueError:  # a spelling this suite does not know: no scale to log
+        return False
+
+
+def instead_here(precision: str, device: torch.device):
+    """The precision to use in this one's place on this device, where the device runs it natively (fp16's range does
+    not fit a model: bf16 where it is native); None where there is none."""
+    instead = _REGISTRY[precision].instead
+    return instead if instead and not _REGISTRY[instead].emulation(device) else None
 
 
 def safe_fields(safe: dict) -> dict:
@@ -181,11 +192,15 @@ class PrecisionPlan:
         """A copy of `model` as this plan trains it (convert_for): the model itself stays as it was."""
         return convert_for(self, copy.deepcopy(model))
 
+    @property
+    def converts(self) -> bool:
+        """Training under this plan changes the model (float8 layers, modules kept in fp32), so prepare() copies it."""
+        return self.fp8 or bool(self.fp32_modules)
+
     def alternative(self, device: torch.device):
-        """(what, plan): the precision to try instead, where the device runs it natively and this one does not
-        fit (fp16's range: bf16), keeping this plan's fp32 modules; None where there is none."""
-        instead = self.spec.instead
-        if not instead or _REGISTRY[instead].emulation(device):
+        """(what, plan): the precision to try instead (instead_here), keeping this plan's fp32 modules; or None."""
+        instead = instead_here(self.precision, device)
+        if not instead:
             return None
         return (f"{short_label(instead)} instead of {self.spec.short}",
                 replace(resolve(instead, device), fp32_modules=self.fp32_modules))

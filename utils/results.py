@@ -10,6 +10,7 @@ from pathlib import Path
 # What utils.run and utils.train exit with: all ran; a run crashed or failed its gate; bad arguments (as argparse
 # exits); stopped by Ctrl-C (what a shell reports for it).
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+OK = "ok"  # run.json's and summary.csv's run_status of a run that finished (its verdict is its own)
 
 
 def json_safe(value):

@@ -54,7 +54,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from utils.results import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, read_json
+from utils.results import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, OK, read_json
 
 
 def _stopped_while_loading(signum, frame):
@@ -77,7 +77,7 @@ from utils.runner import Job, UsageError
 from utils.runner.execute import (CHECKSUMS, NOT_STARTED, STOP_WINDOW_S, run_digest, stop_reason, stops_passed_to_notebooks,
                                   unfinished_row, why_rerun)
 from utils.runner.local import LocalExecutor, cpu_count, named_gpu
-from utils.runner.lock import OK, batch_lock, temp_prefix
+from utils.runner.lock import batch_lock, temp_prefix
 from utils.runner.ray_cluster import RayExecutor
 from utils.tiers import TIERS
 

@@ -30,8 +30,8 @@ from utils.measure import (ACTIVATION_BYTES_METHOD, MIN_TRIALS_FOR_INTERVAL, mat
 from utils.models import UnsupportedModel, check_fp32_master_weights, checkpoint_blocks, compute_loss, count_parameters
 from utils.params import TIER3_LOOP, output_folder, spec
 from utils import device as dev
-from utils.precision import (FP32, AUTO, PrecisionPlan, baseline_name, convert_for, emulated_here, fp32_plan, label, resolve,
-                             tf32_matmuls)
+from utils.precision import (FP32, AUTO, PrecisionPlan, baseline_name, convert_for, emulated_here, fp32_plan, instead_here, label,
+                             resolve, tf32_matmuls)
 from utils.parity import (SMOOTHING, calibration_text, compare, figures as parity_figures, problems as parity_problems,
                           runaway)
 from utils.prepare import Prepared
@@ -264,7 +264,7 @@ def _baseline_verdict(ref: FineTuneResult) -> Verdict:
 
 
 def _safe_verdict(p: dict, precision: str, baseline: Verdict, device: torch.device) -> Verdict:
-    tol, problems = p["tolerance"], parity_problems(p, dev.bf16_native(device))
+    tol, problems = p["tolerance"], parity_problems(p, instead_here(p["amp_precision"], device))
     if baseline.status == "fail":
         return Verdict("amp_safe", "warn", f"not judged: the fp32 baseline failed (see fp32_baseline), so a gap between "
                        f"{precision} and fp32 says nothing about AMP. Fix the baseline first.")
@@ -351,7 +351,7 @@ def _rerun(run: Prepared, plan: PrecisionPlan, model=None, callbacks=(), what="a
 def _judge(run: Prepared, ref: FineTuneResult, amp: FineTuneResult) -> tuple:
     """An AMP run's parity figures against fp32, and the problems amp_safe would name (none: it passes)."""
     parity = _parity(run.params, ref, amp, {FP32: ref, amp.plan.precision: amp})[1]
-    return parity, parity_problems(parity, dev.bf16_native(run.device))
+    return parity, parity_problems(parity, instead_here(amp.plan.precision, run.device))
 
 
 def _diagnose(run: Prepared, ref: FineTuneResult, amp: FineTuneResult, parity: dict, safe: Verdict, x) -> tuple:
@@ -503,7 +503,7 @@ def _speed_figures(run: Prepared, plans, trials: pd.DataFrame, batch, act: dict,
     if peaks:
         speed["memory"]["checkpointing"] = _beside_plain(run, amp, peaks)
     if p["compile"]:
-        gemm = {FP32: speed["gemm_time_fraction_fp32"], amp_plan.precision: matmul_time_fraction(copy.deepcopy(run.model),
+        gemm = {FP32: speed["gemm_time_fraction_fp32"], amp_plan.precision: matmul_time_fraction(amp_plan.prepare(run.model),
                                                                                                    amp_plan, batch)}
         speed["compile"] = _compile_figures(trials, amp_plan.precision, gemm)
     if p["minimal_loop"]:

@@ -4,7 +4,7 @@ import functools
 import importlib
 import warnings
 
-from utils.precision import PrecisionPlan, is_fp16
+from utils.precision import PrecisionPlan, carries_loss_scale
 
 
 @functools.cache
@@ -66,7 +66,7 @@ class AmpWandbCallback:
         if log is None:
             return
         metrics = {"amp/enabled": int(self.enabled), "amp/precision": self.precision, **metrics}
-        if is_fp16(self.precision) and loss_scale is not None:
+        if carries_loss_scale(self.precision) and loss_scale is not None:
             metrics["amp/loss_scale"] = float(loss_scale)
         try:
             log(metrics, step=int(step))

@@ -12,8 +12,7 @@ import torch
 import torch.nn as nn
 
 from utils.measure import largest_activation
-from utils import device as dev
-from utils.precision import BF16, PrecisionPlan, label
+from utils.precision import PrecisionPlan, instead_here, label
 
 INTERRUPTED, NONFINITE_LOSS, OVERFLOW_STORM = "interrupted", "nonfinite_loss", "overflow_storm"
 
@@ -103,10 +102,12 @@ def diagnosis(reason: str, step: int, at: int, count: int, records: list, net: n
              else f"the largest activation is {act['layer']!r} at {act['max_abs']:.3g}")
     seen = "" if at == step else f" (seen at the log point of step {step})"
     if reason == OVERFLOW_STORM:
+        instead, largest = instead_here(plan.precision, x.device), plan.spec.largest
+        outgrow = f"outgrow {plan.spec.short}'s {largest:g}" if largest else "overflow"
         message = (f"overflow storm: {count} optimizer steps in a row skipped for non-finite gradients (to step {at})"
                    f"{seen}; loss scale {scales[0]:g} -> {scales[-1]:g}; {where} under {plan.precision}. "
-                   + (f"Use {BF16} (this device runs it natively), or find" if dev.bf16_native(x.device) else "Find")
-                   + " the layer whose activations outgrow fp16's 65504 (Tier 2 AMP readiness).")
+                   + (f"Use {instead} (this device runs it natively), or find" if instead else "Find")
+                   + f" the layer whose activations {outgrow} (Tier 2 AMP readiness).")
     else:
         message = (f"the training loss went NaN/Inf at step {at}{seen} in {label(plan.precision)}; {where}. "
                    "Lower lr, check Tier 1 numerics.")

@@ -22,9 +22,9 @@ from traitlets import CaselessStrEnum, default
 from utils.loop.checkpoint import PATTERN as CHECKPOINT_PATTERN
 from utils.loop.stops import AGAIN, INTERRUPTED, SAME, STOP_WINDOW_S, StopSignals
 from utils.params import ROOT, RUN_CONTROL, check_params, spec
-from utils.results import read_json, write_json_atomic
+from utils.results import OK, read_json, write_json_atomic
 from utils.runner import Job
-from utils.runner.lock import OK, OLD, temp_prefix
+from utils.runner.lock import OLD, temp_prefix
 from utils.tiers import TIERS
 
 NOTEBOOK_DIR = ROOT / "notebooks"

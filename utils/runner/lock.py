@@ -15,13 +15,13 @@ import time
 from pathlib import Path
 
 from utils.params import SHOWN_CHARS, shown
+from utils.results import OK
 from utils.runner import UsageError
 
 HEARTBEAT_S = 5.0
 STALE_BEATS = 3
 PID_LIMIT = 2**31  # a pid is a C int (pid_t): a larger number names no process, and os.kill overflows on it
 # What runners leave in --out beside the run folders, named here once (this module clears what a dead runner left):
-OK = "ok"  # run.json's run_status of a run that finished (its verdict is its own)
 OLD = ".old"  # .<run>.old: a run's previous folder while a finished one replaces it (execute)
 RAY_MARKER = ".ray-driver"  # the Ray driver's token, and beside it its stop file (ray_cluster)
 
