@@ -87,11 +87,13 @@ def memory_bytes(device: torch.device):
     return min(ram, int(text)) if text.isdigit() else ram
 
 
-def start_peak(device: torch.device) -> int:
-    """Begin watching the allocator's peak on a GPU (cached blocks freed first); the bytes allocated now (0 off CUDA)."""
+def start_peak(device: torch.device, release_cached: bool = False) -> int:
+    """Begin watching the allocator's peak on a GPU; the bytes allocated now (0 off CUDA). release_cached: first hand
+    cached blocks back (a memory probe that grows the batch), which a timed trial must not pay for."""
     if device.type != "cuda":
         return 0
-    torch.cuda.empty_cache()
+    if release_cached:
+        torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     return torch.cuda.memory_allocated(device)
 

@@ -2,11 +2,11 @@
 
 The probes run on a re-run of the failing AMP parity run (the same weights, data, seed and schedule, so the same
 steps), never in the speed trials. Forward hooks find the first layer whose output leaves the precision's range
-(non-finite: a 16-bit output past its largest value, fp16's 65504, is inf) and the step; gradient hooks find the first parameters whose gradients are
-non-finite before unscaling; the run's own loss-scale history says when the scale collapsed. With neither, the
-layers whose outputs drift most from fp32 on one batch are to blame. Then remedies, each a parity run of its own
-judged by the tier's rule, in order, within a budget of runs: the blamed layers in fp32, bf16 instead of fp16,
-a gentler GradScaler. The first that passes is the answer; none passing is an answer too.
+(non-finite: a 16-bit output past its largest value, fp16's 65504, is inf) and the step; gradient hooks find the
+first parameters whose gradients are non-finite before unscaling; the run's own loss-scale history says when the
+scale collapsed. With neither, the layers whose outputs drift most from fp32 on one batch are to blame. Then
+remedies, each a parity run of its own judged by the tier's rule, in order, within a budget of runs: the blamed
+layers in fp32, bf16 instead of fp16, a gentler GradScaler. The first that passes is the answer; none passing is an answer too.
 """
 
 import math

@@ -103,9 +103,9 @@ def canonical(requested) -> str:
             return p.name
     if key == AUTO:
         return AUTO
-    aliases = sorted(a for p in _REGISTRY.values() for a in (p.name, *p.aliases))
+    aliases = sorted({AUTO, *(a for p in _REGISTRY.values() for a in (p.name, *p.aliases))})
     raise ValueError(f"unknown precision {requested!r}; expected one of {', '.join(map(repr, PRECISION_CHOICES))} "
-                     f"(aliases: {', '.join(sorted({AUTO, *aliases}))})")
+                     f"(aliases: {', '.join(aliases)})")
 
 
 def label(precision: str) -> str:

@@ -264,7 +264,7 @@ def check_memory(model: nn.Module, plan: PrecisionPlan, batch_sizes=(1, 2, 4, 8,
         y = torch.zeros(bs, dtype=torch.long, device=device) if task == "classification" else x
         try:
             if device.type == "cuda":
-                dev.start_peak(device)
+                dev.start_peak(device, release_cached=True)
                 with plan.autocast():
                     loss = compute_loss(model, x, y)
                 if loss.requires_grad:  # no graph (no_grad in the forward): nothing to go back through; gradient_flow says so
