@@ -1,13 +1,10 @@
 """Corpora, byte-level tokenization and batches. Nothing is downloaded.
 
-The built-in corpus is the source of a fixed list of Python standard-library modules, which every Python ships. Its
-text differs slightly between Python versions, so `TextCorpus.fingerprint` (a SHA-256 of the bytes) is recorded with
-results: two runs are comparable when fingerprints match.
-Tokens are bytes (vocabulary 256), so any text file works and nothing needs training. They are stored one byte each
-(uint8) and widened to int64 per batch, so a corpus takes about its file's size in memory. The train/validation split
-is deterministic (the first 90% of each document trains); batches are drawn with an explicit torch.Generator, so a
-seed fixes the data order.
-"""
+The built-in corpus is the source of a fixed list of standard-library modules, which every Python ships. Its text differs
+slightly between Python versions, so `TextCorpus.fingerprint` (a SHA-256 of the bytes) is recorded with results: runs compare
+when fingerprints match. Tokens are bytes (vocabulary 256), so any text file works and nothing needs training; stored as uint8
+and widened to int64 per batch, a corpus takes about its file's size in memory. The train/validation split is deterministic
+(the first 90% of each document trains); batches are drawn with an explicit torch.Generator, so a seed fixes the data order."""
 
 import codecs
 import hashlib
@@ -40,8 +37,7 @@ def encode(text: str, tokenizer=None) -> torch.Tensor:
 
 
 def _stdlib_text(module: str) -> str:
-    path = Path(sysconfig.get_paths()["stdlib"]) / f"{module}.py"
-    return path.read_text(encoding="utf-8")
+    return (Path(sysconfig.get_paths()["stdlib"]) / f"{module}.py").read_text(encoding="utf-8")
 
 
 @dataclass
@@ -56,10 +52,7 @@ class TextCorpus:
 
     train_tokens = property(lambda self: len(self.train))
 
-    @property
-    def top_id(self) -> int:
-        """The largest token id: a target a causal or masked LM's logits must cover."""
-        return int(max(self.train.max(), self.val.max()))
+    top_id = property(lambda self: int(max(self.train.max(), self.val.max())))  # the largest id: an LM's logits must cover it
 
     def check_fits(self, seq_len: int, model_vocab_size=None):
         """Raise a clear error when a split is too short for seq_len or tokens exceed the model's vocabulary."""
@@ -127,11 +120,6 @@ def _read_utf8_bytes(path: Path) -> torch.Tensor:
     return tokens[:offset]
 
 
-def _has_text(tokens: torch.Tensor) -> bool:
-    """Any byte above ASCII space, looked for a chunk at a time (no full-size temporary)."""
-    return any(bool((tokens[i:i + CHUNK_BYTES] > 32).any()) for i in range(0, len(tokens), CHUNK_BYTES))
-
-
 def load_corpus(path=None, val_fraction: float = 0.1, tokenizer=None) -> TextCorpus:
     """The built-in standard-library corpus, or the UTF-8 text file at `path`; byte tokens, or the ids
     of `tokenizer` (a Hugging Face tokenizer) when one is given."""
@@ -146,7 +134,7 @@ def load_corpus(path=None, val_fraction: float = 0.1, tokenizer=None) -> TextCor
     if not path.is_file():
         raise FileNotFoundError(f"corpus file {str(path)!r} does not exist; {expected}")
     tokens = _read_utf8_bytes(path)
-    if not _has_text(tokens):
+    if not any(bool((chunk > 32).any()) for chunk in tokens.split(CHUNK_BYTES)):  # any byte above a space, a chunk at a time
         raise ValueError(f"corpus file {str(path)!r} is empty; expected a UTF-8 text file with some text")
     if tokenizer is not None:
         tokens = encode(bytes(tokens.numpy()).decode("utf-8"), tokenizer)

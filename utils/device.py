@@ -10,8 +10,7 @@ import torch
 
 BF16_MIN_CAPABILITY = (8, 0)  # A100 and later: bf16 tensor cores (a T4 or V100 only emulates bf16)
 DEVICE_FORMS = "'auto', 'cpu', 'cuda' or 'cuda:N'"
-# oneDNN (which runs CPU matmuls) uses bf16 instructions only at these ISA levels or above;
-# ONEDNN_MAX_CPU_ISA set to a lower one makes it emulate bf16, as on a CPU without them.
+# ONEDNN_MAX_CPU_ISA capped at one of these makes oneDNN (CPU matmuls) emulate bf16, as on a CPU without bf16 instructions.
 _ONEDNN_BELOW_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
 
 
@@ -75,8 +74,7 @@ def synchronize(device: torch.device):
 # --- Memory ------------------------------------------------------------------------------------------------
 
 def memory_bytes(device: torch.device):
-    """The memory a model's weights must fit in: the GPU's, or this machine's RAM (a container's limit where one is
-    set); None where the OS does not say."""
+    """The memory a model's weights must fit in: the GPU's, else the RAM (or a container's limit); None if the OS won't say."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
     if not hasattr(os, "sysconf"):
@@ -127,9 +125,8 @@ def cpuinfo() -> str:
 
 
 def cpu_has_native_bf16() -> bool:
-    """True when the CPU computes bf16 in hardware (x86 avx512_bf16 or amx_bf16 flags, read from
-    /proc/cpuinfo) and ONEDNN_MAX_CPU_ISA does not cap oneDNN below them. Elsewhere bf16 autocast is
-    emulated and usually slower than fp32."""
+    """True when the CPU computes bf16 in hardware (avx512_bf16 or amx_bf16 in /proc/cpuinfo) and ONEDNN_MAX_CPU_ISA
+    does not cap oneDNN below them. Elsewhere bf16 autocast is emulated and usually slower than fp32."""
     if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in _ONEDNN_BELOW_BF16:
         return False
     flags = cpuinfo()
@@ -144,8 +141,7 @@ def cpu_has_native_fp16() -> bool:
 
 
 def bf16_emulated(device: torch.device):
-    """Why this device only emulates bf16 (autocast runs, slower than fp32), or None where it runs natively: a CPU
-    with bf16 instructions, a GPU from sm_80."""
+    """Why this device only emulates bf16 (slower than fp32), or None where it is native: a CPU with bf16 instructions, sm_80+."""
     if device.type == "cpu":
         return None if cpu_has_native_bf16() else "this CPU has no AVX512-BF16/AMX instructions"
     if device.type == "cuda" and tuple(device_capability(device)) < BF16_MIN_CAPABILITY:
@@ -155,9 +151,7 @@ def bf16_emulated(device: torch.device):
 
 def fp16_emulated(device: torch.device):
     """Why this device only emulates fp16 matmuls, or None: every GPU runs them; a CPU only with AMX-FP16."""
-    if device.type == "cpu" and not cpu_has_native_fp16():
-        return "this CPU has no fp16 matmul instructions, AMX-FP16"
-    return None
+    return "this CPU has no fp16 matmul instructions, AMX-FP16" if device.type == "cpu" and not cpu_has_native_fp16() else None
 
 
 def bf16_native(device: torch.device) -> bool:

@@ -1,12 +1,11 @@
 """When AMP is not safe for a model: why, and which remedy works.
 
-The probes run on a re-run of the failing AMP parity run (the same weights, data, seed and schedule, so the same
-steps), never in the speed trials. Forward hooks find the first layer whose output leaves the precision's range
-(non-finite: a 16-bit output past its largest value, fp16's 65504, is inf) and the step; gradient hooks find the
-first parameters whose gradients are non-finite before unscaling; the run's own loss-scale history says when the
-scale collapsed. With neither, the layers whose outputs drift most from fp32 on one batch are to blame. Then
-remedies, each a parity run of its own judged by the tier's rule, in order, within a budget of runs: the blamed
-layers in fp32, bf16 instead of fp16, a gentler GradScaler. The first that passes is the answer; none passing is an answer too.
+The probes run on a re-run of the failing AMP parity run (same weights, data, seed and schedule, so the same steps), never
+in the speed trials. Forward hooks find the first layer and step whose output leaves the precision's range (a 16-bit output
+past its largest value, fp16's 65504, is inf); gradient hooks, the first parameters whose gradients are non-finite before
+unscaling; the loss-scale history, when the scale collapsed. With neither, the layers whose outputs drift most from fp32 on
+one batch are to blame. Then remedies, in order within a budget of runs, each a parity run judged by the tier's rule: the
+blamed layers in fp32, bf16 instead of fp16, a gentler GradScaler. The first that passes is the answer; none is one too.
 """
 
 import math
@@ -27,8 +26,8 @@ class _Seen(Exception):
 
 
 class Probe:
-    """Hooks on a model for a diagnostic re-run: every module's output and every parameter's gradient, per training
-    step (a host read per module: too slow for the speed trials, fine here). on_step_end is the loop's callback."""
+    """Hooks on every module's output and every parameter's gradient per training step, for a diagnostic re-run (a host
+    read per module: too slow for the speed trials, fine here). on_step_end is the loop's callback."""
 
     def __init__(self, model: nn.Module, until: int):
         self.step, self.until = 0, until
@@ -74,9 +73,8 @@ class Probe:
 
 
 def probe_rerun(model: nn.Module, plan: PrecisionPlan, until: int, train) -> tuple:
-    """Re-run the failing run with a Probe until its first finding (or step `until`). train(plan, model, callbacks)
-    runs the parity run's loop (and raises the caller's stop if it is interrupted). Returns the (activation,
-    gradients) findings."""
+    """The (activation, gradients) findings of a Probe on a re-run of the failing run, up to its first finding or step
+    `until`. train(plan, model, callbacks) runs the parity run's loop (and raises the caller's stop if interrupted)."""
     model = plan.prepare(model)
     probe = Probe(model, until)
     try:
@@ -135,9 +133,8 @@ def candidates(found: dict, plan: PrecisionPlan, device: torch.device) -> list:
 
 
 def try_remedies(options: list, budget: int, train, judge, fp32_step_s: float) -> tuple:
-    """Each remedy's parity run, in order, until one passes or `budget` runs are spent. judge(result) returns the
-    parity figures and their problems (none: it passes); train raises the caller's stop if a run is interrupted.
-    Returns the rows."""
+    """The rows of each remedy's parity run, in order, until one passes or `budget` runs are spent. judge(result): the
+    parity figures and their problems (none: it passes); train raises the caller's stop if a run is interrupted."""
     rows = []
     for what, plan in options[:budget]:
         result = train(plan, None, ())

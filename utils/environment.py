@@ -1,5 +1,4 @@
-"""What a run ran on, recorded once with its results: device, capability, precision, the TF32 setting of
-the fp32 baseline, threads and software versions."""
+"""What a run ran on, recorded once with its results: device, capability, precision, TF32, threads and versions."""
 
 import platform
 
@@ -10,8 +9,7 @@ from utils.precision import PrecisionPlan
 
 
 def run_record(device: torch.device, plan: PrecisionPlan, tf32: bool = None) -> dict:
-    """The environment of a run: device, capability, precision plan, TF32, threads, torch and Python. tf32: the run's
-    own setting for its fp32 matmuls (tier 3's parameter, which it runs under); None: torch's current one."""
+    """tf32: the run's own setting for its fp32 matmuls (tier 3's parameter, which it runs under); None: torch's current one."""
     if device.type == "cuda":
         major, minor = dev.device_capability(device)
         name, capability = dev.device_name(device), f"sm_{major}{minor}"

@@ -58,9 +58,8 @@ def gpu_tests(device: torch.device) -> dict:
     if device.type != "cuda":
         return {"skipped": "no CUDA device: the gpu tests need one"}
     t0 = time.perf_counter()
-    # Only tests/ is named, so nbval (in the project's addopts) collects no notebook; disabling it would make
-    # pytest refuse the addopts' --nbval (exit 4).
-    # The gpu tests, and those that pretend a device at the seam: a test that assumes a CPU is found where users run.
+    # The seam tests too: a test that assumes a CPU is found where users run. Naming only tests/ keeps nbval (in the
+    # addopts) from collecting notebooks; disabling nbval would make pytest refuse the addopts' --nbval (exit 4).
     try:
         proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu or seam", "-q", "tests"], cwd=ROOT,
                               capture_output=True, text=True, timeout=TESTS_TIMEOUT_S)
@@ -133,9 +132,8 @@ def _compiled_at_least(row: dict, what: str, floor: float, check: dict) -> tuple
 
 
 def sync_cost(model: str, device: torch.device, sizes: dict, precision: str = BF16) -> dict:
-    """Wall seconds per training step with the records read every step and every LOG_EVERY_ACCELERATOR
-    steps, in interleaved trials: the training loop's wall time over its steps, so every host wait is
-    in it (per-step CUDA events would miss the device's idle time between steps)."""
+    """Wall seconds per step with the records read every step and every LOG_EVERY_ACCELERATOR steps, in interleaved
+    trials: the loop's wall time over its steps holds every host wait, the device's idle time per-step CUDA events miss."""
     steps = sizes["timing_warmup_steps"] + 2 * LOG_EVERY_ACCELERATOR
     per_step = {1: [], LOG_EVERY_ACCELERATOR: []}
     for trial in range(sizes["trials"]):

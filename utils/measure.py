@@ -1,7 +1,7 @@
-"""Measurement, below the tiers and the loop: training FLOPs counted on the actual model, a matmul peak measured
-on this machine, the GEMM share of a step (what autocast can speed up, by Amdahl's law), per-step timers that
-never make the device wait, memory (activations saved for backward, parameter and optimizer state), statistics
-of repeated trials (a ratio of medians with its bootstrap interval), and every layer's output under a precision."""
+"""Measurement, below the tiers and the loop: training FLOPs counted on the actual model, a matmul peak measured on this
+machine, the GEMM share of a step (what autocast can speed up, by Amdahl's law), per-step timers that never make the device
+wait, memory (activations saved for backward, parameter and optimizer state), statistics of repeated trials (a ratio of
+medians with its bootstrap interval), and every layer's output under a precision."""
 
 import math
 import time
@@ -18,21 +18,19 @@ from utils.models import compute_loss, get_logits
 from utils import device as dev
 from utils.precision import PrecisionPlan, fp32_plan, spec
 
+
 def matmul_params(model: nn.Module) -> int:
-    """Parameters that take part in matmuls (2-D weights not only used as embedding lookups).
-    A weight tied between an embedding and the output layer counts once, as a matmul."""
-    counted = {}
-    for module in model.modules():
-        for p in module.parameters(recurse=False):
-            if p.dim() >= 2 and not isinstance(module, nn.Embedding):
-                counted[id(p)] = p.numel()
+    """Parameters that take part in matmuls (2-D weights not only used as embedding lookups); a weight tied between an
+    embedding and the output layer counts once, as a matmul."""
+    counted = {id(p): p.numel() for module in model.modules() if not isinstance(module, nn.Embedding)
+               for p in module.parameters(recurse=False) if p.dim() >= 2}
     return sum(counted.values()) or sum(p.numel() for p in model.parameters())
 
 
 def training_flops_per_token(model: nn.Module, seq_len: int):
-    """The analytic count for this project's GPT layout: 6 N per token (forward 2N, backward 4N) plus
-    attention's 12 * layers * seq_len * d_model (PaLM, appendix B). None for a model without n_layer and
-    d_model on its config: the formula would be a guess there. A cross-check of measured_flops_per_token."""
+    """The analytic count for this project's GPT layout: 6 N per token (forward 2N, backward 4N) plus attention's 12 * layers
+    * seq_len * d_model (PaLM, appendix B); a cross-check of measured_flops_per_token. None without n_layer and d_model on
+    the model's config: the formula would be a guess there."""
     cfg = getattr(model, "config", None)
     if not (hasattr(cfg, "n_layer") and hasattr(cfg, "d_model")):
         return None
@@ -40,10 +38,9 @@ def training_flops_per_token(model: nn.Module, seq_len: int):
 
 
 def _attention_flops(query, key, value, backward: bool = False) -> int:
-    """FLOPs of softmax(q k^T) v over shapes (batch, heads, seq, dim), or of its backward (the scores again, then
-    the gradients of the scores, v, q and k: torch's own count). Keys and values may have fewer heads than
-    queries (grouped-query attention: Llama, Mistral, Qwen); each serves a group of query heads, so the work is
-    the query heads'. Written here because torch's formula refuses that case in versions users run (2.11)."""
+    """FLOPs of softmax(q k^T) v over shapes (batch, heads, seq, dim), or of its backward (the scores again, then the
+    gradients of the scores, v, q and k: torch's own count). Keys and values may have fewer heads than queries (grouped-query
+    attention: Llama, Mistral, Qwen), each serving a group of query heads, so the work is the query heads'."""
     b, h, s_q, d = query
     s_k, d_v = key[-2], value[-1]
     return 2 * b * h * s_q * s_k * ((3 * d + 2 * d_v) if backward else (d + d_v))
@@ -57,8 +54,8 @@ def _sdpa_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs)
     return _attention_flops(query, key, value, backward=True)
 
 
-# FlopCounterMode knows the CUDA attention kernels but not the CPU one, and not grouped-query attention in every
-# torch: every SDPA kernel of this torch gets the formula above.
+# FlopCounterMode knows the CUDA attention kernels but not the CPU one, and its formula refuses grouped-query attention in
+# versions users run (2.11): every SDPA kernel of this torch gets the formula above.
 _SDPA_KERNELS = ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
                  "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")
 _ATTENTION_FLOPS = {**{getattr(torch.ops.aten, k): _sdpa_forward for k in _SDPA_KERNELS if hasattr(torch.ops.aten, k)},
@@ -67,8 +64,8 @@ _ATTENTION_FLOPS = {**{getattr(torch.ops.aten, k): _sdpa_forward for k in _SDPA_
 
 
 def measured_flops_per_token(model: nn.Module, batch) -> float:
-    """Training FLOPs per token of the actual model, counted by torch's FlopCounterMode over one forward
-    and backward of `batch`: right for any architecture, where a formula assumes one layout."""
+    """Training FLOPs per token of the actual model, counted by torch's FlopCounterMode over one forward and backward of
+    `batch`: right for any architecture, where a formula assumes one layout."""
     x, y = batch
     counter = FlopCounterMode(display=False, custom_mapping=_ATTENTION_FLOPS)
     with counter:
@@ -77,13 +74,9 @@ def measured_flops_per_token(model: nn.Module, batch) -> float:
     return counter.get_total_flops() / x.numel()
 
 
-GEMM_OPS = ("mm", "addmm", "bmm", "baddbmm", "addbmm")
-
-
 def measure_matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 0.5) -> float:
-    """FLOP/s of a large square matmul in `dtype` on `device`: the practical ceiling for this run.
-    A dtype the device only emulates (fp16 on most CPUs: ~2 GFLOP/s) gets a smaller problem, so the
-    measurement stays within about `seconds` instead of taking minutes."""
+    """FLOP/s of a large square matmul in `dtype` on `device`: the practical ceiling for this run. A dtype the device only
+    emulates (fp16 on most CPUs: ~2 GFLOP/s) gets a smaller problem, so this takes about `seconds`, not minutes."""
     def matmul_time(n):
         a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
         a @ b  # warm-up
@@ -115,6 +108,7 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float
 # (dtype casts), the optimizer with the GradScaler's checks, and the rest (elementwise, norms, loss). On a GPU every op
 # is synchronized to be timed, which inflates small ones: the shares are a profile, not a trace.
 OP_KINDS = ("matmul_attention", "casts", "optimizer", "other")
+GEMM_OPS = ("mm", "addmm", "bmm", "baddbmm", "addbmm")
 
 
 def op_kind(name: str) -> str:
@@ -128,16 +122,11 @@ def op_kind(name: str) -> str:
 
 
 class _OpTimer(TorchDispatchMode):
-    """Times every aten op run under it (synchronized on CUDA), by kind (OP_KINDS). Unlike torch.profiler it prints
-    nothing, so notebook outputs stay clean."""
+    """Times every aten op run under it (synchronized on CUDA), by kind (OP_KINDS); unlike torch.profiler, prints nothing."""
 
     def __init__(self, device: torch.device):
         super().__init__()
         self.device, self.kinds = device, dict.fromkeys(OP_KINDS, 0.0)
-
-    @property
-    def total(self) -> float:
-        return sum(self.kinds.values())
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         dev.synchronize(self.device)
@@ -149,28 +138,29 @@ class _OpTimer(TorchDispatchMode):
 
 
 def op_time_shares(step, device: torch.device, repeats: int = 2) -> dict:
-    """Each op kind's share of the aten op time of `repeats` calls of step() (a whole training step, warmed up by
-    the caller): where the time goes, and so what autocast can gain (matmul_attention) and what it costs (casts)."""
-    timer = _OpTimer(device)
-    with timer:
+    """Each op kind's share of the aten op time of `repeats` calls of step() (a whole training step, warmed up by the
+    caller): where the time goes, and so what autocast can gain (matmul_attention) and what it costs (casts)."""
+    with _OpTimer(device) as timer:
         for _ in range(repeats):
             step()
-    return {kind: t / timer.total if timer.total else float("nan") for kind, t in timer.kinds.items()}
+    total = sum(timer.kinds.values())
+    return {kind: t / total if total else float("nan") for kind, t in timer.kinds.items()}
 
 
 def matmul_time_fraction(model: nn.Module, plan: PrecisionPlan, batch, repeats: int = 3) -> float:
-    """Share of forward+backward op time spent in GEMMs, over `repeats` passes. By Amdahl's law
-    only this share speeds up under autocast."""
+    """Share of forward+backward op time spent in GEMMs and attention, over `repeats` passes: by Amdahl's law only this
+    share speeds up under autocast."""
     x, y = batch
     compute_loss(model, x, y).backward()  # warm-up, untimed
-    timer = _OpTimer(x.device)
-    with timer:
-        for _ in range(repeats):
-            with plan.autocast():
-                loss = compute_loss(model, x, y)
-            loss.backward()
+
+    def step():
+        with plan.autocast():
+            loss = compute_loss(model, x, y)
+        loss.backward()
+
+    share = op_time_shares(step, x.device, repeats)["matmul_attention"]
     model.zero_grad(set_to_none=True)
-    return timer.kinds["matmul_attention"] / timer.total if timer.total else float("nan")
+    return share
 
 
 class StepTimer:
@@ -294,8 +284,7 @@ def bootstrap_ratio(numerator, denominator, n_resamples: int = 2000, seed: int =
 
 
 def ratio_of_medians(numerator, denominator) -> dict:
-    """median(numerator) / median(denominator) and its 95% bootstrap interval (None below
-    MIN_TRIALS_FOR_INTERVAL trials)."""
+    """median(numerator) / median(denominator) and its 95% bootstrap interval (None below MIN_TRIALS_FOR_INTERVAL trials)."""
     num, den = pd.Series(numerator, dtype=float), pd.Series(denominator, dtype=float)
     low, high = bootstrap_ratio(num, den) if len(num) >= MIN_TRIALS_FOR_INTERVAL else (None, None)
     return {"median": float(num.median() / den.median()), "ci_low": low, "ci_high": high}

@@ -1,6 +1,5 @@
-"""Reference transformer models in named sizes (gpt-*: GPT-2-style causal LMs; encoder-*: BERT-style classifiers),
-`load_model(spec)` for those, Hugging Face and user models, and `get_logits(output)`, which finds the logits in whatever
-a model returns."""
+"""Reference transformer models in named sizes (gpt-*: GPT-2-style causal LMs; encoder-*: BERT-style classifiers), `load_model`
+for those, Hugging Face and user models, and `get_logits(output)`, which finds the logits in whatever a model returns."""
 
 import functools
 import importlib
@@ -44,9 +43,8 @@ HUB_TIMEOUT_S = 5  # how long a hub that does not answer may hold a run before h
 
 @functools.lru_cache(maxsize=None)
 def _hub_access(name: str, kind: str = "model") -> tuple:
-    """from_pretrained's extra keywords for `name`, a model or a tokenizer (`kind`): none when it is a folder or the
-    hub answers; local files only when the hub does not answer within HUB_TIMEOUT_S but the files are cached; else a
-    ModelLoadError within seconds, where a machine with no network would otherwise wait on the hub's retries."""
+    """from_pretrained's extra keywords for `name` (`kind`: model or tokenizer): none for a folder or when the hub answers;
+    local files only when it is silent for HUB_TIMEOUT_S and they are cached; else a ModelLoadError, not the hub's retries."""
     from huggingface_hub import constants  # installed with transformers (optional)
     if Path(name).is_dir() or constants.HF_HUB_OFFLINE:
         return ()
@@ -141,22 +139,8 @@ class ModelConfig:
     dropout: float = 0.0   # 0 keeps CPU runs bit-for-bit deterministic for a seed
 
 
-GPT_SIZES = {
-    "gpt-tiny": ModelConfig(n_layer=2, n_head=2, d_model=64, max_len=64),        # trains in seconds on a CPU
-    "gpt-small": ModelConfig(n_layer=4, n_head=4, d_model=256, max_len=128),     # matmul-bound: the benchmark default
-    "gpt-medium": ModelConfig(n_layer=6, n_head=6, d_model=384, max_len=256),
-    "gpt2-small": ModelConfig(n_layer=12, n_head=12, d_model=768, max_len=1024),  # GPT-2 small's shape (byte vocab)
-}
-ENCODER_SIZES = {
-    "encoder-tiny": ModelConfig(n_layer=2, n_head=2, d_model=64, max_len=64),
-    "encoder-small": ModelConfig(n_layer=4, n_head=4, d_model=256, max_len=128),
-    "encoder-base": ModelConfig(n_layer=12, n_head=12, d_model=768, max_len=512),  # BERT-base's shape
-}
-
-
 class SelfAttention(nn.Module):
-    """Multi-head self-attention. Fast SDPA path by default; `record_attention = True` switches to
-    the explicit softmax so the weights can be kept in `last_attention` for Tier 2 analysis."""
+    """Multi-head self-attention: fused SDPA, or (`record_attention`) the explicit softmax, its weights in `last_attention`."""
 
     def __init__(self, cfg: ModelConfig, causal: bool):
         super().__init__()
@@ -165,8 +149,7 @@ class SelfAttention(nn.Module):
         self.n_head, self.causal, self.dropout = cfg.n_head, causal, cfg.dropout
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
-        self.record_attention = False
-        self.last_attention = None
+        self.record_attention, self.last_attention = False, None
 
     def _mask(self, T: int, key_padding_mask, device):
         """Boolean (.., T, T) mask, True where a query may attend a key; None when all may."""
@@ -215,8 +198,7 @@ class Block(nn.Module):
 
 
 class _Transformer(nn.Module):
-    """Embeddings and a stack of pre-norm blocks, shared by both families; each family sets `causal` and adds its
-    head (_add_head), then every weight is initialized."""
+    """Embeddings and pre-norm blocks, shared by both families; each family sets `causal` and adds its head (_add_head)."""
 
     causal: bool
 
@@ -274,17 +256,24 @@ class EncoderClassifier(_Transformer):
         return self.head(self.encode(input_ids, attention_mask)[:, 0])
 
 
-REGISTRY = {**{n: (GPT, c) for n, c in GPT_SIZES.items()}, **{n: (EncoderClassifier, c) for n, c in ENCODER_SIZES.items()}}
+REGISTRY = {  # name: (class, config)
+    "gpt-tiny": (GPT, ModelConfig(n_layer=2, n_head=2, d_model=64, max_len=64)),  # trains in seconds on a CPU
+    "gpt-small": (GPT, ModelConfig(n_layer=4, n_head=4, d_model=256, max_len=128)),  # matmul-bound: the benchmark default
+    "gpt-medium": (GPT, ModelConfig(n_layer=6, n_head=6, d_model=384, max_len=256)),
+    "gpt2-small": (GPT, ModelConfig(n_layer=12, n_head=12, d_model=768, max_len=1024)),  # GPT-2 small's shape (byte vocab)
+    "encoder-tiny": (EncoderClassifier, ModelConfig(n_layer=2, n_head=2, d_model=64, max_len=64)),
+    "encoder-small": (EncoderClassifier, ModelConfig(n_layer=4, n_head=4, d_model=256, max_len=128)),
+    "encoder-base": (EncoderClassifier, ModelConfig(n_layer=12, n_head=12, d_model=768, max_len=512)),  # BERT-base's shape
+}
 
 SPEC_FORMS = ("a registry name (" + ", ".join(REGISTRY) + "), 'hf:NAME_OR_PATH' (Hugging Face), 'package.module:factory', "
               "or 'path/to/file.py:factory'")
 
 
-# A guard against an obvious misuse, not a sandbox: a spec naming os:system would run a command with model_kwargs
-# as its arguments. A model spec is code by design (README: trust boundary); this refuses Python's own library and
-# the common deserializers, which build whatever a stream in model_kwargs describes and run code on the way (YAML's
-# python/object tags, pickle's __reduce__): whole packages, and single callables of packages with other uses, by the
-# names a spec gives them and the __module__ they resolve to.
+# A guard against an obvious misuse, not a sandbox (a model spec is code by design: README, trust boundary): a spec naming
+# os:system would run a command with model_kwargs as its arguments. Refused: Python's own library and the common deserializers,
+# which build whatever a stream in model_kwargs describes, running code on the way (YAML's python/object tags, pickle's
+# __reduce__); whole packages, or single callables of packages with other uses, by the name a spec gives and the __module__.
 _STANDARD_LIBRARY = frozenset(sys.stdlib_module_names) | {"builtins"}
 _DESERIALIZER_PACKAGES = frozenset({"yaml", "_yaml", "dill", "cloudpickle"})
 _DESERIALIZERS = frozenset({"torch.load", "torch.serialization.load", "numpy.load", "numpy.lib.npyio.load",
@@ -303,8 +292,7 @@ def check_spec(spec: str):
 
 
 def _refuse_non_factory(module: str, name: str, spec: str):
-    """Refuse a callable of the standard library or a deserializer (module and name as the spec gives them, or as the
-    resolved callable's __module__ and __name__ say) before it is called."""
+    """Refuse a standard-library callable or a deserializer (by the spec's names, or the callable's own) before it is called."""
     guard = "(a guard against misuse, not a sandbox: a model spec is code, see the README's trust boundary)"
     package = module.split(".")[0]
     if package in _STANDARD_LIBRARY:
@@ -337,8 +325,7 @@ def build_model(name: str, **overrides) -> nn.Module:
     if name not in REGISTRY:
         raise ModelLoadError(f"unknown model {name!r}; expected one of {sorted(REGISTRY)}")
     cls, cfg = REGISTRY[name]
-    unknown = set(overrides) - set(ModelConfig.__dataclass_fields__)
-    if unknown:
+    if unknown := set(overrides) - set(ModelConfig.__dataclass_fields__):
         raise ModelLoadError(f"unknown config field(s) {sorted(unknown)} for {name!r}; "
                              f"expected some of {sorted(ModelConfig.__dataclass_fields__)}")
     return cls(replace(cfg, **overrides))
@@ -378,10 +365,9 @@ def _resolve_factory(spec: str):
 
 
 def load_model(spec, task=None, **kwargs) -> nn.Module:
-    """An nn.Module from `spec`: a module (returned as is), a registry name, 'hf:NAME_OR_PATH', or a factory.
-    kwargs go to the factory (for registry names: ModelConfig overrides such as vocab_size; for hf:
-    models: from_pretrained arguments such as num_labels or attn_implementation). task picks the Auto
-    class of an hf: model ('auto': from its config's architectures)."""
+    """An nn.Module from `spec`: a module (returned as is), a registry name, 'hf:NAME_OR_PATH', or a factory. kwargs go to the
+    factory (for registry names: ModelConfig overrides such as vocab_size; for hf: models: from_pretrained arguments such as
+    num_labels or attn_implementation). task picks the Auto class of an hf: model ('auto': from its config's architectures)."""
     if isinstance(spec, nn.Module):
         model = spec
     elif not isinstance(spec, str):
@@ -431,9 +417,8 @@ def blocks(model: nn.Module) -> list:
 
 
 def checkpoint_blocks(model: nn.Module) -> nn.Module:
-    """Activation checkpointing per block, in place: each block's activations are recomputed in backward instead of
-    kept (torch's composable, non-reentrant checkpoint: hooks, so parameter names and checkpoints are unchanged; the
-    recomputation restores the forward's autocast state and RNG). Refused, with the reason, for a model without blocks."""
+    """Activation checkpointing per block, in place: each block's activations are recomputed in backward, not kept (torch's
+    composable, non-reentrant checkpoint: hooks, so parameter names and checkpoints are unchanged; autocast and RNG restored)."""
     found = blocks(model)
     if not found:
         raise UnsupportedModel(f"activation checkpointing: {type(model).__name__} has no nn.ModuleList of blocks to "
@@ -474,9 +459,8 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def model_task(model: nn.Module, logits: torch.Tensor) -> str:
-    """The model's `task` attribute (set by probe_model, or a class's own), else a Hugging Face class's name
-    (...ForMaskedLM, ...ForCausalLM, ...ForSequenceClassification), else the logits' shape: (B, T, vocab) a
-    causal LM, (B, classes) a classifier."""
+    """The model's `task` attribute (set by probe_model, or a class's own), else a Hugging Face class's name (...ForMaskedLM,
+    ...ForCausalLM, ...), else the logits' shape: (B, T, vocab) a causal LM, (B, classes) a classifier."""
     task = getattr(model, "task", None)
     if task in TASKS:
         return task
@@ -490,9 +474,8 @@ def model_task(model: nn.Module, logits: torch.Tensor) -> str:
 
 
 def probe_model(model: nn.Module, task: str = "auto") -> str:
-    """The model's task, checked on one small forward before any check runs, and set as `model.task`.
-    A model the suite cannot handle (another input than token ids, an encoder-decoder, logits for fewer
-    positions than it was given) is refused with UnsupportedModel and the reason."""
+    """The model's task, checked on one small forward before any check runs, and set as `model.task`. A model the suite cannot
+    handle (another input than token ids, an encoder-decoder, logits for fewer positions than given) is refused with why."""
     name = type(model).__name__
     if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
         raise UnsupportedModel(f"{name} is an encoder-decoder: unsupported. The suite supports {SUPPORTED}")
@@ -538,9 +521,8 @@ _MAX_LEN_FIELDS = ("max_len", "max_position_embeddings", "n_positions", "max_seq
 
 
 def model_max_len(model: nn.Module, cap: int = 4096) -> int:
-    """The longest input the model takes, from (in order) a length field (_MAX_LEN_FIELDS) on its config or on the
-    model, a position embedding's size, or the longest of 64, 128, ... `cap` tokens that one forward accepts; less
-    the positions up to a padding index (RoBERTa's convention); cached on the model as `suite_max_len`."""
+    """The longest input the model takes: a length field (_MAX_LEN_FIELDS) of its config or itself, or a position embedding's
+    size, less positions up to its padding index (RoBERTa's); else the longest of 64, 128, ... `cap` tokens a forward accepts."""
     if isinstance(getattr(model, "suite_max_len", None), int):
         return model.suite_max_len
     cfg = getattr(model, "config", None)
@@ -588,9 +570,8 @@ def compute_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Te
 
 
 def load_task_data(model: nn.Module, data, seq_len: int, tokenizer=None):
-    """The data for the model's task unless the caller brought some (a data object, or a text file's path):
-    the built-in corpus, masked for a masked LM, or the built-in classification set with the model's
-    number of classes. Tokens are bytes, or `tokenizer`'s ids when one is given."""
+    """The data for the model's task unless the caller brought some (a data object, or a text file's path): the built-in corpus,
+    masked for a masked LM, or classification set with the model's number of classes; byte tokens, or `tokenizer`'s ids."""
     task = getattr(model, "task", None) if getattr(model, "task", None) in TASKS else probe_model(model)
     if data is None or isinstance(data, str) or hasattr(data, "__fspath__"):
         if task == "classification":
@@ -603,15 +584,13 @@ def load_task_data(model: nn.Module, data, seq_len: int, tokenizer=None):
         else:
             data = load_corpus(data, tokenizer=tokenizer)
             if task == "masked-lm":
-                mask = getattr(tokenizer, "mask_token_id", None)
-                data = MaskedLMData(data, BYTE_MASK_ID if tokenizer is None else mask)
+                data = MaskedLMData(data, BYTE_MASK_ID if tokenizer is None else getattr(tokenizer, "mask_token_id", None))
                 if data.mask_id is None:
                     raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no mask token; a masked LM needs one")
     data.check_fits(seq_len, model_vocab_size(model))
     width = getattr(model, "suite_output_width", None)
     if task != "classification" and width is not None and data.top_id >= width:
-        raise UnsupportedModel(f"{type(model).__name__} returns {width} logits per position, but the data "
-                               f"({data.source}) has token ids up to "
-                               f"{data.top_id}: a {task}'s logits must score every token id (expected a width of at "
-                               f"least {data.top_id + 1}); check the model's output layer, or the tokenizer parameter")
+        raise UnsupportedModel(f"{type(model).__name__} returns {width} logits per position, but the data ({data.source}) has "
+                               f"token ids up to {data.top_id}: a {task}'s logits must score every token id (expected a width "
+                               f"of at least {data.top_id + 1}); check the model's output layer, or the tokenizer parameter")
     return data

@@ -1,7 +1,6 @@
-"""Each tier's parameters: the one place a name, type, default and help text is written. The notebooks' parameters
-cells, the batch runner's checks, the benchmark's command line and the README's table are generated from TIER_PARAMS
-(a test fails when one drifts). Parameters are data (JSON values), never code: a value of another type is refused,
-naming the parameter, the type it expects and what it got, before any work starts."""
+"""Each tier's parameters: the one place a name, type, default and help text is written. The notebooks' parameters cells, the
+batch runner's checks, the benchmark's command line and the README's table are generated from TIER_PARAMS (a test fails when
+one drifts). Parameters are data (JSON values), never code: a value of another type is refused before any work starts."""
 
 import ast
 import contextlib
@@ -55,15 +54,13 @@ def is_data(value) -> bool:
     of them. Anything else (a tuple, set, bytes, an object) could reach a notebook as code."""
     if isinstance(value, int):
         return _printable(value)
-    if value is None or isinstance(value, str):
-        return True
     if isinstance(value, float):
         return math.isfinite(value)
     if isinstance(value, list):
         return all(is_data(v) for v in value)
     if isinstance(value, dict):
         return all(isinstance(k, str) and is_data(v) for k, v in value.items())
-    return False
+    return value is None or isinstance(value, str)
 
 
 @dataclass(frozen=True)
@@ -270,8 +267,7 @@ TIER_PARAMS = {
         *_TAIL),
 }
 # Tier 3's fine-tuning runs: the loop's settings it takes from its parameters (the rest are the loop's defaults).
-TIER3_LOOP = ("steps", "batch_size", "seq_len", "lr", "seed", "compile", "max_skipped_in_a_row", "checkpoint_every",
-              "checkpoint_dir", "resume", "activation_checkpointing")
+TIER3_LOOP = tuple(p.name for p in TIER_PARAMS[3] if p.name in _LOOP)
 
 # utils.train (torchrun): the loop's settings and tier 3's model and precision, plus what a multi-process run adds.
 TRAIN_PARAMS = (
@@ -302,7 +298,6 @@ def spec(tier: int) -> dict:
 
 
 def output_folder(tier: int, output_dir: str) -> Path:
-    """The output_dir parameter, or runs/interactive/tier<N> when it is empty."""
     return Path(output_dir or ROOT / "runs" / "interactive" / f"tier{tier}")
 
 

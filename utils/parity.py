@@ -1,17 +1,17 @@
 """Loss parity: does an AMP run train as fp32 does? Judged the way the GradScaler works.
 
-A skipped step is not an update (the weights and the LR schedule stay), so the runs are compared update for update:
-the AMP run's k-th update beside fp32's k-th. Tier 3's parity runs make up their skipped steps (make_up_skipped: the
-next step retries the batch), so both make the same updates on the same data and differ in precision alone.
+A skipped step is not an update (the weights and the LR schedule stay), so the runs are compared update for update: the
+AMP run's k-th update beside fp32's k-th. Tier 3's parity runs make up their skipped steps (make_up_skipped: the next step
+retries the batch), so both make the same updates on the same data and differ in precision alone.
 
-Calibration is the GradScaler doing its job, not held against AMP. A back-off (skipped steps in a row, each halving
-the scale) is calibration when the scale stays at COLLAPSED (1) or above (without a GradScaler a skip is non-finite
-gradients, never calibration) and it belongs to the scale's descent from its first value (every back-off up to the
-first that STAND updates in a row follow; a descent that never ends is skipping that keeps coming), or it is isolated
-(STAND updates before it, and after it, or every step left where the run ends sooner).
-Held against AMP: skipping beyond calibration over max_skipped_fraction of the steps, a scale collapsed below 1, a
-storm (the loop stops the run), a NaN loss, a lasting gap of the smoothed curves or of the final evaluations, and an
-AMP run that made up its skips and still made fewer updates than fp32 (its allowance is `steps` more).
+Calibration is the GradScaler doing its job, not held against AMP. A back-off (skipped steps in a row, each halving the
+scale) is calibration when the scale stays at COLLAPSED (1) or above (without a GradScaler a skip is non-finite gradients,
+never calibration) and it belongs to the scale's descent from its first value (every back-off up to the first that STAND
+updates in a row follow; a descent that never ends is skipping that keeps coming), or it is isolated (STAND updates before
+it, and after it, or every step left where the run ends sooner). Held against AMP: skipping beyond calibration over
+max_skipped_fraction of the steps, a scale collapsed below 1, a storm (the loop stops the run), a NaN loss, a lasting gap
+of the smoothed curves or of the final evaluations, and an AMP run that made up its skips and still made fewer updates
+than fp32 (its allowance is `steps` more).
 """
 
 import math
@@ -40,22 +40,15 @@ def updates(history: pd.DataFrame) -> pd.Series:
 def back_offs(history: pd.DataFrame) -> list:
     """The runs of skipped steps in a row, each {first, last, steps, scale_from, scale_to, before, after, at_end,
     calibration}: before and after, the updates in a row around it; calibration per the module's rule."""
-    skipped, steps = history["skipped"].astype(bool).to_numpy(), history["step"].to_numpy()
-    scales, runs, i, previous_end = history["loss_scale"].to_numpy(), [], 0, -1
-    while i < len(skipped):
-        if not skipped[i]:
-            i += 1
-            continue
-        j = i
-        while j + 1 < len(skipped) and skipped[j + 1]:
-            j += 1
-        after = j + 1
-        while after < len(skipped) and not skipped[after]:
-            after += 1
+    skipped = history["skipped"].astype(bool).to_numpy()
+    steps, scales = history["step"].to_numpy(), history["loss_scale"].to_numpy()
+    edges = np.diff(np.concatenate(([0], skipped.astype(int), [0])))  # +1 where a run of skips starts, -1 after its last
+    firsts, lasts = np.flatnonzero(edges == 1).tolist(), (np.flatnonzero(edges == -1) - 1).tolist()
+    runs = []
+    for i, j, previous_last, next_first in zip(firsts, lasts, [-1, *lasts[:-1]], [*firsts[1:], len(skipped)]):
         runs.append({"first": int(steps[i]), "last": int(steps[j]), "steps": j - i + 1, "scale_from": float(scales[i]),
-                     "scale_to": float(scales[i]) / 2 ** (j - i + 1), "before": i - previous_end - 1,
-                     "after": after - j - 1, "at_end": after == len(skipped)})
-        previous_end, i = j, j + 1
+                     "scale_to": float(scales[i]) / 2 ** (j - i + 1), "before": i - previous_last - 1,
+                     "after": next_first - j - 1, "at_end": next_first == len(skipped)})
     # The descent from the first value ends at the first back-off after which STAND updates follow; a descent that
     # never ends is skipping that keeps coming, and none of it calibrates.
     ends = next((n for n, run in enumerate(runs) if run["after"] >= STAND), None)
@@ -102,34 +95,25 @@ def figures(table: pd.DataFrame, ref, amp, limits: dict) -> dict:
     max_skipped_fraction and steps (asked of each run)."""
     judged = table["relative_gap"].dropna()  # updates one run never made: the made-up count says so (problems)
     worst = judged.idxmax() if len(judged) else None
-    offs = back_offs(amp.history)
-    calibration = [r for r in offs if r["calibration"]]
+    worst_step = None if worst is None else table["step"][worst]  # NaN where only fp32 made that update
+    history, offs = amp.history, back_offs(amp.history)
+    skipped, scale = history["skipped"].astype(bool), history["loss_scale"]
     other = sum(r["steps"] for r in offs if not r["calibration"])
-    ref_updates, amp_updates = int((~ref.history["skipped"].astype(bool)).sum()), int((~amp.history["skipped"].astype(bool)).sum())
     return {"amp_precision": amp.plan.precision, **limits, "compared": "update for update",
             "max_relative_gap": float(judged.max()) if worst is not None else float("inf"),
-            "max_gap_step": _step_of(table, worst), "max_gap_update": int(table["update"][worst]) if worst is not None else None,
+            "max_gap_step": None if pd.isna(worst_step) else int(worst_step),
+            "max_gap_update": int(table["update"][worst]) if worst is not None else None,
             "final_relative_gap": float(judged.iloc[-1]) if len(judged) else float("inf"),
             "final_eval_loss": {FP32: ref.final_eval_loss, amp.plan.precision: amp.final_eval_loss},
             "final_eval_relative_gap": _relative(amp.final_eval_loss, ref.final_eval_loss),
-            "finite": bool(np.isfinite(amp.history["loss"]).all()),
-            "updates": {"reference": ref_updates, "amp": amp_updates}, "amp_steps_run": int(len(amp.history)),
-            "skipped_steps": int(amp.history["skipped"].sum()),
-            "calibration_skips": sum(r["steps"] for r in calibration), "other_skips": other,
+            "finite": bool(np.isfinite(history["loss"]).all()),
+            "updates": {"reference": int((~ref.history["skipped"].astype(bool)).sum()), "amp": int((~skipped).sum())},
+            "amp_steps_run": len(history), "skipped_steps": int(history["skipped"].sum()),
+            "calibration_skips": sum(r["steps"] for r in offs if r["calibration"]), "other_skips": other,
             "skipped_fraction": other / limits["steps"], "back_offs": offs,
-            "loss_scale_by_step": [float(x) for x in amp.history["loss_scale"]] if len(amp.history) else [],
-            "skipped_at": [int(x) for x in amp.history["step"][amp.history["skipped"].astype(bool)]] if len(amp.history) else [],
-            "final_loss_scale": float(amp.history["loss_scale"].iloc[-1]) if len(amp.history) else None,
-            "min_loss_scale": float(amp.history["loss_scale"].min()) if len(amp.history) else None,
-            "collapse": collapse(amp.history) if len(amp.history) else None,
-            "stop": amp.stop}
-
-
-def _step_of(table: pd.DataFrame, row):
-    if row is None:
-        return None
-    step = table["step"][row]
-    return int(step) if not pd.isna(step) else None
+            "loss_scale_by_step": [float(x) for x in scale], "skipped_at": [int(x) for x in history["step"][skipped]],
+            "final_loss_scale": float(scale.iloc[-1]) if len(history) else None,
+            "min_loss_scale": float(scale.min()) if len(history) else None, "collapse": collapse(history), "stop": amp.stop}
 
 
 def _relative(value, reference):

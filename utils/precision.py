@@ -1,19 +1,7 @@
-"""Precision: the registry of precisions (what each is and does), the plan that says how a run computes and why,
-and the model copy a plan trains.
-
-    plan = resolve("auto", device)   # a PrecisionPlan: precision, reason, autocast, loss scaler, the model it trains
-
-The rules (a person reads the reason; nothing falls back silently):
-  CUDA sm_80+ (A100, H100, L4, RTX 30xx+)  bf16 autocast, no GradScaler (bf16 has fp32's range)
-  CUDA before sm_80 (T4, V100)             fp16 autocast + GradScaler. A T4 reports bf16 as
-                                            "supported" but only emulates it, slower than fp32.
-  CPU with native bf16 (AVX512-BF16/AMX)   bf16 autocast
-  anything else                            fp32
-fp8 (torchao float8 Linear matmuls inside bf16 autocast) runs on sm_89+; fp8-emulated runs the same path on
-any device, slowly: it tests the path and says nothing about speed.
-
-No other module branches on a precision's identity: what a precision does is a field of its Precision, and adding
-one is one register() call. Only torch.amp APIs are used; torch.cuda.amp is deprecated.
+"""The registry of precisions (what each is and does), the plan that says how a run computes and why, and the model
+copy a plan trains: plan = resolve("auto", device). resolve's rules are the README's; its reason says which applied,
+and nothing falls back silently. No other module branches on a precision's identity: what one does is a field of its
+Precision, and adding one is one register() call. Only torch.amp APIs are used; torch.cuda.amp is deprecated.
 """
 
 import copy
@@ -64,8 +52,8 @@ def register(precision: Precision):
 
 
 for _p in (Precision(FP32, "fp32", aliases=("32-true", "fp32", "float32"), color="tab:blue"),
-           Precision(FP16, "fp16", torch.float16, ("16", "fp16", "float16"), "tab:red", scaler=True,
-                     largest=torch.finfo(torch.float16).max, compared=True, emulation=lambda d: dev.fp16_emulated(d), instead=BF16),
+           Precision(FP16, "fp16", torch.float16, ("16", "fp16", "float16"), "tab:red", scaler=True, compared=True,
+                     largest=torch.finfo(torch.float16).max, emulation=lambda d: dev.fp16_emulated(d), instead=BF16),
            Precision(BF16, "bf16", torch.bfloat16, ("bf16", "bfloat16"), "tab:orange", compared=True,
                      emulation=lambda d: dev.bf16_emulated(d)),  # through the seam, where tests pretend a GPU
            Precision(FP8, "fp8", torch.bfloat16, ("float8",), fp8=True),
@@ -97,15 +85,12 @@ def compared() -> list:
 
 def canonical(requested) -> str:
     """The canonical name of any accepted spelling, or a ValueError listing what is accepted."""
+    spellings = {AUTO: AUTO, **{a: p.name for p in _REGISTRY.values() for a in (p.name, *p.aliases)}}
     key = str(requested).strip().lower()
-    for p in _REGISTRY.values():
-        if key == p.name or key in p.aliases:
-            return p.name
-    if key == AUTO:
-        return AUTO
-    aliases = sorted({AUTO, *(a for p in _REGISTRY.values() for a in (p.name, *p.aliases))})
+    if key in spellings:
+        return spellings[key]
     raise ValueError(f"unknown precision {requested!r}; expected one of {', '.join(map(repr, PRECISION_CHOICES))} "
-                     f"(aliases: {', '.join(aliases)})")
+                     f"(aliases: {', '.join(sorted(spellings))})")
 
 
 def label(precision: str) -> str:
@@ -134,8 +119,7 @@ def carries_loss_scale(spelling: str) -> bool:
 
 
 def instead_here(precision: str, device: torch.device):
-    """The precision to use in this one's place on this device, where the device runs it natively (fp16's range does
-    not fit a model: bf16 where it is native); None where there is none."""
+    """The precision to try in this one's place where this device runs it natively (bf16 for fp16's range), or None."""
     instead = _REGISTRY[precision].instead
     return instead if instead and not _REGISTRY[instead].emulation(device) else None
 
@@ -168,25 +152,12 @@ class PrecisionPlan:
     def spec(self) -> Precision:
         return _REGISTRY[self.precision]
 
-    @property
-    def autocast_dtype(self):
-        return self.spec.dtype
-
-    @property
-    def enabled(self) -> bool:
-        return self.spec.dtype is not None
-
-    @property
-    def use_scaler(self) -> bool:
-        return self.spec.scaler
-
-    @property
-    def fp8(self) -> bool:
-        return self.spec.fp8
-
-    @property
-    def emulated(self) -> bool:
-        return self.spec.emulated
+    # What the plan's precision does, read from its Precision.
+    autocast_dtype = property(lambda self: self.spec.dtype)
+    enabled = property(lambda self: self.spec.dtype is not None)
+    use_scaler = property(lambda self: self.spec.scaler)
+    fp8 = property(lambda self: self.spec.fp8)
+    emulated = property(lambda self: self.spec.emulated)
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """A copy of `model` as this plan trains it (convert_for): the model itself stays as it was."""
@@ -216,8 +187,7 @@ class PrecisionPlan:
         return torch.autocast(device_type=self.device_type, dtype=dtype, enabled=self.enabled)
 
     def grad_scaler(self, sharded: bool = False) -> torch.amp.GradScaler:
-        """A GradScaler that is live for fp16 and a pass-through otherwise, so one loop serves all. Under
-        FSDP2 (sharded) the sharded one, whose skip decision is agreed across ranks."""
+        """Live for fp16, a pass-through otherwise, so one loop serves all; sharded (FSDP2): the ranks agree on skips."""
         tuned = {k: v for k, v in self.remedies().items() if k != "fp32_modules"}
         if sharded and self.use_scaler:
             return ShardedGradScaler(device=self.device_type, **tuned)
@@ -237,13 +207,9 @@ class PrecisionPlan:
 
 
 class LossScaler:
-    """The plan's GradScaler and the optimizer step around it, reading nothing back to the host.
-
-    backward(loss) scales and backpropagates; unscale(optimizer) before clipping; step(optimizer, nonfinite)
-    steps, updates the scale and returns whether the step was skipped, as a device tensor. fp16: a lower
-    scale after update() means the GradScaler skipped the step. fp32/bf16 have no scaler, so non-finite
-    gradients skip it here instead: a fused AdamW is handed the flag as its found_inf (no host read), an
-    unfused one reads it on the host."""
+    """The plan's GradScaler and the optimizer step around it, reading nothing back to the host. fp16: a lower scale
+    after update() means the GradScaler skipped the step. fp32/bf16 have no scaler, so non-finite gradients skip it here
+    instead: a fused AdamW is handed the flag as its found_inf (no host read), an unfused one reads it on the host."""
 
     def __init__(self, plan: PrecisionPlan, scaler: torch.amp.GradScaler):
         self.plan, self.scaler = plan, scaler
@@ -255,8 +221,7 @@ class LossScaler:
         self.scaler.unscale_(optimizer)  # clip true gradients, not scaled ones
 
     def scale(self, device: torch.device) -> torch.Tensor:
-        """The current scale as a device tensor, without the host read get_scale() makes (1 when the
-        scaler is off, as get_scale() says). Read after the step's first backward."""
+        """The scale on the device, without get_scale()'s host read (1 with no scaler); read after a step's first backward."""
         if self.scaler.is_enabled():
             return self.scaler._scale.clone()  # the scale tensor itself: GradScaler keeps it on the device
         return torch.ones((), device=device)
@@ -302,12 +267,9 @@ def _best_mixed(device: torch.device):
 
 
 def resolve(requested=AUTO, device=None, use_amp=None) -> PrecisionPlan:
-    """Turn a request plus a device into a PrecisionPlan with a human reason.
-
-    requested: 'auto' (the best for the device) or any accepted spelling of a precision (honoured as asked,
-    with a warning in the reason where the device only emulates it).
-    use_amp: the seed's flag. False forces fp32; True means 'auto' but never plain fp32 by request.
-    """
+    """A request plus a device as a PrecisionPlan with a human reason. requested: 'auto' (the device's best) or any
+    accepted spelling, honoured as asked (the reason warns where the device only emulates it). use_amp: the seed's
+    flag; False forces fp32, True means 'auto' but never plain fp32 by request."""
     device = dev.resolve_device(device)
     want, asked = canonical(requested), str(requested)
     if use_amp is False:
@@ -324,10 +286,9 @@ def resolve(requested=AUTO, device=None, use_amp=None) -> PrecisionPlan:
     if want == best:
         return PrecisionPlan(asked, want, device.type, f"{want} requested; {why}")
     if device.type == "cpu" and want == FP16:
-        reason = "16-mixed forced on CPU: fp16 autocast + GradScaler('cpu') runs slowly but exercises the fp16 path a T4 takes"
-    else:
-        reason = f"{want} requested and honoured, but {why}"
-    return PrecisionPlan(asked, want, device.type, reason)
+        return PrecisionPlan(asked, want, device.type, "16-mixed forced on CPU: fp16 autocast + GradScaler('cpu') runs "
+                             "slowly but exercises the fp16 path a T4 takes")
+    return PrecisionPlan(asked, want, device.type, f"{want} requested and honoured, but {why}")
 
 
 def fp32_plan(device: torch.device, reason: str = "fp32 requested") -> PrecisionPlan:
@@ -373,9 +334,8 @@ def _fp8_reason(want: str, device: torch.device) -> str:
 
 
 def convert_for(plan: PrecisionPlan, model: nn.Module) -> nn.Module:
-    """The model as `plan` trains it, in place: its fp32_modules kept in fp32 (keep_in_fp32), and for fp8 every
-    Linear whose in and out features are multiples of 16 (what float8 matmuls need) swapped for torchao's
-    Float8Linear; otherwise the model as it is."""
+    """The model as `plan` trains it, in place: its fp32_modules kept in fp32 (keep_in_fp32), and for fp8 every Linear
+    whose in and out features are multiples of 16 (what float8 matmuls need) swapped for torchao's Float8Linear."""
     model = keep_in_fp32(model, plan.fp32_modules) if plan.fp32_modules else model
     if not plan.fp8 or any(type(m).__name__ == "Float8Linear" for m in model.modules()):
         return model  # not fp8, or converted already
@@ -386,9 +346,6 @@ def convert_for(plan: PrecisionPlan, model: nn.Module) -> nn.Module:
         raise UnsupportedPrecision(f"fp8: none of the model's {len(linears)} nn.Linear layers has in and out features "
                                    "divisible by 16, which float8 matmuls need, so nothing would run in fp8")
     return convert(model, config=config_cls(emulate=plan.emulated), module_filter_fn=lambda m, name: any(m is f for f in fits))
-
-
-_AUTOCAST_DEVICES = ("cpu", "cuda")
 
 
 def check_fp32_modules(names):
@@ -424,7 +381,7 @@ def _as_fp32(value):
 
 
 def _autocast_off(module, args, kwargs):
-    enabled = [d for d in _AUTOCAST_DEVICES if torch.is_autocast_enabled(d)]
+    enabled = [d for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
     module._suite_autocast.append(enabled)  # a stack: the module may run inside itself
     for d in enabled:
         torch.set_autocast_enabled(d, False)
@@ -445,8 +402,7 @@ def emulated_here(plan: PrecisionPlan, device: torch.device):
 
 @contextmanager
 def tf32_matmuls(enabled: bool, device: torch.device):
-    """fp32 matmuls on CUDA as TF32 (enabled: faster, a 10-bit mantissa) or as true fp32, restored afterwards.
-    A CPU has no TF32: there this changes nothing."""
+    """fp32 matmuls on CUDA as TF32 (enabled: faster, a 10-bit mantissa) or true fp32, restored after; a CPU has no TF32."""
     if device.type != "cuda":
         yield
         return
@@ -464,14 +420,8 @@ def baseline_name(device: torch.device, tf32: bool) -> str:
 
 
 def compute_effective_precision(requested_precision: str, use_amp, cuda_available: bool, use_gpu: bool) -> str:
-    """The seed's API, a pure function of its arguments (it never looks at the device):
-      use_amp=None   the requested precision, unchanged
-      use_amp=False  '32'
-      use_amp=True   '16' when CUDA is available and used, else '32' (AMP without CUDA meant fp32)
-    To pick the best precision for a real device (bf16 on sm_80+ and on CPUs with native bf16, fp16
-    with a GradScaler before sm_80), call resolve instead: it inspects the device."""
+    """The seed's API, a pure function that never looks at the device: use_amp=None keeps the request, False gives
+    '32', True '16' where CUDA is available and used, else '32'. resolve() picks the best precision for a real device."""
     if use_amp is None:
         return requested_precision
-    if use_amp and cuda_available and use_gpu:
-        return "16"
-    return FP32
+    return "16" if use_amp and cuda_available and use_gpu else FP32

@@ -28,9 +28,8 @@ class Prepared:
 
 
 def prepare(tier: int, model, params: dict, data=None) -> Prepared:
-    """A tier's run, prepared: an unsupported model is refused here, with the reason. `model` (an nn.Module
-    or a spec) overrides the `model` parameter; `device` may be a torch.device. A tier with a precision
-    compares it with fp32; the others check in fp32."""
+    """A tier's run, prepared (an unsupported model is refused here, with the reason). `model` (an nn.Module or a spec)
+    overrides the `model` parameter; `device` may be a torch.device. A tier with a precision compares it with fp32."""
     p = check_params(tier, _device_as_text(params))
     device = dev.resolve_device(p["device"])
     plan = (comparison_plan(p["precision"], device) if "precision" in p

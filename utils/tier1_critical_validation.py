@@ -1,7 +1,6 @@
-"""Tier 1: does the model work at all? Seven checks (run_tier1 runs them all), each its data and a Verdict whose
-reason names the input, parameter or batch size at fault and what to try: shapes (edge-case inputs), causality,
-gradient_flow (one backward on real data), numerics, initialization, memory (per batch size, stopping cleanly at
-out-of-memory) and latency (inference p50/p95/p99)."""
+"""Tier 1: does the model work at all? Seven checks (run_tier1 runs all), each its data and a Verdict whose reason names the
+input, parameter or batch size at fault and what to try: shapes (edge-case inputs), causality, gradient_flow (one backward on
+real data), numerics, initialization, memory (per batch size, stopping cleanly at out-of-memory), latency (p50/p95/p99)."""
 
 import math
 import re
@@ -41,10 +40,6 @@ def check_shapes(model: nn.Module, seed: int = 0) -> CheckResult:
     with torch.no_grad():
         ref = forward(model, _random_tokens(vocab, 2, ref_len, g, device))
     task, width = model_task(model, ref), ref.shape[-1]
-
-    def expected(b, t):
-        return (b, width) if task == "classification" else (b, t, width)
-
     n = min(16, max_len)
     padded_mask = torch.ones(2, n, dtype=torch.long, device=device)
     padded_mask[1, n // 2:] = 0  # second row: half padding
@@ -57,7 +52,7 @@ def check_shapes(model: nn.Module, seed: int = 0) -> CheckResult:
              ("mixed content (zeros, max id, random)", mixed, None)]
     rows = []
     for name, x, mask in cases:
-        want = expected(*x.shape)
+        want = (len(x), width) if task == "classification" else (*x.shape, width)
         try:
             with torch.no_grad():
                 out = forward(model, x, mask)
@@ -137,15 +132,12 @@ def check_gradient_flow(model: nn.Module, data=None, batch_size: int = 4, seq_le
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
+        norm = float("nan") if p.grad is None else float(p.grad.norm())
+        status = ("unused" if p.grad is None else "nan" if not np.isfinite(norm) else "vanishing" if norm < vanishing
+                  else "exploding" if norm > exploding else "ok")
         note = ""
-        if p.grad is None:
-            norm, status = float("nan"), "unused"
-        else:
-            norm = float(p.grad.norm())
-            status = ("nan" if not np.isfinite(norm) else "vanishing" if norm < vanishing
-                      else "exploding" if norm > exploding else "ok")
-            if status == "vanishing" and KEY_BIAS.search(name):
-                status, note = "ok", "zero by design: softmax is invariant to a bias added to every key"
+        if status == "vanishing" and KEY_BIAS.search(name):
+            status, note = "ok", "zero by design: softmax is invariant to a bias added to every key"
         rows.append({"parameter": name, "shape": tuple(p.shape), "grad_norm": norm, "status": status, "note": note})
     model.zero_grad(set_to_none=True)
     df = pd.DataFrame(rows)
@@ -168,8 +160,8 @@ def check_gradient_flow(model: nn.Module, data=None, batch_size: int = 4, seq_le
                           "reconnect them (DDP will also refuse them without find_unused_parameters).")
     elif counts.get("vanishing", 0) or counts.get("exploding", 0):
         parts = [f"{counts.get(s, 0)} {s} ({names(s)})" for s in ("vanishing", "exploding") if counts.get(s, 0)]
-        verdict = Verdict("gradient_flow", "warn", "gradient norms out of range: " + "; ".join(parts) +
-                          f" (bounds {vanishing:g}..{exploding:g}). Check initialization scale, normalization and the learning rate.")
+        verdict = Verdict("gradient_flow", "warn", "gradient norms out of range: " + "; ".join(parts) + f" (bounds "
+                          f"{vanishing:g}..{exploding:g}). Check initialization scale, normalization and the learning rate.")
     else:
         verdict = Verdict("gradient_flow", "pass", f"all {len(df)} parameters receive finite gradients "
                           f"(norms {df['grad_norm'].min():.2g}..{df['grad_norm'].max():.2g}); loss {float(loss):.3f}.")
@@ -204,9 +196,9 @@ def check_numerics(model: nn.Module, n_batches: int = 8, batch_size: int = 4, se
     bad = df[(df["nan"] > 0) | (df["inf"] > 0)]
     if len(bad):
         first = bad.iloc[0]
-        verdict = Verdict("numerics", "fail", f"non-finite outputs in {len(bad)} of {len(df)} batches "
-                          f"(first: batch {first['batch']}, {first['input']} input: {first['nan']} NaN, {first['inf']} Inf). "
-                          "Look for log/sqrt of non-positive values, division by zero or masked softmax rows with no allowed key.")
+        verdict = Verdict("numerics", "fail", f"non-finite outputs in {len(bad)} of {len(df)} batches (first: batch "
+                          f"{first['batch']}, {first['input']} input: {first['nan']} NaN, {first['inf']} Inf). Look for "
+                          "log/sqrt of non-positive values, division by zero or masked softmax rows with no allowed key.")
     elif df["max_abs"].max() > large:
         verdict = Verdict("numerics", "warn", f"outputs reach {df['max_abs'].max():.3g} (> {large:g}): finite, but "
                           "large logits saturate softmax and overflow fp16 (max 65504). Check the output scale.")
@@ -290,9 +282,10 @@ def check_memory(model: nn.Module, plan: PrecisionPlan, batch_sizes=(1, 2, 4, 8,
                           f"{int(df['batch_size'].iloc[-1])} ({df['bytes'].iloc[-1] / 2**20:.1f} MiB). Use gradient accumulation "
                           "to reach larger effective batches.")
     else:
-        per_sample = (df["bytes"].iloc[-1] - df["bytes"].iloc[0]) / max(1, df["batch_size"].iloc[-1] - df["batch_size"].iloc[0])
-        verdict = Verdict("memory", "pass", f"batch sizes {list(df['batch_size'])} all fit; {df['measure'].iloc[0]} grow by "
-                          f"{per_sample / 2**20:.2f} MiB per sample at {seq_len} tokens (largest: {df['bytes'].iloc[-1] / 2**20:.1f} MiB).")
+        sizes, mib = df["batch_size"], df["bytes"] / 2**20
+        per_sample = (mib.iloc[-1] - mib.iloc[0]) / max(1, sizes.iloc[-1] - sizes.iloc[0])
+        verdict = Verdict("memory", "pass", f"batch sizes {list(sizes)} all fit; {df['measure'].iloc[0]} grow by "
+                          f"{per_sample:.2f} MiB per sample at {seq_len} tokens (largest: {mib.iloc[-1]:.1f} MiB).")
     return CheckResult(verdict, df, {"largest_batch": int(df["batch_size"].iloc[-1]) if len(df) else 0, "oom_at": oom_at})
 
 
@@ -319,11 +312,11 @@ def check_latency(model: nn.Module, batch_size: int = 1, seq_len: int = 32, warm
     stats = {"p50_ms": p50, "p95_ms": p95, "p99_ms": p99, "tokens_per_s": batch_size * seq_len / (p50 / 1000)}
     shape = f"batch {batch_size} x {seq_len} tokens on {device.type}"
     if p99 > jitter * p50 and p99 - p50 > jitter_floor_ms:
-        verdict = Verdict("latency", "warn", timing=True, reason=f"p50 {p50:.2f} ms but p99 {p99:.2f} ms ({shape}): tail latency over {jitter:g}x "
-                          "the median; look for data-dependent work, allocator churn or a busy machine.")
+        verdict = Verdict("latency", "warn", timing=True, reason=f"p50 {p50:.2f} ms but p99 {p99:.2f} ms ({shape}): tail latency "
+                          f"over {jitter:g}x the median; look for data-dependent work, allocator churn or a busy machine.")
     else:
-        verdict = Verdict("latency", "pass", timing=True, reason=f"p50 {p50:.2f} ms, p95 {p95:.2f} ms, p99 {p99:.2f} ms ({shape}); "
-                          f"{stats['tokens_per_s']:.0f} tokens/s.")
+        verdict = Verdict("latency", "pass", timing=True, reason=f"p50 {p50:.2f} ms, p95 {p95:.2f} ms, p99 {p99:.2f} ms "
+                          f"({shape}); {stats['tokens_per_s']:.0f} tokens/s.")
     return CheckResult(verdict, df, stats)
 
 

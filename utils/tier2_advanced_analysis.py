@@ -1,12 +1,10 @@
-"""Tier 2: how does the model behave?
+"""Tier 2: how does the model behave? `run_tier2` runs these and returns one table of verdicts.
 
   attention       per layer and head: entropy, max weight, collapsed heads (our models and nn.MultiheadAttention)
   robustness      prediction agreement, KL divergence and flip rate under embedding noise and token substitution
-  amp_readiness   the forward in fp32 and under autocast side by side, layer by layer: where does it first
-                  drift, which activations leave fp16's range, and is fp16, bf16 or neither safe?
-`run_tier2` runs them all and returns one table of verdicts.
+  amp_readiness   the forward in fp32 and under autocast side by side, layer by layer: where does it first drift,
+                  which activations leave fp16's range, and is fp16, bf16 or neither safe?
 """
-
 
 import pandas as pd
 import torch
@@ -19,7 +17,6 @@ from utils.measure import beyond_range, layer_comparison
 from utils.precision import PrecisionPlan, compared, resolve, safe_fields, short_label, spec
 from utils.prepare import Prepared
 from utils.verdicts import CheckResult, TierResult, Verdict, run_check
-
 
 
 def sample_batch(model: nn.Module, data=None, batch_size: int = 4, seq_len: int = 32, seed: int = 0):
@@ -49,12 +46,10 @@ def _hf_attention(model: nn.Module, x: torch.Tensor) -> dict:
 
 
 def capture_attention(model: nn.Module, x: torch.Tensor) -> dict:
-    """Attention weights per layer, {module name: (batch, heads, query, key)}.
-
-    Any module with a `record_attention` flag (our SelfAttention, or a user's attention written the
-    same way) records them in `last_attention` on request; nn.MultiheadAttention is asked for per-head
-    weights through a forward pre-hook. Grad stays enabled so PyTorch's fused inference path, which
-    skips the module call, is not taken."""
+    """Attention weights per layer, {module name: (batch, heads, query, key)}. A module with a `record_attention` flag
+    (our SelfAttention, or a user's written the same way) stores them in `last_attention` on request;
+    nn.MultiheadAttention is asked for per-head weights by a pre-hook. Grad stays on so that PyTorch's fused inference
+    path, which skips the module call, is not taken."""
     weights, handles = {}, []
     ours = [(n, m) for n, m in model.named_modules() if hasattr(m, "record_attention")]
     for _, m in ours:
@@ -123,28 +118,23 @@ def analyze_attention(model: nn.Module, x: torch.Tensor, collapse_max_weight: fl
     return CheckResult(verdict, df, arrays={"maps": maps})
 
 
-def _first_embedding(model: nn.Module):
-    return next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
-
-
+@torch.no_grad()
 def analyze_robustness(model: nn.Module, x: torch.Tensor, strengths=(0.01, 0.05, 0.1, 0.2), seed: int = 0,
                        min_agreement: float = 0.9) -> CheckResult:
-    """Predictions under two perturbations at several strengths:
-    embedding noise (Gaussian, std = strength x the embedding output's std) and token substitution
-    (a `strength` fraction of tokens replaced at random). Agreement is argmax equality with the clean
+    """Predictions under embedding noise (Gaussian, std = strength x the embedding output's std) and token substitution
+    (a `strength` fraction of tokens replaced at random), at each strength. Agreement is argmax equality with the clean
     prediction; flip rate is 1 - agreement; KL is KL(clean || perturbed) per prediction."""
     device, vocab = model_device(model), model_vocab_size(model) or 256
     g = torch.Generator().manual_seed(seed)
     was_training = model.training
     model.eval()
-    with torch.no_grad():
-        clean = forward(model, x).float()
+    clean = forward(model, x).float()
     if not torch.isfinite(clean).all():
         model.train(was_training)
         return CheckResult(Verdict("robustness", "fail", "the clean outputs are already NaN/Inf, so agreement under "
                                    "perturbation means nothing: fix the forward first (see Tier 1 numerics)."), pd.DataFrame())
     clean_logp = clean.log_softmax(-1)
-    embedding = _first_embedding(model)
+    embedding = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
     rows = []
 
     def compare(kind, strength, logits):
@@ -159,13 +149,11 @@ def analyze_robustness(model: nn.Module, x: torch.Tensor, strengths=(0.01, 0.05,
                 noise = torch.randn(output.shape, generator=g).to(output.device, output.dtype)
                 return output + noise * strength * output.std()
             handle = embedding.register_forward_hook(add_noise)
-            with torch.no_grad():
-                compare("embedding noise", strength, forward(model, x))
+            compare("embedding noise", strength, forward(model, x))
             handle.remove()
         swap = torch.rand(x.shape, generator=g).to(device) < strength
         substituted = torch.where(swap, torch.randint(vocab, x.shape, generator=g).to(device), x)
-        with torch.no_grad():
-            compare("token substitution", strength, forward(model, substituted))
+        compare("token substitution", strength, forward(model, substituted))
     model.train(was_training)
     df = pd.DataFrame(rows)
     weakest = df[df["strength"] == min(strengths)]
@@ -186,11 +174,10 @@ def analyze_robustness(model: nn.Module, x: torch.Tensor, strengths=(0.01, 0.05,
 
 
 def analyze_amp_readiness(model: nn.Module, x: torch.Tensor, plan: PrecisionPlan, tolerance: float = 0.05) -> CheckResult:
-    """Forward in fp32 and under autocast (each compared precision, and the plan's), layer by layer.
-
-    Per layer: relative error ||amp - fp32|| / ||fp32|| and the fp32 activation max. A layer drifts when its error
-    passes `tolerance`; an activation beyond a precision's largest value (fp16: 65504) overflows it. The table holds
-    the errors of `plan`'s precision; every precision compared decides the verdict on which is safe."""
+    """Forward in fp32 and under autocast (each compared precision, and the plan's), layer by layer: relative error
+    ||amp - fp32|| / ||fp32|| and the fp32 activation max. A layer drifts when its error passes `tolerance`; an activation
+    beyond a precision's largest value (fp16: 65504) overflows it. The table holds the errors of `plan`'s precision;
+    every precision compared decides the verdict on which is safe."""
     device = model_device(model)
     plans = [plan if p == plan.precision else resolve(p, device) for p in compared()]
     plans += [] if plan.precision in compared() else [plan]  # fp8: float8 Linear layers, on the copy it prepares

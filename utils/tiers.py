@@ -1,9 +1,5 @@
 """The tier as the unit: one record per tier (number, notebook, parameters, runner, sections, charts) in one
-registry, TIERS, that run_tier, save_tier, the batch runner and the notebook builder iterate.
-
-    result = run_tier(1, {"model": "gpt-tiny"})   # a TierResult: verdicts, tables, record, figures
-    charts = save_tier(result)                    # results.json + one PNG per chart, in output_dir
-"""
+registry, TIERS, that run_tier, save_tier, the batch runner and the notebook builder iterate."""
 
 import os
 from collections.abc import Mapping
@@ -63,9 +59,8 @@ TIERS = {
 
 def run_tier(tier: int, params: dict = None, *, model=None, data=None, progress: bool = False,
              refusal_as_verdict: bool = True) -> TierResult:
-    """Run tier 1, 2 or 3 with `params` (names, types and defaults: utils.params). `model` may be an
-    nn.Module: it overrides the `model` parameter. The run is prepared here, once (utils.prepare). A model or
-    precision the suite cannot run is the tier's one 'supported' verdict (refusal_as_verdict=False: raised)."""
+    """Run tier 1, 2 or 3 with `params` (utils.params), prepared once; an nn.Module `model` overrides that parameter. A model
+    or precision the suite cannot run is the tier's one 'supported' verdict (refusal_as_verdict=False: raised)."""
     if tier not in TIERS:
         raise ValueError(f"unknown tier {tier!r}; expected one of {sorted(TIERS)}")
     if params is not None and not isinstance(params, Mapping):
@@ -83,10 +78,8 @@ def run_tier(tier: int, params: dict = None, *, model=None, data=None, progress:
 
 
 def _shared_machine_said(result: TierResult) -> TierResult:
-    """Under the batch runner with other runs beside this one, every timing verdict's reason and the record say so:
-    their load is in its times."""
-    shared = os.environ.get(SHARED_MACHINE_ENV)
-    if shared:
+    """Beside other runs of the batch runner, each timing verdict's reason and the record say so: their load is in its times."""
+    if shared := os.environ.get(SHARED_MACHINE_ENV):
         result.record["shared_machine"] = shared
         for check in result.checks.values():
             if check.verdict.timing:

@@ -1,13 +1,10 @@
-"""Fine-tune under torchrun: tier 3's loop and AMP semantics on several processes, devices or machines.
+"""Fine-tune under torchrun: tier 3's loop and AMP semantics on several processes, devices or machines (README: torchrun).
 
     torchrun --nproc_per_node 2 -m utils.train --model gpt-small --precision bf16-mixed --steps 200
-    torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 -m utils.train ...
     python -m utils.train ...             # one process, no torchrun: the reference for --reference
 
-Each rank trains on its rows of the same global batch (--batch-size per rank; the seeded data order gives N ranks
-of B/N exactly what one process of B sees), under DDP or FSDP2 (--parallel fsdp2), NCCL on CUDA, gloo on CPU. Only
-rank 0 writes: results.json (history, evaluations, tokens/s, the scaling efficiency against --reference), loss.png
-and the checkpoints. Ctrl-C or SIGTERM checkpoints and exits 130; the same command with --resume True continues.
+Each rank trains on its rows of the same global batch (--batch-size per rank), under DDP or FSDP2; NCCL on CUDA, gloo on CPU.
+Only rank 0 writes results.json, loss.png and the checkpoints. Ctrl-C/SIGTERM checkpoints and exits 130; --resume True continues.
 """
 
 import argparse
@@ -63,8 +60,8 @@ class _OneLineParser(argparse.ArgumentParser):
 
 
 def _checked_arguments(argv) -> tuple:
-    """Every argument checked before a process group starts (a rank that waits for others that have exited
-    would hang): on a usage error every rank exits 2, and only rank 0 says why, in one line (--help too)."""
+    """Every argument checked before a process group starts (a rank waiting for others that have exited would hang): on a
+    usage error every rank exits 2, and only rank 0 says why, in one line (--help too)."""
     quiet = os.environ.get("RANK", "0") != "0"
     parser = _OneLineParser(prog="python -m utils.train",
                             description="Fine-tune with tier 3's loop on one or several processes (torchrun).")
@@ -90,8 +87,8 @@ def main(argv=None) -> int:
     if "RANK" in os.environ:  # started by torchrun: join its process group, take this rank's device
         params["device"] = str(init_from_env(str(params["device"])))
     r = ranks()
-    # What only the model can tell, said in one line too: its factory cannot build it, a batch of it cannot fit, or its
-    # loss reaches no weight (found at the first step, before any update).
+    # What only the model can tell, in one line too: its factory cannot build it, a batch cannot fit, or its loss reaches
+    # no weight (found at the first step, before any update).
     try:
         run = prepare_training(None, params)
         p, out = run.params, Path(run.params["output_dir"])
@@ -122,12 +119,10 @@ def main(argv=None) -> int:
         plot_training(result.history, result.eval_history, f"{p['model']}: {run.plan.precision}, {r.world} rank(s), "
                       f"{result.config['parallel']}", out / "loss.png")
         print(f"[{verdict.status}] {verdict.reason}; {sum(per_rank):,.0f} tokens/s on {r.world} rank(s)"
-              + (f", scaling efficiency {distributed['scaling_efficiency']:.0%}" if reference else "")
-              + f"; results in {out}")
+              + (f", scaling efficiency {distributed['scaling_efficiency']:.0%}" if reference else "") + f"; results in {out}")
     if r.world > 1:
-        # Free the sharded model while the process group is alive: FSDP2's pending gloo work, left for the
-        # interpreter's exit, aborted a rank ("terminate called without an active exception") in 5 of 16
-        # loaded runs; freed here, 0 of 18. Then leave together.
+        # Free the sharded model while the process group is alive: FSDP2's pending gloo work, left for the interpreter's
+        # exit, aborted a rank ("terminate called without an active exception") in 5 of 16 loaded runs; here, 0 of 18.
         del run, result
         gc.collect()
         dist.barrier()

@@ -1,8 +1,6 @@
-"""Verdicts: every check in every tier ends in pass / warn / fail with a reason a person can act on.
-
-A verdict that rests on a timing (latency, speedup) is marked `timing`: it can flip on a busy
-machine, so a tier's status, and everything that gates on it, is decided by the other verdicts.
-"""
+"""Verdicts: every check in every tier ends in pass / warn / fail with a reason a person can act on. A verdict that rests on a
+timing (latency, speedup) is marked `timing`: it can flip on a busy machine, so a tier's status, and everything that gates on
+it, is decided by the other verdicts."""
 
 from dataclasses import asdict, dataclass, field
 
@@ -56,7 +54,6 @@ class TierResult:
         return [c.verdict for c in self.checks.values()]
 
     def verdict_table(self) -> pd.DataFrame:
-        """One row per verdict, columns check / status / reason / timing."""
         return pd.DataFrame([asdict(v) for v in self.verdicts], columns=["check", "status", "reason", "timing"])
 
     @property

@@ -24,11 +24,10 @@ def _with_base(cls, base):
 
 
 class AmpWandbCallback:
-    """Logs amp/enabled (0/1), amp/precision (as given) and, for fp16, amp/loss_scale to Weights & Biases: per epoch
-    as a Lightning Callback (where Lightning is installed; a plain class otherwise, so importing never needs it), per
-    optimizer step with amp/skipped_steps in this project's loop (test_fine_tuning(callbacks=[...])).
-    `log`: any callable(dict, step=int); by default wandb.log while a W&B run is active, else nothing is logged.
-    A logging error is warned about, never raised into training."""
+    """Logs amp/enabled (0/1), amp/precision (as given) and, for fp16, amp/loss_scale to Weights & Biases: per epoch as a
+    Lightning Callback (where Lightning is installed; a plain class otherwise, so importing never needs it), per optimizer
+    step with amp/skipped_steps in this project's loop (test_fine_tuning(callbacks=[...])). `log`: any callable(dict,
+    step=int); by default wandb.log while a W&B run is active, else nothing. A logging error is warned about, never raised."""
 
     def __new__(cls, *args, **kwargs):
         base = _lightning_callback_base()
@@ -44,8 +43,7 @@ class AmpWandbCallback:
         return cls(plan.enabled, plan.precision, log)
 
     def _get_loss_scale(self, trainer):
-        """The GradScaler's current scale in a Lightning trainer (trainer.strategy.precision_plugin.scaler),
-        as a float, unrounded; None when any piece is missing (no strategy, no plugin, no scaler)."""
+        """The Lightning trainer's GradScaler scale as an unrounded float; None when any piece of the chain is missing."""
         scaler = getattr(getattr(getattr(trainer, "strategy", None), "precision_plugin", None), "scaler", None)
         try:
             return float(scaler.get_scale())

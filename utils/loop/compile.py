@@ -17,7 +17,8 @@ def compile_model(net: nn.Module, data, plan: PrecisionPlan, device, global_batc
     """torch.compile(net), compiled right away on one batch (forward and backward under the run's autocast).
     RNG states and gradients are put back: the run sees the same numbers. Returns (model, what happened)."""
     rng, cuda_rng = torch.get_rng_state(), dev.rng_state(device)
-    x, y = (rows(t, r).to(device) for t in data.get_batch("train", global_batch, seq_len, torch.Generator().manual_seed(seed + 1)))
+    batch = data.get_batch("train", global_batch, seq_len, torch.Generator().manual_seed(seed + 1))
+    x, y = (rows(t, r).to(device) for t in batch)
     fast = torch.compile(net)
     breaks_before = sum(dynamo_counters["graph_break"].values())
     t0 = time.perf_counter()

@@ -16,8 +16,7 @@ def fitted_seq_len(model, seq_len: int) -> int:
 def _from_params(cls, params: dict, where: str = "the fine-tuning loop"):
     """A config from parameters, each name and value checked against the spec before any work starts (a path
     is accepted for checkpoint_dir); names the loop does not know are refused, listing the ones it does."""
-    unknown = sorted(set(params) - set(_SPEC))
-    if unknown:
+    if unknown := sorted(set(params) - set(_SPEC)):
         raise ParamError(f"unknown parameter(s) {', '.join(map(repr, unknown))} for {where}; known: {sorted(_SPEC)}")
     values = {name: _SPEC[name].check(os.fspath(v) if isinstance(v, os.PathLike) else v) for name, v in params.items()}
     if values.get("checkpoint_dir"):  # absolute once, here: a resume finds its checkpoints however the folder was spelled

@@ -1,10 +1,8 @@
 """Several processes, one loop: what the fine-tuning loop needs from torch.distributed (under torchrun: utils.train).
-
 Each rank draws the same global batch from the seeded generator and keeps its rows, so N ranks of batch B/N see exactly
-what one process of batch B sees. DDP averages the gradients; FSDP2 (fully_shard) shards parameters, gradients and
-optimizer state and casts with a MixedPrecisionPolicy; its fp16 GradScaler is the sharded one, which agrees on skipped
-steps across ranks (under DDP the all-reduced gradients already agree).
-"""
+what one process of batch B sees. DDP averages the gradients; FSDP2 (fully_shard) shards parameters, gradients and optimizer
+state and casts with a MixedPrecisionPolicy; its fp16 GradScaler is the sharded one, which agrees on skipped steps across
+ranks (under DDP the all-reduced gradients already agree)."""
 
 import os
 from dataclasses import dataclass
@@ -61,14 +59,12 @@ def wrap(model: nn.Module, parallel: str, plan: PrecisionPlan, device: torch.dev
     """The model under DDP or FSDP2: FSDP2 shards each element of every nn.ModuleList (the blocks), then the root."""
     if parallel == "ddp":
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    why_not = fsdp2_unavailable()
-    if why_not:
+    if why_not := fsdp2_unavailable():
         raise RuntimeError(why_not)
     policy = MixedPrecisionPolicy(param_dtype=plan.autocast_dtype if plan.enabled else None, reduce_dtype=torch.float32)
-    for module in list(model.modules()):
-        if isinstance(module, nn.ModuleList):
-            for block in module:
-                fully_shard(block, mp_policy=policy)
+    blocks = [block for module in model.modules() if isinstance(module, nn.ModuleList) for block in module]
+    for block in blocks:
+        fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     return model
 
@@ -97,8 +93,7 @@ def mean_over_ranks(value, r: Ranks):
         total = value.clone()
         dist.all_reduce(total)
         return total / r.world
-    on_gpu = dist.get_backend() == "nccl"
-    t = torch.tensor(float(value), device=dev.current_gpu() if on_gpu else "cpu")
+    t = torch.tensor(float(value), device=dev.current_gpu() if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t)
     return float(t) / r.world
 

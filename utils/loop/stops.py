@@ -1,6 +1,6 @@
-"""How a fine-tuning run ends early, and what it says: Ctrl-C or SIGTERM (interrupted, resumable), a NaN/Inf
-loss, or an overflow storm (skipped steps in a row), each with the step, the loss-scale trajectory and the
-layer to look at. One form for all: a stop dict {reason, step, message, ...} on the run's result."""
+"""How a fine-tuning run ends early, and what it says: Ctrl-C or SIGTERM (interrupted, resumable), a NaN/Inf loss, or an
+overflow storm (skipped steps in a row), each with the step, the loss-scale trajectory and the layer to look at. One form
+for all: a stop dict {reason, step, message, ...} on the run's result."""
 
 import math
 import signal
@@ -15,16 +15,14 @@ from utils.measure import largest_activation
 from utils.precision import PrecisionPlan, instead_here, label
 
 INTERRUPTED, NONFINITE_LOSS, OVERFLOW_STORM = "interrupted", "nonfinite_loss", "overflow_storm"
-
-
 STOP_WINDOW_S = 0.5  # stop signals closer together than this are one stop (see StopSignals)
 FIRST, SAME, AGAIN = "first", "same", "again"
 
 
 class StopSignals:
-    """A process's stop signals, told apart by when they come: schedulers send one stop more than once (GNU timeout
-    to the command then its group, Slurm and systemd to every process), a key pressed twice repeats itself. Within
-    STOP_WINDOW_S of the first it is that same stop; only a later, separate one asks to stop at once."""
+    """A process's stop signals, told apart by when they come: schedulers send one stop more than once (GNU timeout to the
+    command then its group, Slurm and systemd to every process), a key pressed twice repeats itself. Within STOP_WINDOW_S
+    of the first it is that same stop; only a later, separate one asks to stop at once."""
 
     def __init__(self):
         self.at = None
@@ -43,10 +41,10 @@ _SIGNALS = StopSignals()  # this process's: the kernel's SIGTERM handler and the
 
 @contextmanager
 def stop_requests():
-    """Ctrl-C or SIGTERM during training asks the loop to stop after the current step, checkpoint and return, instead
-    of dying mid-step; a later, separate Ctrl-C interrupts at once (StopSignals), a later SIGTERM never (it is the same
-    stop relayed by a runner, on Ray seconds later; SIGKILL stops at once). Yields whether a stop was asked. Handlers
-    only in the main thread (Python's rule); elsewhere signals keep their usual effect."""
+    """Ctrl-C or SIGTERM during training asks the loop to stop after the current step, checkpoint and return, instead of
+    dying mid-step; a later, separate Ctrl-C interrupts at once (StopSignals), a later SIGTERM never (the same stop relayed
+    by a runner, on Ray seconds later; SIGKILL stops at once). Yields whether a stop was asked. Handlers only in the main
+    thread (Python's rule); elsewhere signals keep their usual effect."""
     global _SIGNALS
     if threading.current_thread() is not threading.main_thread():
         yield lambda: False
@@ -66,9 +64,9 @@ def stop_requests():
 
 
 def sigterm_as_ctrl_c():
-    """In a notebook kernel SIGTERM acts as Ctrl-C does at that moment: in training the loop checkpoints and returns,
-    another cell raises KeyboardInterrupt, an idle kernel ignores it. A SIGTERM after the first is that stop again (the
-    scheduler's and the runner's copies): it never interrupts the cells that record and show the stopped run."""
+    """In a notebook kernel SIGTERM acts as Ctrl-C does at that moment: in training the loop checkpoints and returns, another
+    cell raises KeyboardInterrupt, an idle kernel ignores it. A SIGTERM after the first is that stop again (the scheduler's
+    and the runner's copies): it never interrupts the cells that record and show the stopped run."""
     def handler(signum, frame):
         if _SIGNALS.take() != FIRST:
             return
@@ -94,8 +92,8 @@ def interrupted(step: int, total_steps: int, checkpoint_dir) -> dict:
 
 def diagnosis(reason: str, step: int, at: int, count: int, records: list, net: nn.Module, x: torch.Tensor,
               plan: PrecisionPlan) -> dict:
-    """Why the run stopped at `step` (seen at a log point): where it broke (`at`: the NaN loss, or the last of `count`
-    skipped steps in a row), the loss scale trajectory and the layer with the largest activation."""
+    """Why the run stopped at `step` (seen at a log point): where it broke (`at`: the NaN loss, or the last of `count` skipped
+    steps in a row), the loss scale trajectory and the layer with the largest activation."""
     scales = [rec["loss_scale"] for rec in records[-30:]]
     act = largest_activation(net, x, plan)
     where = (f"the first non-finite output is {act['layer']!r}" if not math.isfinite(act["max_abs"])

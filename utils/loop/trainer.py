@@ -1,11 +1,7 @@
-"""The fine-tuning loop, one code path for fp32 and mixed precision, in named phases (each a Trainer method):
-
-    result = Trainer(model, TrainConfig(steps=60), plan, device).run()
-
-set up (model, data, step counts, DDP/FSDP2, AdamW, schedule, loss scaler); resume (the newest valid checkpoint of
-this run); train (a step reads nothing back to the host: utils.loop.steps); log point (the pending records in one
-transfer, callbacks, evaluation, progress); stop (Ctrl-C/SIGTERM on any rank, a NaN loss, an overflow storm);
-checkpoint. Under precision '32' autocast and the GradScaler are no-ops, so fp32 and AMP runs differ in precision alone.
+"""The fine-tuning loop, `Trainer(model, TrainConfig(steps=60), plan, device).run()`: one code path for fp32 and mixed
+precision, in named phases (each a Trainer method): set up, resume, train step (it reads nothing back to the host), log point
+(the pending records in one transfer), stop check (Ctrl-C/SIGTERM on any rank, a NaN loss, an overflow storm), checkpoint.
+Under precision '32' autocast and the GradScaler are no-ops, so fp32 and AMP runs differ in precision alone.
 """
 
 import itertools
@@ -44,17 +40,9 @@ class FineTuneResult:
     checkpoints: dict = field(default_factory=dict)  # folder, files written, where it resumed from, notes
     loop_seconds: float = 0.0  # wall time of the training loop: its steps, log points, evaluations, checkpoints
 
-    @property
-    def effective_precision(self) -> str:
-        return self.plan.precision
-
-    @property
-    def precision_reason(self) -> str:
-        return self.plan.reason
-
-    @property
-    def interrupted(self) -> bool:
-        return bool(self.stop) and self.stop["reason"] == stops.INTERRUPTED
+    effective_precision = property(lambda self: self.plan.precision)
+    precision_reason = property(lambda self: self.plan.reason)
+    interrupted = property(lambda self: bool(self.stop) and self.stop["reason"] == stops.INTERRUPTED)
 
     def _eval(self, column: str, row: int):
         """None when no evaluation ran (eval_batches=0): there is no loss to report, and NaN would read as a diverged run."""
@@ -165,8 +153,6 @@ class Trainer:
         self.scaler = self.plan.loss_scaler(sharded=self.parallel == "fsdp2")
         self.generator = torch.Generator().manual_seed(cfg.seed)
 
-    # --- resume and checkpoint -------------------------------------------------------------------------------
-
     def resume(self):
         """Continue from the newest valid checkpoint of this run (resume=True), else start a fresh folder."""
         folder = self.cfg.checkpoint_dir
@@ -212,8 +198,6 @@ class Trainer:
         loss = evaluate(self.net, self.data, self.plan, self.device, self.cfg.batch_size, self.cfg.seq_len,
                         self.cfg.eval_batches, self.r)
         return [{"step": step, "eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}]
-
-    # --- the loop --------------------------------------------------------------------------------------------
 
     def run(self) -> FineTuneResult:
         self.resume()
@@ -275,8 +259,7 @@ class Trainer:
         return batches
 
     def log_point(self, step: int):
-        """The pending records in one transfer (the loss averaged over ranks), then records, callbacks, progress.
-        Returns where the loss first broke and an overflow storm, if any."""
+        """The pending records in one transfer (loss averaged over ranks), then callbacks and progress: (broke_at, storm)."""
         values, loss = torch.stack(self.pending), RECORD.index("loss")
         values[:, loss] = mean_over_ranks(values[:, loss], self.r)
         first, broke_at, storm = step - len(self.pending) + 1, None, None

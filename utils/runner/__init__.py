@@ -1,12 +1,11 @@
-"""How the batch runner executes its runs: one run (execute), the one-runner lock (lock), and the engines that
-run many at once: on this machine (local) or on a Ray cluster (ray_cluster). utils.run plans the grid and keeps
-the summary; every engine executes a run through execute.execute, so a run's results do not depend on the engine.
+"""How the batch runner executes its runs: one run (execute), the one-runner lock (lock), and the engines that run many
+at once, here (local) or on a Ray cluster (ray_cluster). Every engine runs a run through execute.execute, so its results
+do not depend on the engine.
 
-An engine's interface, as utils.run.run_all uses it: submit(job) queues a run; collect(timeout) returns the runs
-that finished as (job, row), row None for one that never started, waiting up to `timeout` s for one; busy says
-whether any is queued or running; cancel() stops the queued ones from starting; kill() ends the running ones at once;
-close() releases the engine; on_start(job), when set, is called as a run starts (or, where the engine
-cannot see that, as it is queued: its start_note says which)."""
+An engine, as utils.run.run_all uses it: submit(job) queues a run; collect(timeout) waits up to `timeout` s and returns the
+finished runs as (job, row), row None for one that never started; busy: whether any is queued or running; cancel() keeps
+the queued ones from starting; kill() ends the running ones at once; close() releases the engine; on_start(job), when
+set, is called as a run starts (or, where the engine cannot see that, as it is queued: its start_note says which)."""
 
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,5 +25,4 @@ class Job:
 
 
 class UsageError(ValueError):
-    """Bad arguments, or a batch that cannot start (its folder locked, its engine missing): reported before any
-    notebook runs."""
+    """Bad arguments, or a batch that cannot start (its folder locked, its engine missing): said before any notebook runs."""

@@ -1,8 +1,7 @@
-"""The local engine: up to `jobs` notebooks at once on this machine, each driven by a thread of the runner (its
-kernel is its own process). On a machine with GPUs a run that computes on one holds its own, from a pool
-(CUDA_VISIBLE_DEVICES set for its kernel), so a tier-3 speed measurement never shares a GPU; the CPU's cores are
-split between the runs (OMP_NUM_THREADS), and each run's record says how many threads it had."""
+"""The local engine (--jobs): up to `jobs` notebooks at once, each driven by a thread of the runner (its kernel is its own
+process); each GPU run holds a GPU of its own from a pool, and the cores are split between the runs (README)."""
 
+import contextlib
 import os
 import queue
 import socket
@@ -39,8 +38,8 @@ def named_gpu(params: dict):
 
 
 def kernel_env(threads: int = None, gpu: str = None, shared: str = "") -> dict:
-    """What a run's kernel gets added to its environment, by every engine: its intra-op threads (torch reads them
-    when it starts), the one GPU it may see, and why other runs may share its machine (utils.tiers says so)."""
+    """Added to a run's kernel environment by every engine: its intra-op threads (torch reads them as it starts), the one
+    GPU it may see, and why other runs may share its machine (utils.tiers says so)."""
     return {**({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} if threads else {}),
             **({"CUDA_VISIBLE_DEVICES": gpu} if gpu else {}), **({SHARED_MACHINE_ENV: shared} if shared else {})}
 
@@ -55,7 +54,7 @@ class LocalExecutor:
         # --jobs 1 without --threads leaves the kernel's threads to torch, as a single run always had them.
         self.jobs, self.threads = jobs, threads or (max(1, cpu_count() // jobs) if jobs > 1 else None)
         self.all_gpus = list(visible_gpus() if gpus is None else gpus)
-        self.free_gpus, self.gpu_count = list(self.all_gpus), len(self.all_gpus)
+        self.free_gpus = list(self.all_gpus)
         self.queued, self.running, self.done, self.on_start = deque(), {}, queue.Queue(), None
         # Timing verdicts measured beside other runs say so (utils.tiers reads this in the kernel).
         self.shared = (f"up to {jobs} runs at once on this machine (--jobs {jobs}), {self.threads} CPU thread(s) each"
@@ -68,17 +67,16 @@ class LocalExecutor:
         while self.queued and len(self.running) < self.jobs and not stop_reason():  # after a stop, no run starts
             job = self.queued[0]
             gpu, named = None, named_gpu(job.params)
-            if self.gpu_count and wants_gpu(job.params):
-                # A run that names cuda:N waits for that GPU and sees them all (its N must stay valid); any other
-                # takes the first free one, as the only GPU its kernel sees.
-                wanted = self.all_gpus[named] if named is not None else (self.free_gpus or [None])[0]
-                if wanted not in self.free_gpus:
+            if self.all_gpus and wants_gpu(job.params):
+                # cuda:N waits for GPU N and sees them all (N must stay valid); any other gets the first free one as its only GPU
+                gpu = self.all_gpus[named] if named is not None else (self.free_gpus or [None])[0]
+                if gpu not in self.free_gpus:
                     return  # its GPU is held: the run waits rather than share it
-                gpu = wanted
                 self.free_gpus.remove(gpu)
             self.queued.popleft()
             env = kernel_env(self.threads, gpu if named is None else None, self.shared)
-            where = {"executor": self.name, "node": socket.gethostname(), "cuda_visible_devices": gpu or "", "threads": self.threads}
+            where = {"executor": self.name, "node": socket.gethostname(), "cuda_visible_devices": gpu or "",
+                     "threads": self.threads}
             thread = threading.Thread(target=self._run, args=(job, env, where), daemon=True, name=job.run_id)
             self.running[job.run_id] = (job, gpu)
             thread.start()
@@ -95,12 +93,10 @@ class LocalExecutor:
     def collect(self, timeout: float) -> list:
         self._start()  # into the slots the last collect freed: after the driver recorded those runs
         finished = []
-        try:
+        with contextlib.suppress(queue.Empty):
             finished.append(self.done.get(timeout=timeout))
             while True:
                 finished.append(self.done.get_nowait())
-        except queue.Empty:
-            pass
         for job, _ in finished:
             _, gpu = self.running.pop(job.run_id)
             if gpu is not None:

@@ -1,9 +1,6 @@
-"""One runner per output folder, on one machine or on a folder that several machines share: a lock file that
-records the runner's host and pid, and a heartbeat (the file's modification time, renewed every HEARTBEAT_S).
-A lock is taken over only when it is provably stale: its runner was on this host and its pid is gone, or the
-heartbeat stopped (unchanged for STALE_BEATS heartbeats, watched here: no clock is compared across machines).
-A pid that is absent here says nothing about a runner on another host; a record that names no valid pid of this
-host is damaged, and only its heartbeat tells."""
+"""One runner per output folder, also on a folder several machines share: a lock file records the runner's host and
+pid, and its modification time is a heartbeat. It is taken over only when provably stale (README: its runner was on this
+machine and its pid is gone, or its heartbeat stopped): no clock is compared across machines."""
 
 import contextlib
 import json
@@ -64,16 +61,6 @@ def _holder(lock: Path) -> dict:
     return holder if isinstance(holder, dict) else {}
 
 
-def _heartbeat_stopped(lock: Path) -> bool:
-    """Watch the lock for STALE_BEATS heartbeats: True when nobody renewed it (or it is gone)."""
-    try:
-        before = lock.stat().st_mtime_ns
-        time.sleep(STALE_BEATS * HEARTBEAT_S)
-        return lock.stat().st_mtime_ns == before
-    except FileNotFoundError:
-        return True
-
-
 def _pid(holder: dict):
     """The record's pid, or None where it names none (absent, not an integer, out of a pid's range): damaged."""
     pid = holder.get("pid")
@@ -81,12 +68,17 @@ def _pid(holder: dict):
 
 
 def _stale(lock: Path) -> bool:
-    """A pid of this machine and namespace: stale when it is gone. Another machine's runner, or a record being written
-    or damaged (no valid pid of this machine): stale when its heartbeat stopped."""
+    """A pid of this machine and namespace: stale when it is gone. Another machine's runner, or a record being written or
+    damaged (no valid pid of this machine): stale when nobody renewed it for STALE_BEATS heartbeats (or it is gone)."""
     holder = _holder(lock)
     if _pid(holder) and holder.get("machine") == machine():
         return not _alive(_pid(holder))
-    return _heartbeat_stopped(lock)
+    try:
+        before = lock.stat().st_mtime_ns
+        time.sleep(STALE_BEATS * HEARTBEAT_S)
+        return lock.stat().st_mtime_ns == before
+    except FileNotFoundError:
+        return True
 
 
 def _who(holder: dict) -> str:
@@ -104,15 +96,15 @@ def _beat(lock: Path, stop: threading.Event):
 
 @contextlib.contextmanager
 def batch_lock(out_dir: Path):
-    """Hold out_dir's lock while the batch runs, renewing its heartbeat; UsageError when a live runner has it. Left-over
-    temporary run folders of a dead runner are removed once the lock is held."""
+    """Hold out_dir's lock while the batch runs, renewing its heartbeat; UsageError when a live runner has it. What a dead
+    runner left is cleared once the lock is held."""
     lock = out_dir / ".lock"
     while True:
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             break
         except FileExistsError:
-            if lock.is_dir() or (lock.exists() and not lock.is_file()):
+            if lock.exists() and not lock.is_file():
                 raise UsageError(f"{lock} is a folder (or another non-file), not a runner's lock file; remove it and "
                                "run again") from None
             if lock.exists() and not _stale(lock):
@@ -149,9 +141,9 @@ def _finished_run(folder: Path) -> str:
 
 
 def _clear_leftovers(out_dir: Path):
-    """What a dead or failed runner left: a finished run cut off while it replaced the one before (.<run>.old and no
-    <run>), or not moved into place (a temporary folder whose run.json says ok), is put in place (--resume checks it);
-    other temporary run folders and an engine's files are removed."""
+    """What a dead runner left: a finished run cut off as it replaced the one before (.<run>.old, no <run>) or not moved into
+    place (a temporary folder whose run.json says ok) is put in place (--resume checks it); other temporary folders and an
+    engine's files are removed."""
     for leftover in out_dir.glob(".*"):
         previous = out_dir / leftover.name[1:-len(OLD)]
         if leftover.name.endswith(OLD) and leftover.is_dir() and not previous.exists():

@@ -1,11 +1,6 @@
-"""The Ray engine (--executor ray): each run is a Ray task asking for one GPU when it computes on one and the cluster
-has GPUs (Ray sets its CUDA_VISIBLE_DEVICES), else `threads` CPUs. ray.init() starts a local Ray when no cluster is
-named (RAY_ADDRESS or --ray-address). Ray is optional: without it the runner says so.
-
-A cluster needs the project importable on every node at the same path as here (tasks get PYTHONPATH), and --out one
-folder that every node sees at the same absolute path. The driver writes a marker with its token into --out; a task
-that cannot see it refuses with the reason instead of writing a run the driver would never find. A stop of the driver
-is a file beside the marker: running tasks stop their notebooks as Ctrl-C would; queued ones return without running."""
+"""The Ray engine (--executor ray; what a cluster needs: README): each run is a Ray task. A task that cannot see the
+driver's marker in --out refuses rather than write a run the driver would never find; the driver's stop is a file beside
+the marker: running tasks stop their notebooks as Ctrl-C would, queued ones return without running."""
 
 import logging
 import os
@@ -31,10 +26,6 @@ def _ray():
     return ray
 
 
-def _node(ray) -> str:
-    return f"{socket.gethostname()} {ray.util.get_node_ip_address()} {ray.get_runtime_context().get_node_id()[:8]}"
-
-
 def _stop_file(out_dir: Path, token: str) -> Path:
     return out_dir / f"{RAY_MARKER}.{token}.stop"
 
@@ -47,18 +38,19 @@ def _watch_stop(stop_file: Path, done: threading.Event):
 
 
 def run_task(job: Job, token: str, threads: int, shared: str):
-    """One run on a Ray worker: the shared-folder check, then execute() as every engine runs it. None when the driver
-    had stopped before this task started."""
+    """One run on a Ray worker: the shared-folder check, then execute() as every engine runs it; None when the driver had
+    stopped before it started."""
     ray = _ray()
     marker, stop_file = job.out_dir / RAY_MARKER, _stop_file(job.out_dir, token)
     gpus = os.environ.get("CUDA_VISIBLE_DEVICES", "") if ray.get_runtime_context().get_accelerator_ids().get("GPU") else ""
-    where = {"executor": "ray", "node": _node(ray), "cuda_visible_devices": gpus, "threads": threads}
+    node = f"{socket.gethostname()} {ray.util.get_node_ip_address()} {ray.get_runtime_context().get_node_id()[:8]}"
+    where = {"executor": "ray", "node": node, "cuda_visible_devices": gpus, "threads": threads}
     try:
         seen = "another driver's token" if marker.read_text().strip() != token else ""
     except OSError as e:
         seen = f"no file there ({e.strerror or e})"
     if seen:
-        return unfinished_row(job, CRASHED, f"node {where['node']} cannot see this driver's marker {marker} (it found {seen}): "
+        return unfinished_row(job, CRASHED, f"node {node} cannot see this driver's marker {marker} (it found {seen}): "
                               "with --executor ray, --out must be one folder that every node sees at the same absolute path "
                               "(NFS or a cluster file system), not a node-local path", where)
     if stop_file.exists():

@@ -1,8 +1,5 @@
-"""Tier 3 from the command line, and the seed's test_amp_speedup_benchmark: fp32 vs AMP, measured (speedup,
-memory, loss parity, MFU). The tier itself is utils.tier3_training_utilities; this is its entry point.
-
-    python -m utils.training.amp_benchmark --json   (options: tier 3's parameters, see --help)
-"""
+"""Tier 3 (utils.tier3_training_utilities: fp32 vs AMP speedup, memory, loss parity, MFU) from the command line, and the
+seed's test_amp_speedup_benchmark. Usage: python -m utils.training.amp_benchmark --json (options: tier 3's, see --help)."""
 
 import argparse
 import json
@@ -16,11 +13,10 @@ from utils.verdicts import TierResult
 
 
 def test_amp_speedup_benchmark(model=None, /, *, data=None, progress: bool = False, **params) -> TierResult:
-    """Tier 3: benchmark fp32 against the AMP precision `precision` resolves to, on `model` (module
-    or spec; default: the `model` parameter). params: tier 3's parameters (utils.params), e.g.
-    steps, batch_size, trials, sweep_batch_sizes (also measure the speedup at each batch size, with
-    fewer trials, to show where AMP pays), minimal_loop (also time a bare hand-written loop). A model or precision
-    the suite cannot run raises UnsupportedModel (or UnsupportedPrecision) with the reason, as it always has."""
+    """Tier 3: benchmark fp32 against the AMP precision `precision` resolves to, on `model` (module or spec; default: the
+    `model` parameter). params: tier 3's (utils.params), e.g. steps, batch_size, trials, sweep_batch_sizes (the speedup at
+    each batch size too, with fewer trials: where AMP pays), minimal_loop (also time a bare hand-written loop). A model or
+    precision the suite cannot run raises UnsupportedModel (or UnsupportedPrecision) with the reason, as it always has."""
     return run_tier(3, params, model=model, data=data, progress=progress, refusal_as_verdict=False)
 
 

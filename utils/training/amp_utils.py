@@ -1,5 +1,4 @@
-"""The seed's precision module, kept as its public path: compute_effective_precision and AmpWandbCallback import
-from here as the seed's callers expect. Precision lives in utils.precision, the callback in utils.loop.callbacks."""
+"""The seed's precision module, kept as its public path for the seed's callers: the names live in the modules imported below."""
 
 from utils.loop.callbacks import AmpWandbCallback
 from utils.precision import PrecisionPlan, compute_effective_precision, resolve
