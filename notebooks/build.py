@@ -41,9 +41,14 @@ if IN_COLAB:
         subprocess.run(["git", "clone", "-q", "https://github.com/{GITHUB_REPO}.git", "{CHECKOUT}"], check=True)
     os.chdir("{CHECKOUT}")
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", "requirements.txt"], check=True)
-# SUITE_ROOT overrides the search (tests run copies of these notebooks from elsewhere).
-ROOT = Path(os.environ.get("SUITE_ROOT") or next(p for p in [Path.cwd(), *Path.cwd().parents] if (p / "utils").is_dir()))
-sys.path.insert(0, str(ROOT))
+# The suite: SUITE_ROOT, else the first of this folder and its parents that holds utils/ (a copy run elsewhere sets it).
+ROOT = os.environ.get("SUITE_ROOT") or next((str(p) for p in [Path.cwd(), *Path.cwd().parents]
+                                             if (p / "utils" / "tiers.py").is_file()), "")
+if not (Path(ROOT) / "utils" / "tiers.py").is_file():
+    where = f"at SUITE_ROOT={{ROOT}}" if os.environ.get("SUITE_ROOT") else f"in {{Path.cwd()}} or its parents"
+    raise SystemExit(f"the suite (its utils/ folder) was not found {{where}}: run this notebook from inside the checkout, "
+                     "or set SUITE_ROOT=/path/to/the/checkout")
+sys.path.insert(0, ROOT)
 
 import torch
 

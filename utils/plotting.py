@@ -14,8 +14,6 @@ from utils.params import RUN_CONTROL
 from utils.precision import FP32, color, compared, label, short_label
 from utils.results import OK
 
-STATUS_COLORS = {"pass": "tab:green", "warn": "tab:orange", "fail": "tab:red"}
-
 
 def save_figure(fig, path):
     """Write fig as PNG at path, atomically; returns fig. path=None writes nothing."""
@@ -28,6 +26,14 @@ def save_figure(fig, path):
     fig.savefig(tmp, dpi=100, bbox_inches="tight")
     os.replace(tmp, path)
     return fig
+
+
+def _finish(ax, path, legend: bool = True, **labels):
+    """Label ax (ax.set keywords), add its legend, and save its figure (save_figure)."""
+    ax.set(**labels)
+    if legend:
+        ax.legend()
+    return save_figure(ax.figure, path)
 
 
 def plot_loss_curves(parity: pd.DataFrame, amp_precision: str, tolerance: float = None, path=None):
@@ -47,8 +53,7 @@ def plot_loss_curves(parity: pd.DataFrame, amp_precision: str, tolerance: float 
     if tolerance is not None:
         gap_ax.axhline(100 * tolerance, color="tab:red", linestyle="--", label=f"tolerance {tolerance:.0%}")
         gap_ax.legend(loc="upper right")
-    gap_ax.set(xlabel="optimizer update", ylabel="smoothed gap (%)")
-    return save_figure(fig, path)
+    return _finish(gap_ax, path, legend=False, xlabel="optimizer update", ylabel="smoothed gap (%)")
 
 
 def plot_training(history: pd.DataFrame, evals: pd.DataFrame, title: str, path=None):
@@ -60,14 +65,11 @@ def plot_training(history: pd.DataFrame, evals: pd.DataFrame, title: str, path=N
         ax.scatter(skipped["step"], skipped["loss"], marker="x", color="black", zorder=3, label="skipped step")
     if len(evals):
         ax.plot(evals["step"], evals["eval_loss"], "o-", color="tab:blue", label="eval loss")
-    ax.set(xlabel="optimizer step", ylabel="loss (nats/token)", title=title)
-    ax.legend()
-    return save_figure(fig, path)
+    return _finish(ax, path, xlabel="optimizer step", ylabel="loss (nats/token)", title=title)
 
 
 def plot_check_speedups(results: list, device_name: str, path=None):
-    """The GPU check: AMP speedup over fp32 per model and precision, 95% interval as error bars; a
-    precision the device refused is a labelled empty slot."""
+    """The GPU check: AMP speedup over fp32 per model and precision (95% CI bars); refused ones are labelled empty slots."""
     fig, ax = plt.subplots(figsize=(8, 4))
     rows = [r for r in results if "precision" in r]
     labels = [f"{r['model']}\n{label(r['precision'])}" for r in rows]
@@ -79,28 +81,25 @@ def plot_check_speedups(results: list, device_name: str, path=None):
         if "speedup" not in r:
             ax.text(i, 0.05, "refused", ha="center", va="bottom", rotation=90, color="gray")
     ax.axhline(1, color="black", linewidth=0.8)
-    ax.set(ylabel="speedup over fp32 (median, 95% CI)", title=f"GPU check: {device_name}")
-    return save_figure(fig, path)
+    return _finish(ax, path, legend=False, ylabel="speedup over fp32 (median, 95% CI)", title=f"GPU check: {device_name}")
 
 
 def plot_throughput(trials: pd.DataFrame, path=None):
     """Tokens/s per precision (and loop): median of the interleaved trials, bars spanning min to max."""
     groups = trials.groupby(["loop", "precision"], sort=False)["tokens_per_s"]
     med, lo, hi = groups.median(), groups.min(), groups.max()
-    labels = [f"{label(p)}" + ("" if loop == "ours" else f"\n({loop} loop)") for loop, p in med.index]
+    labels = [label(p) + ("" if loop == "ours" else f"\n({loop} loop)") for loop, p in med.index]
     colors = [color(p) for _, p in med.index]
     fig, ax = plt.subplots(figsize=(6, 4))
     bars = ax.bar(labels, med.values, yerr=[med.values - lo.values, hi.values - med.values], capsize=6, color=colors)
     for bar, (loop, _) in zip(bars, med.index):
         bar.set_alpha(1.0 if loop == "ours" else 0.5)  # the bare reference loop is drawn faint
-    ax.set(ylabel="tokens / s (median of trials, bars: min-max)", title="Training throughput")
-    return save_figure(fig, path)
+    return _finish(ax, path, legend=False, ylabel="tokens / s (median of trials, bars: min-max)", title="Training throughput")
 
 
 def plot_memory(memory: dict, path=None):
-    """Per precision, the bytes of weights, gradients, AdamW state and activations saved for backward, each measured
-    on its own and stacked (autocast keeps the first three in fp32: AMP shrinks the activations); on a GPU, the
-    allocator's peak over a step as a marker beside their sum."""
+    """Per precision, weights, gradients, AdamW state and activations saved for backward, each measured alone and stacked
+    (autocast keeps the first three fp32: AMP shrinks the activations); on a GPU, the allocator's step peak as a marker."""
     parts, kinds = memory["parts"], ("weights", "gradients", "optimizer_state", "activations")
     names = [label(p) for p in parts]
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -122,8 +121,7 @@ def plot_loss_scale(parity: dict, path=None):
     split into calibration (the scale finding its level) and the rest (amp_safe's figures, utils.parity)."""
     fig, ax = plt.subplots(figsize=(7, 3.5))
     scales = parity["loss_scale_by_step"]
-    steps = range(1, len(scales) + 1)
-    ax.step(steps, scales, where="post", color="tab:purple", label="loss scale")
+    ax.step(range(1, len(scales) + 1), scales, where="post", color="tab:purple", label="loss scale")
     calibration = {s for r in parity["back_offs"] if r["calibration"] for s in range(r["first"], r["last"] + 1)}
     for kind, marker_color, keep in (("calibration", "tab:orange", True), ("beyond calibration", "tab:red", False)):
         at = [s for s in parity["skipped_at"] if (s in calibration) == keep]
@@ -131,9 +129,7 @@ def plot_loss_scale(parity: dict, path=None):
             ax.scatter(at, [scales[s - 1] for s in at], color=marker_color, marker="v", zorder=3,
                        label=f"skipped: {kind} ({len(at)})")
     ax.set_yscale("log", base=2)
-    ax.set(xlabel="optimizer step", ylabel="loss scale", title="Loss scale and skipped steps")
-    ax.legend()
-    return save_figure(fig, path)
+    return _finish(ax, path, xlabel="optimizer step", ylabel="loss scale", title="Loss scale and skipped steps")
 
 
 def plot_remedies(remedies: pd.DataFrame, tolerance: float, path=None):
@@ -151,9 +147,8 @@ def plot_remedies(remedies: pd.DataFrame, tolerance: float, path=None):
     gap_ax.set(xlim=(0, top), xlabel="largest relative loss gap to fp32")
     gap_ax.legend(loc="lower right")
     skip_ax.barh(names, remedies["skipped_steps"][::-1], color=colors)
-    skip_ax.set_xlabel("skipped steps")
     fig.suptitle("Diagnosis: AMP as asked, then each remedy (green passes parity)")
-    return save_figure(fig, path)
+    return _finish(skip_ax, path, legend=False, xlabel="skipped steps")
 
 
 def plot_speedup_sweep(sweep: pd.DataFrame, path=None):
@@ -163,24 +158,20 @@ def plot_speedup_sweep(sweep: pd.DataFrame, path=None):
                 yerr=[sweep["speedup"] - sweep["ci_low"], sweep["ci_high"] - sweep["speedup"]], marker="o", capsize=5)
     ax.axhline(1.0, color="gray", linestyle="--", label="break-even")
     ax.set_xscale("log", base=2)
-    ax.set(xlabel="batch size", ylabel="speedup (fp32 time / AMP time)", title="Where AMP starts to pay")
-    ax.legend()
-    return save_figure(fig, path)
+    return _finish(ax, path, xlabel="batch size", ylabel="speedup (fp32 time / AMP time)", title="Where AMP starts to pay")
 
 
 def _per_parameter_bars(names, values, statuses, xlabel: str, title: str, path):
     """One horizontal bar per parameter on a log axis; flagged ones (status other than 'ok') in red."""
     fig, ax = plt.subplots(figsize=(8, max(3, 0.18 * len(names))))
     ax.barh(names, values, color=["tab:blue" if s == "ok" else "tab:red" for s in statuses])
-    ax.set(xscale="log", xlabel=xlabel, title=title)
     ax.invert_yaxis()
     ax.tick_params(axis="y", labelsize=7)
-    return save_figure(fig, path)
+    return _finish(ax, path, legend=False, xscale="log", xlabel=xlabel, title=title)
 
 
 def plot_gradient_norms(grads: pd.DataFrame, path=None):
-    """Gradient norm per parameter on a log scale; red bars are flagged (unused, NaN, vanishing, exploding).
-    Unused parameters have no gradient and are drawn at the axis floor."""
+    """Gradient norm per parameter (log scale); red: flagged (unused, NaN, vanishing, exploding); unused ones at the floor."""
     norms = grads["grad_norm"].fillna(0).replace([np.inf, -np.inf], 0)
     floor = max(norms[norms > 0].min() / 10, 1e-12) if (norms > 0).any() else 1e-12
     return _per_parameter_bars(grads["parameter"], norms.clip(lower=floor), grads["status"],
@@ -198,8 +189,8 @@ def plot_memory_vs_batch(memory: pd.DataFrame, path=None):
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(memory["batch_size"], memory["bytes"] / 2**20, marker="o")
     measure = memory["measure"].iloc[0] if len(memory) else "bytes"
-    ax.set(xlabel="batch size", ylabel=f"MiB ({measure.replace('_', ' ')})", title="Memory vs batch size")
-    return save_figure(fig, path)
+    return _finish(ax, path, legend=False, xlabel="batch size", ylabel=f"MiB ({measure.replace('_', ' ')})",
+                   title="Memory vs batch size")
 
 
 def plot_latency(latency: pd.DataFrame, stats: dict, path=None):
@@ -208,9 +199,7 @@ def plot_latency(latency: pd.DataFrame, stats: dict, path=None):
     ax.hist(latency["latency_ms"], bins=20, color="tab:blue", alpha=0.7)
     for q, style in (("p50", "-"), ("p95", "--"), ("p99", ":")):
         ax.axvline(stats[f"{q}_ms"], color="black", linestyle=style, label=f"{q} {stats[f'{q}_ms']:.2f} ms")
-    ax.set(xlabel="latency per forward (ms)", ylabel="count", title="Inference latency")
-    ax.legend()
-    return save_figure(fig, path)
+    return _finish(ax, path, xlabel="latency per forward (ms)", ylabel="count", title="Inference latency")
 
 
 def plot_attention_maps(maps: dict, max_layers: int = 4, path=None):
@@ -239,9 +228,7 @@ def plot_attention_entropy(attention: pd.DataFrame, path=None):
     ax.bar(x - 0.2, attention["normalized_entropy"], width=0.4, label="normalized entropy")
     ax.bar(x + 0.2, attention["max_weight"], width=0.4, label="mean max weight", color="tab:orange")
     ax.set_xticks(x, labels, fontsize=6, rotation=90)
-    ax.set(ylim=(0, 1.05), ylabel="fraction", title="Attention entropy and peak weight per head")
-    ax.legend()
-    return save_figure(fig, path)
+    return _finish(ax, path, ylim=(0, 1.05), ylabel="fraction", title="Attention entropy and peak weight per head")
 
 
 def plot_robustness(robustness: pd.DataFrame, path=None):
@@ -252,8 +239,8 @@ def plot_robustness(robustness: pd.DataFrame, path=None):
         kl_ax.plot(group["strength"], group["kl"], marker="o", label=kind)
     ax.set(xlabel="perturbation strength", ylabel="agreement with clean predictions (%)", title="Robustness: agreement")
     ax.legend()
-    kl_ax.set(xlabel="perturbation strength", ylabel="KL(clean || perturbed) (nats)", title="Robustness: divergence")
-    return save_figure(fig, path)
+    return _finish(kl_ax, path, legend=False, xlabel="perturbation strength", ylabel="KL(clean || perturbed) (nats)",
+                   title="Robustness: divergence")
 
 
 def plot_amp_layer_error(amp: pd.DataFrame, tolerance: float, path=None):
@@ -265,16 +252,13 @@ def plot_amp_layer_error(amp: pd.DataFrame, tolerance: float, path=None):
         err = amp[f"rel_error_{p}"].replace([np.inf], np.nan).clip(lower=1e-8)
         ax.plot(x, err, marker=".", color=color(p), label=short_label(p))
     ax.axhline(tolerance, color="gray", linestyle="--", label=f"tolerance {tolerance:.0%}")
-    ax.set_yscale("log")
     ax.set_xticks(x, amp["layer"], rotation=90, fontsize=6)
     beyond = amp.filter(like="beyond_").any(axis=1)  # a column per precision with a range (layer_errors)
     for tick, over in zip(ax.get_xticklabels(), beyond):
         if over:
             tick.set_color("tab:red")
-    ax.set_ylabel("relative error vs fp32 (log)")
-    ax.set_title("AMP readiness: per-layer error under autocast")
-    ax.legend()
-    return save_figure(fig, path)
+    return _finish(ax, path, yscale="log", ylabel="relative error vs fp32 (log)",
+                   title="AMP readiness: per-layer error under autocast")
 
 
 def plot_verdict_grid(summary: pd.DataFrame, path=None):
@@ -283,14 +267,12 @@ def plot_verdict_grid(summary: pd.DataFrame, path=None):
     checks = [c for c in summary.columns if c.startswith("verdict.")]
     codes = {"pass": 0, "warn": 1, "fail": 2, "crashed": 3}
     grid = np.full((len(summary), max(1, len(checks))), np.nan)
-    for i in range(len(summary)):
-        if summary.iloc[i]["run_status"] != OK:
+    for i, (_, row) in enumerate(summary.iterrows()):
+        if row["run_status"] != OK:
             grid[i, :] = codes["crashed"]
-            continue
-        for j, check in enumerate(checks):
-            if isinstance(summary.iloc[i][check], str):
-                grid[i, j] = codes[summary.iloc[i][check]]
-    cmap = ListedColormap([STATUS_COLORS["pass"], STATUS_COLORS["warn"], STATUS_COLORS["fail"], "black"])
+        else:
+            grid[i, :len(checks)] = [codes[row[c]] if isinstance(row[c], str) else np.nan for c in checks]
+    cmap = ListedColormap(["tab:green", "tab:orange", "tab:red", "black"])  # the order of codes
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(checks) + 3), max(2.5, 0.45 * len(summary) + 1.5)))
     ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0, vmax=3, aspect="auto")
     for (i, j), code in np.ndenumerate(grid):
@@ -338,4 +320,27 @@ def plot_sweep(summary: pd.DataFrame, path=None):
     gap.set_xlabel("loss parity gap, % of fp32 (largest, smoothed); red: beyond the tolerance (dashed); grey: not recorded")
     fig.suptitle("Tier 3 per run: is AMP faster, and does it train like fp32?", fontsize=10)
     fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_comparison(table: pd.DataFrame, path=None):
+    """A batch against its baseline (utils.runner.baseline.compare): a row per run, a column per check, figure or run
+    status compared; red a regression that gates, orange worse but gating only with --fail-on-figures (a timing check, a
+    figure), green better, grey the same or within tolerance, black a run without its counterpart. A run whose
+    environment changed says so in its label."""
+    table = table.assign(run=table["run_id"].fillna(table["baseline_run_id"]))
+    compared = table[table["kind"] != "environment"]
+    runs, names = list(dict.fromkeys(compared["run"])), list(dict.fromkeys(compared["name"]))
+    grid = np.full((max(1, len(runs)), max(1, len(names))), np.nan)
+    for row in compared.itertuples():
+        grid[runs.index(row.run), names.index(row.name)] = (4 if row.name == "counterpart" else 3 if row.gates else
+                                                            2 if row.regression else 1 if row.outcome == "better" else 0)
+    cmap = ListedColormap(["#bbbbbb", "tab:green", "tab:orange", "tab:red", "black"])  # the codes above, in order
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(names) + 3), max(2.5, 0.45 * len(runs) + 1.5)))
+    ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0, vmax=4, aspect="auto")
+    changed = set(table.loc[table["kind"] == "environment", "run"])
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(runs)), [f"{r} (environment changed)" if r in changed else r for r in runs])
+    ax.set_title("Against the baseline: red worse (gates), orange worse (gates with --fail-on-figures), green better, "
+                 "grey the same, black no counterpart", fontsize=9)
     return save_figure(fig, path)

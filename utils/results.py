@@ -8,8 +8,9 @@ import tempfile
 from pathlib import Path
 
 # What utils.run and utils.train exit with: all ran; a run crashed or failed its gate; bad arguments (as argparse
-# exits); stopped by Ctrl-C (what a shell reports for it).
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+# exits); every run finished but one is worse than the baseline (utils.run --baseline); stopped by Ctrl-C (what a
+# shell reports for it).
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REGRESSION, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 OK = "ok"  # run.json's and summary.csv's run_status of a run that finished (its verdict is its own)
 
 

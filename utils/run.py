@@ -5,33 +5,30 @@
     python -m utils.run --tiers 3 --grid sweep.yaml       # every combination of the grid's lists
     python -m utils.run --name nightly --resume           # skip runs that already completed
 
-Everything lands in runs/<name>/: one folder per run (the executed notebook, results.json, charts),
-summary.csv with a row per run, and summary.png, a grid of every verdict.
+Everything lands in runs/<name>/: one folder per run (the executed notebook, results.json, charts, its kernel's own
+log: kernel.log), summary.csv with a row per run, and summary.png, a grid of every verdict.
 
 A -p value is read as its parameter's type: the text itself for a string parameter (precision=32 is '32',
-model=gpt-small), a Python literal for any other (3, 1e-3, [1, 2], True); each is checked against the tier's
-parameter spec (utils/params.py, listed below) before anything runs, and a parameter given twice is an error.
-A grid file is YAML: each key a notebook parameter, each list an axis of the cross product:
+model=gpt-small), a Python literal for any other (3, 1e-3, [1, 2], True). A grid file is YAML: each key a notebook
+parameter, each list an axis of the cross product:
     model: [gpt-tiny, gpt-small]
     precision: [bf16-mixed, 16-mixed, 32]   # a string parameter takes a YAML integer as its text: 32 is '32'
     batch_size: [8, 16]
     lr: 0.001            # a scalar is the same for every run
-To pass a list-valued parameter (batch_sizes, strengths) as one value, nest it: [[1, 2, 4]]. A grid file's size,
-nesting and keys are checked as it is read, and YAML aliases are refused (README: grids are read strictly).
-Parameters that a tier does not have are not passed to it; a name no selected tier knows or given both by -p
-and by the grid, a value of the wrong type or range, a device this machine lacks, or a grid of more than
---max-runs runs (counted before it is expanded) is rejected before anything runs.
+To pass a list-valued parameter (batch_sizes, strengths) as one value, nest it: [[1, 2, 4]]. A tier is passed only the
+parameters it has. Refused before anything runs: a name no selected tier knows, one given twice (by -p, or by -p and
+the grid), a value of the wrong type or range for the tier's spec (utils/params.py, listed below), a device this
+machine lacks, a grid file's size, nesting, keys or YAML aliases (README: grids are read strictly), and a grid of more
+than --max-runs runs (counted before it is expanded).
 
-Each run's folder name ends in a digest of its tier and full parameters: its identity is its content.
-A run executes in a temporary folder and replaces its previous outputs only when it finishes, so an
-interrupted batch loses nothing that had finished; summary.csv is rewritten after every run. --resume
-skips a run only when its recorded digest, run.json, results.json and notebook are complete, valid and
-agree, and the results and notebook are the files the run wrote (their sha256 in run.json); any other run is
-redone and its summary row says why, and tier 3 continues its fine-tuning
-runs from their newest checkpoints (resume=True; kept in runs/<name>/checkpoints/<run>, see
-checkpoint_every). How a stop works (Ctrl-C, SIGTERM, SIGHUP) is
-below. A kernel's own log goes to its run's kernel.log. One runner per output folder at a time (utils.runner.lock:
-host, pid and a heartbeat, so a folder shared by several machines is guarded too).
+Each run's folder name ends in a digest of its tier and full parameters: its identity is its content. A run executes
+in a temporary folder and replaces its previous outputs only when it finishes, and summary.csv is rewritten after
+every run, so an interrupted batch loses nothing that had finished. --resume skips a run only when its recorded
+digest, run.json, results.json and notebook are complete, valid and agree, and the results and notebook are the files
+the run wrote (their sha256 in run.json); any other run is redone and its summary row says why, and tier 3 continues
+its fine-tuning runs from their newest checkpoints (resume=True; kept in runs/<name>/checkpoints/<run>, see
+checkpoint_every). How a stop works (Ctrl-C, SIGTERM, SIGHUP) is below. One runner per output folder at a time
+(utils.runner.lock: host, pid and a heartbeat, so a folder shared by several machines is guarded too).
 
 --jobs N runs up to N notebooks at once here (each with its own GPU where there are GPUs, the cores split between
 them: --threads); --executor ray runs each as a Ray task (RAY_ADDRESS or --ray-address joins a cluster, whose nodes
@@ -39,9 +36,9 @@ must share --out). Every engine executes a run the same way (utils.runner.execut
 
 Exit code: 0 when every notebook ran, 1 when any was interrupted, not started, crashed or timed out (its executed
 notebook keeps the error cell, its summary row names the exception) or summary.csv could not be written, 2 for bad
-arguments, 130 for a stop at once. --fail-on-verdict also exits 1
-when a non-timing check fails, --fail-on-timing when a timing check does (they vary with load).
-"""
+arguments, 3 when every run finished but one is worse than --baseline's (README: regression gate), 130 for a stop at
+once. --fail-on-verdict also exits 1 when a non-timing check fails, --fail-on-timing when a timing check does (they
+vary with load)."""
 
 import argparse
 import itertools
@@ -54,7 +51,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from utils.results import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, OK, read_json
+from utils.results import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_REGRESSION, EXIT_USAGE, OK, read_json
 
 
 def _stopped_while_loading(signum, frame):
@@ -74,6 +71,8 @@ from utils.params import ROOT, TIER_PARAMS, ParamError, current_names, shown, sp
 from utils.loop.stops import INTERRUPTED
 from utils.plotting import plot_sweep, plot_verdict_grid
 from utils.runner import Job, UsageError
+from utils.runner.baseline import (FIGURES, check_ignoring, compare, gates, matched, parse_tolerances, read_batch,
+                                   write_comparison)
 from utils.runner.execute import (CHECKSUMS, NOT_STARTED, STOP_WINDOW_S, run_digest, stop_reason, stops_passed_to_notebooks,
                                   unfinished_row, why_rerun)
 from utils.runner.local import LocalExecutor, cpu_count, named_gpu
@@ -84,8 +83,7 @@ from utils.tiers import TIERS
 MAX_RUNS = 1000  # a grid larger than this is a typo more often than a plan: --max-runs raises it
 MAX_GRID_BYTES = 256 * 1024  # a grid of --max-runs runs fits in a few KiB; PyYAML reads ~100 KB/s: a bound on the wait
 MAX_GRID_DEPTH = 20  # lists and mappings in a grid: 4 or 5 are needed; thousands overflow Python's stack as it reads them
-# A --name or a run id is one folder name: the OS allows 255 bytes (eCryptfs 143), and a run's temporary folder adds 10.
-MAX_FOLDER_NAME = 128
+MAX_FOLDER_NAME = 128  # a --name or run id is one folder name: the OS allows 255 bytes (eCryptfs 143), a temporary one adds 10
 NOT_WRITTEN = "not_written"  # a summary's attrs: why summary.csv could not be written
 POLL_S = 0.5  # how often the driver looks for finished runs (and for a stop) while runs execute
 STOPS = f"""Stops: Ctrl-C, SIGTERM or SIGHUP of the runner is passed to the running notebooks as Ctrl-C (a fine-tuning run
@@ -99,8 +97,7 @@ Give a scheduler's stop time to checkpoint: timeout -k 60 ..., Slurm --signal=TE
 terminationGracePeriodSeconds; Colab's stop button is Ctrl-C."""
 
 
-# Every tier gives a parameter name the same type (a test checks it): a -p value or a grid's value is read by its
-# name (or former name), before the tiers that take it are known.
+# A -p or grid value is read by its name (or former name) before its tiers are known: a name has one type in every tier (tested).
 _PARAMS = {name: p for params in TIER_PARAMS.values() for p in params for name in (p.name, p.formerly) if name}
 
 
@@ -125,13 +122,9 @@ def parse_assignments(pairs) -> dict:
 
 
 class _GridLoader(yaml.SafeLoader):
-    """YAML's safe loader, made strict for a grid: a parameter given twice is an error, not the later value silently;
-    a key is a name, never a list or mapping; no aliases (500 bytes of them expand to millions of values); lists and
-    mappings at most MAX_GRID_DEPTH deep (thousands overflow Python's stack); integers Python can read."""
-
-    def __init__(self, stream):
-        super().__init__(stream)
-        self.depth = 0
+    """YAML's safe loader, strict for a grid: a parameter given twice is an error, a key is a name, no aliases (500 bytes of
+    them expand to millions of values), at most MAX_GRID_DEPTH levels (thousands overflow the stack), integers Python can read."""
+    depth = 0  # the lists and mappings around the node being composed
 
     def compose_node(self, parent, index):
         event = self.peek_event()
@@ -174,15 +167,13 @@ _GridLoader.add_constructor("tag:yaml.org,2002:int", _GridLoader.construct_yaml_
 
 
 def read_grid(path: Path) -> dict:
-    """A grid file's mapping, or a UsageError that names the file and what is wrong with it (its kind and size checked
-    before it is read, its aliases, nesting and keys as it is read)."""
+    """A grid file's mapping, or a UsageError naming the file and what is wrong (its kind and size checked before reading)."""
     name = shown(str(path))
     try:
         info = path.stat()
-        if stat.S_ISDIR(info.st_mode):
-            raise UsageError(f"grid file {name} is a folder, not a file; expected a YAML file")
         if not stat.S_ISREG(info.st_mode):
-            raise UsageError(f"grid file {name} is not a regular file (a device, a pipe or a socket); expected a YAML file")
+            kind = "a folder, not a file" if stat.S_ISDIR(info.st_mode) else "not a regular file (a device, a pipe or a socket)"
+            raise UsageError(f"grid file {name} is {kind}; expected a YAML file")
         if info.st_size > MAX_GRID_BYTES:
             raise UsageError(f"grid file {name} is {info.st_size:,} bytes; expected at most {MAX_GRID_BYTES:,} (a grid "
                              "of names and lists fits in a few KiB)")
@@ -209,19 +200,13 @@ def read_grid(path: Path) -> dict:
     return grid
 
 
-def grid_size(grid: dict, tiers) -> int:
-    """How many runs the grid makes, counted without expanding it: per tier, the product of the axes it takes."""
-    return sum(math.prod(len(v) for k, v in grid.items() if isinstance(v, list) and k in spec(t)) for t in tiers)
-
-
 def expand_grid(grid: dict) -> list:
     """Cross product of the grid's list values; scalars are shared. {} gives one empty run."""
     axes = {k: [_typed(k, x) for x in v] if isinstance(v, list) else [_typed(k, v)] for k, v in grid.items()}
     for name, values in axes.items():
         if not values:
             raise UsageError(f"grid parameter {name!r} has an empty list; give at least one value")
-    names = list(axes)
-    return [dict(zip(names, combo)) for combo in itertools.product(*(axes[n] for n in names))]
+    return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
 
 
 def _slug(value) -> str:
@@ -265,7 +250,8 @@ def plan_runs(tiers, params: dict, grid: dict, max_runs: int = None) -> list:
     if twice:
         raise UsageError(f"parameter {twice[0]!r} is given both by -p ({shown(params[twice[0]])}) and by the grid "
                          f"({shown(grid[twice[0]])}); expected it once, in one of them")
-    count = grid_size(grid, tiers)
+    # counted without expanding the grid: per tier, the product of the axes it takes
+    count = sum(math.prod(len(v) for k, v in grid.items() if isinstance(v, list) and k in known[t]) for t in tiers)
     if max_runs is not None and count > max_runs:
         axes = " x ".join(f"{len(v)} {k}" for k, v in grid.items() if isinstance(v, list))
         raise UsageError(f"the grid makes {count:,} runs ({axes}, on tier(s) {', '.join(map(str, tiers))}), more than "
@@ -345,10 +331,8 @@ def run_all(runs, out_dir: Path, resume: bool = False, progress: bool = False, t
             summary = summarize()
     if stop_reason() and len(rows) < total:
         log(f"{stop_reason()}: {total - len(rows)} run(s) not started; --resume runs them")
-        for i, (run_id, tier, params) in enumerate(runs):
-            if i not in rows:
-                why = f"{stop_reason()} came before it started; --resume runs it"
-                rows[i] = unfinished_row(Job(i, run_id, tier, params, out_dir), NOT_STARTED, why)
+        why = f"{stop_reason()} came before it started; --resume runs it"
+        rows.update({i: unfinished_row(Job(i, *run, out_dir), NOT_STARTED, why) for i, run in enumerate(runs) if i not in rows})
         summary = summarize()
     return summary
 
@@ -363,8 +347,7 @@ def parameters_help() -> str:
 
 
 def _output_folder(out: Path, name: str) -> Path:
-    """--out/--name, checked before anything runs: the name stays inside --out, is one folder name the OS takes, and
-    --out can be written."""
+    """--out/--name, checked before anything runs: one folder name the OS takes, inside --out, which can be written."""
     size = len(os.fsencode(name))
     if size > MAX_FOLDER_NAME:
         raise UsageError(f"--name {shown(name)} is {size:,} bytes long; expected a folder name of at most {MAX_FOLDER_NAME}")
@@ -385,8 +368,7 @@ def _output_folder(out: Path, name: str) -> Path:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m utils.run", description=f"{__doc__}\n{STOPS}",
-                                     epilog=parameters_help(),
+    parser = argparse.ArgumentParser(prog="python -m utils.run", description=f"{__doc__}\n\n{STOPS}", epilog=parameters_help(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiers", type=int, nargs="+", choices=sorted(TIERS), default=sorted(TIERS), help="tiers to run")
     parser.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE", help="notebook parameter")
@@ -402,7 +384,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--executor", choices=("local", "ray"), default="local",
                         help="local (default): this machine; ray: a Ray cluster (RAY_ADDRESS or --ray-address), else a "
                              "local Ray; --out must then be shared by every node")
-    parser.add_argument("--ray-address", default=None, help="the Ray cluster to join (default: RAY_ADDRESS, else a new local Ray)")
+    parser.add_argument("--ray-address", help="the Ray cluster to join (default: RAY_ADDRESS, else a new local Ray)")
     parser.add_argument("--timeout", type=int, default=3600,
                         help="seconds any one notebook cell may run (each tier runs in one cell); default 3600")
     parser.add_argument("--progress", action="store_true", help="show papermill's per-cell progress bar")
@@ -413,6 +395,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-runs", type=int, default=MAX_RUNS,
                         help=f"refuse a grid of more runs than this, counted before it is expanded (default {MAX_RUNS})")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and exit")
+    parser.add_argument("--baseline", type=Path, help="a batch folder to compare with, run by run and check by check: "
+                        "comparison.csv and .png, exit 3 when a check got worse or a run has no counterpart")
+    parser.add_argument("--match-ignoring", nargs="+", default=[], metavar="NAME",
+                        help="with --baseline: parameters that may differ between matched runs (seed, say)")
+    parser.add_argument("--tolerance", action="append", default=[], metavar="FIGURE=FRACTION",
+                        help=f"with --baseline: how much worse a figure may be, relative (defaults: "
+                             f"{', '.join(f'{k} {t:g}' for k, (_, t) in FIGURES.items())})")
+    parser.add_argument("--fail-on-figures", action="store_true",
+                        help="with --baseline: exit 3 also when a timing verdict got worse or a figure is past its tolerance")
     return parser
 
 
@@ -447,6 +438,7 @@ def main(argv=None) -> int:
         _check_numbers(args)
         runs = plan_runs(args.tiers, parse_assignments(args.param), read_grid(args.grid) if args.grid else {}, args.max_runs)
         _check_gpus(args, runs)
+        baseline = _baseline(args, runs)  # read before any run: the batch's own folder is what it held before it
         if args.dry_run:
             for run_id, tier, params in runs:
                 print(f"{run_id}: {TIERS[tier].notebook} {params}")
@@ -472,7 +464,26 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:  # before any run started (a stale lock's watch, Ray's start): nothing to keep
         print("stopped before any run started", file=sys.stderr)
         return EXIT_INTERRUPTED
-    return _report(summary, out_dir, args)
+    table = None if baseline is None else compare(read_batch(out_dir, summary.to_dict("records")), baseline,
+                                                   args.match_ignoring, parse_tolerances(args.tolerance))
+    return _report(summary, out_dir, args, table)
+
+
+def _baseline(args, runs) -> list:
+    """--baseline's runs, its options and the planned runs' matching checked; None without one (its options are then
+    an error)."""
+    if args.baseline is None:
+        given = [flag for flag, value in (("--match-ignoring", args.match_ignoring), ("--tolerance", args.tolerance),
+                                          ("--fail-on-figures", args.fail_on_figures)) if value]
+        if given:
+            raise UsageError(f"{' and '.join(given)} compare(s) with a baseline; add --baseline DIR")
+        return None
+    check_ignoring(args.match_ignoring, args.tiers)
+    parse_tolerances(args.tolerance)
+    baseline = read_batch(args.baseline, tiers=args.tiers)  # the baseline's runs of the tiers this batch runs
+    planned = [{"run_id": run_id, "tier": tier, **{f"param.{k}": v for k, v in params.items()}} for run_id, tier, params in runs]
+    matched(planned, baseline, args.match_ignoring)
+    return baseline
 
 
 class StoppedAtOnce(Exception):
@@ -495,8 +506,9 @@ def _run_stoppably(runs, out_dir: Path, args, executor) -> pd.DataFrame:
             raise StoppedAtOnce from None
 
 
-def _report(summary: pd.DataFrame, out_dir: Path, args) -> int:
-    """The batch in one line, a line per run that did not finish, and the exit code the gates give."""
+def _report(summary: pd.DataFrame, out_dir: Path, args, table: pd.DataFrame = None) -> int:
+    """The batch in one line, a line per run that did not finish, the comparison with the baseline (`table`), and the
+    exit code the gates give: a run that did not finish first, then the baseline, then --fail-on-verdict/timing."""
     broken = summary[summary["run_status"] != OK]
     failed = summary[summary["verdict"] == "fail"]
     timing = summary[summary["timing_failed"].fillna(False).astype(bool)]
@@ -508,9 +520,13 @@ def _report(summary: pd.DataFrame, out_dir: Path, args) -> int:
           f"{len(failed)} with a failing verdict, {len(timing)} with a failing timing verdict)")
     for row in broken.itertuples():
         print(f"  {row.run_status}: {row.run_id}: {row.error}")
-    gate = len(broken) or NOT_WRITTEN in summary.attrs or (args.fail_on_verdict and len(failed)) or (
-        args.fail_on_timing and len(timing))
-    return EXIT_FAILED if gate else EXIT_OK
+    if table is not None:
+        write_comparison(table, out_dir)
+    if len(broken) or NOT_WRITTEN in summary.attrs:
+        return EXIT_FAILED
+    if table is not None and gates(table, args.fail_on_figures):
+        return EXIT_REGRESSION
+    return EXIT_FAILED if (args.fail_on_verdict and len(failed)) or (args.fail_on_timing and len(timing)) else EXIT_OK
 
 
 if __name__ == "__main__":

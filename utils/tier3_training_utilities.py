@@ -1,17 +1,16 @@
-"""Tier 3: fine-tune in fp32 and with AMP. Is AMP safe for this model, and is it worth it here?
+"""Tier 3: fine-tune in fp32 and with AMP. Is AMP safe for this model, and is it worth it here? run_tier3(run) is the tier.
 
-Speed: both precisions start from the same weights, data order, seed and schedule; trials are interleaved so drift
-in the machine hits both alike; warm-up steps are dropped; the loop times each step on the device's clock and reads
-nothing back within it; the speedup is a ratio of medians with a bootstrap interval. Memory: CUDA peak per trial, and
-the bytes of activations saved for backward. Parity: the AMP loss curve against fp32's over the same steps (utils.parity).
-Context: tokens/s and MFU against matmul peaks measured here, and an Amdahl bound (only matmuls get faster).
-run_tier3(run) is the tier (utils.tiers runs it); test_fine_tuning is the seed's entry point to the loop.
+Speed: same weights, data order, seed and schedule for both; interleaved trials (machine drift hits both alike), warm-up
+dropped, steps timed on the device's clock with no read-back; the speedup is a ratio of medians with a bootstrap interval.
+Memory: CUDA peak per trial, activation bytes saved for backward. Parity: AMP's loss curve against fp32's (utils.parity).
+Context: tokens/s, MFU against matmul peaks measured here, Amdahl's bound (only matmuls get faster).
 """
 
 import copy
 import statistics
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -32,19 +31,16 @@ from utils.params import TIER3_LOOP, output_folder, spec
 from utils import device as dev
 from utils.precision import (FP32, AUTO, PrecisionPlan, baseline_name, convert_for, emulated_here, fp32_plan, instead_here, label,
                              resolve, tf32_matmuls)
-from utils.parity import (SMOOTHING, calibration_text, compare, figures as parity_figures, problems as parity_problems,
-                          runaway)
+from utils.parity import SMOOTHING, calibration_text, compare, figures as parity_figures, problems as parity_problems, runaway
 from utils.prepare import Prepared
 from utils.verdicts import CheckResult, TierResult, Verdict
 
 
 def test_fine_tuning(model, *, data=None, precision=AUTO, use_amp=None, plan: PrecisionPlan = None, device=None,
                      callbacks=(), progress: bool = True, **settings) -> FineTuneResult:
-    """Fine-tune `model` (an nn.Module or a load_model spec) and record every optimizer step: the seed's entry point
-    to utils.loop.trainer.Trainer. precision: any accepted spelling; use_amp: the seed's flag (utils.precision.resolve);
-    plan: a ready PrecisionPlan, which overrides both. callbacks: objects with an optional on_step_end(record), called
-    once per step, in order. settings: the loop's (utils.loop.config.TrainConfig), each checked by name before any
-    work starts; their defaults are tier 3's."""
+    """The seed's entry point to the loop (Trainer): fine-tune `model` (an nn.Module or a load_model spec), recording every
+    optimizer step. precision: any spelling; use_amp: the seed's flag; plan: a ready PrecisionPlan, overriding both.
+    callbacks: see Trainer. settings: TrainConfig's, checked by name before any work; their defaults are tier 3's."""
     config = TrainConfig.from_params(settings, "test_fine_tuning")
     device = dev.resolve_device(None if device is None else spec(3)["device"].check(str(device)))  # tier 3's device rule
     plan = plan or resolve(precision, device, use_amp)
@@ -79,13 +75,10 @@ def _minimal_step(model: nn.Module, plan: PrecisionPlan, optimizer, scaler, x, y
 
 
 def _bare_step(run: Prepared, plan: PrecisionPlan, batch, warm: bool = False):
-    """A bare training step (_minimal_step) on a fresh copy of the model under `plan`, as a function to call; warm:
-    called once first (first-call costs are not a step's)."""
+    """_minimal_step on a fresh copy of the model under `plan`, as a function; warm: called once first (first calls cost more)."""
     model = plan.prepare(run.model)
-    optimizer, scaler = adamw(model.parameters(), run.params["lr"], run.device), plan.grad_scaler()
-    def step():
-        _minimal_step(model, plan, optimizer, scaler, *batch)
-
+    optimizer = adamw(model.parameters(), run.params["lr"], run.device)
+    step = partial(_minimal_step, model, plan, optimizer, plan.grad_scaler(), *batch)
     if warm:
         step()
     return step
@@ -124,24 +117,15 @@ def _checkpointing_peaks(run: Prepared, plans, batch) -> dict:
     return peaks
 
 
-def _beside_plain(run: Prepared, amp: FineTuneResult, peaks: dict) -> dict:
-    """With activation checkpointing: the peaks measured before the trials, and the checkpointed AMP run's losses beside
-    a plain AMP run's."""
-    plain = _rerun(run, amp.plan, activation_checkpointing=False, what="the plain run beside the checkpointed one")
-    return {"peak_activation_bytes": peaks, "method": PEAK_ACTIVATION_METHOD,
-            "amp_loss_max_abs_diff_vs_plain": float((amp.history["loss"] - plain.history["loss"]).abs().max())}
-
-
 def where_time_goes(speed: dict) -> str:
-    """Why AMP gains what it does, for amp_worth_it's reason: the share of a step autocast cannot speed up, the
-    casts and the optimizer under AMP, and the batch from which AMP wins (with a sweep)."""
+    """Why AMP gains what it does (amp_worth_it's reason): the share autocast cannot speed up, casts, optimizer, sweep."""
     shares, amp = speed["time_shares"], speed["amp_precision"]
     g = shares[FP32]["matmul_attention"]
     bound = amdahl(g, speed["matmul_ratio"])  # from the same measurement as the share
     text = (f"what limits it: {1 - g:.0%} of an fp32 step's op time (aten ops timed on the host) is outside matmuls and "
-            f"attention, which autocast does not speed up (so at most {bound:.2f}x with {speed['matmul_ratio']:.1f}x "
-            f"faster matmuls); "
-            f"under {label(amp)}, casts take {shares[amp]['casts']:.0%} and the optimizer {shares[amp]['optimizer']:.0%}")
+            f"attention, which autocast does not speed up (so at most {bound:.2f}x with {speed['matmul_ratio']:.1f}x faster "
+            f"matmuls); under {label(amp)}, casts take {shares[amp]['casts']:.0%} and the optimizer "
+            f"{shares[amp]['optimizer']:.0%}")
     wins = [row["batch_size"] for row in speed["sweep"] if row["ci_low"] and row["ci_low"] > 1]
     if speed["sweep"]:
         text += f"; AMP starts to win at batch {wins[0]} (the sweep)" if wins else "; no batch of the sweep wins"
@@ -165,9 +149,8 @@ def _finished(result: FineTuneResult, what: str) -> FineTuneResult:
 
 
 def _speed_trials(run: Prepared, plans, config: TrainConfig, trials: int, warmup: int, timed: int, loops: tuple):
-    """Interleaved timing: each trial runs every (loop, precision) once from the same initial weights, fp32 then AMP;
-    the loops ('ours', 'compiled', 'minimal') change order every trial so none always runs first. One row per run:
-    the median of its timed steps (for 'compiled' also the compile time)."""
+    """Interleaved timing: each trial runs every (loop, precision) once from the same weights, fp32 then AMP; the loops
+    swap order every trial so none always runs first. One row per run: its median timed step (and compile time)."""
     rows, device = [], run.device
     for trial in range(trials):
         for loop in loops if trial % 2 == 0 else loops[::-1]:
@@ -197,7 +180,6 @@ def _per_precision(trials: pd.DataFrame, column: str, loop: str = "ours") -> dic
 
 
 def _median_tokens_per_s(trials: pd.DataFrame, loop: str = "ours") -> dict:
-    """Median tokens/s of one loop's trials, per precision."""
     return {p: float(g.median()) for p, g in _per_precision(trials, "tokens_per_s", loop).items()}
 
 
@@ -223,16 +205,16 @@ def _compile_figures(trials: pd.DataFrame, amp_precision: str, gemm_fraction: di
         "eager step and run the same kernels compiled or not, so fusing all the rest away would give at most "
         f"{', '.join(f'{ceiling[p]:.2f}x ({label(p)})' for p in ceiling)}; the AdamW step is one fused kernel "
         "either way.")
-    return {"tokens_per_s": compiled, "speedup_over_eager": gain, "amp_speedup": _speedup(trials, amp_precision, "compiled")["median"],
+    return {"tokens_per_s": compiled, "speedup_over_eager": gain,
+            "amp_speedup": _speedup(trials, amp_precision, "compiled")["median"],
             "compile_time_s": {p: float(g.max()) for p, g in _per_precision(trials, "compile_time_s", "compiled").items()},
             "gemm_time_fraction": gemm_fraction, "gain_ceiling": ceiling, "graph_breaks": breaks,
             "fallback": fallback, "why": why}
 
 
 DIVERGED = 1.25  # an fp32 eval loss that ends 25% above where it started diverged (short noisy runs wobble ~5%)
-# An fp32 eval loss that moves less than this share of its start did not train. Healthy tiny models move 7x more at the
-# least: gpt-tiny 0.74% after 1 step of batch 1 x 16 tokens, 4-14% in the tests' 2-12 step runs, 40% in tier 3's default
-# 60 steps. Either way counts: the built-in classifier's loss rises 2.5-17% over its first 1-30 steps, and learns later.
+# An fp32 eval loss moving less than this share of its start did not train: healthy tiny models move 7x more at least (gpt-tiny
+# 0.74% after 1 step of batch 1 x 16 tokens, 40% in tier 3's 60), up or down (the built-in classifier's rises 2.5-17% first).
 STILL = 1e-3
 
 
@@ -244,8 +226,9 @@ def _baseline_verdict(ref: FineTuneResult) -> Verdict:
                        "learning rate is at fault, not AMP.")
     bad = ref.history["step"][~np.isfinite(ref.history["loss"])]
     if len(bad) or not np.isfinite(end):
-        return Verdict("fp32_baseline", "fail", "the fp32 run itself went NaN/Inf" + (f" at step {int(bad.min())}" if len(bad) else "")
-                       + ": the model or the learning rate is at fault, not AMP. Lower lr, check Tier 1 numerics.")
+        at = f" at step {int(bad.min())}" if len(bad) else ""
+        return Verdict("fp32_baseline", "fail", f"the fp32 run itself went NaN/Inf{at}: the model or the learning rate is at "
+                       "fault, not AMP. Lower lr, check Tier 1 numerics.")
     steps, norms = len(ref.history), ref.history["grad_norm"]
     if (norms == 0).all():
         return Verdict("fp32_baseline", "fail", f"every gradient was zero in all {steps} fp32 steps (gradient norm 0 "
@@ -322,8 +305,7 @@ def _worth_verdict(speed: dict, plan: PrecisionPlan) -> Verdict:
 
 
 def _fine_tune_both(run: Prepared, plans, progress: bool):
-    """The parity runs by precision: same weights, data, seed and schedule, each checkpointing into its own folder (an
-    interrupted tier resumes both where they stopped)."""
+    """The parity runs by precision (same weights, data, seed, schedule), each checkpointing in its own folder to resume."""
     p = run.params
     folder = Path(p["checkpoint_dir"]) if p["checkpoint_dir"] else output_folder(3, p["output_dir"]) / "checkpoints"
     return {plan.precision: _finished(
@@ -341,8 +323,8 @@ def _parity_config(run: Prepared, **changes) -> TrainConfig:
 
 
 def _rerun(run: Prepared, plan: PrecisionPlan, model=None, callbacks=(), what="a diagnosis run", **changes) -> FineTuneResult:
-    """A parity run again, for the diagnosis: the same steps under `plan` (or with a probed model), eager (compiling
-    runs a training step of its own, which a probe would count), no checkpoints."""
+    """A parity run again for the diagnosis, under `plan` or with a probed model; eager (compiling runs a step of its own,
+    which a probe would count), no checkpoints."""
     config = _parity_config(run, checkpoint_every=0, checkpoint_dir=None, resume=False, compile=False, **changes)
     return _finished(Trainer(model or copy.deepcopy(run.model), config, plan, run.device, run.data, callbacks,
                              progress=False).run(), what)
@@ -355,15 +337,16 @@ def _judge(run: Prepared, ref: FineTuneResult, amp: FineTuneResult) -> tuple:
 
 
 def _diagnose(run: Prepared, ref: FineTuneResult, amp: FineTuneResult, parity: dict, safe: Verdict, x) -> tuple:
-    """The diagnosis check (when amp_safe failed: the cause, from a probed re-run, and the remedies tried) and amp_safe's
-    verdict with the diagnosis added."""
+    """The diagnosis check (if amp_safe failed: the cause, from a probed re-run, and the remedies) and amp_safe's verdict."""
     p = run.params
     if safe.status != "fail":
         ok = safe.status == "pass"
         return CheckResult(Verdict("diagnosis", "pass" if ok else "warn", "nothing to diagnose: amp_safe passed." if ok
                                    else "not diagnosed: the fp32 baseline failed."), pd.DataFrame()), safe
+    # The probe watches up to the stop, else the widest gap; where no update was compared (the AMP loss was never
+    # finite, so the gap has no step), every step.
     until = (amp.stop or {}).get("step") or (parity["max_gap_step"] if parity["max_relative_gap"] > parity["tolerance"]
-                                             else p["steps"])
+                                             else None) or p["steps"]
     activation, gradients = probe_rerun(run.model, amp.plan, until, lambda *a: _rerun(run, *a))  # _rerun raises a stop
     collapse = parity["collapse"]
     runs_away = (amp.stop or {}).get("reason") == OVERFLOW_STORM or runaway(parity)
@@ -495,16 +478,18 @@ def _speed_config(run: Prepared) -> TrainConfig:
                        activation_checkpointing=p["activation_checkpointing"])
 
 
-def _speed_figures(run: Prepared, plans, trials: pd.DataFrame, batch, act: dict, peaks, amp: FineTuneResult) -> tuple:
-    """amp_worth_it's figures: throughput in context, memory, and what was asked beside them (checkpointing, compile,
-    the bare loop, the batch sweep)."""
+def _speed_figures(run: Prepared, plans, trials: pd.DataFrame, batch, act: dict, peaks, amp: FineTuneResult) -> dict:
+    """amp_worth_it's figures: throughput in context, memory, and what was asked (checkpointing, compile, bare loop, sweep)."""
     p, amp_plan = run.params, plans[1]
     speed = _throughput(run, plans, trials, batch, act)
-    if peaks:
-        speed["memory"]["checkpointing"] = _beside_plain(run, amp, peaks)
+    if peaks:  # with activation checkpointing: the peaks measured before the trials; the AMP run's losses beside a plain one's
+        plain = _rerun(run, amp.plan, activation_checkpointing=False, what="the plain run beside the checkpointed one")
+        loss_diff = float((amp.history["loss"] - plain.history["loss"]).abs().max())
+        speed["memory"]["checkpointing"] = {"peak_activation_bytes": peaks, "method": PEAK_ACTIVATION_METHOD,
+                                            "amp_loss_max_abs_diff_vs_plain": loss_diff}
     if p["compile"]:
-        gemm = {FP32: speed["gemm_time_fraction_fp32"], amp_plan.precision: matmul_time_fraction(amp_plan.prepare(run.model),
-                                                                                                   amp_plan, batch)}
+        gemm = {FP32: speed["gemm_time_fraction_fp32"],
+                amp_plan.precision: matmul_time_fraction(amp_plan.prepare(run.model), amp_plan, batch)}
         speed["compile"] = _compile_figures(trials, amp_plan.precision, gemm)
     if p["minimal_loop"]:
         speed["minimal_loop_tokens_per_s"] = _median_tokens_per_s(trials, "minimal")
@@ -554,4 +539,16 @@ def _figures(run: Prepared, speed: dict, parity: dict, ref: FineTuneResult, amp:
             "matmul_ratio": speed.get("matmul_ratio"), "amdahl_speedup_bound": speed.get("amdahl_speedup_bound"),
             "mfu_fp32": mfu.get(FP32), "mfu_amp": mfu.get(amp_precision), "final_eval_loss_fp32": ref.final_eval_loss,
             "final_eval_loss_amp": amp.final_eval_loss, "skipped_steps": parity["skipped_steps"],
-            "parity_gap": parity["max_relative_gap"], "parity_tolerance": parity["tolerance"]}
+            "parity_gap": parity["max_relative_gap"], "parity_tolerance": parity["tolerance"],
+            "peak_bytes_fp32": _peak_bytes(speed, FP32), "peak_bytes_amp": _peak_bytes(speed, amp_precision)}
+
+
+def _peak_bytes(speed: dict, precision: str):
+    """A training step's peak memory: the CUDA allocator's where there is one, else its parts' sum (weights, gradients,
+    optimizer state and the activations saved for backward); None where nothing was measured."""
+    if "speedup" not in speed:
+        return None
+    memory = speed["memory"]
+    parts = memory["parts"][precision]
+    return memory["cuda_peak_bytes"][precision] or sum(parts[k] for k in ("weights", "gradients", "optimizer_state",
+                                                                          "activations"))

@@ -44,9 +44,8 @@ HANGUP = getattr(signal, "SIGHUP", None)
 
 
 class LocalKernelManager(AsyncKernelManager):
-    """A kernel over local sockets (ZeroMQ ipc) where the OS has them: a TCP kernel prints a transport warning into
-    every run. It starts in `run_cwd` with `run_env` added (set per run: every run of a parallel batch shares this
-    process's working folder), its own stderr (ipykernel's log) to `stderr_path` when set."""
+    """A kernel over local sockets (ZeroMQ ipc) where the OS has them: a TCP kernel prints a transport warning into every run.
+    Started in `run_cwd` with `run_env` (per run: parallel runs share this process's folder), its stderr to `stderr_path`."""
     transport = CaselessStrEnum(["tcp", "ipc"], default_value="ipc" if os.name == "posix" else "tcp")
     stderr_path, run_cwd, run_env, ipc_prefix = None, None, {}, None
 
@@ -81,8 +80,7 @@ def run_notebook(source: Path, target: Path, kernel_log: Path = None, cwd: Path 
     manager = type("RunKernelManager", (LocalKernelManager,), {"stderr_path": kernel_log, "run_cwd": str(cwd) if cwd else None,
                                                              "run_env": env or {}, "ipc_prefix": os.path.join(sockets, "ipc")})
     try:
-        return papermill.execute_notebook(str(source), str(target), kernel_name="python3",
-                                          kernel_manager_class=manager, **kwargs)
+        return papermill.execute_notebook(str(source), str(target), kernel_name="python3", kernel_manager_class=manager, **kwargs)
     finally:
         shutil.rmtree(sockets, ignore_errors=True)
 
@@ -102,13 +100,6 @@ def _signal_kernels(sig, group: bool = True):
                 os.kill(pid, sig)
 
 
-def interrupt_kernels():
-    """Ctrl-C for every running notebook: SIGTERM to the kernel alone, which the set-up cell makes act as Ctrl-C
-    (utils.loop.stops.sigterm_as_ctrl_c). SIGTERM, not SIGINT: a scheduler that signals every process sends the kernel
-    SIGTERM too, and the kernel takes the two as one stop only when they are the same signal."""
-    _signal_kernels(signal.SIGTERM, group=False)
-
-
 def kill_kernels():
     """A stop at once: no kernel outlives its runner."""
     _signal_kernels(getattr(signal, "SIGKILL", signal.SIGTERM))
@@ -118,7 +109,9 @@ def ask_stop(why: str):
     """Stop this process's runs as a signal would: the running notebooks get Ctrl-C, no further cell starts."""
     if not _STOP:
         _STOP.append(why)
-    interrupt_kernels()
+    # Ctrl-C is SIGTERM to the kernel alone, which the set-up cell makes act as Ctrl-C (stops.sigterm_as_ctrl_c). Not SIGINT:
+    # a scheduler that signals every process sends the kernel SIGTERM too, and two signals are one stop only when the same.
+    _signal_kernels(signal.SIGTERM, group=False)
 
 
 def stop_reason() -> str:
@@ -133,9 +126,8 @@ def clear_stop():
 
 @contextlib.contextmanager
 def stops_passed_to_notebooks():
-    """SIGINT, SIGTERM and SIGHUP (a closed terminal) of the runner: said in one line, passed to the running notebooks
-    as Ctrl-C, and no further run starts; signals within STOP_WINDOW_S are one stop, a later one stops the runner at
-    once (KeyboardInterrupt). Only in the main thread (Python's rule for handlers); elsewhere signals act as usual."""
+    """SIGINT, SIGTERM, SIGHUP (a closed terminal) of the runner: said in one line, passed to the running notebooks as Ctrl-C,
+    no run starts after; those within STOP_WINDOW_S are one stop, a later one raises KeyboardInterrupt. Main thread only."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -147,8 +139,7 @@ def stops_passed_to_notebooks():
             raise KeyboardInterrupt
         if kind == SAME:
             return
-        # To file descriptor 2 itself: a signal handler must not go through sys.stderr's buffer (or a notebook's
-        # stand-in); a closed terminal (SIGHUP) has no stderr left
+        # To fd 2 itself: not through sys.stderr's buffer (or a notebook's stand-in); a closed terminal has no stderr left
         with contextlib.suppress(OSError):
             os.write(2, f"{signal.Signals(signum).name}: {STOP_LINE}\n".encode())
         if signum == HANGUP:
@@ -167,8 +158,7 @@ def stops_passed_to_notebooks():
 
 
 def _off_the_terminal():
-    """After a hang-up, what the runner prints goes nowhere: a write to the closed terminal raises EIO, which would end
-    the batch before it records its runs."""
+    """After a hang-up prints go nowhere: a write to the closed terminal raises EIO, ending the batch before it records runs."""
     with open(os.devnull, "wb") as null:
         for fd in (1, 2):
             try:
@@ -182,9 +172,8 @@ class RunStopped(Exception):
 
 
 def _cell_hook(run_folder: Path, started: list):
-    """nbclient's on_cell_start: notes that a cell started (a failure after it is a finding, never retried). After a
-    stop, no cell starts before the run wrote its results (an idle kernel ignores Ctrl-C); the cells that show them
-    still run, so an interrupted tier 3 notebook shows its stop."""
+    """nbclient's on_cell_start: notes that a cell started (a failure after it is a finding, never retried). After a stop no
+    cell starts before results.json is written (an idle kernel ignores Ctrl-C); those showing it run (tier 3 shows its stop)."""
     def hook(cell, cell_index):
         started.append(cell_index)
         if stop_reason() and not (run_folder / "results.json").exists():
@@ -193,9 +182,8 @@ def _cell_hook(run_folder: Path, started: list):
 
 
 def run_digest(tier: int, params: dict) -> str:
-    """A run's identity is its content: the tier and every parameter, defaults filled in (where it keeps
-    its files aside: RUN_CONTROL). A parameter added later, at its default, or renamed (its former name kept here)
-    leaves the ids of finished runs as they were."""
+    """A run's identity is its content: the tier and every parameter, defaults filled in (where it keeps its files aside:
+    RUN_CONTROL). A parameter added later, at its default, or renamed (its former name kept) leaves finished runs' ids."""
     known = spec(tier)
     full = {known[k].formerly or k: v for k, v in check_params(tier, params).items()
             if k not in RUN_CONTROL and not (known[k].added and v == known[k].default)}
@@ -285,13 +273,13 @@ def unfinished_row(job: Job, status: str, why: str, where: dict = None) -> dict:
 
 def execute(run_id: str, tier: int, params: dict, out_dir: Path, progress: bool = False, timeout: int = None,
             env: dict = None, where: dict = None) -> dict:
-    """Execute one notebook in a temporary folder, then move it to out_dir/run_id. `env` is added to the kernel's
-    environment (its threads, its GPU); `where` (engine, node, GPU, threads) goes into the row. A crash, a timeout or a
-    file-system error is recorded in the row, never raised. A run that finished but could not be moved into place
-    stays in its temporary folder, which the next runner on out_dir puts in place (utils.runner.lock)."""
+    """Execute one notebook in a temporary folder, then move it to out_dir/run_id; `env` is added to the kernel's environment
+    (threads, GPU), `where` (engine, node, GPU, threads) to the row. A crash, timeout or file-system error is recorded in the
+    row, never raised; a finished run that could not be moved stays in its temporary folder for the next runner (lock)."""
     row, t0, tmp, finished = base_row(run_id, tier, params, where), time.perf_counter(), None, False
-    # Checkpoints live beside the run folders, not in the temporary one: they must outlive an interrupted run.
-    keep = {"checkpoint_dir": str(out_dir / "checkpoints" / run_id)} if "checkpoint_dir" in spec(tier) else {}
+    # Checkpoints live beside the run folders, not in the temporary one: they must outlive an interrupted run. The path is
+    # the notebook's own (its folder and the temporary one are both in out_dir), so a copy rerun elsewhere writes beside it.
+    keep = {"checkpoint_dir": os.path.join("..", "checkpoints", run_id)} if "checkpoint_dir" in spec(tier) else {}
     ended = lambda: {"duration_s": round(time.perf_counter() - t0, 2), "ended_at": round(time.time(), 3)}
     try:
         tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=temp_prefix(run_id)))
@@ -299,7 +287,7 @@ def execute(run_id: str, tier: int, params: dict, out_dir: Path, progress: bool 
             retries = _notebook(tier, {**keep, **params}, tmp, progress, timeout, env)
             row.update(_finished(read_json(tmp / "results.json")), kernel_start_retries=retries)
         except Exception as e:  # a failing notebook must not stop the others (a second Ctrl-C is no Exception)
-            row.update(_failed(e, timeout, Path({**keep, **params}.get("checkpoint_dir") or tmp)))
+            row.update(_failed(e, timeout, tmp / ({**keep, **params}.get("checkpoint_dir") or ".")))
         row.update(ended())
         if (tmp / KERNEL_LOG).exists() and not (tmp / KERNEL_LOG).stat().st_size:
             (tmp / KERNEL_LOG).unlink()
