@@ -17,8 +17,10 @@ from utils.plotting import plot_comparison
 from utils.results import OK, read_json
 from utils.runner import UsageError
 from utils.runner.execute import NOT_STARTED
+from utils.verdicts import STATUSES
 
-RANK = {"pass": 0, "warn": 1, "fail": 2}  # worse is higher; a run that crashed or timed out is worse than any
+# Worse is higher, in verdicts.STATUSES' order; a run that crashed or timed out is worse than any
+RANK = {status: rank for rank, status in enumerate(STATUSES)}
 ENVIRONMENT = ("device", "device_name", "precision", "torch", "python")  # a run's record: what `auto` resolved to
 # The figures compared, each with the direction that is better (+1 higher, -1 lower) and its default tolerance: the
 # relative change past which a worse value is reported (timings vary ~20% from run to run on a shared machine).
